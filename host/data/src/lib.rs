@@ -1,0 +1,1 @@
+//! `lora-data`: datasets in, packed token-budgeted micro-batches out.

@@ -1,0 +1,1 @@
+//! `lora-engine`: Llama-family LoRA forward/backward and optimizer; CPU and CUDA backends.

@@ -1,0 +1,1 @@
+//! `lora`: the commands, run orchestration and outputs of the lora pipeline step.

@@ -1,0 +1,1 @@
+//! `lora-params`: every parameter of the "lora" component as one typed struct.

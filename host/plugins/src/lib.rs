@@ -1,0 +1,1 @@
+//! `lora-plugins`: the wasmtime runtime that turns WebAssembly components into `lora-api` traits.
