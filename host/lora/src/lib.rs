@@ -1,1 +1,2 @@
 //! `lora`: the commands, run orchestration and outputs of the lora pipeline step.
+pub mod schedule;
