@@ -1,2 +1,3 @@
 //! `lora`: the commands, run orchestration and outputs of the lora pipeline step.
 pub mod schedule;
+pub mod hub;
