@@ -7,6 +7,7 @@
 //! adapter/merged-model tensors it is asked for, print, or exit.
 
 pub mod backend;
+pub mod cpu;
 pub mod error;
 
 pub use backend::{

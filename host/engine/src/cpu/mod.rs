@@ -1,0 +1,525 @@
+//! The CPU backend: the readable fp32 reference every other backend is checked against.
+//!
+//! Everything is f32 (base weights are converted to f32 at upload; bf16/f16 files are exact in
+//! f32). Parallel with rayon, and **bit-identical across thread counts**: every parallel split
+//! depends only on the shapes (fixed block sizes), reductions are summed per fixed chunk and then
+//! in chunk order, and no reduction dimension of a matrix product is split (see `gemm`).
+//! `tests/determinism.rs` checks this by running a training step on 1 and 2 threads.
+
+mod attention;
+mod gemm;
+
+use rayon::prelude::*;
+
+pub use gemm::{View, sgemm, sgemm_strided};
+
+use crate::backend::{
+    AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, Gemm, HostData, IGNORE_TARGET, check_len,
+    dropout_keep,
+};
+use crate::error::{EngineError, Result};
+
+/// Storage of a CPU buffer.
+enum Store {
+    F32(Vec<f32>),
+    U32(Vec<u32>),
+}
+
+/// Elements per fixed reduction chunk.
+const RED_CHUNK: usize = 1 << 14;
+/// Largest logits chunk of the fused cross-entropy, in elements (32 MiB of f32).
+const CE_CHUNK_ELEMS: usize = 1 << 23;
+
+/// The CPU backend (stateless; threads come from rayon's global pool).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+fn f32s<'a>(op: &'static str, b: &'a Buf) -> Result<&'a [f32]> {
+    match b.store::<Store>() {
+        Some(Store::F32(v)) => Ok(v),
+        Some(Store::U32(_)) => Err(EngineError::Backend { backend: "cpu", op, msg: "expected a float buffer, got U32".into() }),
+        None => Err(EngineError::Backend { backend: "cpu", op, msg: "buffer belongs to another backend".into() }),
+    }
+}
+
+fn f32s_mut<'a>(op: &'static str, b: &'a mut Buf) -> Result<&'a mut [f32]> {
+    match b.store_mut::<Store>() {
+        Some(Store::F32(v)) => Ok(v),
+        Some(Store::U32(_)) => Err(EngineError::Backend { backend: "cpu", op, msg: "expected a float buffer, got U32".into() }),
+        None => Err(EngineError::Backend { backend: "cpu", op, msg: "buffer belongs to another backend".into() }),
+    }
+}
+
+fn u32s<'a>(op: &'static str, b: &'a Buf) -> Result<&'a [u32]> {
+    match b.store::<Store>() {
+        Some(Store::U32(v)) => Ok(v),
+        Some(Store::F32(_)) => Err(EngineError::Backend { backend: "cpu", op, msg: "expected a U32 buffer, got float".into() }),
+        None => Err(EngineError::Backend { backend: "cpu", op, msg: "buffer belongs to another backend".into() }),
+    }
+}
+
+fn shape_err(op: &'static str, msg: String) -> EngineError {
+    EngineError::Shape { op, msg }
+}
+
+/// Sum of `f(i)` over `0..n` in fixed chunks (f64), independent of the thread count.
+fn fixed_sum(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
+    let parts: Vec<f64> = (0..n.div_ceil(RED_CHUNK))
+        .into_par_iter()
+        .map(|c| (c * RED_CHUNK..((c + 1) * RED_CHUNK).min(n)).map(&f).sum::<f64>())
+        .collect();
+    parts.iter().sum()
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    fn activation_dtype(&self) -> DType {
+        DType::F32
+    }
+    fn base_weight_dtype(&self, _file_dtype: DType) -> DType {
+        DType::F32
+    }
+
+    fn zeros(&self, len: usize, dtype: DType) -> Result<Buf> {
+        Ok(match dtype {
+            DType::U32 => Buf::from_store(len, DType::U32, Store::U32(vec![0; len])),
+            _ => Buf::from_store(len, DType::F32, Store::F32(vec![0.0; len])),
+        })
+    }
+
+    fn upload(&self, data: HostData<'_>, dtype: DType) -> Result<Buf> {
+        match (data, dtype) {
+            (HostData::U32(x), DType::U32) => Ok(Buf::from_store(x.len(), DType::U32, Store::U32(x.to_vec()))),
+            (HostData::U32(_), _) | (_, DType::U32) => Err(EngineError::Backend {
+                backend: "cpu",
+                op: "upload",
+                msg: "U32 data must be uploaded as U32 and only U32".into(),
+            }),
+            (d, _) => {
+                let v = d.to_f32();
+                Ok(Buf::from_store(v.len(), DType::F32, Store::F32(v)))
+            }
+        }
+    }
+
+    fn download_f32(&self, buf: &Buf) -> Result<Vec<f32>> {
+        match buf.store::<Store>() {
+            Some(Store::F32(v)) => Ok(v.clone()),
+            Some(Store::U32(v)) => Ok(v.iter().map(|&x| x as f32).collect()),
+            None => Err(EngineError::Backend { backend: "cpu", op: "download", msg: "buffer belongs to another backend".into() }),
+        }
+    }
+
+    fn copy(&self, src: &Buf, dst: &mut Buf) -> Result<()> {
+        check_len("copy", "dst", dst, src.len())?;
+        match (src.store::<Store>(), dst.store_mut::<Store>()) {
+            (Some(Store::F32(s)), Some(Store::F32(d))) => d.copy_from_slice(s),
+            (Some(Store::U32(s)), Some(Store::U32(d))) => d.copy_from_slice(s),
+            _ => return Err(EngineError::Backend { backend: "cpu", op: "copy", msg: "dtype or backend mismatch".into() }),
+        }
+        Ok(())
+    }
+
+    fn fill(&self, buf: &mut Buf, value: f32) -> Result<()> {
+        f32s_mut("fill", buf)?.fill(value);
+        Ok(())
+    }
+
+    fn gemm(&self, g: Gemm, a: &Buf, b: &Buf, c: &mut Buf) -> Result<()> {
+        check_len("gemm", "a", a, g.m * g.k)?;
+        check_len("gemm", "b", b, g.k * g.n)?;
+        check_len("gemm", "c", c, g.m * g.n)?;
+        let (a, b) = (f32s("gemm", a)?, f32s("gemm", b)?);
+        let c = f32s_mut("gemm", c)?;
+        sgemm(g.m, g.n, g.k, g.ta, g.tb, g.alpha, a, b, if g.accumulate { 1.0 } else { 0.0 }, c);
+        Ok(())
+    }
+
+    fn axpy(&self, alpha: f32, x: &Buf, y: &mut Buf) -> Result<()> {
+        check_len("axpy", "y", y, x.len())?;
+        let x = f32s("axpy", x)?;
+        let y = f32s_mut("axpy", y)?;
+        y.par_chunks_mut(RED_CHUNK).zip(x.par_chunks(RED_CHUNK)).for_each(|(y, x)| {
+            for (y, x) in y.iter_mut().zip(x) {
+                *y += alpha * x;
+            }
+        });
+        Ok(())
+    }
+
+    fn scale(&self, alpha: f32, y: &mut Buf) -> Result<()> {
+        f32s_mut("scale", y)?.par_chunks_mut(RED_CHUNK).for_each(|y| y.iter_mut().for_each(|y| *y *= alpha));
+        Ok(())
+    }
+
+    fn add_bias(&self, bias: &Buf, y: &mut Buf, rows: usize, cols: usize) -> Result<()> {
+        check_len("add_bias", "bias", bias, cols)?;
+        check_len("add_bias", "y", y, rows * cols)?;
+        let b = f32s("add_bias", bias)?;
+        f32s_mut("add_bias", y)?.par_chunks_mut(cols.max(1)).for_each(|row| {
+            for (y, b) in row.iter_mut().zip(b) {
+                *y += b;
+            }
+        });
+        Ok(())
+    }
+
+    fn scale_cols(&self, x: &Buf, s: &Buf, out: &mut Buf, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
+        check_len("scale_cols", "x", x, rows * cols)?;
+        check_len("scale_cols", "s", s, cols)?;
+        check_len("scale_cols", "out", out, rows * cols)?;
+        let (x, s) = (f32s("scale_cols", x)?, f32s("scale_cols", s)?);
+        f32s_mut("scale_cols", out)?.par_chunks_mut(cols.max(1)).zip(x.par_chunks(cols.max(1))).for_each(|(o, x)| {
+            for ((o, x), s) in o.iter_mut().zip(x).zip(s) {
+                *o = if accumulate { *o + x * s } else { x * s };
+            }
+        });
+        Ok(())
+    }
+
+    fn col_dot(&self, a: &Buf, b: &Buf, out: &mut Buf, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
+        check_len("col_dot", "a", a, rows * cols)?;
+        check_len("col_dot", "b", b, rows * cols)?;
+        check_len("col_dot", "out", out, cols)?;
+        let (a, b) = (f32s("col_dot", a)?, f32s("col_dot", b)?);
+        let out = f32s_mut("col_dot", out)?;
+        out.par_iter_mut().enumerate().for_each(|(j, o)| {
+            let mut acc = 0f64;
+            for i in 0..rows {
+                acc += (a[i * cols + j] * b[i * cols + j]) as f64;
+            }
+            *o = if accumulate { *o + acc as f32 } else { acc as f32 };
+        });
+        Ok(())
+    }
+
+    fn sum_squares(&self, bufs: &[&Buf]) -> Result<f64> {
+        let mut total = 0f64;
+        for b in bufs {
+            let x = f32s("sum_squares", b)?;
+            total += fixed_sum(x.len(), |i| (x[i] as f64) * (x[i] as f64));
+        }
+        Ok(total)
+    }
+
+    fn embedding(&self, ids: &Buf, table: &Buf, out: &mut Buf, tokens: usize, dim: usize, scale: f32) -> Result<()> {
+        check_len("embedding", "ids", ids, tokens)?;
+        check_len("embedding", "out", out, tokens * dim)?;
+        if dim == 0 || table.len() % dim != 0 {
+            return Err(shape_err("embedding", format!("table of {} elements is not [vocab, {dim}]", table.len())));
+        }
+        let vocab = table.len() / dim;
+        let (ids, table) = (u32s("embedding", ids)?, f32s("embedding", table)?);
+        if let Some(pos) = ids.iter().position(|&i| i as usize >= vocab) {
+            return Err(shape_err("embedding", format!("token id {} at position {pos} is outside the vocabulary of {vocab}", ids[pos])));
+        }
+        f32s_mut("embedding", out)?.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(o, &id)| {
+            for (o, w) in o.iter_mut().zip(&table[id as usize * dim..(id as usize + 1) * dim]) {
+                *o = w * scale;
+            }
+        });
+        Ok(())
+    }
+
+    fn rmsnorm_fwd(&self, x: &Buf, w: &Buf, y: &mut Buf, rstd: &mut Buf, rows: usize, dim: usize, eps: f32) -> Result<()> {
+        check_len("rmsnorm_fwd", "x", x, rows * dim)?;
+        check_len("rmsnorm_fwd", "w", w, dim)?;
+        check_len("rmsnorm_fwd", "y", y, rows * dim)?;
+        check_len("rmsnorm_fwd", "rstd", rstd, rows)?;
+        let (x, w) = (f32s("rmsnorm_fwd", x)?, f32s("rmsnorm_fwd", w)?);
+        let y = f32s_mut("rmsnorm_fwd", y)?;
+        let rstd = f32s_mut("rmsnorm_fwd", rstd)?;
+        y.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(rstd.par_iter_mut()).for_each(|((y, x), r)| {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+            *r = 1.0 / (ms + eps).sqrt();
+            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                *y = w * (x * *r);
+            }
+        });
+        Ok(())
+    }
+
+    fn rmsnorm_bwd(&self, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, dx: &mut Buf, rows: usize, dim: usize, accumulate: bool) -> Result<()> {
+        check_len("rmsnorm_bwd", "dy", dy, rows * dim)?;
+        check_len("rmsnorm_bwd", "x", x, rows * dim)?;
+        check_len("rmsnorm_bwd", "w", w, dim)?;
+        check_len("rmsnorm_bwd", "rstd", rstd, rows)?;
+        check_len("rmsnorm_bwd", "dx", dx, rows * dim)?;
+        let (dy, x, w, rstd) = (f32s("rmsnorm_bwd", dy)?, f32s("rmsnorm_bwd", x)?, f32s("rmsnorm_bwd", w)?, f32s("rmsnorm_bwd", rstd)?);
+        let dx = f32s_mut("rmsnorm_bwd", dx)?;
+        dx.par_chunks_mut(dim).enumerate().for_each(|(i, dx)| {
+            let (x, dy, r) = (&x[i * dim..(i + 1) * dim], &dy[i * dim..(i + 1) * dim], rstd[i]);
+            let mut dot = 0f32;
+            for j in 0..dim {
+                dot += w[j] * dy[j] * x[j] * r;
+            }
+            let mean = dot / dim as f32;
+            for j in 0..dim {
+                let g = r * (w[j] * dy[j] - x[j] * r * mean);
+                dx[j] = if accumulate { dx[j] + g } else { g };
+            }
+        });
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Buf, pos: &Buf, inv_freq: &Buf, tokens: usize, heads: usize, head_dim: usize, inverse: bool) -> Result<()> {
+        check_len("rope", "x", x, tokens * heads * head_dim)?;
+        check_len("rope", "pos", pos, tokens)?;
+        let half = head_dim / 2;
+        check_len("rope", "inv_freq", inv_freq, half)?;
+        let (pos, inv) = (u32s("rope", pos)?, f32s("rope", inv_freq)?);
+        let sign = if inverse { -1.0 } else { 1.0 };
+        f32s_mut("rope", x)?.par_chunks_mut(heads * head_dim).zip(pos.par_iter()).for_each(|(row, &p)| {
+            for i in 0..half {
+                let ang = p as f32 * inv[i];
+                let (c, s) = (ang.cos(), sign * ang.sin());
+                for hh in 0..heads {
+                    let base = hh * head_dim;
+                    let (x1, x2) = (row[base + i], row[base + i + half]);
+                    row[base + i] = x1 * c - x2 * s;
+                    row[base + i + half] = x2 * c + x1 * s;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn attention_fwd(&self, a: Attn, q: &Buf, k: &Buf, v: &Buf, cu: &Buf, out: &mut Buf, lse: &mut Buf) -> Result<()> {
+        check_attn("attention_fwd", &a, q, k, v, cu)?;
+        check_len("attention_fwd", "out", out, a.tokens * a.n_heads * a.head_dim)?;
+        check_len("attention_fwd", "lse", lse, a.n_heads * a.tokens)?;
+        let cu = u32s("attention_fwd", cu)?;
+        check_cu("attention_fwd", &a, cu)?;
+        let (q, k, v) = (f32s("attention_fwd", q)?, f32s("attention_fwd", k)?, f32s("attention_fwd", v)?);
+        let lse = f32s_mut("attention_fwd", lse)?;
+        attention::forward(a, q, k, v, cu, f32s_mut("attention_fwd", out)?, lse);
+        Ok(())
+    }
+
+    fn attention_bwd(&self, a: Attn, q: &Buf, k: &Buf, v: &Buf, cu: &Buf, out: &Buf, lse: &Buf, dout: &Buf, dq: &mut Buf, dk: &mut Buf, dv: &mut Buf) -> Result<()> {
+        const OP: &str = "attention_bwd";
+        check_attn(OP, &a, q, k, v, cu)?;
+        let (nq, nkv) = (a.tokens * a.n_heads * a.head_dim, a.tokens * a.n_kv_heads * a.head_dim);
+        check_len(OP, "out", out, nq)?;
+        check_len(OP, "dout", dout, nq)?;
+        check_len(OP, "lse", lse, a.n_heads * a.tokens)?;
+        check_len(OP, "dq", dq, nq)?;
+        check_len(OP, "dk", dk, nkv)?;
+        check_len(OP, "dv", dv, nkv)?;
+        let cu = u32s(OP, cu)?;
+        check_cu(OP, &a, cu)?;
+        attention::backward(
+            a,
+            f32s(OP, q)?,
+            f32s(OP, k)?,
+            f32s(OP, v)?,
+            cu,
+            f32s(OP, out)?,
+            f32s(OP, lse)?,
+            f32s(OP, dout)?,
+            f32s_mut(OP, dq)?,
+            f32s_mut(OP, dk)?,
+            f32s_mut(OP, dv)?,
+        );
+        Ok(())
+    }
+
+    fn swiglu_fwd(&self, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
+        check_len("swiglu_fwd", "up", up, gate.len())?;
+        check_len("swiglu_fwd", "h", h, gate.len())?;
+        let (g, u) = (f32s("swiglu_fwd", gate)?, f32s("swiglu_fwd", up)?);
+        f32s_mut("swiglu_fwd", h)?.par_chunks_mut(RED_CHUNK).enumerate().for_each(|(c, h)| {
+            let o = c * RED_CHUNK;
+            for (i, h) in h.iter_mut().enumerate() {
+                let x = g[o + i];
+                *h = x / (1.0 + (-x).exp()) * u[o + i];
+            }
+        });
+        Ok(())
+    }
+
+    fn swiglu_bwd(&self, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
+        let n = gate.len();
+        for (name, b) in [("up", up), ("dh", dh)] {
+            check_len("swiglu_bwd", name, b, n)?;
+        }
+        check_len("swiglu_bwd", "dgate", dgate, n)?;
+        check_len("swiglu_bwd", "dup", dup, n)?;
+        let (g, u, dh) = (f32s("swiglu_bwd", gate)?, f32s("swiglu_bwd", up)?, f32s("swiglu_bwd", dh)?);
+        let dup = f32s_mut("swiglu_bwd", dup)?;
+        f32s_mut("swiglu_bwd", dgate)?
+            .par_chunks_mut(RED_CHUNK)
+            .zip(dup.par_chunks_mut(RED_CHUNK))
+            .enumerate()
+            .for_each(|(c, (dg, du))| {
+                let o = c * RED_CHUNK;
+                for i in 0..dg.len() {
+                    let x = g[o + i];
+                    let sig = 1.0 / (1.0 + (-x).exp());
+                    let silu = x * sig;
+                    du[i] = dh[o + i] * silu;
+                    dg[i] = dh[o + i] * u[o + i] * (sig * (1.0 + x * (1.0 - sig)));
+                }
+            });
+        Ok(())
+    }
+
+    fn linear_cross_entropy(&self, c: CrossEntropy, hidden: &Buf, w: &Buf, targets: &Buf, dhidden: Option<&mut Buf>) -> Result<f64> {
+        const OP: &str = "linear_cross_entropy";
+        check_len(OP, "hidden", hidden, c.tokens * c.dim)?;
+        check_len(OP, "w", w, c.vocab * c.dim)?;
+        check_len(OP, "targets", targets, c.tokens)?;
+        let (h, w, tg) = (f32s(OP, hidden)?, f32s(OP, w)?, u32s(OP, targets)?);
+        let mut dh = match dhidden {
+            Some(b) => {
+                check_len(OP, "dhidden", b, c.tokens * c.dim)?;
+                let d = f32s_mut(OP, b)?;
+                d.fill(0.0);
+                Some(d)
+            }
+            None => None,
+        };
+        // Only rows with a target need logits at all.
+        let rows: Vec<usize> = (0..c.tokens).filter(|&i| tg[i] != IGNORE_TARGET).collect();
+        if let Some(&bad) = rows.iter().find(|&&i| tg[i] as usize >= c.vocab) {
+            return Err(shape_err(OP, format!("target id {} at row {bad} is outside the vocabulary of {}", tg[bad], c.vocab)));
+        }
+        let chunk = (CE_CHUNK_ELEMS / c.vocab.max(1)).clamp(1, 1024);
+        let mut xs = vec![0f32; chunk * c.dim];
+        let mut logits = vec![0f32; chunk * c.vocab];
+        let mut total = 0f64;
+        for rs in rows.chunks(chunk) {
+            let n = rs.len();
+            for (k, &i) in rs.iter().enumerate() {
+                xs[k * c.dim..(k + 1) * c.dim].copy_from_slice(&h[i * c.dim..(i + 1) * c.dim]);
+            }
+            let lg = &mut logits[..n * c.vocab];
+            sgemm(n, c.vocab, c.dim, false, true, c.logit_scale, &xs[..n * c.dim], w, 0.0, lg);
+            let want_grad = dh.is_some();
+            let losses: Vec<f64> = lg
+                .par_chunks_mut(c.vocab)
+                .zip(rs.par_iter())
+                .map(|(row, &i)| {
+                    let t = tg[i] as usize;
+                    let mx = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let sum: f64 = row.iter().map(|&x| ((x - mx) as f64).exp()).sum();
+                    let lse = mx as f64 + sum.ln();
+                    let loss = lse - row[t] as f64;
+                    if want_grad {
+                        let g = c.grad_scale * c.logit_scale;
+                        for x in row.iter_mut() {
+                            *x = (((*x as f64) - lse).exp() as f32) * g;
+                        }
+                        row[t] -= g;
+                    }
+                    loss
+                })
+                .collect();
+            total += losses.iter().sum::<f64>();
+            if let Some(dh) = dh.as_deref_mut() {
+                sgemm(n, c.dim, c.vocab, false, false, 1.0, lg, w, 0.0, &mut xs[..n * c.dim]);
+                for (k, &i) in rs.iter().enumerate() {
+                    dh[i * c.dim..(i + 1) * c.dim].copy_from_slice(&xs[k * c.dim..(k + 1) * c.dim]);
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    fn dropout(&self, x: &Buf, out: &mut Buf, p: f32, seed: u64) -> Result<()> {
+        check_len("dropout", "out", out, x.len())?;
+        if !(0.0..1.0).contains(&p) {
+            return Err(shape_err("dropout", format!("probability {p} is outside [0, 1)")));
+        }
+        let x = f32s("dropout", x)?;
+        let keep = 1.0 / (1.0 - p);
+        f32s_mut("dropout", out)?.par_chunks_mut(RED_CHUNK).enumerate().for_each(|(c, o)| {
+            let base = c * RED_CHUNK;
+            for (i, o) in o.iter_mut().enumerate() {
+                let idx = base + i;
+                *o = if dropout_keep(seed, idx as u64, p) { x[idx] * keep } else { 0.0 };
+            }
+        });
+        Ok(())
+    }
+
+    fn dora_weight_norm(&self, w: &Buf, a: &Buf, b: &Buf, scale: f32, norm: &mut Buf, out_f: usize, in_f: usize, r: usize) -> Result<()> {
+        const OP: &str = "dora_weight_norm";
+        check_len(OP, "w", w, out_f * in_f)?;
+        check_len(OP, "a", a, r * in_f)?;
+        check_len(OP, "b", b, out_f * r)?;
+        check_len(OP, "norm", norm, out_f)?;
+        let (w, a, b) = (f32s(OP, w)?, f32s(OP, a)?, f32s(OP, b)?);
+        f32s_mut(OP, norm)?.par_iter_mut().enumerate().for_each(|(o, n)| {
+            let mut row = w[o * in_f..(o + 1) * in_f].to_vec();
+            let mut ba = vec![0f32; in_f];
+            for k in 0..r {
+                let bk = b[o * r + k];
+                for (x, av) in ba.iter_mut().zip(&a[k * in_f..(k + 1) * in_f]) {
+                    *x += bk * av;
+                }
+            }
+            for (x, l) in row.iter_mut().zip(&ba) {
+                *x += scale * l;
+            }
+            *n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        });
+        Ok(())
+    }
+
+    fn adamw(&self, o: AdamW, param: &mut Buf, grad: &Buf, m: &mut Buf, v: &mut Buf) -> Result<()> {
+        let n = param.len();
+        check_len("adamw", "grad", grad, n)?;
+        check_len("adamw", "m", m, n)?;
+        check_len("adamw", "v", v, n)?;
+        if o.step == 0 {
+            return Err(EngineError::Optim("AdamW step count must start at 1".into()));
+        }
+        let g = f32s("adamw", grad)?;
+        let m = f32s_mut("adamw", m)?;
+        let v = f32s_mut("adamw", v)?;
+        let p = f32s_mut("adamw", param)?;
+        let bc1 = 1.0 - (o.beta1 as f64).powi(o.step as i32);
+        let bc2 = 1.0 - (o.beta2 as f64).powi(o.step as i32);
+        let step_size = (o.lr as f64 / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let decay = (1.0 - o.lr as f64 * o.weight_decay as f64) as f32;
+        for i in 0..n {
+            let gi = g[i] * o.grad_scale;
+            p[i] *= decay;
+            m[i] += (1.0 - o.beta1) * (gi - m[i]); // torch: exp_avg.lerp_(grad, 1 - beta1)
+            v[i] = o.beta2 * v[i] + (1.0 - o.beta2) * gi * gi;
+            let denom = v[i].sqrt() / bc2_sqrt + o.eps;
+            p[i] -= step_size * m[i] / denom;
+        }
+        Ok(())
+    }
+}
+
+fn check_attn(op: &'static str, a: &Attn, q: &Buf, k: &Buf, v: &Buf, cu: &Buf) -> Result<()> {
+    if a.n_kv_heads == 0 || a.n_heads % a.n_kv_heads != 0 {
+        return Err(shape_err(op, format!("{} query heads are not a multiple of {} key/value heads", a.n_heads, a.n_kv_heads)));
+    }
+    check_len(op, "q", q, a.tokens * a.n_heads * a.head_dim)?;
+    check_len(op, "k", k, a.tokens * a.n_kv_heads * a.head_dim)?;
+    check_len(op, "v", v, a.tokens * a.n_kv_heads * a.head_dim)?;
+    check_len(op, "cu_seqlens", cu, a.n_docs + 1)
+}
+
+fn check_cu(op: &'static str, a: &Attn, cu: &[u32]) -> Result<()> {
+    if cu.first() != Some(&0) || cu.last().map(|&x| x as usize) != Some(a.tokens) || cu.windows(2).any(|w| w[1] < w[0]) {
+        return Err(shape_err(op, format!("cu_seqlens must rise from 0 to {} tokens", a.tokens)));
+    }
+    Ok(())
+}
