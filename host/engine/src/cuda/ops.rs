@@ -1,0 +1,672 @@
+//! `impl Backend for CudaBackend`: each op checks its buffers, then enqueues kernels or
+//! cuBLASLt products on the one stream. Kernels are in `host/engine/kernels/`.
+
+use cudarc::driver::LaunchConfig;
+
+use super::blas::{Operand, Product};
+use super::{Arg, CudaBackend, err};
+use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, Gemm, HostData, check_len};
+use crate::error::Result;
+
+/// Grid-stride launch over `n` elements.
+fn grid1d(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 1 << 16) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block per row; threads a multiple of 32, at most 1024.
+fn per_row(rows: usize, cols: usize) -> LaunchConfig {
+    let threads = (cols.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32;
+    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn i32_of(op: &'static str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| err(op, format!("{what} = {v} exceeds the kernels' i32 range")))
+}
+
+fn need(op: &'static str, arg: &str, buf: &Buf, dtypes: &[DType]) -> Result<()> {
+    if dtypes.contains(&buf.dtype()) {
+        Ok(())
+    } else {
+        Err(err(op, format!("`{arg}` is {:?}, expected one of {dtypes:?}", buf.dtype())))
+    }
+}
+
+/// Kernel suffix for a weight-like operand (f32 or bf16).
+fn suffix(op: &'static str, arg: &str, buf: &Buf) -> Result<&'static str> {
+    match buf.dtype() {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        d => Err(err(op, format!("`{arg}` is {d:?}; this op takes f32 or bf16"))),
+    }
+}
+
+fn kname(base: &'static str, sfx: &str) -> &'static str {
+    // Kernel names are static: map (base, suffix) onto the fixed set.
+    match (base, sfx) {
+        ("rmsnorm_fwd", "f32") => "rmsnorm_fwd_f32",
+        ("rmsnorm_fwd", _) => "rmsnorm_fwd_bf16",
+        ("rmsnorm_bwd", "f32") => "rmsnorm_bwd_f32",
+        ("rmsnorm_bwd", _) => "rmsnorm_bwd_bf16",
+        ("embedding_fwd", "f32") => "embedding_fwd_f32",
+        ("embedding_fwd", _) => "embedding_fwd_bf16",
+        ("add_bias", "f32") => "add_bias_f32",
+        ("add_bias", _) => "add_bias_bf16",
+        ("dora_weight_norm", "f32") => "dora_weight_norm_f32",
+        (_, _) => "dora_weight_norm_bf16",
+    }
+}
+
+fn bf16_bytes(xs: &[f32]) -> Vec<u8> {
+    xs.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect()
+}
+
+impl CudaBackend {
+    /// A bf16 copy of an f32 buffer (for a matrix product with a bf16 operand).
+    fn to_bf16(&self, op: &'static str, src: &Buf) -> Result<Buf> {
+        let dst = self.alloc(op, src.len(), DType::BF16, false)?;
+        let n = src.len();
+        self.launch(op, "cast_f32_bf16", grid1d(n), &[
+            Arg::Ptr(self.ptr(op, "src", src)?),
+            Arg::Ptr(self.ptr(op, "dst", &dst)?),
+            Arg::Size(n),
+        ])?;
+        Ok(dst)
+    }
+
+    fn download_bytes(&self, op: &'static str, buf: &Buf) -> Result<Vec<u8>> {
+        let mem = self.mem(op, "buf", buf)?;
+        let bytes = buf.len() * buf.dtype().size();
+        let mut host = vec![0u8; mem.slice().len()];
+        self.stream
+            .memcpy_dtoh(mem.slice(), &mut host[..])
+            .map_err(|e| err(op, format!("copy to host: {e}")))?;
+        self.stream.synchronize().map_err(|e| err(op, format!("synchronize: {e}")))?;
+        host.truncate(bytes);
+        Ok(host)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+
+    fn activation_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn base_weight_dtype(&self, _file_dtype: DType) -> DType {
+        DType::BF16
+    }
+
+    fn zeros(&self, len: usize, dtype: DType) -> Result<Buf> {
+        self.alloc("zeros", len, dtype, true)
+    }
+
+    fn upload(&self, data: HostData<'_>, dtype: DType) -> Result<Buf> {
+        let op = "upload";
+        let bytes: Vec<u8> = match (dtype, data) {
+            (DType::U32, HostData::U32(x)) => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            (DType::U32, _) => return Err(err(op, "only U32 host data can go to a U32 buffer")),
+            (_, HostData::U32(_)) => return Err(err(op, format!("U32 host data cannot go to a {dtype:?} buffer"))),
+            (DType::BF16, HostData::Bf16Bytes(b)) | (DType::F16, HostData::F16Bytes(b)) | (DType::F32, HostData::F32Bytes(b)) => b.to_vec(),
+            (DType::F32, d) => d.to_f32().iter().flat_map(|v| v.to_le_bytes()).collect(),
+            (DType::BF16, d) => bf16_bytes(&d.to_f32()),
+            (DType::F16, d) => d.to_f32().iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+        };
+        let len = data.len();
+        let mut buf = self.alloc(op, len, dtype, false)?;
+        if !bytes.is_empty() {
+            let stream = self.stream.clone();
+            let mem = self.mem_mut(op, "buf", &mut buf)?;
+            stream
+                .memcpy_htod(&bytes[..], &mut mem.slice_mut().slice_mut(0..bytes.len()))
+                .map_err(|e| err(op, format!("copy {} bytes to the device: {e}", bytes.len())))?;
+            // The host vector is dropped at the end of this call: wait for the copy.
+            stream.synchronize().map_err(|e| err(op, format!("synchronize: {e}")))?;
+        }
+        Ok(buf)
+    }
+
+    fn download_f32(&self, buf: &Buf) -> Result<Vec<f32>> {
+        let b = self.download_bytes("download", buf)?;
+        Ok(match buf.dtype() {
+            DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::U32 => b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect(),
+            DType::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        })
+    }
+
+    fn copy(&self, src: &Buf, dst: &mut Buf) -> Result<()> {
+        let op = "copy";
+        check_len(op, "dst", dst, src.len())?;
+        let n = src.len();
+        let (s, d) = (self.ptr(op, "src", src)?, self.ptr(op, "dst", dst)?);
+        match (src.dtype(), dst.dtype()) {
+            (a, b) if a == b => {
+                let bytes = n * a.size();
+                let stream = self.stream.clone();
+                let src_mem = self.mem(op, "src", src)?;
+                let dst_mem = self.mem_mut(op, "dst", dst)?;
+                stream
+                    .memcpy_dtod(&src_mem.slice().slice(0..bytes), &mut dst_mem.slice_mut().slice_mut(0..bytes))
+                    .map_err(|e| err(op, format!("device copy of {bytes} bytes: {e}")))
+            }
+            (DType::F32, DType::BF16) => self.launch(op, "cast_f32_bf16", grid1d(n), &[Arg::Ptr(s), Arg::Ptr(d), Arg::Size(n)]),
+            (DType::BF16, DType::F32) => self.launch(op, "cast_bf16_f32", grid1d(n), &[Arg::Ptr(s), Arg::Ptr(d), Arg::Size(n)]),
+            (a, b) => Err(err(op, format!("no conversion from {a:?} to {b:?} on cuda"))),
+        }
+    }
+
+    fn fill(&self, buf: &mut Buf, value: f32) -> Result<()> {
+        let op = "fill";
+        let n = buf.len();
+        let p = self.ptr(op, "buf", buf)?;
+        match buf.dtype() {
+            DType::F32 => self.launch(op, "fill_f32", grid1d(n), &[Arg::Ptr(p), Arg::Size(n), Arg::F32(value)]),
+            DType::BF16 => self.launch(op, "fill_bf16", grid1d(n), &[Arg::Ptr(p), Arg::Size(n), Arg::F32(value)]),
+            DType::U32 => {
+                if value < 0.0 || value.fract() != 0.0 || value > u32::MAX as f32 {
+                    return Err(err(op, format!("{value} is not a u32 value")));
+                }
+                self.launch(op, "fill_u32", grid1d(n), &[Arg::Ptr(p), Arg::Size(n), Arg::U32(value as u32)])
+            }
+            DType::F16 => Err(err(op, "filling an f16 buffer is not supported on cuda")),
+        }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| err("synchronize", e.to_string()))
+    }
+
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        Some(self.peak())
+    }
+
+    fn gemm(&self, g: Gemm, a: &Buf, b: &Buf, c: &mut Buf) -> Result<()> {
+        let op = "gemm";
+        check_len(op, "a", a, g.m * g.k)?;
+        check_len(op, "b", b, g.k * g.n)?;
+        check_len(op, "c", c, g.m * g.n)?;
+        need(op, "c", c, &[DType::F32])?;
+        need(op, "a", a, &[DType::F32, DType::BF16])?;
+        need(op, "b", b, &[DType::F32, DType::BF16])?;
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        if g.k == 0 {
+            return if g.accumulate { Ok(()) } else { self.fill(c, 0.0) };
+        }
+        // Mixed operands: the f32 one is rounded to bf16 (bf16 in, f32 accumulate).
+        let a_tmp = (a.dtype() == DType::F32 && b.dtype() == DType::BF16).then(|| self.to_bf16(op, a)).transpose()?;
+        let b_tmp = (b.dtype() == DType::F32 && a.dtype() == DType::BF16).then(|| self.to_bf16(op, b)).transpose()?;
+        let (a_use, b_use) = (a_tmp.as_ref().unwrap_or(a), b_tmp.as_ref().unwrap_or(b));
+        let ty = if a_use.dtype() == DType::BF16 { Operand::Bf16 } else { Operand::F32 };
+        let p = Product { m: g.m, n: g.n, k: g.k, ta: g.ta, tb: g.tb, alpha: g.alpha, beta: if g.accumulate { 1.0 } else { 0.0 } };
+        let (pa, pb, pc) = (self.ptr(op, "a", a_use)?, self.ptr(op, "b", b_use)?, self.ptr(op, "c", c)?);
+        // SAFETY: lengths checked above against m, n, k; the temporaries live until the end of this
+        // call and their device memory is freed in stream order (after the product has run).
+        unsafe { self.lt.matmul(p, ty, pa, pb, pc) }
+    }
+
+    fn axpy(&self, alpha: f32, x: &Buf, y: &mut Buf) -> Result<()> {
+        let op = "axpy";
+        check_len(op, "y", y, x.len())?;
+        need(op, "x", x, &[DType::F32])?;
+        need(op, "y", y, &[DType::F32])?;
+        let n = x.len();
+        self.launch(op, "axpy_f32", grid1d(n), &[Arg::F32(alpha), Arg::Ptr(self.ptr(op, "x", x)?), Arg::Ptr(self.ptr(op, "y", y)?), Arg::Size(n)])
+    }
+
+    fn scale(&self, alpha: f32, y: &mut Buf) -> Result<()> {
+        let op = "scale";
+        need(op, "y", y, &[DType::F32])?;
+        let n = y.len();
+        self.launch(op, "scale_f32", grid1d(n), &[Arg::F32(alpha), Arg::Ptr(self.ptr(op, "y", y)?), Arg::Size(n)])
+    }
+
+    fn add_bias(&self, bias: &Buf, y: &mut Buf, rows: usize, cols: usize) -> Result<()> {
+        let op = "add_bias";
+        check_len(op, "bias", bias, cols)?;
+        check_len(op, "y", y, rows * cols)?;
+        need(op, "y", y, &[DType::F32])?;
+        let k = kname("add_bias", suffix(op, "bias", bias)?);
+        self.launch(op, k, grid1d(rows * cols), &[
+            Arg::Ptr(self.ptr(op, "bias", bias)?),
+            Arg::Ptr(self.ptr(op, "y", y)?),
+            Arg::I32(i32_of(op, "rows", rows)?),
+            Arg::I32(i32_of(op, "cols", cols)?),
+        ])
+    }
+
+    fn scale_cols(&self, x: &Buf, s: &Buf, out: &mut Buf, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
+        let op = "scale_cols";
+        check_len(op, "x", x, rows * cols)?;
+        check_len(op, "s", s, cols)?;
+        check_len(op, "out", out, rows * cols)?;
+        for (name, b) in [("x", x), ("s", s), ("out", &*out)] {
+            need(op, name, b, &[DType::F32])?;
+        }
+        self.launch(op, "scale_cols_f32", grid1d(rows * cols), &[
+            Arg::Ptr(self.ptr(op, "x", x)?),
+            Arg::Ptr(self.ptr(op, "s", s)?),
+            Arg::Ptr(self.ptr(op, "out", out)?),
+            Arg::I32(i32_of(op, "rows", rows)?),
+            Arg::I32(i32_of(op, "cols", cols)?),
+            Arg::I32(accumulate as i32),
+        ])
+    }
+
+    fn div(&self, a: &Buf, b: &Buf, out: &mut Buf) -> Result<()> {
+        let op = "div";
+        let n = a.len();
+        check_len(op, "b", b, n)?;
+        check_len(op, "out", out, n)?;
+        for (name, x) in [("a", a), ("b", b), ("out", &*out)] {
+            need(op, name, x, &[DType::F32])?;
+        }
+        self.launch(op, "div_f32", grid1d(n), &[
+            Arg::Ptr(self.ptr(op, "a", a)?),
+            Arg::Ptr(self.ptr(op, "b", b)?),
+            Arg::Ptr(self.ptr(op, "out", out)?),
+            Arg::Size(n),
+        ])
+    }
+
+    fn col_dot(&self, a: &Buf, b: &Buf, out: &mut Buf, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
+        let op = "col_dot";
+        check_len(op, "a", a, rows * cols)?;
+        check_len(op, "b", b, rows * cols)?;
+        check_len(op, "out", out, cols)?;
+        for (name, x) in [("a", a), ("b", b), ("out", &*out)] {
+            need(op, name, x, &[DType::F32])?;
+        }
+        let cfg = LaunchConfig { grid_dim: (cols.div_ceil(128).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        self.launch(op, "col_dot_f32", cfg, &[
+            Arg::Ptr(self.ptr(op, "a", a)?),
+            Arg::Ptr(self.ptr(op, "b", b)?),
+            Arg::Ptr(self.ptr(op, "out", out)?),
+            Arg::I32(i32_of(op, "rows", rows)?),
+            Arg::I32(i32_of(op, "cols", cols)?),
+            Arg::I32(accumulate as i32),
+        ])
+    }
+
+    fn sum_squares(&self, bufs: &[&Buf]) -> Result<f64> {
+        let op = "sum_squares";
+        const BLOCKS: usize = 1024;
+        if bufs.is_empty() {
+            return Ok(0.0);
+        }
+        // One partial per block per buffer, all downloaded at once and added in order.
+        let partial = self.alloc(op, bufs.len() * BLOCKS * 2, DType::F32, true)?; // f64 storage
+        let base = self.ptr(op, "partial", &partial)?;
+        for (i, b) in bufs.iter().enumerate() {
+            need(op, &format!("bufs[{i}]"), b, &[DType::F32])?;
+            let n = b.len();
+            if n == 0 {
+                continue;
+            }
+            let cfg = LaunchConfig { grid_dim: (BLOCKS as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            self.launch(op, "sum_squares_f32", cfg, &[
+                Arg::Ptr(self.ptr(op, "buf", b)?),
+                Arg::Size(n),
+                Arg::Ptr(base + (i * BLOCKS * 8) as u64),
+            ])?;
+        }
+        let bytes = self.download_bytes(op, &partial)?;
+        Ok(bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk"))).sum())
+    }
+
+    fn embedding(&self, ids: &Buf, table: &Buf, out: &mut Buf, tokens: usize, dim: usize, scale: f32) -> Result<()> {
+        let op = "embedding";
+        check_len(op, "ids", ids, tokens)?;
+        check_len(op, "out", out, tokens * dim)?;
+        need(op, "ids", ids, &[DType::U32])?;
+        need(op, "out", out, &[DType::F32])?;
+        if dim == 0 || table.len() % dim != 0 {
+            return Err(err(op, format!("`table` has {} elements, not a multiple of dim {dim}", table.len())));
+        }
+        let vocab = table.len() / dim;
+        let k = kname("embedding_fwd", suffix(op, "table", table)?);
+        let mut bad = self.alloc(op, 1, DType::U32, false)?;
+        self.fill(&mut bad, u32::MAX as f32)?;
+        let cfg = per_row(tokens, dim);
+        if tokens > 0 {
+            self.launch(op, k, cfg, &[
+                Arg::Ptr(self.ptr(op, "ids", ids)?),
+                Arg::Ptr(self.ptr(op, "table", table)?),
+                Arg::Ptr(self.ptr(op, "out", out)?),
+                Arg::I32(i32_of(op, "tokens", tokens)?),
+                Arg::I32(i32_of(op, "dim", dim)?),
+                Arg::I32(i32_of(op, "vocab", vocab)?),
+                Arg::F32(scale),
+                Arg::Ptr(self.ptr(op, "bad", &bad)?),
+            ])?;
+        }
+        let b = self.download_bytes(op, &bad)?;
+        let pos = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        if pos != u32::MAX {
+            let all = self.download_f32(ids)?;
+            return Err(err(op, format!("token id {} at position {pos} is outside the vocabulary (size {vocab})", all[pos as usize])));
+        }
+        Ok(())
+    }
+
+    fn rmsnorm_fwd(&self, x: &Buf, w: &Buf, y: &mut Buf, rstd: &mut Buf, rows: usize, dim: usize, eps: f32) -> Result<()> {
+        let op = "rmsnorm_fwd";
+        check_len(op, "x", x, rows * dim)?;
+        check_len(op, "w", w, dim)?;
+        check_len(op, "y", y, rows * dim)?;
+        check_len(op, "rstd", rstd, rows)?;
+        for (name, b) in [("x", x), ("y", &*y), ("rstd", &*rstd)] {
+            need(op, name, b, &[DType::F32])?;
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let k = kname("rmsnorm_fwd", suffix(op, "w", w)?);
+        self.launch(op, k, per_row(rows, dim), &[
+            Arg::Ptr(self.ptr(op, "x", x)?),
+            Arg::Ptr(self.ptr(op, "w", w)?),
+            Arg::Ptr(self.ptr(op, "y", y)?),
+            Arg::Ptr(self.ptr(op, "rstd", rstd)?),
+            Arg::I32(i32_of(op, "rows", rows)?),
+            Arg::I32(i32_of(op, "dim", dim)?),
+            Arg::F32(eps),
+        ])
+    }
+
+    fn rmsnorm_bwd(&self, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, dx: &mut Buf, rows: usize, dim: usize, accumulate: bool) -> Result<()> {
+        let op = "rmsnorm_bwd";
+        check_len(op, "dy", dy, rows * dim)?;
+        check_len(op, "x", x, rows * dim)?;
+        check_len(op, "w", w, dim)?;
+        check_len(op, "rstd", rstd, rows)?;
+        check_len(op, "dx", dx, rows * dim)?;
+        for (name, b) in [("dy", dy), ("x", x), ("rstd", rstd), ("dx", &*dx)] {
+            need(op, name, b, &[DType::F32])?;
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let k = kname("rmsnorm_bwd", suffix(op, "w", w)?);
+        self.launch(op, k, per_row(rows, dim), &[
+            Arg::Ptr(self.ptr(op, "dy", dy)?),
+            Arg::Ptr(self.ptr(op, "x", x)?),
+            Arg::Ptr(self.ptr(op, "w", w)?),
+            Arg::Ptr(self.ptr(op, "rstd", rstd)?),
+            Arg::Ptr(self.ptr(op, "dx", dx)?),
+            Arg::I32(i32_of(op, "rows", rows)?),
+            Arg::I32(i32_of(op, "dim", dim)?),
+            Arg::I32(accumulate as i32),
+        ])
+    }
+
+    fn rope(&self, x: &mut Buf, pos: &Buf, inv_freq: &Buf, tokens: usize, heads: usize, head_dim: usize, inverse: bool) -> Result<()> {
+        let op = "rope";
+        if head_dim % 2 != 0 {
+            return Err(err(op, format!("head_dim {head_dim} is odd")));
+        }
+        check_len(op, "x", x, tokens * heads * head_dim)?;
+        check_len(op, "pos", pos, tokens)?;
+        check_len(op, "inv_freq", inv_freq, head_dim / 2)?;
+        need(op, "x", x, &[DType::F32])?;
+        need(op, "pos", pos, &[DType::U32])?;
+        need(op, "inv_freq", inv_freq, &[DType::F32])?;
+        let n = tokens * heads * head_dim / 2;
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(op, "rope_f32", grid1d(n), &[
+            Arg::Ptr(self.ptr(op, "x", x)?),
+            Arg::Ptr(self.ptr(op, "pos", pos)?),
+            Arg::Ptr(self.ptr(op, "inv_freq", inv_freq)?),
+            Arg::I32(i32_of(op, "tokens", tokens)?),
+            Arg::I32(i32_of(op, "heads", heads)?),
+            Arg::I32(i32_of(op, "head_dim", head_dim)?),
+            Arg::I32(inverse as i32),
+        ])
+    }
+
+    fn attention_fwd(&self, a: Attn, q: &Buf, k: &Buf, v: &Buf, cu_seqlens: &Buf, out: &mut Buf, lse: &mut Buf) -> Result<()> {
+        let op = "attention_fwd";
+        self.check_attn(op, a, q, k, v, cu_seqlens)?;
+        check_len(op, "out", out, a.tokens * a.n_heads * a.head_dim)?;
+        check_len(op, "lse", lse, a.n_heads * a.tokens)?;
+        need(op, "out", out, &[DType::F32])?;
+        need(op, "lse", lse, &[DType::F32])?;
+        if a.tokens == 0 {
+            return Ok(());
+        }
+        let hd = a.head_dim;
+        let smem = (2 * 32 * (hd + 1) + 4 * hd) * 4;
+        let cfg = LaunchConfig { grid_dim: (a.tokens.div_ceil(4) as u32, a.n_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let mut args = vec![
+            Arg::Ptr(self.ptr(op, "q", q)?),
+            Arg::Ptr(self.ptr(op, "k", k)?),
+            Arg::Ptr(self.ptr(op, "v", v)?),
+            Arg::Ptr(self.ptr(op, "cu_seqlens", cu_seqlens)?),
+            Arg::Ptr(self.ptr(op, "out", out)?),
+            Arg::Ptr(self.ptr(op, "lse", lse)?),
+        ];
+        args.extend(self.attn_sizes(op, a)?);
+        self.launch(op, "attention_fwd_f32", cfg, &args)
+    }
+
+    fn attention_bwd(&self, a: Attn, q: &Buf, k: &Buf, v: &Buf, cu_seqlens: &Buf, out: &Buf, lse: &Buf, dout: &Buf, dq: &mut Buf, dk: &mut Buf, dv: &mut Buf) -> Result<()> {
+        let op = "attention_bwd";
+        self.check_attn(op, a, q, k, v, cu_seqlens)?;
+        let (nq, nkv) = (a.tokens * a.n_heads * a.head_dim, a.tokens * a.n_kv_heads * a.head_dim);
+        check_len(op, "out", out, nq)?;
+        check_len(op, "dout", dout, nq)?;
+        check_len(op, "dq", dq, nq)?;
+        check_len(op, "lse", lse, a.n_heads * a.tokens)?;
+        check_len(op, "dk", dk, nkv)?;
+        check_len(op, "dv", dv, nkv)?;
+        for (name, b) in [("out", out), ("lse", lse), ("dout", dout), ("dq", &*dq), ("dk", &*dk), ("dv", &*dv)] {
+            need(op, name, b, &[DType::F32])?;
+        }
+        if a.tokens == 0 {
+            return Ok(());
+        }
+        let delta = self.alloc(op, a.n_heads * a.tokens, DType::F32, false)?;
+        let rows = a.tokens * a.n_heads;
+        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        self.launch(op, "attention_bwd_delta_f32", cfg, &[
+            Arg::Ptr(self.ptr(op, "out", out)?),
+            Arg::Ptr(self.ptr(op, "dout", dout)?),
+            Arg::Ptr(self.ptr(op, "delta", &delta)?),
+            Arg::I32(i32_of(op, "tokens", a.tokens)?),
+            Arg::I32(i32_of(op, "n_heads", a.n_heads)?),
+            Arg::I32(i32_of(op, "head_dim", a.head_dim)?),
+        ])?;
+        let hd = a.head_dim;
+        let common = [
+            Arg::Ptr(self.ptr(op, "q", q)?),
+            Arg::Ptr(self.ptr(op, "k", k)?),
+            Arg::Ptr(self.ptr(op, "v", v)?),
+            Arg::Ptr(self.ptr(op, "cu_seqlens", cu_seqlens)?),
+            Arg::Ptr(self.ptr(op, "lse", lse)?),
+            Arg::Ptr(self.ptr(op, "delta", &delta)?),
+            Arg::Ptr(self.ptr(op, "dout", dout)?),
+        ];
+        let smem = (2 * 32 * (hd + 1) + 8 * hd) * 4;
+        let cfg = LaunchConfig { grid_dim: (a.tokens.div_ceil(4) as u32, a.n_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let mut args: Vec<Arg> = common.iter().map(copy_arg).collect();
+        args.push(Arg::Ptr(self.ptr(op, "dq", dq)?));
+        args.extend(self.attn_sizes(op, a)?);
+        self.launch(op, "attention_bwd_dq_f32", cfg, &args)?;
+        let smem = (2 * 32 * (hd + 1) + 64 + 8 * hd) * 4;
+        let cfg = LaunchConfig { grid_dim: (a.tokens.div_ceil(4) as u32, a.n_kv_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let mut args: Vec<Arg> = common.iter().map(copy_arg).collect();
+        args.push(Arg::Ptr(self.ptr(op, "dk", dk)?));
+        args.push(Arg::Ptr(self.ptr(op, "dv", dv)?));
+        args.extend(self.attn_sizes(op, a)?);
+        self.launch(op, "attention_bwd_dkv_f32", cfg, &args)
+    }
+
+    fn swiglu_fwd(&self, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
+        let op = "swiglu_fwd";
+        let n = gate.len();
+        check_len(op, "up", up, n)?;
+        check_len(op, "h", h, n)?;
+        for (name, b) in [("gate", gate), ("up", up), ("h", &*h)] {
+            need(op, name, b, &[DType::F32])?;
+        }
+        self.launch(op, "swiglu_fwd_f32", grid1d(n), &[
+            Arg::Ptr(self.ptr(op, "gate", gate)?),
+            Arg::Ptr(self.ptr(op, "up", up)?),
+            Arg::Ptr(self.ptr(op, "h", h)?),
+            Arg::Size(n),
+        ])
+    }
+
+    fn swiglu_bwd(&self, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
+        let op = "swiglu_bwd";
+        let n = gate.len();
+        for (name, b) in [("up", up), ("dh", dh), ("dgate", &*dgate), ("dup", &*dup)] {
+            check_len(op, name, b, n)?;
+            need(op, name, b, &[DType::F32])?;
+        }
+        need(op, "gate", gate, &[DType::F32])?;
+        self.launch(op, "swiglu_bwd_f32", grid1d(n), &[
+            Arg::Ptr(self.ptr(op, "gate", gate)?),
+            Arg::Ptr(self.ptr(op, "up", up)?),
+            Arg::Ptr(self.ptr(op, "dh", dh)?),
+            Arg::Ptr(self.ptr(op, "dgate", dgate)?),
+            Arg::Ptr(self.ptr(op, "dup", dup)?),
+            Arg::Size(n),
+        ])
+    }
+
+    fn linear_cross_entropy(&self, c: CrossEntropy, hidden: &Buf, w: &Buf, targets: &Buf, dhidden: Option<&mut Buf>) -> Result<f64> {
+        super::xent::linear_cross_entropy(self, c, hidden, w, targets, dhidden)
+    }
+
+    fn dropout(&self, x: &Buf, out: &mut Buf, p: f32, seed: u64) -> Result<()> {
+        let op = "dropout";
+        if !(0.0..1.0).contains(&p) {
+            return Err(err(op, format!("probability {p} is outside [0, 1)")));
+        }
+        let n = x.len();
+        check_len(op, "out", out, n)?;
+        need(op, "x", x, &[DType::F32])?;
+        need(op, "out", out, &[DType::F32])?;
+        self.launch(op, "dropout_f32", grid1d(n), &[
+            Arg::Ptr(self.ptr(op, "x", x)?),
+            Arg::Ptr(self.ptr(op, "out", out)?),
+            Arg::Size(n),
+            Arg::F32(p),
+            Arg::U64(seed),
+        ])
+    }
+
+    fn dora_weight_norm(&self, w: &Buf, a: &Buf, b: &Buf, scale: f32, norm: &mut Buf, out_f: usize, in_f: usize, r: usize) -> Result<()> {
+        let op = "dora_weight_norm";
+        check_len(op, "w", w, out_f * in_f)?;
+        check_len(op, "a", a, r * in_f)?;
+        check_len(op, "b", b, out_f * r)?;
+        check_len(op, "norm", norm, out_f)?;
+        for (name, x) in [("a", a), ("b", b), ("norm", &*norm)] {
+            need(op, name, x, &[DType::F32])?;
+        }
+        if r > 256 {
+            return Err(err(op, format!("rank {r} > 256 is not supported by the cuda kernel")));
+        }
+        if out_f == 0 {
+            return Ok(());
+        }
+        let k = kname("dora_weight_norm", suffix(op, "w", w)?);
+        self.launch(op, k, per_row(out_f, in_f), &[
+            Arg::Ptr(self.ptr(op, "w", w)?),
+            Arg::Ptr(self.ptr(op, "a", a)?),
+            Arg::Ptr(self.ptr(op, "b", b)?),
+            Arg::F32(scale),
+            Arg::Ptr(self.ptr(op, "norm", norm)?),
+            Arg::I32(i32_of(op, "out_f", out_f)?),
+            Arg::I32(i32_of(op, "in_f", in_f)?),
+            Arg::I32(i32_of(op, "r", r)?),
+        ])
+    }
+
+    fn adamw(&self, o: AdamW, param: &mut Buf, grad: &Buf, m: &mut Buf, v: &mut Buf) -> Result<()> {
+        let op = "adamw";
+        let n = param.len();
+        for (name, b) in [("param", &*param), ("grad", grad), ("m", &*m), ("v", &*v)] {
+            check_len(op, name, b, n)?;
+            need(op, name, b, &[DType::F32])?;
+        }
+        if o.step == 0 {
+            return Err(err(op, "step must be >= 1 (it counts this update)"));
+        }
+        let step = o.step.min(i32::MAX as u64) as i32;
+        let step_size = f64::from(o.lr) / (1.0 - f64::from(o.beta1).powi(step));
+        let bc2_sqrt = (1.0 - f64::from(o.beta2).powi(step)).sqrt();
+        self.launch(op, "adamw_f32", grid1d(n), &[
+            Arg::Ptr(self.ptr(op, "param", param)?),
+            Arg::Ptr(self.ptr(op, "grad", grad)?),
+            Arg::Ptr(self.ptr(op, "m", m)?),
+            Arg::Ptr(self.ptr(op, "v", v)?),
+            Arg::Size(n),
+            Arg::F32(o.lr),
+            Arg::F32(o.beta1),
+            Arg::F32(o.beta2),
+            Arg::F32(o.eps),
+            Arg::F32(o.weight_decay),
+            Arg::F32(step_size as f32),
+            Arg::F32(bc2_sqrt as f32),
+            Arg::F32(o.grad_scale),
+        ])
+    }
+}
+
+fn copy_arg(a: &Arg) -> Arg {
+    match a {
+        Arg::Ptr(p) => Arg::Ptr(*p),
+        Arg::U64(p) => Arg::U64(*p),
+        Arg::I32(v) => Arg::I32(*v),
+        Arg::F32(v) => Arg::F32(*v),
+        Arg::Size(v) => Arg::Size(*v),
+        Arg::U32(v) => Arg::U32(*v),
+    }
+}
+
+impl CudaBackend {
+    fn check_attn(&self, op: &'static str, a: Attn, q: &Buf, k: &Buf, v: &Buf, cu: &Buf) -> Result<()> {
+        if a.n_kv_heads == 0 || a.n_heads % a.n_kv_heads != 0 {
+            return Err(err(op, format!("{} query heads are not a multiple of {} kv heads", a.n_heads, a.n_kv_heads)));
+        }
+        if a.head_dim == 0 || a.head_dim > 256 {
+            return Err(err(op, format!("head_dim {} is outside 1..=256", a.head_dim)));
+        }
+        if a.n_docs == 0 && a.tokens > 0 {
+            return Err(err(op, "n_docs is 0 but there are tokens"));
+        }
+        check_len(op, "q", q, a.tokens * a.n_heads * a.head_dim)?;
+        check_len(op, "k", k, a.tokens * a.n_kv_heads * a.head_dim)?;
+        check_len(op, "v", v, a.tokens * a.n_kv_heads * a.head_dim)?;
+        check_len(op, "cu_seqlens", cu, a.n_docs + 1)?;
+        for (name, b) in [("q", q), ("k", k), ("v", v)] {
+            need(op, name, b, &[DType::F32])?;
+        }
+        need(op, "cu_seqlens", cu, &[DType::U32])
+    }
+
+    fn attn_sizes(&self, op: &'static str, a: Attn) -> Result<Vec<Arg>> {
+        Ok(vec![
+            Arg::I32(i32_of(op, "tokens", a.tokens)?),
+            Arg::I32(i32_of(op, "n_docs", a.n_docs)?),
+            Arg::I32(i32_of(op, "n_heads", a.n_heads)?),
+            Arg::I32(i32_of(op, "n_kv_heads", a.n_kv_heads)?),
+            Arg::I32(i32_of(op, "head_dim", a.head_dim)?),
+            Arg::F32(a.scale),
+        ])
+    }
+}
