@@ -1,3 +1,8 @@
 //! `lora`: the commands, run orchestration and outputs of the lora pipeline step.
 pub mod schedule;
 pub mod hub;
+pub mod cli;
+pub mod component;
+pub mod dry_run;
+pub mod kfp;
+pub mod request;

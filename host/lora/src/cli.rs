@@ -1,0 +1,281 @@
+//! The command line: `lora train`, `lora kfp`, `lora component`, `lora params`. Parameter flags
+//! are generated from the parameter definition (`lora_params::PARAMS`), never listed by hand.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use lora_params::{Loader, Origin, PARAMS, ParamErrors};
+
+use crate::dry_run;
+use crate::kfp::{ExecutorInput, KfpError};
+use crate::request::{DatasetInput, OutputPaths, RunOutcome, RunRequest};
+
+/// Local defaults of the artifact flags.
+pub const DEFAULT_OUTPUT_MODEL: &str = "./lora-output/model";
+pub const DEFAULT_OUTPUT_METRICS: &str = "./lora-output/metrics.json";
+pub const DEFAULT_OUTPUT_LOSS_CHART: &str = "./lora-output/loss_chart.html";
+pub const DEFAULT_PVC_PATH: &str = "./lora-output/workspace";
+
+/// Why a command failed; decides the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad parameters (exit 2).
+    #[error("{0}")]
+    Params(#[from] ParamErrors),
+    /// Bad input: a missing file, a malformed executor input (exit 2).
+    #[error(transparent)]
+    Input(anyhow::Error),
+    /// The run failed (exit 1).
+    #[error(transparent)]
+    Run(anyhow::Error),
+}
+
+impl From<KfpError> for CliError {
+    fn from(e: KfpError) -> Self {
+        match e {
+            KfpError::Write { .. } => CliError::Run(e.into()),
+            _ => CliError::Input(e.into()),
+        }
+    }
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Params(_) | CliError::Input(_) => 2,
+            CliError::Run(_) => 1,
+        }
+    }
+
+    /// A hint for the user, printed after the error.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            CliError::Params(_) => {
+                "hint: `lora train --help` lists every parameter with its form and default; `lora train --dry-run ...` checks a set without training"
+            }
+            CliError::Input(_) => "hint: `--dry-run` shows how every input path and parameter was resolved",
+            CliError::Run(_) => {
+                "hint: the run stopped; with training_resume=auto (the default) running the same command again resumes from the newest complete checkpoint"
+            }
+        }
+    }
+}
+
+fn param_help(d: &lora_params::ParamDef) -> String {
+    format!("{} [default: {}] [env: {}]", d.help, d.default_display(), d.env_var())
+}
+
+fn param_args(cmd: Command) -> Command {
+    let mut cmd = cmd;
+    for d in PARAMS {
+        let heading = match d.origin {
+            Origin::Reference => "Parameters of the reference component",
+            Origin::Addition => "Parameters added by lora",
+        };
+        cmd = cmd.arg(
+            Arg::new(d.name)
+                .long(d.flag())
+                .value_name(d.kind.python_type().trim_start_matches("dsl.").to_ascii_uppercase())
+                .help(param_help(d))
+                .help_heading(heading)
+                .allow_hyphen_values(true)
+                .action(ArgAction::Set),
+        );
+    }
+    cmd
+}
+
+fn common_args(cmd: Command) -> Command {
+    cmd.arg(
+        Arg::new("params")
+            .long("params")
+            .value_name("FILE")
+            .value_parser(clap::value_parser!(PathBuf))
+            .help("A params file (JSON if it ends in .json, else YAML) with snake_case parameter names as keys. Precedence: defaults < params file < environment (LORA_*) < command line < KFP executor input"),
+    )
+    .arg(
+        Arg::new("dry_run")
+            .long("dry-run")
+            .action(ArgAction::SetTrue)
+            .help("Validate everything, resolve every default and input path, print the resolved parameters (with where each came from) as JSON and exit 0 without writing anything"),
+    )
+}
+
+/// The whole command-line interface.
+pub fn command() -> Command {
+    let train = Command::new("train")
+        .about("Fine-tune a model with LoRA on a local machine (or as a TrainJob worker)")
+        .arg(Arg::new("dataset").long("dataset").value_name("PATH").value_parser(clap::value_parser!(PathBuf)).help("Training dataset: a JSONL/JSON/Parquet file or a dataset folder. An existing non-empty <pvc-path>/dataset/train is used first, as in the reference").help_heading("Artifacts and files"))
+        .arg(Arg::new("output_model").long("output-model").value_name("DIR").value_parser(clap::value_parser!(PathBuf)).default_value(DEFAULT_OUTPUT_MODEL).help("Where the merged model goes (the PEFT adapter in <DIR>/adapter)").help_heading("Artifacts and files"))
+        .arg(Arg::new("output_metrics").long("output-metrics").value_name("FILE").value_parser(clap::value_parser!(PathBuf)).default_value(DEFAULT_OUTPUT_METRICS).help("Where the metrics JSON goes").help_heading("Artifacts and files"))
+        .arg(Arg::new("output_loss_chart").long("output-loss-chart").value_name("FILE").value_parser(clap::value_parser!(PathBuf)).default_value(DEFAULT_OUTPUT_LOSS_CHART).help("Where the HTML loss chart goes").help_heading("Artifacts and files"))
+        .arg(Arg::new("pvc_path").long("pvc-path").value_name("DIR").value_parser(clap::value_parser!(PathBuf)).default_value(DEFAULT_PVC_PATH).help("The workspace: dataset/train, checkpoints (resume), final_model").help_heading("Artifacts and files"));
+    let train = param_args(common_args(train));
+    let kfp = common_args(
+        Command::new("kfp")
+            .about("Run as the Kubeflow Pipelines component: read the executor input, write the outputs and executor_output.json")
+            .arg(Arg::new("executor_input").long("executor-input").value_name("JSON|@FILE").required(true).help("The executor input (the {{$}} placeholder), or @FILE to read it from a file")),
+    );
+    Command::new("lora")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Fine-tune Hugging Face causal LMs with LoRA: a drop-in for the Kubeflow Pipelines lora component")
+        .subcommand_required(true)
+        .arg_required_else_help(true)
+        .subcommand(train)
+        .subcommand(kfp)
+        .subcommand(
+            Command::new("component")
+                .about("Print the KFP component spec (YAML) of this binary's container")
+                .arg(Arg::new("output").long("output").value_name("FILE").value_parser(clap::value_parser!(PathBuf)).help("Write it to FILE instead of standard output")),
+        )
+        .subcommand(
+            Command::new("params")
+                .about("Describe the parameters")
+                .arg(Arg::new("json_schema").long("json-schema").action(ArgAction::SetTrue).help("Print a JSON Schema of the parameter set (and of params files)"))
+                .arg(Arg::new("markdown").long("markdown").action(ArgAction::SetTrue).conflicts_with("json_schema").help("Print the parameter table as Markdown")),
+        )
+}
+
+/// Runs the command line `args` (including the program name) with environment `env`.
+/// Clap's own errors (`--help`, unknown flags) exit through clap.
+pub fn run(args: impl IntoIterator<Item = OsString>, env: Vec<(String, String)>) -> Result<(), CliError> {
+    let matches = command().get_matches_from(args);
+    match matches.subcommand() {
+        Some(("train", m)) => train(m, env),
+        Some(("kfp", m)) => kfp(m, env),
+        Some(("component", m)) => {
+            let yaml = crate::component::component_yaml().map_err(|e| CliError::Run(e.into()))?;
+            match m.get_one::<PathBuf>("output") {
+                Some(path) => crate::kfp::write_atomic(path, yaml.as_bytes()).map_err(CliError::from),
+                None => {
+                    print!("{yaml}");
+                    Ok(())
+                }
+            }
+        }
+        Some(("params", m)) => {
+            if m.get_flag("markdown") {
+                print!("{}", lora_params::markdown_table());
+            } else {
+                println!("{}", pretty(&lora_params::json_schema()));
+            }
+            Ok(())
+        }
+        _ => Err(CliError::Input(anyhow::anyhow!("unknown command (see `lora --help`)"))),
+    }
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+/// Lower-precedence sources shared by `train` and `kfp`: params file, then environment.
+fn base_loader(m: &ArgMatches, env: &[(String, String)]) -> Loader {
+    let mut loader = Loader::new();
+    if let Some(path) = m.get_one::<PathBuf>("params") {
+        loader.apply_file(path);
+    }
+    loader.apply_env(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    loader
+}
+
+fn train(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
+    let mut loader = base_loader(m, &env);
+    for d in PARAMS {
+        if let Some(v) = m.get_one::<String>(d.name) {
+            loader.apply_cli(d.name, v);
+        }
+    }
+    let params = loader.finish()?;
+    let path = |k: &str| m.get_one::<PathBuf>(k).cloned().unwrap_or_default();
+    let request = RunRequest {
+        kubernetes_config: params.kubernetes_config.clone().map(serde_json::Value::Object),
+        params,
+        dataset: DatasetInput { path: m.get_one::<PathBuf>("dataset").cloned(), metadata: Default::default() },
+        outputs: OutputPaths {
+            model: path("output_model"),
+            metrics: path("output_metrics"),
+            loss_chart: path("output_loss_chart"),
+            executor_output: None,
+            output_parameter: None,
+        },
+        pvc_path: path("pvc_path"),
+        kfp: None,
+    };
+    finish(request, "train", m.get_flag("dry_run"), &env)
+}
+
+fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
+    let arg = m.get_one::<String>("executor_input").map(String::as_str).unwrap_or_default();
+    let input = ExecutorInput::parse_arg(arg)?;
+    let mut loader = base_loader(m, &env);
+    loader.apply_kfp(&input.training_parameters());
+    let pvc_path = input.pvc_path();
+    let outputs = (
+        input.output_path("output_model"),
+        input.output_path("output_metrics"),
+        input.output_path("output_loss_chart"),
+    );
+    // Parameter problems first (all of them), then the executor input's own.
+    let params = loader.finish()?;
+    let pvc_path = pvc_path?;
+    let (model, metrics, loss_chart) = (outputs.0?, outputs.1?, outputs.2?);
+    let dataset = match input.input_artifact("dataset") {
+        Some(a) => DatasetInput {
+            path: (!a.uri.is_empty()).then(|| a.local_path(false)),
+            metadata: a.metadata.clone(),
+        },
+        None => DatasetInput::default(),
+    };
+    let request = RunRequest {
+        kubernetes_config: params.kubernetes_config.clone().map(serde_json::Value::Object),
+        params,
+        dataset,
+        outputs: OutputPaths {
+            model,
+            metrics,
+            loss_chart,
+            executor_output: input.executor_output_file(),
+            output_parameter: input.output_parameter_file(),
+        },
+        pvc_path,
+        kfp: Some(input),
+    };
+    finish(request, "kfp", m.get_flag("dry_run"), &env)
+}
+
+/// Dry run: print the plan. Otherwise: apply the environment, lay out the workspace, run, and
+/// (under KFP) write the executor output.
+fn finish(request: RunRequest, command: &str, dry_run: bool, env: &[(String, String)]) -> Result<(), CliError> {
+    let plan = dry_run::plan(&request, command, env).map_err(CliError::Input)?;
+    if dry_run {
+        println!("{}", pretty(&plan));
+        return Ok(());
+    }
+    for (k, v) in dry_run::process_env(&request, env) {
+        // SAFETY: called on the main thread before the run starts any thread; nothing else
+        // reads or writes the environment concurrently.
+        unsafe { std::env::set_var(&k, &v) };
+    }
+    for dir in dry_run::workspace_dirs(&request) {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CliError::Run(anyhow::Error::new(e).context(format!("cannot create workspace folder {}", dir.display()))))?;
+    }
+    let outcome = execute(&request).map_err(CliError::Run)?;
+    if let Some(input) = &request.kfp {
+        crate::kfp::write_executor_output(input, &outcome)?;
+    }
+    if !outcome.output.is_empty() {
+        eprintln!("{}", outcome.output);
+    }
+    Ok(())
+}
+
+/// The hand-off to the training run (`crate::run`, built by the run engineer).
+fn execute(request: &RunRequest) -> anyhow::Result<RunOutcome> {
+    let _ = request;
+    anyhow::bail!(
+        "training is not built into this binary yet (the run module is missing); `--dry-run` validates the parameters and inputs"
+    )
+}

@@ -1,0 +1,152 @@
+//! The hand-off from the commands (`train`, `kfp`) to the run: everything a run needs, already
+//! validated and resolved, and what a run gives back.
+
+use std::path::PathBuf;
+
+use lora_params::ResolvedParams;
+use serde_json::{Map, Value};
+
+/// One run, fully described. Built by `lora train` (flags) or `lora kfp` (executor input).
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub params: ResolvedParams,
+    pub dataset: DatasetInput,
+    pub outputs: OutputPaths,
+    /// The workspace root (`pvc_path`): `dataset/train`, `checkpoints`, `final_model` live under it.
+    pub pvc_path: PathBuf,
+    /// The KFP TaskConfig, when given (also in `params.kubernetes_config`); recorded in the manifest.
+    pub kubernetes_config: Option<Value>,
+    /// True when started by KFP (`lora kfp`): write `executor_output.json` at the end.
+    pub kfp: Option<crate::kfp::ExecutorInput>,
+}
+
+/// The training dataset as the caller named it. Resolution order (reference): an existing
+/// non-empty `<pvc_path>/dataset/train`, else `path`, else metadata `pvc_path`/`pvc_dir`, else
+/// metadata `artifact_path`.
+#[derive(Debug, Clone, Default)]
+pub struct DatasetInput {
+    /// A local file or folder (`--dataset`, or the input artifact's URI mapped to a local path).
+    pub path: Option<PathBuf>,
+    /// The input artifact's metadata (`pvc_path`, `pvc_dir`, `artifact_path`, ...); empty locally.
+    pub metadata: Map<String, Value>,
+}
+
+/// Where the run writes its outputs.
+#[derive(Debug, Clone)]
+pub struct OutputPaths {
+    /// The merged model folder (`output_model`); the PEFT adapter goes to `<model>/adapter/`.
+    pub model: PathBuf,
+    /// The metrics JSON file (`output_metrics`).
+    pub metrics: PathBuf,
+    /// The self-contained HTML loss chart (`output_loss_chart`).
+    pub loss_chart: PathBuf,
+    /// KFP's `outputs.outputFile` (`executor_output.json`), when started by KFP.
+    pub executor_output: Option<PathBuf>,
+    /// KFP's `outputs.parameters.Output.outputFile`, when given.
+    pub output_parameter: Option<PathBuf>,
+}
+
+/// What a finished run gives back to the command that started it.
+#[derive(Debug, Clone, Default)]
+pub struct RunOutcome {
+    /// The component's string return value (`Output`); the reference returns "training completed".
+    pub output: String,
+    /// Scalar metrics: the metadata of the `output_metrics` artifact (KFP shows them as a table).
+    pub metrics: Map<String, Value>,
+    /// Extra metadata for the `output_model` artifact (base model, adapter config, ...).
+    pub model_metadata: Map<String, Value>,
+}
+
+/// The workspace layout under `pvc_path`, as the reference uses it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Workspace {
+    /// `<pvc_path>/dataset/train`: a non-empty one is reused as the dataset.
+    pub dataset_train: PathBuf,
+    /// `<pvc_path>/checkpoints`: step/epoch checkpoints and `training_metrics.jsonl`.
+    pub checkpoints: PathBuf,
+    /// `<pvc_path>/final_model`: a copy of the output model.
+    pub final_model: PathBuf,
+    /// `training_data_output_dir`, or `<pvc_path>/checkpoints/_internal_data_processing`.
+    pub data_output_dir: PathBuf,
+    /// The default `HF_HOME` under KFP: `<pvc_path>/.cache/huggingface`.
+    pub hf_home: PathBuf,
+}
+
+/// Where the training dataset comes from, after the reference's resolution order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "from", rename_all = "snake_case")]
+pub enum DatasetSource {
+    /// An existing non-empty `<pvc_path>/dataset/train`.
+    Workspace { path: PathBuf },
+    /// The input artifact's local path (or `--dataset`).
+    Artifact { path: PathBuf },
+    /// The input artifact's metadata `pvc_path` / `pvc_dir`.
+    MetadataPath { key: String, path: PathBuf },
+    /// The input artifact's metadata `artifact_path`: an s3/http(s) file or a Hugging Face dataset id.
+    Remote { artifact_path: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("the dataset {what} {path} does not exist")]
+    NotFound { what: String, path: PathBuf },
+    #[error("dataset input artifact metadata `{key}` must be a string, got {value}")]
+    BadMetadata { key: String, value: Value },
+    #[error(
+        "no training dataset: {workspace} is missing or empty, no dataset path was given (--dataset, or the KFP `dataset` input artifact) and its metadata has no pvc_path, pvc_dir or artifact_path"
+    )]
+    None { workspace: PathBuf },
+}
+
+fn non_empty_dir(p: &std::path::Path) -> bool {
+    std::fs::read_dir(p).is_ok_and(|mut d| d.next().is_some())
+}
+
+impl RunRequest {
+    pub fn workspace(&self) -> Workspace {
+        let pvc = &self.pvc_path;
+        let checkpoints = pvc.join("checkpoints");
+        Workspace {
+            dataset_train: pvc.join("dataset").join("train"),
+            data_output_dir: self
+                .params
+                .data_output_dir
+                .as_ref()
+                .map_or_else(|| checkpoints.join("_internal_data_processing"), PathBuf::from),
+            checkpoints,
+            final_model: pvc.join("final_model"),
+            hf_home: pvc.join(".cache").join("huggingface"),
+        }
+    }
+
+    /// Resolves the dataset in the reference's order: an existing non-empty
+    /// `<pvc_path>/dataset/train`, the artifact path, metadata `pvc_path`/`pvc_dir`, metadata
+    /// `artifact_path`. Local paths must exist.
+    pub fn dataset_source(&self) -> Result<DatasetSource, DatasetError> {
+        let ws = self.workspace().dataset_train;
+        if non_empty_dir(&ws) {
+            return Ok(DatasetSource::Workspace { path: ws });
+        }
+        if let Some(path) = &self.dataset.path {
+            if !path.exists() {
+                return Err(DatasetError::NotFound { what: "path".into(), path: path.clone() });
+            }
+            return Ok(DatasetSource::Artifact { path: path.clone() });
+        }
+        for key in ["pvc_path", "pvc_dir", "artifact_path"] {
+            let Some(v) = self.dataset.metadata.get(key) else { continue };
+            let Some(s) = v.as_str().filter(|s| !s.is_empty()) else {
+                return Err(DatasetError::BadMetadata { key: key.into(), value: v.clone() });
+            };
+            if key == "artifact_path" {
+                return Ok(DatasetSource::Remote { artifact_path: s.to_owned() });
+            }
+            let path = PathBuf::from(s);
+            if !path.exists() {
+                return Err(DatasetError::NotFound { what: format!("metadata {key}"), path });
+            }
+            return Ok(DatasetSource::MetadataPath { key: key.into(), path });
+        }
+        Err(DatasetError::None { workspace: ws })
+    }
+}

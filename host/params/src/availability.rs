@@ -1,0 +1,85 @@
+//! Features the reference accepts that this build does not have. Each entry refuses a
+//! parameter by name with the reason; when a feature lands, its entry goes (one line).
+
+use crate::defs::Params;
+
+/// One feature that is not built.
+pub struct Unavailable {
+    pub param: &'static str,
+    /// True when the parameter's value asks for the missing feature.
+    pub requested: fn(&Params) -> bool,
+    pub reason: &'static str,
+}
+
+fn yes(b: Option<bool>) -> bool {
+    b == Some(true)
+}
+
+/// The table. Order is the order of messages.
+pub static UNAVAILABLE: &[Unavailable] = &[
+    Unavailable {
+        param: "training_lora_load_in_4bit",
+        requested: |p| yes(p.training_lora_load_in_4bit),
+        reason: "4-bit quantization (QLoRA) is not built yet; leave it unset or false",
+    },
+    Unavailable {
+        param: "training_lora_load_in_8bit",
+        requested: |p| yes(p.training_lora_load_in_8bit),
+        reason: "8-bit quantization is not built yet; leave it unset or false",
+    },
+    Unavailable {
+        param: "training_lora_bnb_4bit_quant_type",
+        requested: |p| p.training_lora_bnb_4bit_quant_type.is_some(),
+        reason: "only meaningful with 4-bit quantization, which is not built; leave it unset",
+    },
+    Unavailable {
+        param: "training_lora_bnb_4bit_compute_dtype",
+        requested: |p| p.training_lora_bnb_4bit_compute_dtype.is_some(),
+        reason: "only meaningful with 4-bit quantization, which is not built; leave it unset",
+    },
+    Unavailable {
+        param: "training_lora_bnb_4bit_use_double_quant",
+        requested: |p| p.training_lora_bnb_4bit_use_double_quant.is_some(),
+        reason: "only meaningful with 4-bit quantization, which is not built; leave it unset",
+    },
+    Unavailable {
+        param: "training_resource_num_workers",
+        requested: |p| p.training_resource_num_workers > 1,
+        reason: "more than one worker needs the multi-node TrainJob launcher, which is not built; use 1",
+    },
+    Unavailable {
+        param: "training_resource_num_procs_per_worker",
+        requested: |p| p.training_resource_num_procs_per_worker.trim().parse::<i64>().is_ok_and(|n| n > 1),
+        reason: "more than one process per worker needs the multi-process launcher, which is not built; use auto or 1",
+    },
+    Unavailable {
+        param: "training_enable_model_splitting",
+        requested: |p| yes(p.training_enable_model_splitting),
+        reason: "splitting the model across GPUs is not built; leave it unset or false",
+    },
+    Unavailable {
+        param: "training_fp16",
+        requested: |p| yes(p.training_fp16),
+        reason: "fp16 training is not built: we train in bf16 on GPU (training_bf16) and fp32 on CPU; leave it unset or false",
+    },
+    Unavailable {
+        param: "training_wandb_project",
+        requested: |p| p.training_wandb_project.is_some(),
+        reason: "no Weights & Biases reporter is built (no network reporter); use a reporter plugin (training_plugins=reporter=...)",
+    },
+    Unavailable {
+        param: "training_wandb_entity",
+        requested: |p| p.training_wandb_entity.is_some(),
+        reason: "no Weights & Biases reporter is built (no network reporter); use a reporter plugin (training_plugins=reporter=...)",
+    },
+    Unavailable {
+        param: "training_wandb_run_name",
+        requested: |p| p.training_wandb_run_name.is_some(),
+        reason: "no Weights & Biases reporter is built (no network reporter); use a reporter plugin (training_plugins=reporter=...)",
+    },
+    Unavailable {
+        param: "training_tensorboard_log_dir",
+        requested: |p| p.training_tensorboard_log_dir.is_some(),
+        reason: "no TensorBoard reporter is built; use a reporter plugin (training_plugins=reporter=...)",
+    },
+];

@@ -1,0 +1,507 @@
+//! Validation (every problem at once) and resolution of the values the reference leaves `None`
+//! for training_hub to fill. The result is what a run uses: no `Option` left where training_hub
+//! has a default, each resolved value recorded with its source.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::availability::UNAVAILABLE;
+use crate::defs::{PARAMS, Params};
+use crate::error::{ParamError, ParamErrors, Source};
+use crate::syntax::{
+    PluginSpec, check_env_name, check_k8s_key, check_k8s_label_value, parse_cpu, parse_json_object, parse_kv_list,
+    parse_memory, parse_plugins,
+};
+
+/// Scheduler names the built-in schedulers (transformers' `get_scheduler` names) provide.
+pub const SCHEDULERS: [&str; 8] = [
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "warmup_stable_decay",
+];
+/// Dataset formats of the reference.
+pub const DATASET_TYPES: [&str; 3] = ["chat_template", "alpaca", "passthrough"];
+/// Accepted `training_runtime` values.
+pub const RUNTIMES: [&str; 2] = ["training-hub", "lora"];
+pub const BAD_RECORDS: [&str; 2] = ["error", "skip"];
+pub const LONG_SAMPLE_POLICIES: [&str; 3] = ["drop", "truncate", "error"];
+pub const DEVICES: [&str; 3] = ["auto", "cpu", "cuda"];
+pub const RESUME: [&str; 2] = ["auto", "never"];
+
+/// training_hub's LoRA init seed, used when `training_seed` is unset.
+pub const DEFAULT_SEED: u64 = 3407;
+
+/// Every parameter resolved for a run. `params` keeps the values as given; the other fields are
+/// what the run uses (training_hub defaults filled in, strings parsed).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResolvedParams {
+    #[serde(skip)]
+    pub params: Params,
+    /// Where each value came from, by parameter name.
+    #[serde(skip)]
+    pub sources: BTreeMap<&'static str, Source>,
+    pub base_model: String,
+    pub effective_batch_size: u64,
+    pub micro_batch_size: u64,
+    pub gradient_accumulation_steps: u64,
+    /// Processes training together (1 in this build).
+    pub world_size: u64,
+    pub max_tokens_per_gpu: u64,
+    pub max_seq_len: u64,
+    pub learning_rate: f64,
+    pub lr_warmup_steps: u64,
+    pub lr_scheduler: String,
+    pub lr_scheduler_kwargs: Map<String, Value>,
+    pub num_epochs: u64,
+    pub max_steps: Option<u64>,
+    pub checkpoint_at_epoch: bool,
+    /// `None`: `<pvc_path>/checkpoints/_internal_data_processing`.
+    pub data_output_dir: Option<String>,
+    pub envs: Vec<(String, String)>,
+    pub resource_cpu_per_worker: f64,
+    pub resource_gpu_per_worker: u64,
+    pub resource_memory_per_worker_bytes: f64,
+    pub resource_num_workers: u64,
+    pub metadata_labels: Vec<(String, String)>,
+    pub metadata_annotations: Vec<(String, String)>,
+    pub lora_r: u64,
+    pub lora_alpha: u64,
+    pub lora_dropout: f64,
+    /// Empty: auto-detect (every linear layer of the decoder).
+    pub lora_target_modules: Vec<String>,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    pub sample_packing: bool,
+    pub seed: u64,
+    pub use_liger: bool,
+    pub flash_attention: bool,
+    pub bf16: bool,
+    pub tf32: bool,
+    pub save_steps: u64,
+    pub eval_steps: u64,
+    pub logging_steps: u64,
+    pub save_total_limit: u64,
+    pub dataset_type: String,
+    pub field_messages: String,
+    pub field_instruction: String,
+    pub field_input: String,
+    pub field_output: String,
+    pub runtime: String,
+    pub train_on_inputs: bool,
+    pub bad_records: String,
+    pub validation_split: f64,
+    pub long_sample_policy: String,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub device: String,
+    pub resume: String,
+    pub plugins: Vec<PluginSpec>,
+    pub plugin_config: Map<String, Value>,
+    pub kubernetes_config: Option<Map<String, Value>>,
+    /// What resolution decided and why, for the user (`--dry-run`, logs).
+    pub notes: Vec<String>,
+}
+
+impl ResolvedParams {
+    /// Every parameter by name: the value the run uses, and where it came from. The form
+    /// `--dry-run` prints and the run manifest records.
+    pub fn to_json(&self) -> Map<String, Value> {
+        let used = self.params_as_used();
+        let mut out = Map::new();
+        for d in PARAMS {
+            let source = self.sources.get(d.name).cloned().unwrap_or(Source::Default);
+            let mut entry = Map::new();
+            entry.insert("value".into(), used.get(d.name).cloned().unwrap_or(Value::Null));
+            entry.insert("source".into(), serde_json::to_value(&source).unwrap_or(Value::Null));
+            out.insert(d.name.to_owned(), Value::Object(entry));
+        }
+        out
+    }
+
+    /// The parameter set with training_hub defaults filled in, keyed by parameter name.
+    pub fn params_as_used(&self) -> Map<String, Value> {
+        let mut m = self.params.to_json();
+        let mut put = |k: &str, v: Value| {
+            m.insert(k.to_owned(), v);
+        };
+        put("training_learning_rate", self.learning_rate.into());
+        put("training_lr_warmup_steps", self.lr_warmup_steps.into());
+        put("training_checkpoint_at_epoch", self.checkpoint_at_epoch.into());
+        put("training_num_epochs", self.num_epochs.into());
+        put("training_lora_use_rslora", self.use_rslora.into());
+        put("training_lora_use_dora", self.use_dora.into());
+        put("training_lora_sample_packing", self.sample_packing.into());
+        put("training_seed", self.seed.into());
+        put("training_use_liger", self.use_liger.into());
+        put("training_lr_scheduler", self.lr_scheduler.clone().into());
+        put("training_micro_batch_size", self.micro_batch_size.into());
+        put("training_gradient_accumulation_steps", self.gradient_accumulation_steps.into());
+        put("training_flash_attention", self.flash_attention.into());
+        put("training_bf16", self.bf16.into());
+        put("training_tf32", self.tf32.into());
+        put("training_save_steps", self.save_steps.into());
+        put("training_eval_steps", self.eval_steps.into());
+        put("training_logging_steps", self.logging_steps.into());
+        put("training_save_total_limit", self.save_total_limit.into());
+        put("training_dataset_type", self.dataset_type.clone().into());
+        put("training_field_messages", self.field_messages.clone().into());
+        put("training_field_instruction", self.field_instruction.clone().into());
+        put("training_field_input", self.field_input.clone().into());
+        put("training_field_output", self.field_output.clone().into());
+        m
+    }
+}
+
+/// Collects problems while checking one parameter set.
+struct Checker<'a> {
+    p: &'a Params,
+    sources: &'a BTreeMap<&'static str, Source>,
+    errors: Vec<ParamError>,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, param: &str, message: impl Into<String>) {
+        let value = match self.p.get(param) {
+            Some(Value::String(s)) => format!("{s:?}"),
+            Some(v) => v.to_string(),
+            None => String::new(),
+        };
+        let source = self.sources.get(param).cloned().unwrap_or(Source::Default);
+        self.errors.push(ParamError { param: param.to_owned(), value, source, message: message.into() });
+    }
+
+    /// A size that must be >= 1.
+    fn positive(&mut self, param: &str, v: i64) -> u64 {
+        if v < 1 {
+            self.err(param, "must be an integer >= 1");
+            1
+        } else {
+            v as u64
+        }
+    }
+
+    fn positive_opt(&mut self, param: &str, v: Option<i64>, default: u64) -> u64 {
+        v.map_or(default, |v| self.positive(param, v))
+    }
+
+    fn one_of(&mut self, param: &str, v: &str, allowed: &[&str]) -> String {
+        if !allowed.contains(&v) {
+            self.err(param, format!("must be one of: {}", allowed.join(", ")));
+        }
+        v.to_owned()
+    }
+
+    fn kv(&mut self, param: &str, v: &str) -> Vec<(String, String)> {
+        parse_kv_list(v).unwrap_or_else(|e| {
+            self.err(param, e);
+            Vec::new()
+        })
+    }
+}
+
+/// Validates `params` and resolves training_hub's defaults.
+pub fn resolve(params: Params, mut sources: BTreeMap<&'static str, Source>) -> Result<ResolvedParams, ParamErrors> {
+    let mut notes = Vec::new();
+    let mut c = Checker { p: &params, sources: &sources, errors: Vec::new() };
+    let p = &params;
+
+    for u in UNAVAILABLE {
+        if (u.requested)(p) {
+            c.err(u.param, format!("not available in this build: {}", u.reason));
+        }
+    }
+
+    if p.training_base_model.trim().is_empty() {
+        c.err("training_base_model", "must name a Hugging Face model id or a local model folder");
+    }
+    let effective_batch_size = c.positive("training_effective_batch_size", p.training_effective_batch_size);
+    let max_tokens_per_gpu = c.positive("training_max_tokens_per_gpu", p.training_max_tokens_per_gpu);
+    let max_seq_len = c.positive("training_max_seq_len", p.training_max_seq_len);
+    if p.training_max_tokens_per_gpu >= 1 && p.training_max_seq_len >= 1 && max_tokens_per_gpu < max_seq_len {
+        c.err(
+            "training_max_tokens_per_gpu",
+            format!("must be >= training_max_seq_len ({max_seq_len}): one full-length sample must fit in a micro-batch"),
+        );
+    }
+    let learning_rate = match p.training_learning_rate {
+        Some(lr) if !(lr > 0.0 && lr.is_finite()) => {
+            c.err("training_learning_rate", "must be a finite number > 0");
+            2e-4
+        }
+        Some(lr) => lr,
+        None => 2e-4,
+    };
+    let lr_warmup_steps = match p.training_lr_warmup_steps {
+        Some(w) if w < 0 => {
+            c.err("training_lr_warmup_steps", "must be an integer >= 0");
+            0
+        }
+        Some(w) => w as u64,
+        None => 10,
+    };
+    let num_epochs = c.positive_opt("training_num_epochs", p.training_num_epochs, 3);
+    let max_steps = p.training_max_steps.map(|v| c.positive("training_max_steps", v));
+    let lr_scheduler = match &p.training_lr_scheduler {
+        Some(s) => c.one_of("training_lr_scheduler", s, &SCHEDULERS),
+        None => "linear".to_owned(),
+    };
+    let lr_scheduler_kwargs = parse_json_object(&p.training_lr_scheduler_kwargs).unwrap_or_else(|e| {
+        c.err("training_lr_scheduler_kwargs", e);
+        Map::new()
+    });
+    if p.training_data_output_dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
+        c.err("training_data_output_dir", "must be a directory path when set (leave it unset for the default)");
+    }
+
+    let envs = c.kv("training_envs", &p.training_envs);
+    for (k, _) in &envs {
+        if let Err(e) = check_env_name(k) {
+            c.err("training_envs", e);
+        }
+    }
+    let resource_cpu_per_worker = parse_cpu(&p.training_resource_cpu_per_worker).unwrap_or_else(|e| {
+        c.err("training_resource_cpu_per_worker", e);
+        0.0
+    });
+    let resource_memory_per_worker_bytes = parse_memory(&p.training_resource_memory_per_worker).unwrap_or_else(|e| {
+        c.err("training_resource_memory_per_worker", e);
+        0.0
+    });
+    let resource_gpu_per_worker = if p.training_resource_gpu_per_worker < 0 {
+        c.err("training_resource_gpu_per_worker", "must be an integer >= 0");
+        0
+    } else {
+        p.training_resource_gpu_per_worker as u64
+    };
+    let resource_num_workers = c.positive("training_resource_num_workers", p.training_resource_num_workers);
+    let procs = p.training_resource_num_procs_per_worker.trim();
+    if procs != "auto" && !procs.parse::<i64>().is_ok_and(|n| n >= 1) {
+        c.err("training_resource_num_procs_per_worker", "must be auto or an integer >= 1");
+    }
+    if resource_gpu_per_worker > 1 {
+        notes.push(format!(
+            "training_resource_gpu_per_worker = {resource_gpu_per_worker}: this build trains in one process on one GPU; the pod's other GPUs stay idle"
+        ));
+    }
+    let metadata_labels = c.kv("training_metadata_labels", &p.training_metadata_labels);
+    for (k, v) in &metadata_labels {
+        if let Err(e) = check_k8s_key(k).and_then(|()| check_k8s_label_value(v)) {
+            c.err("training_metadata_labels", e);
+        }
+    }
+    let metadata_annotations = c.kv("training_metadata_annotations", &p.training_metadata_annotations);
+    for (k, _) in &metadata_annotations {
+        if let Err(e) = check_k8s_key(k) {
+            c.err("training_metadata_annotations", e);
+        }
+    }
+
+    let lora_r = c.positive("training_lora_r", p.training_lora_r);
+    let lora_alpha = c.positive("training_lora_alpha", p.training_lora_alpha);
+    if !(0.0..1.0).contains(&p.training_lora_dropout) {
+        c.err("training_lora_dropout", "must be in [0, 1)");
+    }
+    let lora_target_modules: Vec<String> = p
+        .training_lora_target_modules
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for m in &lora_target_modules {
+        if !m.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | '.')) {
+            c.err(
+                "training_lora_target_modules",
+                format!("{m:?} is not a module name (e.g. q_proj,v_proj or all-linear)"),
+            );
+        }
+    }
+    if yes(p.training_lora_load_in_4bit) && yes(p.training_lora_load_in_8bit) {
+        c.err("training_lora_load_in_4bit", "cannot be combined with training_lora_load_in_8bit=true: choose one");
+    }
+    if yes(p.training_fp16) && p.training_bf16 != Some(false) {
+        c.err("training_fp16", "cannot be combined with training_bf16 (true, or unset which means true): choose one");
+    }
+
+    let micro_set = p.training_micro_batch_size.map(|v| c.positive("training_micro_batch_size", v));
+    let ga_set = p.training_gradient_accumulation_steps.map(|v| c.positive("training_gradient_accumulation_steps", v));
+    let world_size = 1u64;
+    let (micro_batch_size, gradient_accumulation_steps) = match (micro_set, ga_set) {
+        (None, ga) => {
+            let ga = ga.unwrap_or(1);
+            ((effective_batch_size / (ga * world_size)).max(1), ga)
+        }
+        (Some(m), None) => (m, (effective_batch_size / (m * world_size)).max(1)),
+        (Some(m), Some(ga)) => (m, ga),
+    };
+    if micro_batch_size * gradient_accumulation_steps * world_size != effective_batch_size {
+        notes.push(format!(
+            "micro_batch_size {micro_batch_size} x gradient_accumulation_steps {gradient_accumulation_steps} x world_size {world_size} = {} samples per optimizer step, not training_effective_batch_size {effective_batch_size}",
+            micro_batch_size * gradient_accumulation_steps * world_size
+        ));
+    }
+
+    let seed = match p.training_seed {
+        Some(s) if s < 0 => {
+            c.err("training_seed", "must be an integer >= 0");
+            DEFAULT_SEED
+        }
+        Some(s) => s as u64,
+        None => {
+            notes.push(format!("training_seed unset: using {DEFAULT_SEED}, the reference's LoRA init seed, for every random stream"));
+            DEFAULT_SEED
+        }
+    };
+    let save_steps = c.positive_opt("training_save_steps", p.training_save_steps, 500);
+    let eval_steps = c.positive_opt("training_eval_steps", p.training_eval_steps, 500);
+    let logging_steps = c.positive_opt("training_logging_steps", p.training_logging_steps, 1);
+    let save_total_limit = c.positive_opt("training_save_total_limit", p.training_save_total_limit, 3);
+
+    let dataset_type = match &p.training_dataset_type {
+        Some(t) => c.one_of("training_dataset_type", t, &DATASET_TYPES),
+        None => "chat_template".to_owned(),
+    };
+    let mut field = |name: &str, v: &Option<String>, default: &str| match v {
+        Some(s) if s.trim().is_empty() => {
+            c.err(name, "must be a non-empty field name when set");
+            default.to_owned()
+        }
+        Some(s) => s.clone(),
+        None => default.to_owned(),
+    };
+    let field_messages = field("training_field_messages", &p.training_field_messages, "messages");
+    let field_instruction = field("training_field_instruction", &p.training_field_instruction, "instruction");
+    let field_input = field("training_field_input", &p.training_field_input, "input");
+    let field_output = field("training_field_output", &p.training_field_output, "output");
+    let runtime = c.one_of("training_runtime", &p.training_runtime, &RUNTIMES);
+
+    let bad_records = c.one_of("training_bad_records", &p.training_bad_records, &BAD_RECORDS);
+    if !(0.0..1.0).contains(&p.training_validation_split) {
+        c.err("training_validation_split", "must be in [0, 1)");
+    }
+    let long_sample_policy = c.one_of("training_long_sample_policy", &p.training_long_sample_policy, &LONG_SAMPLE_POLICIES);
+    if !(p.training_weight_decay >= 0.0 && p.training_weight_decay.is_finite()) {
+        c.err("training_weight_decay", "must be a finite number >= 0");
+    }
+    if !(p.training_max_grad_norm > 0.0 && p.training_max_grad_norm.is_finite()) {
+        c.err("training_max_grad_norm", "must be a finite number > 0");
+    }
+    let device = c.one_of("training_device", &p.training_device, &DEVICES);
+    let resume = c.one_of("training_resume", &p.training_resume, &RESUME);
+    let plugins = parse_plugins(&p.training_plugins).unwrap_or_else(|e| {
+        c.err("training_plugins", e);
+        Vec::new()
+    });
+    let plugin_config = parse_json_object(&p.training_plugin_config).unwrap_or_else(|e| {
+        c.err("training_plugin_config", e);
+        Map::new()
+    });
+
+    if !c.errors.is_empty() {
+        return Err(ParamErrors(c.errors));
+    }
+
+    // Record which unset values resolution filled.
+    for (name, filled) in [
+        ("training_learning_rate", p.training_learning_rate.is_none()),
+        ("training_lr_warmup_steps", p.training_lr_warmup_steps.is_none()),
+        ("training_checkpoint_at_epoch", p.training_checkpoint_at_epoch.is_none()),
+        ("training_num_epochs", p.training_num_epochs.is_none()),
+        ("training_lora_use_rslora", p.training_lora_use_rslora.is_none()),
+        ("training_lora_use_dora", p.training_lora_use_dora.is_none()),
+        ("training_lora_sample_packing", p.training_lora_sample_packing.is_none()),
+        ("training_seed", p.training_seed.is_none()),
+        ("training_use_liger", p.training_use_liger.is_none()),
+        ("training_lr_scheduler", p.training_lr_scheduler.is_none()),
+        ("training_micro_batch_size", p.training_micro_batch_size.is_none()),
+        ("training_gradient_accumulation_steps", p.training_gradient_accumulation_steps.is_none()),
+        ("training_flash_attention", p.training_flash_attention.is_none()),
+        ("training_bf16", p.training_bf16.is_none()),
+        ("training_tf32", p.training_tf32.is_none()),
+        ("training_save_steps", p.training_save_steps.is_none()),
+        ("training_eval_steps", p.training_eval_steps.is_none()),
+        ("training_logging_steps", p.training_logging_steps.is_none()),
+        ("training_save_total_limit", p.training_save_total_limit.is_none()),
+        ("training_dataset_type", p.training_dataset_type.is_none()),
+        ("training_field_messages", p.training_field_messages.is_none()),
+        ("training_field_instruction", p.training_field_instruction.is_none()),
+        ("training_field_input", p.training_field_input.is_none()),
+        ("training_field_output", p.training_field_output.is_none()),
+    ] {
+        if filled {
+            sources.insert(name, Source::Resolved);
+        }
+    }
+
+    Ok(ResolvedParams {
+        base_model: p.training_base_model.clone(),
+        effective_batch_size,
+        micro_batch_size,
+        gradient_accumulation_steps,
+        world_size,
+        max_tokens_per_gpu,
+        max_seq_len,
+        learning_rate,
+        lr_warmup_steps,
+        lr_scheduler,
+        lr_scheduler_kwargs,
+        num_epochs,
+        max_steps,
+        checkpoint_at_epoch: p.training_checkpoint_at_epoch.unwrap_or(false),
+        data_output_dir: p.training_data_output_dir.clone(),
+        envs,
+        resource_cpu_per_worker,
+        resource_gpu_per_worker,
+        resource_memory_per_worker_bytes,
+        resource_num_workers,
+        metadata_labels,
+        metadata_annotations,
+        lora_r,
+        lora_alpha,
+        lora_dropout: p.training_lora_dropout,
+        lora_target_modules,
+        use_rslora: p.training_lora_use_rslora.unwrap_or(false),
+        use_dora: p.training_lora_use_dora.unwrap_or(false),
+        sample_packing: p.training_lora_sample_packing.unwrap_or(true),
+        seed,
+        use_liger: p.training_use_liger.unwrap_or(false),
+        flash_attention: p.training_flash_attention.unwrap_or(true),
+        bf16: p.training_bf16.unwrap_or(true),
+        tf32: p.training_tf32.unwrap_or(false),
+        save_steps,
+        eval_steps,
+        logging_steps,
+        save_total_limit,
+        dataset_type,
+        field_messages,
+        field_instruction,
+        field_input,
+        field_output,
+        runtime,
+        train_on_inputs: p.training_train_on_inputs,
+        bad_records,
+        validation_split: p.training_validation_split,
+        long_sample_policy,
+        weight_decay: p.training_weight_decay,
+        max_grad_norm: p.training_max_grad_norm,
+        device,
+        resume,
+        plugins,
+        plugin_config,
+        kubernetes_config: p.kubernetes_config.clone(),
+        notes,
+        params,
+        sources,
+    })
+}
+
+fn yes(b: Option<bool>) -> bool {
+    b == Some(true)
+}
