@@ -1,1 +1,37 @@
 //! `lora-data`: datasets in, packed token-budgeted micro-batches out.
+//!
+//! Owns: dataset sources (file, folder, artifact metadata, `<pvc_path>/dataset/train`) and
+//! readers (JSONL, JSON, Parquet, Arrow / `datasets.save_to_disk`); the built-in dataset formats
+//! as `lora_api::Preprocessor`s; the model's tokenizer and chat template as
+//! `lora_api::TextTools` ([`HfTextTools`]); loss masks; the processed-data cache; the epoch plan
+//! (seeded shuffle, best-fit-decreasing packing, token-budgeted micro-batches, gradient
+//! accumulation, ranks) and the `--dry-run` data summary.
+//!
+//! Must not: depend on `lora-params`, the engine or wasmtime; download anything; print or exit
+//! (errors are typed and name the parameter, file, record and field).
+//!
+//! Use: `resolve_dataset` (or `DatasetSource::from_path`) → `builtin_preprocessor(&cfg)` (or a
+//! plugin) → `prepare(&cfg, &source, &mut *pre, &tools)` → `PreparedData::epoch_plan(epoch)`,
+//! `eval_batches()`, `summary()`.
+
+mod cache;
+mod columnar;
+mod config;
+mod error;
+mod formats;
+mod plan;
+mod prepare;
+mod source;
+mod template;
+mod tokenize;
+mod tools;
+
+pub use config::{BadRecords, DataConfig, DatasetType, LongSamplePolicy};
+pub use error::{DataError, RecordLocation, Result};
+pub use formats::{builtin_preprocessor, ALPACA_PROMPT, CHAT_ROLES};
+pub use plan::{EpochCounts, EpochPlan, MicroBatch, OptimizerStep, PlanParams, Row};
+pub use prepare::{prepare, DataPlanSummary, DataReport, PreparedData, SkippedRecord, PREPROCESS_BATCH};
+pub use source::{read_records, resolve_dataset, DataFile, DatasetInput, DatasetSource, FileKind, ReadProblem};
+pub use template::ChatTemplate;
+pub use tokenize::{tokenize_sample, SampleError, TokenizedSample};
+pub use tools::HfTextTools;
