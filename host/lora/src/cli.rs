@@ -22,13 +22,19 @@ pub const DEFAULT_PVC_PATH: &str = "./lora-output/workspace";
 pub enum CliError {
     /// Bad parameters (exit 2).
     #[error("{0}")]
-    Params(#[from] ParamErrors),
+    Params(ParamErrors),
     /// Bad input: a missing file, a malformed executor input (exit 2).
     #[error(transparent)]
     Input(anyhow::Error),
     /// The run failed (exit 1).
     #[error(transparent)]
     Run(anyhow::Error),
+}
+
+impl From<ParamErrors> for CliError {
+    fn from(e: ParamErrors) -> Self {
+        CliError::Params(e)
+    }
 }
 
 impl From<KfpError> for CliError {

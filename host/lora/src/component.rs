@@ -38,7 +38,7 @@ fn interface() -> (Value, Value) {
     let mut params: Vec<(String, Value)> = Vec::new();
     params.push((
         PVC_PATH.to_owned(),
-        json!({ "parameterType": "STRING", "description": "Workspace PVC root path (use dsl.WORKSPACE_PATH_PLACEHOLDER)." }),
+        json!({ "description": "Workspace PVC root path (use dsl.WORKSPACE_PATH_PLACEHOLDER).", "parameterType": "STRING" }),
     ));
     for d in PARAMS {
         let mut spec = Map::new();

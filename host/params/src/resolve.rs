@@ -119,7 +119,7 @@ impl ResolvedParams {
             let source = self.sources.get(d.name).cloned().unwrap_or(Source::Default);
             let mut entry = Map::new();
             entry.insert("value".into(), used.get(d.name).cloned().unwrap_or(Value::Null));
-            entry.insert("source".into(), serde_json::to_value(&source).unwrap_or(Value::Null));
+            entry.insert("source".into(), Value::String(source.to_string()));
             out.insert(d.name.to_owned(), Value::Object(entry));
         }
         out
@@ -326,8 +326,8 @@ pub fn resolve(params: Params, mut sources: BTreeMap<&'static str, Source>) -> R
     if yes(p.training_lora_load_in_4bit) && yes(p.training_lora_load_in_8bit) {
         c.err("training_lora_load_in_4bit", "cannot be combined with training_lora_load_in_8bit=true: choose one");
     }
-    if yes(p.training_fp16) && p.training_bf16 != Some(false) {
-        c.err("training_fp16", "cannot be combined with training_bf16 (true, or unset which means true): choose one");
+    if yes(p.training_fp16) && yes(p.training_bf16) {
+        c.err("training_fp16", "cannot be combined with training_bf16=true: choose one");
     }
 
     let micro_set = p.training_micro_batch_size.map(|v| c.positive("training_micro_batch_size", v));
