@@ -315,6 +315,8 @@ pub trait Backend: Send + Sync {
     fn add_bias(&self, bias: &Buf, y: &mut Buf, rows: usize, cols: usize) -> Result<()>;
     /// `out[rows, cols] = x[rows, cols] * s[cols]` (`+ out` when `accumulate`).
     fn scale_cols(&self, x: &Buf, s: &Buf, out: &mut Buf, rows: usize, cols: usize, accumulate: bool) -> Result<()>;
+    /// `out[i] = a[i] / b[i]` (same length; DoRA's `magnitude / weight_norm`).
+    fn div(&self, a: &Buf, b: &Buf, out: &mut Buf) -> Result<()>;
     /// `out[cols] (+)= sum_i a[i, cols] * b[i, cols]` over `rows` rows, summed in a fixed order.
     fn col_dot(&self, a: &Buf, b: &Buf, out: &mut Buf, rows: usize, cols: usize, accumulate: bool) -> Result<()>;
     /// Sum of squares of all elements of all buffers (f32 in, f64 out): for the global grad norm.

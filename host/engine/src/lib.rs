@@ -6,13 +6,25 @@
 //! Must not: read datasets, tokenize, schedule learning rates, write run outputs other than the
 //! adapter/merged-model tensors it is asked for, print, or exit.
 
+pub mod adapter;
 pub mod backend;
+pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+mod layer;
+pub mod model;
+pub mod rng;
+pub mod testing;
+pub mod trainer;
+pub mod weights;
 
 pub use backend::{
     AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, Gemm, HostData, IGNORE_TARGET,
     dropout_keep, splitmix64,
 };
+pub use adapter::AdapterConfig;
+pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::{EngineError, Result};
+pub use model::{LoadOptions, Model, Module, backend_for};
+pub use trainer::{Batch, NamedTensor, OptimConfig, OptimStats, StepStats, Trainer, TrainerState};

@@ -188,6 +188,16 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn div(&self, a: &Buf, b: &Buf, out: &mut Buf) -> Result<()> {
+        check_len("div", "b", b, a.len())?;
+        check_len("div", "out", out, a.len())?;
+        let (a, b) = (f32s("div", a)?, f32s("div", b)?);
+        for (o, (x, y)) in f32s_mut("div", out)?.iter_mut().zip(a.iter().zip(b)) {
+            *o = x / y;
+        }
+        Ok(())
+    }
+
     fn col_dot(&self, a: &Buf, b: &Buf, out: &mut Buf, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
         check_len("col_dot", "a", a, rows * cols)?;
         check_len("col_dot", "b", b, rows * cols)?;

@@ -1,0 +1,187 @@
+//! Adapter configuration and parameters (LoRA, rsLoRA, DoRA) with PEFT's semantics and names.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, Buf, DType, HostData};
+use crate::error::{EngineError, Result};
+use crate::model::{Model, Module};
+use crate::rng::{Rng, hash_str};
+
+/// Which modules get an adapter and how. Field names equal PEFT's `LoraConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    pub r: usize,
+    pub lora_alpha: f32,
+    pub lora_dropout: f32,
+    /// Module names (`q_proj`, …, `down_proj`); empty or `["all-linear"]` = all seven.
+    /// The output head is never adapted.
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    /// Seed of the adapter initialisation stream.
+    pub init_seed: u64,
+}
+
+impl Default for AdapterConfig {
+    /// The reference's defaults: r 16, alpha 32, dropout 0, all seven modules, seed 3407.
+    fn default() -> Self {
+        AdapterConfig {
+            r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            target_modules: Vec::new(),
+            use_rslora: false,
+            use_dora: false,
+            init_seed: 3407,
+        }
+    }
+}
+
+impl AdapterConfig {
+    /// The adapted modules, validated; an unknown name is an error listing the valid ones.
+    pub fn resolve_targets(&self) -> Result<Vec<Module>> {
+        if self.target_modules.is_empty() || self.target_modules.iter().any(|t| t == "all-linear") {
+            if self.target_modules.len() > 1 {
+                return Err(EngineError::Adapter("`target_modules`: `all-linear` cannot be combined with other names".into()));
+            }
+            return Ok(Module::ALL.to_vec());
+        }
+        let mut out = Vec::new();
+        for t in &self.target_modules {
+            let m = Module::from_name(t).ok_or_else(|| {
+                let hint = if t == "lm_head" || t == "embed_tokens" { " (the output head and embeddings are never adapted)" } else { "" };
+                EngineError::Adapter(format!(
+                    "`target_modules`: `{t}` is not an adaptable module{hint}; valid: {}, or all-linear",
+                    Module::ALL.map(|m| m.name()).join(", ")
+                ))
+            })?;
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
+    pub fn scaling(&self) -> f32 {
+        if self.use_rslora { self.lora_alpha / (self.r as f32).sqrt() } else { self.lora_alpha / self.r as f32 }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(EngineError::Adapter("`r` must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(EngineError::Adapter(format!("`lora_dropout` {} must be in [0, 1)", self.lora_dropout)));
+        }
+        if !self.lora_alpha.is_finite() || self.lora_alpha <= 0.0 {
+            return Err(EngineError::Adapter(format!("`lora_alpha` {} must be positive", self.lora_alpha)));
+        }
+        self.resolve_targets().map(|_| ())
+    }
+}
+
+/// One trainable tensor with its gradient and AdamW moments (all f32 on the device).
+pub struct Param {
+    /// PEFT state-dict key, e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub value: Buf,
+    pub grad: Buf,
+    pub m: Buf,
+    pub v: Buf,
+}
+
+impl Param {
+    fn new(be: &dyn Backend, name: String, shape: Vec<usize>, init: &[f32]) -> Result<Self> {
+        let n = shape.iter().product();
+        Ok(Param {
+            name,
+            shape,
+            value: be.upload(HostData::F32(init), DType::F32)?,
+            grad: be.zeros(n, DType::F32)?,
+            m: be.zeros(n, DType::F32)?,
+            v: be.zeros(n, DType::F32)?,
+        })
+    }
+}
+
+/// The adapter of one linear module: `A [r, in]`, `B [out, r]`, DoRA magnitude `[out]`.
+pub struct Lora {
+    pub a: Param,
+    pub b: Param,
+    pub mag: Option<Param>,
+    pub out_f: usize,
+    pub in_f: usize,
+}
+
+impl Lora {
+    pub fn params(&self) -> impl Iterator<Item = &Param> {
+        [Some(&self.a), Some(&self.b), self.mag.as_ref()].into_iter().flatten()
+    }
+    pub fn params_mut(&mut self) -> impl Iterator<Item = &mut Param> {
+        [Some(&mut self.a), Some(&mut self.b), self.mag.as_mut()].into_iter().flatten()
+    }
+}
+
+/// The PEFT key prefix of a module: `base_model.model.model.layers.{i}.self_attn.q_proj`.
+pub fn peft_prefix(layer: usize, m: Module) -> String {
+    format!("base_model.model.model.layers.{layer}.{}", m.path())
+}
+
+/// All adapters of a model: `slots[layer][module]`.
+pub struct Adapters {
+    pub cfg: AdapterConfig,
+    pub scale: f32,
+    pub slots: Vec<Vec<Option<Lora>>>,
+}
+
+impl Adapters {
+    /// Initialises adapters as PEFT does: A Kaiming-uniform (a = √5, i.e. U(±1/√in)) from
+    /// the seeded stream, B zeros, DoRA magnitude = row norms of the base weight.
+    pub fn init(model: &Model, cfg: &AdapterConfig) -> Result<Self> {
+        cfg.validate()?;
+        let targets = cfg.resolve_targets()?;
+        let be = model.backend.as_ref();
+        let scale = cfg.scaling();
+        let r = cfg.r;
+        let mut slots = Vec::with_capacity(model.layers.len());
+        for (li, layer) in model.layers.iter().enumerate() {
+            let mut row = Vec::with_capacity(7);
+            for m in Module::ALL {
+                if !targets.contains(&m) {
+                    row.push(None);
+                    continue;
+                }
+                let lin = &layer.linears[m as usize];
+                let (out_f, in_f) = (lin.out_f, lin.in_f);
+                let prefix = peft_prefix(li, m);
+                let a_name = format!("{prefix}.lora_A.weight");
+                let mut rng = Rng::new(cfg.init_seed ^ hash_str(&a_name));
+                let bound = 1.0 / (in_f as f32).sqrt();
+                let a_init: Vec<f32> = (0..r * in_f).map(|_| bound * (2.0 * rng.uniform() - 1.0)).collect();
+                let a = Param::new(be, a_name, vec![r, in_f], &a_init)?;
+                let b = Param::new(be, format!("{prefix}.lora_B.weight"), vec![out_f, r], &vec![0.0; out_f * r])?;
+                let mag = if cfg.use_dora {
+                    let mut p = Param::new(be, format!("{prefix}.lora_magnitude_vector"), vec![out_f], &vec![0.0; out_f])?;
+                    be.dora_weight_norm(&lin.w, &a.value, &b.value, scale, &mut p.value, out_f, in_f, r)?;
+                    Some(p)
+                } else {
+                    None
+                };
+                row.push(Some(Lora { a, b, mag, out_f, in_f }));
+            }
+            slots.push(row);
+        }
+        Ok(Adapters { cfg: cfg.clone(), scale, slots })
+    }
+
+    pub fn params(&self) -> impl Iterator<Item = &Param> {
+        self.slots.iter().flatten().flatten().flat_map(|l| l.params())
+    }
+
+    pub fn params_mut(&mut self) -> impl Iterator<Item = &mut Param> {
+        self.slots.iter_mut().flatten().flatten().flat_map(|l| l.params_mut())
+    }
+}

@@ -1,0 +1,379 @@
+//! `config.json` of a Hugging Face Llama-family model: one struct with switches for every
+//! supported architecture, and the RoPE inverse frequencies it implies.
+
+use std::path::Path;
+
+use serde_json::{Map, Value, json};
+
+use crate::error::{EngineError, Result};
+
+/// Supported `architectures` entries.
+pub const SUPPORTED_ARCHITECTURES: [&str; 5] = [
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MistralForCausalLM",
+    "GraniteForCausalLM",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Mistral,
+    Granite,
+}
+
+impl Arch {
+    pub fn hf_name(self) -> &'static str {
+        SUPPORTED_ARCHITECTURES[self as usize]
+    }
+    pub fn model_type(self) -> &'static str {
+        ["llama", "qwen2", "qwen3", "mistral", "granite"][self as usize]
+    }
+    fn from_name(s: &str) -> Option<Self> {
+        let all = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Mistral, Arch::Granite];
+        all.into_iter().find(|a| a.hf_name() == s || a.model_type() == s)
+    }
+}
+
+/// RoPE scaling (`rope_scaling` / `rope_parameters` of config.json).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// NTK-aware base enlargement once a batch exceeds `max_position_embeddings`.
+    Dynamic { factor: f64 },
+    /// Llama 3.1 frequency-dependent scaling.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+/// A decoder's configuration. Field names follow config.json.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (Qwen2 always; Llama/Qwen3 `attention_bias`; also on o_proj
+    /// for Llama/Granite `attention_bias`, see `o_bias`).
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    /// Qwen3's per-head RMSNorm of q and k.
+    pub qk_norm: bool,
+    /// Documents longer than this are refused (Mistral / Qwen2 sliding-window attention).
+    pub sliding_window: Option<usize>,
+    /// Granite multipliers (1 elsewhere): embeddings, residual branches, logits divisor.
+    pub embedding_multiplier: f32,
+    pub residual_multiplier: f32,
+    pub logits_scaling: f32,
+    /// Attention score scale (`attention_multiplier` for Granite, else `1/sqrt(head_dim)`).
+    pub attention_scale: f32,
+    /// `torch_dtype`/`dtype` of config.json, if given.
+    pub torch_dtype: Option<String>,
+}
+
+fn cfg_err(path: &Path, msg: impl Into<String>) -> EngineError {
+    EngineError::Config { path: path.to_path_buf(), msg: msg.into() }
+}
+
+fn get_usize(m: &Map<String, Value>, path: &Path, key: &str) -> Result<usize> {
+    m.get(key)
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .ok_or_else(|| cfg_err(path, format!("`{key}` is missing or not a non-negative integer")))
+}
+
+fn get_f64(m: &Map<String, Value>, key: &str) -> Option<f64> {
+    m.get(key).and_then(Value::as_f64)
+}
+
+impl ModelConfig {
+    /// Reads `<dir>/config.json`.
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| cfg_err(&path, format!("not valid JSON: {e}")))?;
+        Self::from_json(&v, &path)
+    }
+
+    /// Parses a config.json value; `path` is only used in errors.
+    pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        let m = v.as_object().ok_or_else(|| cfg_err(path, "not a JSON object"))?;
+        let arch_name = match m.get("architectures").and_then(Value::as_array) {
+            Some(a) if !a.is_empty() => a[0].as_str().unwrap_or("").to_string(),
+            _ => m.get("model_type").and_then(Value::as_str).unwrap_or("").to_string(),
+        };
+        let arch = Arch::from_name(&arch_name).ok_or_else(|| {
+            EngineError::Unsupported(format!(
+                "architecture `{arch_name}` in {} is not supported; supported: {}",
+                path.display(),
+                SUPPORTED_ARCHITECTURES.join(", ")
+            ))
+        })?;
+        if let Some(act) = m.get("hidden_act").and_then(Value::as_str)
+            && act != "silu"
+        {
+            return Err(cfg_err(path, format!("`hidden_act` is `{act}`; only `silu` (SwiGLU) is supported")));
+        }
+        if m.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
+            return Err(cfg_err(path, "`mlp_bias: true` is not supported"));
+        }
+        let hidden_size = get_usize(m, path, "hidden_size")?;
+        let num_attention_heads = get_usize(m, path, "num_attention_heads")?;
+        let num_key_value_heads = match m.get("num_key_value_heads") {
+            Some(Value::Null) | None => num_attention_heads,
+            _ => get_usize(m, path, "num_key_value_heads")?,
+        };
+        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(cfg_err(path, format!("`num_attention_heads` ({num_attention_heads}) must be a positive multiple of `num_key_value_heads` ({num_key_value_heads})")));
+        }
+        let head_dim = match m.get("head_dim") {
+            Some(Value::Null) | None => hidden_size / num_attention_heads,
+            _ => get_usize(m, path, "head_dim")?,
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(cfg_err(path, format!("`head_dim` {head_dim} must be even and positive")));
+        }
+        if let Some(p) = get_f64(m, "partial_rotary_factor")
+            && p != 1.0
+        {
+            return Err(cfg_err(path, format!("`partial_rotary_factor` {p} is not supported")));
+        }
+        let rope_params = m.get("rope_parameters").and_then(Value::as_object);
+        let rope_theta = get_f64(m, "rope_theta")
+            .or_else(|| rope_params.and_then(|p| get_f64(p, "rope_theta")))
+            .unwrap_or(10000.0);
+        let scaling_obj = match m.get("rope_scaling") {
+            Some(Value::Object(o)) => Some(o),
+            _ => rope_params,
+        };
+        let max_position_embeddings = m.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(2048) as usize;
+        let rope_scaling = match scaling_obj {
+            None => RopeScaling::None,
+            Some(o) => {
+                let kind = o.get("rope_type").or_else(|| o.get("type")).and_then(Value::as_str).unwrap_or("default");
+                let factor = || get_f64(o, "factor").ok_or_else(|| cfg_err(path, format!("rope scaling `{kind}` needs `factor`")));
+                match kind {
+                    "default" => RopeScaling::None,
+                    "linear" => RopeScaling::Linear { factor: factor()? },
+                    "dynamic" => RopeScaling::Dynamic { factor: factor()? },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: factor()?,
+                        low_freq_factor: get_f64(o, "low_freq_factor").ok_or_else(|| cfg_err(path, "llama3 rope scaling needs `low_freq_factor`"))?,
+                        high_freq_factor: get_f64(o, "high_freq_factor").ok_or_else(|| cfg_err(path, "llama3 rope scaling needs `high_freq_factor`"))?,
+                        original_max_position_embeddings: get_f64(o, "original_max_position_embeddings")
+                            .ok_or_else(|| cfg_err(path, "llama3 rope scaling needs `original_max_position_embeddings`"))?,
+                    },
+                    other => {
+                        return Err(EngineError::Unsupported(format!(
+                            "rope scaling `{other}` in {} is not supported; supported: default, linear, dynamic, llama3",
+                            path.display()
+                        )));
+                    }
+                }
+            }
+        };
+        let attention_bias = m.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            Arch::Qwen2 => (true, false),
+            Arch::Qwen3 => (attention_bias, attention_bias),
+            Arch::Mistral => (false, false),
+            Arch::Llama | Arch::Granite => (attention_bias, attention_bias),
+        };
+        let sliding_window = match arch {
+            Arch::Mistral => m.get("sliding_window").and_then(Value::as_u64).map(|v| v as usize),
+            Arch::Qwen2 | Arch::Qwen3 if m.get("use_sliding_window").and_then(Value::as_bool) == Some(true) => {
+                m.get("sliding_window").and_then(Value::as_u64).map(|v| v as usize)
+            }
+            _ => None,
+        };
+        let granite = arch == Arch::Granite;
+        let gm = |k: &str| if granite { get_f64(m, k).unwrap_or(1.0) as f32 } else { 1.0 };
+        let attention_scale = if granite {
+            get_f64(m, "attention_multiplier").unwrap_or(1.0) as f32
+        } else {
+            1.0 / (head_dim as f32).sqrt()
+        };
+        let cfg = ModelConfig {
+            arch,
+            vocab_size: get_usize(m, path, "vocab_size")?,
+            hidden_size,
+            intermediate_size: get_usize(m, path, "intermediate_size")?,
+            num_hidden_layers: get_usize(m, path, "num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: get_f64(m, "rms_norm_eps").unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings,
+            tie_word_embeddings: m.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            qk_norm: arch == Arch::Qwen3,
+            sliding_window,
+            embedding_multiplier: gm("embedding_multiplier"),
+            residual_multiplier: gm("residual_multiplier"),
+            logits_scaling: gm("logits_scaling"),
+            attention_scale,
+            torch_dtype: m.get("torch_dtype").or_else(|| m.get("dtype")).and_then(Value::as_str).map(str::to_string),
+        };
+        if cfg.vocab_size == 0 || cfg.hidden_size == 0 || cfg.intermediate_size == 0 {
+            return Err(cfg_err(path, "`vocab_size`, `hidden_size` and `intermediate_size` must be positive"));
+        }
+        Ok(cfg)
+    }
+
+    /// A tiny Llama (2 layers, hidden 64, GQA 4/2, untied) for tests of other crates.
+    pub fn tiny_llama(vocab_size: usize) -> Self {
+        ModelConfig {
+            arch: Arch::Llama,
+            vocab_size,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm: false,
+            sliding_window: None,
+            embedding_multiplier: 1.0,
+            residual_multiplier: 1.0,
+            logits_scaling: 1.0,
+            attention_scale: 0.25,
+            torch_dtype: None,
+        }
+    }
+
+    /// A Llama-shaped config of explicit sizes (for the benchmark).
+    #[allow(clippy::too_many_arguments)]
+    pub fn llama_shape(layers: usize, hidden: usize, mlp: usize, heads: usize, kv_heads: usize, vocab: usize, tied: bool) -> Self {
+        let head_dim = hidden / heads;
+        ModelConfig {
+            num_hidden_layers: layers,
+            hidden_size: hidden,
+            intermediate_size: mlp,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            tie_word_embeddings: tied,
+            attention_scale: 1.0 / (head_dim as f32).sqrt(),
+            ..Self::tiny_llama(vocab)
+        }
+    }
+
+    /// The config.json text Hugging Face would write for this config.
+    pub fn to_hf_json(&self, dtype_name: &str) -> Value {
+        let mut v = json!({
+            "architectures": [self.arch.hf_name()],
+            "model_type": self.arch.model_type(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": dtype_name,
+        });
+        let o = v.as_object_mut().expect("object literal");
+        match self.arch {
+            Arch::Llama | Arch::Granite | Arch::Qwen3 => {
+                o.insert("attention_bias".into(), json!(self.qkv_bias));
+            }
+            _ => {}
+        }
+        if self.arch == Arch::Granite {
+            o.insert("embedding_multiplier".into(), json!(self.embedding_multiplier));
+            o.insert("residual_multiplier".into(), json!(self.residual_multiplier));
+            o.insert("logits_scaling".into(), json!(self.logits_scaling));
+            o.insert("attention_multiplier".into(), json!(self.attention_scale));
+        }
+        if let Some(w) = self.sliding_window {
+            o.insert("sliding_window".into(), json!(w));
+        } else if self.arch == Arch::Mistral {
+            o.insert("sliding_window".into(), Value::Null);
+        }
+        let scaling = match &self.rope_scaling {
+            RopeScaling::None => Value::Null,
+            RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Dynamic { factor } => json!({"rope_type": "dynamic", "factor": factor}),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings
+            }),
+        };
+        o.insert("rope_scaling".into(), scaling);
+        v
+    }
+
+    /// RoPE inverse frequencies `[head_dim/2]` for a batch whose largest position is
+    /// `max_pos` (only `dynamic` scaling depends on it), as transformers computes them (f32).
+    pub fn rope_inv_freq(&self, max_pos: usize) -> Vec<f32> {
+        let dim = self.head_dim;
+        let base_inv = |base: f64| -> Vec<f32> {
+            (0..dim / 2)
+                .map(|i| {
+                    let e = (2 * i) as f32 / dim as f32;
+                    1.0 / (base as f32).powf(e)
+                })
+                .collect()
+        };
+        match &self.rope_scaling {
+            RopeScaling::None => base_inv(self.rope_theta),
+            RopeScaling::Linear { factor } => base_inv(self.rope_theta).into_iter().map(|x| x / *factor as f32).collect(),
+            RopeScaling::Dynamic { factor } => {
+                let seq_len = max_pos + 1;
+                let mpe = self.max_position_embeddings;
+                if seq_len > mpe {
+                    let base = self.rope_theta
+                        * ((factor * seq_len as f64 / mpe as f64) - (factor - 1.0)).powf(dim as f64 / (dim as f64 - 2.0));
+                    base_inv(base)
+                } else {
+                    base_inv(self.rope_theta)
+                }
+            }
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let (factor, lf, hf, old) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32, *original_max_position_embeddings as f32);
+                let low_wl = old / lf;
+                let high_wl = old / hf;
+                base_inv(self.rope_theta)
+                    .into_iter()
+                    .map(|f| {
+                        let wl = 2.0 * std::f32::consts::PI / f;
+                        let scaled = if wl > low_wl { f / factor } else { f };
+                        let smooth = (old / wl - lf) / (hf - lf);
+                        let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
+                        let medium = !(wl < high_wl) && !(wl > low_wl);
+                        if medium { smoothed } else { scaled }
+                    })
+                    .collect()
+            }
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! Forward and backward of one decoder layer, by hand, on a [`Backend`].
+//!
+//! ```text
+//! xn  = rmsnorm(x)                    q,k,v = lin(xn) (+bias, +adapter); Qwen3: per-head rmsnorm
+//! q,k = rope(q,k)                     ao    = attention(q, k, v)      (packed, causal, GQA)
+//! x2  = x + rm * lin_o(ao)            xn2   = rmsnorm(x2)
+//! hh  = silu(lin_gate(xn2)) * lin_up(xn2)
+//! out = x2 + rm * lin_down(hh)        (rm: Granite residual_multiplier, else 1)
+//! ```
+//! An adapted linear (PEFT semantics, `xd = dropout(x)`, `s` = scaling):
+//! LoRA `y = x W^T + b + s (xd A^T) B^T`;
+//! DoRA `y = x W^T + b + (mn - 1) (xd W^T) + mn s (xd A^T) B^T`, `mn = mag / ||W + s B A||_row`
+//! with the norm treated as a constant in backward, as PEFT does.
+
+use crate::adapter::Lora;
+use crate::backend::{Attn, Backend, Buf, DType, Gemm, splitmix64};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::{Layer, Linear, Module};
+
+fn missing(what: &str) -> crate::error::EngineError {
+    crate::error::EngineError::State { name: what.to_string(), msg: "not saved by the forward pass (internal error)".into() }
+}
+
+/// What one batch's forward/backward shares.
+pub(crate) struct Ctx<'a> {
+    pub be: &'a dyn Backend,
+    pub cfg: &'a ModelConfig,
+    pub t: usize,
+    pub attn: Attn,
+    pub pos: Buf,
+    pub cu: Buf,
+    pub inv_freq: Buf,
+    /// Adapter dropout probability (0 in eval).
+    pub dropout: f32,
+    /// Base of this micro-batch's dropout seeds.
+    pub seed_base: u64,
+    pub scale: f32,
+    pub act: DType,
+}
+
+impl Ctx<'_> {
+    fn zeros(&self, n: usize) -> Result<Buf> {
+        self.be.zeros(n, self.act)
+    }
+    fn seed(&self, layer: usize, m: Module) -> u64 {
+        splitmix64(self.seed_base ^ ((layer as u64) << 8 | m as u64))
+    }
+}
+
+/// Saved by an adapted linear's forward for its backward.
+#[derive(Default)]
+pub(crate) struct LinActs {
+    /// `xd A^T [t, r]`.
+    xa: Option<Buf>,
+    /// DoRA: `xd W^T + s xa B^T [t, out]`, `mn [out]`, weight norm `[out]`.
+    comb: Option<Buf>,
+    mn: Option<Buf>,
+    wn: Option<Buf>,
+}
+
+/// Everything one layer's backward needs (its input `x` is kept by the caller).
+pub(crate) struct LayerActs {
+    rstd1: Buf,
+    xn: Buf,
+    q_pre: Option<Buf>,
+    rstd_q: Option<Buf>,
+    k_pre: Option<Buf>,
+    rstd_k: Option<Buf>,
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    ao: Buf,
+    lse: Buf,
+    x2: Buf,
+    rstd2: Buf,
+    xn2: Buf,
+    g: Buf,
+    u: Buf,
+    hh: Buf,
+    lin: Vec<LinActs>,
+}
+
+fn dropped(ctx: &Ctx, x: &Buf, seed: u64) -> Result<Option<Buf>> {
+    if ctx.dropout > 0.0 {
+        let mut xd = ctx.zeros(x.len())?;
+        ctx.be.dropout(x, &mut xd, ctx.dropout, seed)?;
+        Ok(Some(xd))
+    } else {
+        Ok(None)
+    }
+}
+
+fn linear_fwd(ctx: &Ctx, lin: &Linear, x: &Buf, lora: Option<&Lora>, seed: u64, acts: &mut LinActs) -> Result<Buf> {
+    let (be, t, s) = (ctx.be, ctx.t, ctx.scale);
+    let (out_f, in_f) = (lin.out_f, lin.in_f);
+    let mut y = ctx.zeros(t * out_f)?;
+    be.gemm(Gemm::linear(t, out_f, in_f), x, &lin.w, &mut y)?;
+    if let Some(l) = lora {
+        let r = l.a.shape[0];
+        let xd_own = dropped(ctx, x, seed)?;
+        let xd = xd_own.as_ref().unwrap_or(x);
+        let mut xa = be.zeros(t * r, DType::F32)?;
+        be.gemm(Gemm::linear(t, r, in_f), xd, &l.a.value, &mut xa)?;
+        match &l.mag {
+            None => {
+                be.gemm(Gemm { alpha: s, accumulate: true, ..Gemm::linear(t, out_f, r) }, &xa, &l.b.value, &mut y)?;
+            }
+            Some(mag) => {
+                let mut wn = be.zeros(out_f, DType::F32)?;
+                be.dora_weight_norm(&lin.w, &l.a.value, &l.b.value, s, &mut wn, out_f, in_f, r)?;
+                let mut mn = be.zeros(out_f, DType::F32)?;
+                be.div(&mag.value, &wn, &mut mn)?;
+                // comb = xd W^T + s * xa B^T
+                let mut comb = ctx.zeros(t * out_f)?;
+                match &xd_own {
+                    Some(xd) => be.gemm(Gemm::linear(t, out_f, in_f), xd, &lin.w, &mut comb)?,
+                    None => be.copy(&y, &mut comb)?,
+                }
+                let mut bd = ctx.zeros(t * out_f)?;
+                be.copy(&comb, &mut bd)?;
+                be.gemm(Gemm { alpha: s, accumulate: true, ..Gemm::linear(t, out_f, r) }, &xa, &l.b.value, &mut comb)?;
+                // y += mn * comb - bd
+                be.scale_cols(&comb, &mn, &mut y, t, out_f, true)?;
+                be.axpy(-1.0, &bd, &mut y)?;
+                acts.comb = Some(comb);
+                acts.mn = Some(mn);
+                acts.wn = Some(wn);
+            }
+        }
+        acts.xa = Some(xa);
+    }
+    if let Some(b) = &lin.b {
+        be.add_bias(b, &mut y, t, out_f)?;
+    }
+    Ok(y)
+}
+
+/// `dx (+)= d(loss)/dx` of an (adapted) linear; adapter gradients are accumulated.
+#[allow(clippy::too_many_arguments)]
+fn linear_bwd(ctx: &Ctx, lin: &Linear, x: &Buf, dy: &Buf, dx: &mut Buf, accumulate: bool, lora: Option<&mut Lora>, seed: u64, acts: &LinActs) -> Result<()> {
+    let (be, t, s) = (ctx.be, ctx.t, ctx.scale);
+    let (out_f, in_f) = (lin.out_f, lin.in_f);
+    // dx (+)= dy @ W
+    let dx_gemm = |dy: &Buf, dx: &mut Buf, acc: bool| be.gemm(Gemm { m: t, n: in_f, k: out_f, ta: false, tb: false, alpha: 1.0, accumulate: acc }, dy, &lin.w, dx);
+    let Some(l) = lora else {
+        return dx_gemm(dy, dx, accumulate);
+    };
+    let r = l.a.shape[0];
+    let xa = acts.xa.as_ref().ok_or_else(|| missing("adapter forward saved xa"))?;
+    // DoRA: dmag += colsum(dy * comb) / wn; the LoRA path sees dy * mn.
+    let dys_own = match (&mut l.mag, &acts.mn) {
+        (Some(mag), Some(mn)) => {
+            let (comb, wn) = (acts.comb.as_ref().ok_or_else(|| missing("dora comb"))?, acts.wn.as_ref().ok_or_else(|| missing("dora wn"))?);
+            let mut cd = be.zeros(out_f, DType::F32)?;
+            be.col_dot(dy, comb, &mut cd, t, out_f, false)?;
+            let mut q = be.zeros(out_f, DType::F32)?;
+            be.div(&cd, wn, &mut q)?;
+            be.axpy(1.0, &q, &mut mag.grad)?;
+            let mut dys = ctx.zeros(t * out_f)?;
+            be.scale_cols(dy, mn, &mut dys, t, out_f, false)?;
+            Some(dys)
+        }
+        _ => None,
+    };
+    let dys = dys_own.as_ref().unwrap_or(dy);
+    // dB += s * dys^T @ xa ; dxa = s * dys @ B
+    be.gemm(Gemm { m: out_f, n: r, k: t, ta: true, tb: false, alpha: s, accumulate: true }, dys, xa, &mut l.b.grad)?;
+    let mut dxa = be.zeros(t * r, DType::F32)?;
+    be.gemm(Gemm { m: t, n: r, k: out_f, ta: false, tb: false, alpha: s, accumulate: false }, dys, &l.b.value, &mut dxa)?;
+    // dA += dxa^T @ xd
+    let xd_own = dropped(ctx, x, seed)?;
+    let xd = xd_own.as_ref().unwrap_or(x);
+    be.gemm(Gemm { m: r, n: in_f, k: t, ta: true, tb: false, alpha: 1.0, accumulate: true }, &dxa, xd, &mut l.a.grad)?;
+    let dxa_gemm = |dxa: &Buf, out: &mut Buf, acc: bool| be.gemm(Gemm { m: t, n: in_f, k: r, ta: false, tb: false, alpha: 1.0, accumulate: acc }, dxa, &l.a.value, out);
+    if ctx.dropout == 0.0 {
+        // xd == x: everything flows straight to dx.
+        dx_gemm(dys, dx, accumulate)?;
+        dxa_gemm(&dxa, dx, true)?;
+    } else {
+        dx_gemm(dy, dx, accumulate)?;
+        let mut dxd = ctx.zeros(t * in_f)?;
+        if dys_own.is_some() {
+            // DoRA's (mn - 1) (xd W^T) term: d(xd) += (dys - dy) @ W
+            let mut diff = ctx.zeros(t * out_f)?;
+            be.copy(dys, &mut diff)?;
+            be.axpy(-1.0, dy, &mut diff)?;
+            dx_gemm(&diff, &mut dxd, false)?;
+            dxa_gemm(&dxa, &mut dxd, true)?;
+        } else {
+            dxa_gemm(&dxa, &mut dxd, false)?;
+        }
+        let mut back = ctx.zeros(t * in_f)?;
+        be.dropout(&dxd, &mut back, ctx.dropout, seed)?;
+        be.axpy(1.0, &back, dx)?;
+    }
+    Ok(())
+}
+
+/// One layer's forward: returns the layer output and what its backward needs.
+pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>], x: &Buf) -> Result<(Buf, LayerActs)> {
+    let (be, c, t) = (ctx.be, ctx.cfg, ctx.t);
+    let (d, f, h, hkv, hd) = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let eps = c.rms_norm_eps as f32;
+    let mut lin: Vec<LinActs> = (0..7).map(|_| LinActs::default()).collect();
+    let mut rstd1 = be.zeros(t, DType::F32)?;
+    let mut xn = ctx.zeros(t * d)?;
+    be.rmsnorm_fwd(x, &layer.input_norm, &mut xn, &mut rstd1, t, d, eps)?;
+    let proj = |m: Module, input: &Buf, lin: &mut Vec<LinActs>| {
+        linear_fwd(ctx, &layer.linears[m as usize], input, lora[m as usize].as_ref(), ctx.seed(li, m), &mut lin[m as usize])
+    };
+    let mut q = proj(Module::Q, &xn, &mut lin)?;
+    let mut k = proj(Module::K, &xn, &mut lin)?;
+    let v = proj(Module::V, &xn, &mut lin)?;
+    let (mut q_pre, mut rstd_q, mut k_pre, mut rstd_k) = (None, None, None, None);
+    if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+        let mut rq = be.zeros(t * h, DType::F32)?;
+        let mut qo = ctx.zeros(t * h * hd)?;
+        be.rmsnorm_fwd(&q, qn, &mut qo, &mut rq, t * h, hd, eps)?;
+        let mut rk = be.zeros(t * hkv, DType::F32)?;
+        let mut ko = ctx.zeros(t * hkv * hd)?;
+        be.rmsnorm_fwd(&k, kn, &mut ko, &mut rk, t * hkv, hd, eps)?;
+        q_pre = Some(std::mem::replace(&mut q, qo));
+        k_pre = Some(std::mem::replace(&mut k, ko));
+        rstd_q = Some(rq);
+        rstd_k = Some(rk);
+    }
+    be.rope(&mut q, &ctx.pos, &ctx.inv_freq, t, h, hd, false)?;
+    be.rope(&mut k, &ctx.pos, &ctx.inv_freq, t, hkv, hd, false)?;
+    let mut ao = ctx.zeros(t * h * hd)?;
+    let mut lse = be.zeros(h * t, DType::F32)?;
+    be.attention_fwd(ctx.attn, &q, &k, &v, &ctx.cu, &mut ao, &mut lse)?;
+    let o = proj(Module::O, &ao, &mut lin)?;
+    let mut x2 = ctx.zeros(t * d)?;
+    be.copy(x, &mut x2)?;
+    be.axpy(c.residual_multiplier, &o, &mut x2)?;
+    drop(o);
+    let mut rstd2 = be.zeros(t, DType::F32)?;
+    let mut xn2 = ctx.zeros(t * d)?;
+    be.rmsnorm_fwd(&x2, &layer.post_norm, &mut xn2, &mut rstd2, t, d, eps)?;
+    let g = proj(Module::Gate, &xn2, &mut lin)?;
+    let u = proj(Module::Up, &xn2, &mut lin)?;
+    let mut hh = ctx.zeros(t * f)?;
+    be.swiglu_fwd(&g, &u, &mut hh)?;
+    let down = proj(Module::Down, &hh, &mut lin)?;
+    let mut out = ctx.zeros(t * d)?;
+    be.copy(&x2, &mut out)?;
+    be.axpy(c.residual_multiplier, &down, &mut out)?;
+    Ok((out, LayerActs { rstd1, xn, q_pre, rstd_q, k_pre, rstd_k, q, k, v, ao, lse, x2, rstd2, xn2, g, u, hh, lin }))
+}
+
+/// One layer's backward. On entry `dres` is d(loss)/d(layer output); on exit d(loss)/d(input).
+pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<Lora>], x: &Buf, a: &LayerActs, dres: &mut Buf) -> Result<()> {
+    let (be, c, t) = (ctx.be, ctx.cfg, ctx.t);
+    let (d, f, h, hkv, hd) = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let rm = c.residual_multiplier;
+    let scaled = |g: &Buf| -> Result<Option<Buf>> {
+        if rm == 1.0 {
+            return Ok(None);
+        }
+        let mut s = ctx.zeros(g.len())?;
+        be.copy(g, &mut s)?;
+        be.scale(rm, &mut s)?;
+        Ok(Some(s))
+    };
+    let lb = |m: Module, input: &Buf, dy: &Buf, dx: &mut Buf, acc: bool, lora: &mut [Option<Lora>]| {
+        linear_bwd(ctx, &layer.linears[m as usize], input, dy, dx, acc, lora[m as usize].as_mut(), ctx.seed(li, m), &a.lin[m as usize])
+    };
+    // MLP
+    let dd_own = scaled(dres)?;
+    let mut dhh = ctx.zeros(t * f)?;
+    lb(Module::Down, &a.hh, dd_own.as_ref().unwrap_or(dres), &mut dhh, false, lora)?;
+    drop(dd_own);
+    let (mut dg, mut du) = (ctx.zeros(t * f)?, ctx.zeros(t * f)?);
+    be.swiglu_bwd(&a.g, &a.u, &dhh, &mut dg, &mut du)?;
+    drop(dhh);
+    let mut dxn2 = ctx.zeros(t * d)?;
+    lb(Module::Gate, &a.xn2, &dg, &mut dxn2, false, lora)?;
+    lb(Module::Up, &a.xn2, &du, &mut dxn2, true, lora)?;
+    drop((dg, du));
+    be.rmsnorm_bwd(&dxn2, &a.x2, &layer.post_norm, &a.rstd2, dres, t, d, true)?;
+    // attention
+    let do_own = scaled(dres)?;
+    let mut dao = ctx.zeros(t * h * hd)?;
+    lb(Module::O, &a.ao, do_own.as_ref().unwrap_or(dres), &mut dao, false, lora)?;
+    drop(do_own);
+    let (mut dq, mut dk, mut dv) = (ctx.zeros(t * h * hd)?, ctx.zeros(t * hkv * hd)?, ctx.zeros(t * hkv * hd)?);
+    be.attention_bwd(ctx.attn, &a.q, &a.k, &a.v, &ctx.cu, &a.ao, &a.lse, &dao, &mut dq, &mut dk, &mut dv)?;
+    drop(dao);
+    be.rope(&mut dq, &ctx.pos, &ctx.inv_freq, t, h, hd, true)?;
+    be.rope(&mut dk, &ctx.pos, &ctx.inv_freq, t, hkv, hd, true)?;
+    if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+        let mut dqp = ctx.zeros(t * h * hd)?;
+        be.rmsnorm_bwd(&dq, a.q_pre.as_ref().ok_or_else(|| missing("q_pre"))?, qn, a.rstd_q.as_ref().ok_or_else(|| missing("rstd_q"))?, &mut dqp, t * h, hd, false)?;
+        let mut dkp = ctx.zeros(t * hkv * hd)?;
+        be.rmsnorm_bwd(&dk, a.k_pre.as_ref().ok_or_else(|| missing("k_pre"))?, kn, a.rstd_k.as_ref().ok_or_else(|| missing("rstd_k"))?, &mut dkp, t * hkv, hd, false)?;
+        dq = dqp;
+        dk = dkp;
+    }
+    let mut dxn = ctx.zeros(t * d)?;
+    lb(Module::Q, &a.xn, &dq, &mut dxn, false, lora)?;
+    lb(Module::K, &a.xn, &dk, &mut dxn, true, lora)?;
+    lb(Module::V, &a.xn, &dv, &mut dxn, true, lora)?;
+    be.rmsnorm_bwd(&dxn, x, &layer.input_norm, &a.rstd1, dres, t, d, true)?;
+    Ok(())
+}
