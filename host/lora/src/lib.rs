@@ -6,3 +6,5 @@ pub mod component;
 pub mod dry_run;
 pub mod kfp;
 pub mod request;
+pub mod report;
+pub mod chart;
