@@ -12,6 +12,7 @@ pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod selftest;
 mod layer;
 pub mod model;
 pub mod rng;
