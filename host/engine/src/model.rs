@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::backend::{Backend, Buf, DType, Device, HostData};
 use crate::config::ModelConfig;
 use crate::cpu::CpuBackend;
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::rng::Rng;
 use crate::weights::WeightFiles;
 
@@ -103,9 +103,7 @@ impl LoadOptions {
 pub fn backend_for(device: Device) -> Result<Arc<dyn Backend>> {
     match device {
         Device::Cpu => Ok(Arc::new(CpuBackend::new())),
-        Device::Cuda(_) => Err(EngineError::Unsupported(format!(
-            "device {device}: this build has no CUDA backend wired into lora_engine::model::backend_for"
-        ))),
+        Device::Cuda(i) => crate::cuda::open(i),
     }
 }
 

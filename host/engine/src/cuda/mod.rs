@@ -29,6 +29,20 @@ pub use imp::*;
 #[cfg(not(feature = "cuda"))]
 pub use stub::*;
 
+/// The CUDA backend on device `ordinal` as a trait object (what `model::backend_for` returns);
+/// an error when this build has no CUDA support or the machine has no usable GPU.
+pub fn open(ordinal: usize) -> crate::error::Result<std::sync::Arc<dyn crate::backend::Backend>> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(std::sync::Arc::new(CudaBackend::new(ordinal)?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ordinal;
+        Err(stub::built_without())
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 mod stub {
     use crate::error::{EngineError, Result};
@@ -45,7 +59,7 @@ mod stub {
         }
     }
 
-    fn built_without() -> EngineError {
+    pub(crate) fn built_without() -> EngineError {
         EngineError::Backend {
             backend: "cuda",
             op: "init",

@@ -81,8 +81,8 @@ pub fn run(device: Device, seed: Option<u64>) -> Result<Report> {
     match device {
         Device::Cpu => run_with(&CpuBackend::new(), seed),
         Device::Cuda(i) => {
-            let be = crate::cuda::CudaBackend::new(i)?;
-            run_with(&be, seed)
+            let be = crate::cuda::open(i)?;
+            run_with(&*be, seed)
         }
     }
 }
