@@ -88,12 +88,14 @@ impl Scheduler for Schedules {
     fn learning_rate(&mut self, step: u64) -> Result<f64, String> {
         Ok(match self {
             Schedules::Cosine { base, warmup, total } => {
-                if step < *warmup {
-                    *base * step as f64 / (*warmup).max(1) as f64
+                // The factor first, then `base * factor`, in transformers' order of operations.
+                let factor = if step < *warmup {
+                    step as f64 / (*warmup).max(1) as f64
                 } else {
-                    let progress = (step - *warmup) as f64 / (*total - *warmup).max(1) as f64;
-                    *base * (0.5 * (1.0 + (PI * 0.5 * 2.0 * progress).cos())).max(0.0)
-                }
+                    let progress = (step - *warmup) as f64 / (total.saturating_sub(*warmup)).max(1) as f64;
+                    f64::max(0.0, 0.5 * (1.0 + (PI * 0.5 * 2.0 * progress).cos()))
+                };
+                *base * factor
             }
             Schedules::OneCycle { initial, max, min, phase1_end, phase2_end } => {
                 let s = step as f64;
@@ -105,7 +107,7 @@ impl Scheduler for Schedules {
             }
             Schedules::Plateau(p) => {
                 if step < p.warmup {
-                    p.base * step as f64 / p.warmup as f64
+                    p.base * (step as f64 / p.warmup as f64)
                 } else {
                     p.lr
                 }
