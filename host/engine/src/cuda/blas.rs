@@ -104,6 +104,8 @@ impl Lt {
     pub unsafe fn matmul(&self, p: Product, ty: Operand, a: u64, b: u64, c: u64) -> Result<()> {
         let shape = format!("m={} n={} k={} ta={} tb={} {:?}", p.m, p.n, p.k, p.ta, p.tb, ty);
         let e = |what: &str, x: lt::CublasError| err(format!("{what} ({shape}): {x}"));
+        // cuBLASLt runs in the calling thread's current context: make it ours.
+        self.stream.context().bind_to_thread().map_err(|x| err(format!("binding the context ({shape}): {x}")))?;
         let ab_type = match ty {
             Operand::Bf16 => sys::cudaDataType_t::CUDA_R_16BF,
             Operand::F32 => sys::cudaDataType_t::CUDA_R_32F,
