@@ -60,6 +60,7 @@ pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow
         "notes": req.params.notes,
         "inputs": {
             "dataset": dataset,
+            "dataset_artifact_path": req.dataset.path,
             "dataset_metadata": req.dataset.metadata,
             "base_model": base_model(req),
             "pvc_path": req.pvc_path,

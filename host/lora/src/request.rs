@@ -127,11 +127,16 @@ impl RunRequest {
         if non_empty_dir(&ws) {
             return Ok(DatasetSource::Workspace { path: ws });
         }
+        // The artifact's path when it exists; else its metadata (as the reference does); a
+        // path that exists nowhere is named in the error.
+        let has_metadata = ["pvc_path", "pvc_dir", "artifact_path"].iter().any(|k| self.dataset.metadata.contains_key(*k));
         if let Some(path) = &self.dataset.path {
-            if !path.exists() {
+            if path.exists() {
+                return Ok(DatasetSource::Artifact { path: path.clone() });
+            }
+            if !has_metadata {
                 return Err(DatasetError::NotFound { what: "path".into(), path: path.clone() });
             }
-            return Ok(DatasetSource::Artifact { path: path.clone() });
         }
         for key in ["pvc_path", "pvc_dir", "artifact_path"] {
             let Some(v) = self.dataset.metadata.get(key) else { continue };
