@@ -1,0 +1,172 @@
+//! The `lora` binary's parameter commands, run for real in a temp dir: help, schema, dry runs,
+//! exit codes and messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+
+fn lora(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lora"));
+    cmd.current_dir(dir).args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LORA_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().unwrap()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lora-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn train_help_lists_every_parameter_with_its_default() {
+    let dir = temp_dir("help");
+    let out = lora(&dir, &["train", "--help"], &[]);
+    let (help, _) = text(&out);
+    assert!(out.status.success());
+    for d in lora_params::PARAMS {
+        let flag = format!("--{}", d.flag());
+        let pos = help.find(&format!("{flag} ")).unwrap_or_else(|| panic!("{flag} missing from help"));
+        let entry = &help[pos..help[pos..].find("\n      --").map_or(help.len(), |e| pos + e)];
+        assert!(entry.contains(&format!("[default: {}]", d.default_display())), "{flag}: {entry}");
+        assert!(entry.contains(&d.env_var()), "{flag}: {entry}");
+    }
+    assert!(help.contains("ADDITION."), "additions are marked");
+    for flag in ["--dataset", "--output-model", "--output-metrics", "--output-loss-chart", "--pvc-path", "--params", "--dry-run"] {
+        assert!(help.contains(flag), "{flag}");
+    }
+}
+
+#[test]
+fn json_schema_and_version() {
+    let dir = temp_dir("schema");
+    let out = lora(&dir, &["params", "--json-schema"], &[]);
+    let schema: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(schema["properties"].as_object().unwrap().len(), lora_params::PARAMS.len());
+    assert_eq!(schema["additionalProperties"], json!(false));
+    let out = lora(&dir, &["--version"], &[]);
+    assert_eq!(text(&out).0.trim(), format!("lora {}", env!("CARGO_PKG_VERSION")));
+    let out = lora(&dir, &["params", "--markdown"], &[]);
+    assert!(text(&out).0.contains("| `training_lora_r` | `int` | `16` |"));
+}
+
+#[test]
+fn train_dry_run_resolves_everything_and_writes_nothing() {
+    let dir = temp_dir("dry");
+    std::fs::write(dir.join("data.jsonl"), "{\"messages\": []}\n").unwrap();
+    std::fs::write(dir.join("p.yaml"), "training_lora_r: 4\ntraining_num_epochs: 9\n").unwrap();
+    let out = lora(
+        &dir,
+        &["train", "--dry-run", "--dataset", "data.jsonl", "--params", "p.yaml", "--training-num-epochs", "2", "--training-envs", "A=1"],
+        &[("LORA_TRAINING_LORA_ALPHA", "64")],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let plan: Value = serde_json::from_str(&stdout).unwrap();
+    let p = &plan["parameters"];
+    assert_eq!(p["training_lora_r"], json!({"value": 4, "source": "params file p.yaml"}));
+    assert_eq!(p["training_lora_alpha"], json!({"value": 64, "source": "environment variable LORA_TRAINING_LORA_ALPHA"}));
+    assert_eq!(p["training_num_epochs"], json!({"value": 2, "source": "command line --training-num-epochs"}));
+    assert_eq!(p["training_learning_rate"], json!({"value": 2e-4, "source": "training_hub default"}));
+    assert_eq!(p["training_seed"]["value"], json!(3407));
+    assert_eq!(p["training_lora_dropout"], json!({"value": 0.0, "source": "default"}));
+    assert!(plan["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("3407")));
+    assert_eq!(plan["inputs"]["dataset"], json!({"from": "artifact", "path": "data.jsonl"}));
+    assert_eq!(plan["inputs"]["base_model"], json!({"kind": "hub", "id": "Qwen/Qwen2.5-1.5B-Instruct"}));
+    assert_eq!(plan["outputs"]["model"], json!("./lora-output/model"));
+    assert_eq!(plan["workspace"]["checkpoints"], json!("./lora-output/workspace/checkpoints"));
+    assert_eq!(plan["environment"], json!({"A": "1"}), "HF_HOME is only defaulted under KFP");
+    let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(entries.len(), 2, "a dry run writes nothing: {entries:?}");
+}
+
+#[test]
+fn bad_parameters_exit_2_naming_each_one() {
+    let dir = temp_dir("bad");
+    let out = lora(
+        &dir,
+        &["train", "--dry-run", "--training-lora-r", "-1", "--training-lr-scheduler", "cosine_annealing", "--training-lora-load-in-4bit", "true"],
+        &[("LORA_TRAINING_MAX_SEQ_LEN", "long")],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("4 parameter problems"), "{stderr}");
+    for want in [
+        "training_lora_r = -1 (from command line --training-lora-r): must be an integer >= 1",
+        "training_lr_scheduler",
+        "training_lora_load_in_4bit = true (from command line --training-lora-load-in-4bit): not available in this build",
+        "training_max_seq_len = \"long\" (from environment variable LORA_TRAINING_MAX_SEQ_LEN)",
+        "hint:",
+    ] {
+        assert!(stderr.contains(want), "missing {want:?} in:\n{stderr}");
+    }
+    assert_eq!(stderr.matches("training_lora_r = -1").count(), 1, "each problem once:\n{stderr}");
+}
+
+#[test]
+fn missing_dataset_is_a_bad_input_and_nothing_is_created() {
+    let dir = temp_dir("nodata");
+    for args in [vec!["train", "--dry-run", "--dataset", "nope.jsonl"], vec!["train", "--dataset", "nope.jsonl"]] {
+        let out = lora(&dir, &args, &[]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("nope.jsonl") && stderr.contains("does not exist"), "{stderr}");
+    }
+    let out = lora(&dir, &["train", "--dry-run"], &[]);
+    assert!(text(&out).1.contains("no training dataset"), "{}", text(&out).1);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
+}
+
+#[test]
+fn kfp_dry_run_reads_the_executor_input_from_a_file() {
+    let dir = temp_dir("kfp");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/kfp/executor_input.json");
+    let arg = format!("@{}", fixture.display());
+    let out = lora(&dir, &["kfp", "--dry-run", "--executor-input", &arg], &[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let plan: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(plan["command"], json!("kfp"));
+    assert_eq!(plan["parameters"]["training_lora_r"], json!({"value": 8, "source": "KFP executor input"}));
+    assert_eq!(plan["inputs"]["pvc_path"], json!("/kfp-workspace"));
+    assert_eq!(plan["environment"]["HF_HOME"], json!("/kfp-workspace/.cache/huggingface"));
+    // KFP wins over the environment
+    let out = lora(&dir, &["kfp", "--dry-run", "--executor-input", &arg], &[("LORA_TRAINING_LORA_R", "32"), ("LORA_TRAINING_TF32", "true")]);
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["parameters"]["training_lora_r"]["value"], json!(8));
+    assert_eq!(plan["parameters"]["training_tf32"]["value"], json!(true));
+}
+
+#[test]
+fn kfp_bad_executor_input_exits_2() {
+    let dir = temp_dir("kfpbad");
+    let out = lora(&dir, &["kfp", "--executor-input", "{not json"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("not valid JSON"));
+    let out = lora(&dir, &["kfp", "--executor-input", r#"{"inputs": {"parameterValues": {"pvc_path": "/w", "training_lora_r": "8"}}}"#], &[]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("training_lora_r = \"8\" (from KFP executor input): expected an integer"), "{stderr}");
+    let out = lora(&dir, &["kfp", "--executor-input", r#"{"inputs": {"parameterValues": {"pvc_path": "/w"}}}"#], &[]);
+    assert!(text(&out).1.contains("outputs.artifacts.output_model"), "{}", text(&out).1);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+}
+
+#[test]
+fn component_command_prints_the_spec() {
+    let dir = temp_dir("comp");
+    let out = lora(&dir, &["component"], &[]);
+    let want = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/kfp/lora.component.yaml")).unwrap();
+    assert_eq!(text(&out).0, want);
+}
