@@ -170,3 +170,15 @@ fn component_command_prints_the_spec() {
     let want = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/kfp/lora.component.yaml")).unwrap();
     assert_eq!(text(&out).0, want);
 }
+
+#[test]
+fn readme_parameter_table_is_the_generated_one() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md")).unwrap();
+    let start = readme.find("<!-- params:begin -->\n").expect("README has the params:begin marker") + "<!-- params:begin -->\n".len();
+    let end = readme.find("<!-- params:end -->").expect("README has the params:end marker");
+    assert_eq!(
+        &readme[start..end],
+        lora_params::markdown_table(),
+        "README's parameter table is stale: paste `lora params --markdown` between the markers"
+    );
+}
