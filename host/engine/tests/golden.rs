@@ -1,0 +1,106 @@
+//! The CPU engine against transformers + PEFT: logits, loss, every adapter gradient, and the
+//! adapter after 5 AdamW steps with clipping, for every case written by
+//! `tests/engine/make_goldens.py` (llama, qwen2, qwen3, mistral, granite × LoRA, rsLoRA, DoRA).
+
+mod common;
+
+use common::{GTensor, compare, golden_dir, read_safetensors};
+use lora_engine::{AdapterConfig, Batch, LoadOptions, Model, NamedTensor, OptimConfig, Trainer};
+
+fn batch_of(t: &std::collections::HashMap<String, GTensor>) -> Batch {
+    Batch {
+        input_ids: t["input_ids"].data.iter().map(|&x| x as u32).collect(),
+        train_mask: t["train_mask"].data.iter().map(|&x| x != 0.0).collect(),
+        seq_lens: t["seq_lens"].data.iter().map(|&x| x as u32).collect(),
+    }
+}
+
+fn run_case(case: &str) -> Vec<String> {
+    let dir = golden_dir();
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("cases/{case}.json"))).unwrap()).unwrap();
+    let t = read_safetensors(&dir.join(format!("cases/{case}.safetensors")));
+    let model = Model::load(&dir.join("models").join(meta["model"].as_str().unwrap()), &LoadOptions::cpu()).unwrap();
+    let target_modules = match &meta["target_modules"] {
+        serde_json::Value::String(s) => vec![s.clone()],
+        v => v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect(),
+    };
+    let acfg = AdapterConfig {
+        r: meta["r"].as_u64().unwrap() as usize,
+        lora_alpha: meta["lora_alpha"].as_f64().unwrap() as f32,
+        lora_dropout: 0.0,
+        target_modules,
+        use_rslora: meta["use_rslora"].as_bool().unwrap(),
+        use_dora: meta["use_dora"].as_bool().unwrap(),
+        init_seed: 1,
+    };
+    let ocfg = OptimConfig {
+        weight_decay: meta["weight_decay"].as_f64().unwrap(),
+        max_grad_norm: meta["max_grad_norm"].as_f64().unwrap(),
+        eps: meta["eps"].as_f64().unwrap(),
+        ..OptimConfig::default()
+    };
+    let mut tr = Trainer::new(model, acfg, ocfg, 0).unwrap();
+    let names: Vec<String> = meta["param_names"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+    let ours: Vec<String> = tr.adapter_tensors().unwrap().into_iter().map(|t| t.name).collect();
+    let mut sorted_names = names.clone();
+    sorted_names.sort();
+    let mut sorted_ours = ours.clone();
+    sorted_ours.sort();
+    assert_eq!(sorted_ours, sorted_names, "{case}: adapter tensor names differ from PEFT's");
+    let init: Vec<NamedTensor> = names
+        .iter()
+        .map(|n| {
+            let g = &t[&format!("init.{n}")];
+            NamedTensor { name: n.clone(), shape: g.shape.clone(), data: g.data.iter().map(|&x| x as f32).collect() }
+        })
+        .collect();
+    tr.set_adapter_tensors(&init).unwrap();
+    let batch = batch_of(&t);
+    let mut errs = Vec::new();
+    let mut check = |what: String, got: &[f32], want: &[f64], atol: f64, rtol: f64| match compare(&what, got, want, atol, rtol) {
+        Ok(e) => println!("{case}: {what}: max error {e:.2e}"),
+        Err(m) => errs.push(m),
+    };
+
+    let logits = tr.logits(&batch).unwrap();
+    check("logits".into(), &logits, &t["logits"].data, 1e-4, 1e-4);
+
+    let n = meta["trained_tokens"].as_u64().unwrap() as f32;
+    let st = tr.forward_backward(&batch, n).unwrap();
+    assert_eq!(st.trained_tokens as f32, n, "{case}: trained-token count");
+    check("loss".into(), &[(st.loss_sum / n as f64) as f32], &[meta["loss"].as_f64().unwrap()], 1e-5, 1e-5);
+    for g in tr.adapter_grads().unwrap() {
+        check(format!("grad {}", g.name), &g.data, &t[&format!("grad.{}", g.name)].data, 5e-5, 1e-3);
+    }
+    tr.zero_grad().unwrap();
+
+    let lr = meta["lr"].as_f64().unwrap();
+    for s in 0..5 {
+        let st = tr.forward_backward(&batch, n).unwrap();
+        let o = tr.optimizer_step(lr).unwrap();
+        check(format!("step {s} loss"), &[(st.loss_sum / n as f64) as f32], &[meta["step_losses"][s].as_f64().unwrap()], 1e-5, 1e-5);
+        check(format!("step {s} grad norm"), &[o.grad_norm as f32], &[meta["step_grad_norms"][s].as_f64().unwrap()], 1e-5, 1e-4);
+    }
+    for p in tr.adapter_tensors().unwrap() {
+        check(format!("after 5 steps {}", p.name), &p.data, &t[&format!("final.{}", p.name)].data, 2e-5, 1e-3);
+    }
+    errs
+}
+
+macro_rules! golden_cases {
+    ($($name:ident),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            let errs = run_case(stringify!($name));
+            assert!(errs.is_empty(), "{} mismatches:\n{}", errs.len(), errs.join("\n"));
+        }
+    )*};
+}
+
+golden_cases!(
+    llama_lora, llama_rslora, llama_dora,
+    qwen2_lora, qwen2_rslora, qwen2_dora,
+    qwen3_lora, qwen3_rslora, qwen3_dora,
+    mistral_lora, mistral_rslora, mistral_dora,
+    granite_lora, granite_rslora, granite_dora,
+);

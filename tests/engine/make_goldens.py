@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Writes the engine's golden files with transformers + PEFT (torch on CPU, float32).
+
+    /work/venv/bin/python tests/engine/make_goldens.py     # rewrites tests/engine/golden/
+
+For each case: a tiny random model folder (models/<name>/: config.json + model.safetensors),
+and cases/<case>.safetensors + cases/<case>.json holding a packed batch of several documents
+with a loss mask, the adapter before training (A and B both random, so every gradient is
+non-zero; DoRA magnitude as PEFT initialises it), logits, loss, every adapter gradient, and
+the adapter after 5 AdamW steps with global-norm clipping (plus per-step loss and grad norm).
+
+Packing: transformers isolates packed documents only under flash-attention, so each document
+is run on its own here and the results are concatenated. Label convention (the engine's):
+train_mask[i] means token i is a target predicted from position i-1 of the same document;
+a document's first token is never a target. Loss = sum of target cross-entropies / number of
+targets in the batch.
+"""
+import json
+import os
+import shutil
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from transformers import (AutoModelForCausalLM, GraniteConfig, LlamaConfig, MistralConfig,
+                          Qwen2Config, Qwen3Config)
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
+              max_position_embeddings=64, attn_implementation="eager")
+
+MODELS = {
+    # name: (config class, extra config, tied, file dtype)
+    "llama": (LlamaConfig, dict(rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                                rope_theta=500.0), False, torch.float32),
+    "qwen2": (Qwen2Config, dict(rope_theta=10000.0), True, torch.float32),
+    "qwen3": (Qwen3Config, dict(rope_theta=1000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}), False, torch.float32),
+    "mistral": (MistralConfig, dict(sliding_window=64, rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                                    max_position_embeddings=8), True, torch.float32),
+    "granite": (GraniteConfig, dict(embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5,
+                                    logits_scaling=2.5), False, torch.bfloat16),
+}
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CASES = {
+    # case: (model, adapter settings)
+    "llama_lora": ("llama", dict(target_modules=ALL7)),
+    "llama_rslora": ("llama", dict(target_modules="all-linear", use_rslora=True)),
+    "llama_dora": ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
+    "qwen2_lora": ("qwen2", dict(target_modules=ALL7)),
+    "qwen2_rslora": ("qwen2", dict(target_modules=["q_proj", "k_proj", "v_proj"], use_rslora=True)),
+    "qwen2_dora": ("qwen2", dict(target_modules=ALL7, use_dora=True)),
+    "qwen3_lora": ("qwen3", dict(target_modules=ALL7)),
+    "qwen3_rslora": ("qwen3", dict(target_modules=["o_proj", "up_proj"], use_rslora=True)),
+    "qwen3_dora": ("qwen3", dict(target_modules=ALL7, use_dora=True)),
+    "mistral_lora": ("mistral", dict(target_modules=["q_proj", "v_proj"])),
+    "mistral_rslora": ("mistral", dict(target_modules=ALL7, use_rslora=True)),
+    "mistral_dora": ("mistral", dict(target_modules=ALL7, use_dora=True)),
+    "granite_lora": ("granite", dict(target_modules=ALL7)),
+    "granite_rslora": ("granite", dict(target_modules=ALL7, use_rslora=True)),
+    "granite_dora": ("granite", dict(target_modules=["k_proj", "o_proj", "gate_proj"], use_dora=True)),
+}
+R, ALPHA = 4, 8.0
+# eps 1e-4 (not torch's 1e-8): with eps ~0 Adam's first update is lr * sign(grad), so an element
+# whose gradient is ~0 flips on float noise; a larger eps keeps the comparison well conditioned
+# while testing the same formula.
+LR, WD, MAX_NORM, STEPS, EPS = 1e-3, 0.01, 0.3, 5, 1e-4
+# Documents all longer than mistral's max_position_embeddings (8), longest first, so that
+# transformers' stateful dynamic-RoPE cache holds the longest document's frequencies for every
+# document: the same as the engine's per-batch rule (longest document of the batch).
+SEQ_LENS = [17, 13, 9, 11]
+
+
+def make_model(name):
+    cls, extra, tied, dtype = MODELS[name]
+    kw = dict(COMMON)
+    kw.update(extra)
+    attn = kw.pop("attn_implementation")
+    cfg = cls(tie_word_embeddings=tied, **kw)
+    if name == "qwen3":
+        cfg.attention_bias = False
+    torch.manual_seed(1234 + len(name))
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1.0 + 0.2 * torch.rand_like(p) - 0.1)
+            elif n.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    folder = os.path.join(OUT, "models", name)
+    model.to(dtype).save_pretrained(folder, safe_serialization=True)
+    # Reload in float32 (bf16 files upcast exactly), eager attention.
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn)
+
+
+def make_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    t = sum(SEQ_LENS)
+    ids = torch.randint(0, VOCAB, (t,), generator=g)
+    mask = torch.rand(t, generator=g) < 0.7
+    start = 0
+    for n in SEQ_LENS:
+        mask[start] = True  # a first token's mask must be ignored by the engine
+        start += n
+    return ids, mask
+
+
+def peft_key(param_name):
+    k = param_name.replace(".default", "")
+    if k.endswith("lora_magnitude_vector.weight"):
+        k = k[: -len(".weight")]
+    return k
+
+
+def loss_and_logits(model, ids, mask):
+    """Sum of target cross-entropies over documents, logits of all tokens, number of targets."""
+    total, logits_all, n = 0.0, [], 0
+    start = 0
+    for L in SEQ_LENS:
+        doc = ids[start:start + L]
+        m = mask[start:start + L].clone()
+        m[0] = False
+        logits = model(input_ids=doc[None]).logits[0]
+        logits_all.append(logits)
+        tgt_mask = m[1:]
+        if tgt_mask.any():
+            lp = torch.log_softmax(logits[:-1].float(), dim=-1)
+            nll = -lp.gather(1, doc[1:, None])[:, 0]
+            total = total + nll[tgt_mask].sum()
+            n += int(tgt_mask.sum())
+        start += L
+    return total, torch.cat(logits_all), n
+
+
+def run_case(case, model_name, adapter, base):
+    torch.manual_seed(99)
+    model = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, bias="none",
+                                            task_type="CAUSAL_LM", **adapter))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "lora_A" in n:
+                p.copy_(0.1 * torch.randn_like(p))
+    params = [(peft_key(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    tensors = {f"init.{k}": p.detach().clone() for k, p in params}
+    ids, mask = make_batch(7)
+    tensors["input_ids"] = ids.to(torch.int64)
+    tensors["train_mask"] = mask.to(torch.int64)
+    tensors["seq_lens"] = torch.tensor(SEQ_LENS, dtype=torch.int64)
+
+    model.train()
+    loss_sum, logits, n = loss_and_logits(model, ids, mask)
+    (loss_sum / n).backward()
+    tensors["logits"] = logits.detach()
+    for k, p in params:
+        tensors[f"grad.{k}"] = p.grad.detach().clone()
+    model.zero_grad()
+
+    opt = torch.optim.AdamW([p for _, p in params], lr=LR, betas=(0.9, 0.999), eps=EPS, weight_decay=WD, foreach=False)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        ls, _, n = loss_and_logits(model, ids, mask)
+        (ls / n).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_([p for _, p in params], MAX_NORM)))
+        losses.append(float(ls / n))
+        opt.step()
+    for k, p in params:
+        tensors[f"final.{k}"] = p.detach().clone()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "cases", f"{case}.safetensors"))
+    meta = dict(model=model_name, r=R, lora_alpha=ALPHA, target_modules=adapter["target_modules"],
+                use_rslora=adapter.get("use_rslora", False), use_dora=adapter.get("use_dora", False),
+                loss=float(loss_sum / n), trained_tokens=n, lr=LR, eps=EPS, weight_decay=WD, max_grad_norm=MAX_NORM,
+                step_losses=losses, step_grad_norms=norms,
+                param_names=[k for k, _ in params])
+    with open(os.path.join(OUT, "cases", f"{case}.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"{case}: loss {meta['loss']:.6f}, {len(params)} adapter tensors, grad norms {norms[0]:.4f}..{norms[-1]:.4f}")
+
+
+def main():
+    torch.set_num_threads(2)
+    shutil.rmtree(OUT, ignore_errors=True)
+    os.makedirs(os.path.join(OUT, "cases"))
+    for case, (model_name, adapter) in CASES.items():
+        base = make_model(model_name)  # same seed -> same weights every time
+        run_case(case, model_name, adapter, base)
+    for name in MODELS:
+        for extra in ("generation_config.json",):
+            p = os.path.join(OUT, "models", name, extra)
+            if os.path.exists(p):
+                os.remove(p)
+
+
+if __name__ == "__main__":
+    main()
