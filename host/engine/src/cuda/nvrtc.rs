@@ -112,10 +112,8 @@ pub fn compile_family(f: &Family, cc: &str, include: &Path, use_cache: bool) -> 
     let source = full_source(f);
     let key = cache_key(&source, &options, version);
     let cached = if use_cache { cache_dir().map(|d| d.join(format!("{key}.ptx"))) } else { None };
-    if let Some(path) = &cached {
-        if let Ok(ptx) = std::fs::read_to_string(path) {
-            return Ok(ptx);
-        }
+    if let Some(Ok(ptx)) = cached.as_ref().map(std::fs::read_to_string) {
+        return Ok(ptx);
     }
     let opts = CompileOptions {
         options: options.clone(),

@@ -330,7 +330,7 @@ impl Backend for CudaBackend {
         check_len(op, "out", out, tokens * dim)?;
         need(op, "ids", ids, &[DType::U32])?;
         need(op, "out", out, &[DType::F32])?;
-        if dim == 0 || table.len() % dim != 0 {
+        if dim == 0 || !table.len().is_multiple_of(dim) {
             return Err(err(op, format!("`table` has {} elements, not a multiple of dim {dim}", table.len())));
         }
         let vocab = table.len() / dim;
@@ -411,7 +411,7 @@ impl Backend for CudaBackend {
 
     fn rope(&self, x: &mut Buf, pos: &Buf, inv_freq: &Buf, tokens: usize, heads: usize, head_dim: usize, inverse: bool) -> Result<()> {
         let op = "rope";
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(err(op, format!("head_dim {head_dim} is odd")));
         }
         check_len(op, "x", x, tokens * heads * head_dim)?;
@@ -640,7 +640,7 @@ fn copy_arg(a: &Arg) -> Arg {
 
 impl CudaBackend {
     fn check_attn(&self, op: &'static str, a: Attn, q: &Buf, k: &Buf, v: &Buf, cu: &Buf) -> Result<()> {
-        if a.n_kv_heads == 0 || a.n_heads % a.n_kv_heads != 0 {
+        if a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
             return Err(err(op, format!("{} query heads are not a multiple of {} kv heads", a.n_heads, a.n_kv_heads)));
         }
         if a.head_dim == 0 || a.head_dim > 256 {

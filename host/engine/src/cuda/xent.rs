@@ -20,7 +20,7 @@ pub(crate) fn linear_cross_entropy(
     hidden: &Buf,
     w: &Buf,
     targets: &Buf,
-    mut dhidden: Option<&mut Buf>,
+    dhidden: Option<&mut Buf>,
 ) -> Result<f64> {
     let op = "linear_cross_entropy";
     let (t, d, v) = (c.tokens, c.dim, c.vocab);
@@ -72,7 +72,7 @@ pub(crate) fn linear_cross_entropy(
         Some(b) => be.ptr(op, "dlogits", b)?,
         None => 0,
     };
-    let p_dhidden = match dhidden.as_deref_mut() {
+    let p_dhidden = match dhidden.as_deref() {
         Some(b) => Some(be.ptr(op, "dhidden", b)?),
         None => None,
     };

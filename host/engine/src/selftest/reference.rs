@@ -57,11 +57,11 @@ pub fn rmsnorm_bwd(dy: &[f64], x: &[f64], w: &[f64], rows: usize, dim: usize, ep
 pub fn rope(x: &[f64], pos: &[u32], inv_freq: &[f32], t: usize, heads: usize, hd: usize, inverse: bool) -> Vec<f64> {
     let half = hd / 2;
     let mut y = x.to_vec();
-    for tt in 0..t {
+    for (tt, &p) in pos.iter().enumerate().take(t) {
         for h in 0..heads {
             let base = (tt * heads + h) * hd;
             for i in 0..half {
-                let ang = f64::from(pos[tt] as f32 * inv_freq[i]);
+                let ang = f64::from(p as f32 * inv_freq[i]);
                 let (s, c) = ang.sin_cos();
                 let s = if inverse { -s } else { s };
                 let (a, b) = (x[base + i], x[base + i + half]);
