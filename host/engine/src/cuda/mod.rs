@@ -209,6 +209,7 @@ mod imp {
             // cudarc's per-slice events would only add overhead.
             unsafe { ctx.disable_event_tracking() };
             let stream = ctx.new_stream().map_err(|e| err("init", format!("creating a stream: {e}")))?;
+            keep_pool_memory(&ctx)?;
             let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
             let cc = ctx.compute_capability().map_err(|e| err("init", format!("compute capability: {e}")))?;
             let kernels = load_kernels(&ctx, cc)?;
@@ -298,6 +299,38 @@ mod imp {
 
         pub(crate) fn peak(&self) -> u64 {
             self.tracker.peak.load(Ordering::Relaxed)
+        }
+    }
+
+    /// Stream-ordered allocations come from the device's default memory pool; by default the pool
+    /// returns freed memory to the driver at every synchronisation, which makes the per-op
+    /// temporaries slow. Keep it instead (the peak counter still counts live buffers only).
+    fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+        use cudarc::driver::sys;
+        if !ctx.has_async_alloc() {
+            return Ok(());
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold: u64 = u64::MAX;
+        // SAFETY: the driver is loaded and the context current; `pool` and `threshold` are valid
+        // for the duration of the calls, and the attribute takes a u64.
+        let status = unsafe {
+            ctx.bind_to_thread().map_err(|e| err("init", e.to_string()))?;
+            let s = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+            if s != sys::CUresult::CUDA_SUCCESS {
+                s
+            } else {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold) as *mut u64 as *mut std::ffi::c_void,
+                )
+            }
+        };
+        if status == sys::CUresult::CUDA_SUCCESS {
+            Ok(())
+        } else {
+            Err(err("init", format!("setting the memory pool's release threshold: {status:?}")))
         }
     }
 
