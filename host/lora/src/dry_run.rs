@@ -28,17 +28,31 @@ pub fn workspace_dirs(req: &RunRequest) -> Vec<PathBuf> {
     vec![ws.dataset_train, ws.checkpoints, ws.final_model]
 }
 
-fn base_model(req: &RunRequest) -> Value {
+/// The base model as a run will look for it: an existing folder, an `oci://` image, or a hub id.
+/// Something that can only be a path (absolute, `./`, `../`, `~`) must exist.
+fn base_model(req: &RunRequest) -> anyhow::Result<Value> {
     let m = &req.params.base_model;
     let p = PathBuf::from(m);
-    if p.is_dir() {
-        json!({ "kind": "local", "path": p, "config_json": p.join("config.json").is_file() })
+    Ok(if p.is_dir() {
+        json!({ "kind": "local", "path": p, "has_config_json": p.join("config.json").is_file() })
     } else if m.starts_with("oci://") {
         json!({ "kind": "oci", "image": m })
-    } else if m.starts_with('/') || m.starts_with('.') {
-        json!({ "kind": "local", "path": p, "exists": false })
+    } else if m.starts_with(['/', '.', '~']) || m.matches('/').count() > 1 {
+        anyhow::bail!(
+            "training_base_model = {m:?}: no such model folder (a Hugging Face id looks like org/name)"
+        )
     } else {
         json!({ "kind": "hub", "id": m })
+    })
+}
+
+/// Environment values whose names look secret are not printed.
+fn shown(k: &str, v: String) -> Value {
+    let upper = k.to_ascii_uppercase();
+    if ["TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL"].iter().any(|s| upper.contains(s)) {
+        Value::String("<hidden>".into())
+    } else {
+        Value::String(v)
     }
 }
 
@@ -47,7 +61,24 @@ fn base_model(req: &RunRequest) -> Value {
 /// be resolved (a missing dataset file).
 pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow::Result<Value> {
     let dataset = req.dataset_source()?;
-    let envs: Map<String, Value> = process_env(req, env).into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+    let base_model = base_model(req)?;
+    let envs: Map<String, Value> = process_env(req, env)
+        .into_iter()
+        .map(|(k, v)| {
+            let v = shown(&k, v);
+            (k, v)
+        })
+        .collect();
+    let mut parameters = req.params.to_json();
+    if let Some(entry) = parameters.get_mut("training_envs") {
+        let masked: Vec<String> = req
+            .params
+            .envs
+            .iter()
+            .map(|(k, v)| format!("{k}={}", shown(k, v.clone()).as_str().unwrap_or_default()))
+            .collect();
+        entry["value"] = Value::String(masked.join(","));
+    }
     let labels: Map<String, Value> =
         req.params.metadata_labels.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
     let annotations: Map<String, Value> =
@@ -56,13 +87,13 @@ pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow
         "command": command,
         "dry_run": true,
         "version": env!("CARGO_PKG_VERSION"),
-        "parameters": req.params.to_json(),
+        "parameters": parameters,
         "notes": req.params.notes,
         "inputs": {
             "dataset": dataset,
             "dataset_artifact_path": req.dataset.path,
             "dataset_metadata": req.dataset.metadata,
-            "base_model": base_model(req),
+            "base_model": base_model,
             "pvc_path": req.pvc_path,
             "plugins": req.params.plugins,
         },

@@ -182,3 +182,24 @@ fn readme_parameter_table_is_the_generated_one() {
         "README's parameter table is stale: paste `lora params --markdown` between the markers"
     );
 }
+
+#[test]
+fn dry_run_checks_a_local_model_path_and_hides_secret_env_values() {
+    let dir = temp_dir("model");
+    std::fs::write(dir.join("d.jsonl"), "{}\n").unwrap();
+    let out = lora(&dir, &["train", "--dry-run", "--dataset", "d.jsonl", "--training-base-model", "./models/missing"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("training_base_model = \"./models/missing\": no such model folder"), "{}", text(&out).1);
+    std::fs::create_dir(dir.join("m")).unwrap();
+    let out = lora(
+        &dir,
+        &["train", "--dry-run", "--dataset", "d.jsonl", "--training-base-model", "./m", "--training-envs", "HF_TOKEN=hf_abc,HF_HOME=/c"],
+        &[],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stdout.contains("hf_abc"), "the token is not printed");
+    let plan: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(plan["environment"], json!({"HF_TOKEN": "<hidden>", "HF_HOME": "/c"}));
+    assert_eq!(plan["inputs"]["base_model"]["kind"], json!("local"));
+}

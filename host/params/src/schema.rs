@@ -3,7 +3,6 @@
 use serde_json::{Map, Value, json};
 
 use crate::defs::{Origin, PARAMS};
-use crate::value::Kind;
 
 /// A JSON Schema (draft 2020-12) of a params file / the parameter set.
 pub fn json_schema() -> Value {
@@ -14,10 +13,6 @@ pub fn json_schema() -> Value {
         p.insert("type".into(), ty);
         p.insert("default".into(), d.default_json());
         p.insert("description".into(), Value::String(d.help.to_owned()));
-        if d.kind == Kind::Int {
-            // Integers the KFP SDK writes as 128.0 are accepted too.
-            p.insert("type".into(), if d.optional { json!(["integer", "null"]) } else { json!("integer") });
-        }
         p.insert("x-env".into(), Value::String(d.env_var()));
         p.insert("x-flag".into(), Value::String(format!("--{}", d.flag())));
         if d.origin == Origin::Addition {

@@ -17,10 +17,12 @@ fn refuse(set: &[(&str, Value)]) -> String {
     }
 }
 
+/// A bad set, the parameter its message must name, and a fragment of the reason.
+type Case = (Vec<(&'static str, Value)>, &'static str, &'static str);
+
 #[test]
 fn bad_parameter_sets_are_refused_naming_the_parameter() {
-    // (the set, the parameter the message must name, a fragment of the reason)
-    let cases: Vec<(Vec<(&str, Value)>, &str, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (vec![("training_effective_batch_size", json!(0))], "training_effective_batch_size", ">= 1"),
         (vec![("training_effective_batch_size", json!(-4))], "training_effective_batch_size", ">= 1"),
         (vec![("training_max_tokens_per_gpu", json!(0))], "training_max_tokens_per_gpu", ">= 1"),
