@@ -155,6 +155,20 @@ impl Lt {
             )
         }
         .map_err(|x| e("workspace preference", x))?;
+        // The heuristic assumes 256-byte aligned operands unless told otherwise; offsets into
+        // buffers (chunked products) can be less aligned. cuBLAS "A" is our b, "B" our a.
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        for (attr, addr) in [
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, b),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, a),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c),
+        ] {
+            let align: u32 = 1 << addr.trailing_zeros().min(8);
+            // SAFETY: live preference; the attribute is a u32 of that size.
+            unsafe { lt::set_matmul_pref_attribute(pref.0, attr, (&align) as *const u32 as *const c_void, 4) }
+                .map_err(|x| e("alignment preference", x))?;
+        }
         // SAFETY: all descriptors are live and describe the operands above.
         let heuristic = unsafe { lt::get_matmul_algo_heuristic(self.handle, desc.0, la.0, lb.0, lc.0, lc.0, pref.0) }
             .map_err(|x| e("no cuBLASLt algorithm for this product", x))?;
