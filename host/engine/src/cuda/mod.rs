@@ -29,6 +29,24 @@ pub use imp::*;
 #[cfg(not(feature = "cuda"))]
 pub use stub::*;
 
+/// Dense bf16 tensor-core peak (TFLOP/s, fp32 accumulate) of a GPU by its marketing name, for
+/// model FLOP utilisation; `None` for a GPU not in this table (then MFU is not printed).
+pub fn peak_bf16_tflops(device_name: &str) -> Option<f64> {
+    // (name fragment, TFLOP/s), most specific first; from NVIDIA's data sheets.
+    const TABLE: &[(&str, f64)] = &[
+        ("H200", 989.4),
+        ("H100 PCIe", 756.0),
+        ("H100", 989.4),
+        ("H20", 148.0),
+        ("B200", 2250.0),
+        ("A100", 312.0),
+        ("L40S", 362.0),
+        ("L4", 121.0),
+        ("A10", 125.0),
+    ];
+    TABLE.iter().find(|(k, _)| device_name.contains(k)).map(|&(_, v)| v)
+}
+
 /// The CUDA backend on device `ordinal` as a trait object (what `model::backend_for` returns);
 /// an error when this build has no CUDA support or the machine has no usable GPU.
 pub fn open(ordinal: usize) -> crate::error::Result<std::sync::Arc<dyn crate::backend::Backend>> {
@@ -224,6 +242,11 @@ mod imp {
             &self.name
         }
 
+        /// Dense bf16 peak of this device, see [`super::peak_bf16_tflops`].
+        pub fn peak_bf16_tflops(&self) -> Option<f64> {
+            super::peak_bf16_tflops(&self.name)
+        }
+
         /// (major, minor) compute capability.
         pub fn compute_capability(&self) -> (i32, i32) {
             self.compute_capability
@@ -361,6 +384,14 @@ mod tests {
 
     /// Without a driver, asking for a GPU is a clear error (cudarc alone would panic); with one,
     /// device 0 opens and a device count beyond the visible ones is refused by name.
+    #[test]
+    fn peak_table_prefers_the_specific_name() {
+        assert_eq!(super::peak_bf16_tflops("NVIDIA H100 PCIe"), Some(756.0));
+        assert_eq!(super::peak_bf16_tflops("NVIDIA H200"), Some(989.4));
+        assert_eq!(super::peak_bf16_tflops("NVIDIA H20"), Some(148.0));
+        assert_eq!(super::peak_bf16_tflops("Some Future GPU"), None);
+    }
+
     #[test]
     fn asking_for_a_gpu_is_an_error_or_a_device_never_a_panic() {
         if ensure_driver().is_err() {
