@@ -278,7 +278,8 @@ fn finish(request: RunRequest, command: &str, dry_run: bool, env: &[(String, Str
     Ok(())
 }
 
-/// The hand-off to the training run (`crate::run`, built by the run engineer).
+/// The hand-off to the training run. When `crate::run` lands, this body becomes
+/// `crate::run::execute(request)` (its error converted to `anyhow::Error`).
 fn execute(request: &RunRequest) -> anyhow::Result<RunOutcome> {
     let _ = request;
     anyhow::bail!(

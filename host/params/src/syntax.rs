@@ -167,3 +167,64 @@ pub fn parse_json_object(s: &str) -> Result<serde_json::Map<String, serde_json::
         Err(e) => Err(format!("not valid JSON: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_quantities() {
+        assert_eq!(parse_memory("32Gi").unwrap(), 32.0 * 1024f64.powi(3));
+        assert_eq!(parse_memory("500M").unwrap(), 5e8);
+        assert_eq!(parse_memory("1e9").unwrap(), 1e9);
+        assert_eq!(parse_memory("1.5Ki").unwrap(), 1536.0);
+        assert_eq!(parse_memory("128974848").unwrap(), 128974848.0);
+        for bad in ["32Gb", "", "Gi", "-1Gi", "32 Gi", "0", "1e", "abc"] {
+            assert!(parse_memory(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn cpu_quantities() {
+        assert_eq!(parse_cpu("4").unwrap(), 4.0);
+        assert_eq!(parse_cpu("0.5").unwrap(), 0.5);
+        assert_eq!(parse_cpu("500m").unwrap(), 0.5);
+        for bad in ["0", "4 cores", "1Gi", "", "m"] {
+            assert!(parse_cpu(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn kubernetes_keys_and_values() {
+        for ok in ["app", "app.kubernetes.io/name", "a-b_c.d", "example.com/X_y"] {
+            assert!(check_k8s_key(ok).is_ok(), "{ok}");
+        }
+        for bad in ["-a", "a-", "Example.com/a", "a/b/c", "", "x/", &"a".repeat(64)] {
+            assert!(check_k8s_key(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_k8s_label_value("").is_ok());
+        assert!(check_k8s_label_value("v1.2-x").is_ok());
+        assert!(check_k8s_label_value("has space").is_err());
+        assert!(check_k8s_label_value(&"v".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn kv_lists() {
+        assert_eq!(parse_kv_list("").unwrap(), vec![]);
+        assert_eq!(parse_kv_list(" A=1 , B=x=y ,").unwrap(), vec![("A".into(), "1".into()), ("B".into(), "x=y".into())]);
+        assert!(parse_kv_list("A").is_err());
+        assert!(parse_kv_list("=1").is_err());
+        assert!(check_env_name("_OK9").is_ok());
+        assert!(check_env_name("9NO").is_err());
+        assert!(check_env_name("A-B").is_err());
+    }
+
+    #[test]
+    fn plugin_lists() {
+        let p = parse_plugins("preprocessor=a.wasm,reporter=b.wasm,reporter=c.wasm").unwrap();
+        assert_eq!(p.len(), 3);
+        assert!(parse_plugins("reporter=").is_err());
+        assert!(parse_plugins("preprocessor=a.wasm,preprocessor=b.wasm").is_err());
+        assert!(parse_plugins("loader=a.wasm").is_err());
+    }
+}
