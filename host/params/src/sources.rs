@@ -53,8 +53,11 @@ impl Loader {
     }
 
     fn unknown(&mut self, name: &str, source: Source) {
-        let hint = match suggest(name) {
-            Some(s) => format!("unknown parameter; did you mean `{s}`?"),
+        let path_flag = ["pvc_path", "dataset", "output_model", "output_metrics", "output_loss_chart"]
+            .contains(&name)
+            .then(|| format!("`{name}` is an input/output path, not a training parameter: give it as --{} (or through KFP)", name.replace('_', "-")));
+        let hint = match path_flag.or_else(|| suggest(name).map(|s| format!("unknown parameter; did you mean `{s}`?"))) {
+            Some(h) => h,
             None => "unknown parameter (`lora params --json-schema` lists them all)".to_owned(),
         };
         self.errors.push(ParamError { param: name.into(), value: String::new(), source, message: hint });

@@ -328,3 +328,12 @@ fn the_reference_parameters_are_all_defined() {
     assert_eq!(d("training_runtime").default_json(), json!("training-hub"));
     assert!(d("training_seed").optional && d("training_seed").default_json().is_null());
 }
+
+#[test]
+fn a_path_in_a_params_file_says_which_flag_takes_it() {
+    let file = temp_file("paths.yaml", "pvc_path: /w\ntraining_lora_r: 8\n");
+    let mut l = Loader::new();
+    l.apply_file(&file);
+    let msg = l.finish().unwrap_err().to_string();
+    assert!(msg.contains("pvc_path") && msg.contains("--pvc-path"), "{msg}");
+}
