@@ -58,6 +58,11 @@ fi
 
 note "2. lora bench $bench_args"
 if "$bin" bench --help > /dev/null 2>&1; then
+    # The batch: rows of 8192, 32768 tokens per step (4 rows), if the CLI takes sizes.
+    if [ -z "${LORA_BENCH_ARGS:-}" ] && "$bin" bench --help 2>&1 | grep -q -- "--rows"; then
+        if [ $dry = 1 ]; then bench_args="$bench_args --rows 1 --seq 256"; else bench_args="$bench_args --rows 4 --seq 8192"; fi
+    fi
+    echo "lora bench $bench_args" | tee -a "$out/summary.txt"
     # shellcheck disable=SC2086
     "$bin" bench $bench_args > "$out/bench_lora.txt" 2>&1 || fail "lora bench (exit $?)"
     cat "$out/bench_lora.txt" | tee -a "$out/summary.txt"
