@@ -60,7 +60,9 @@ impl CliError {
             CliError::Params(_) => {
                 "hint: `lora train --help` lists every parameter with its form and default; `lora train --dry-run ...` checks a set without training"
             }
-            CliError::Input(_) => "hint: `--dry-run` shows how every input path and parameter was resolved",
+            CliError::Input(_) => {
+                "hint: `--dry-run` shows how every input path and parameter was resolved"
+            }
             CliError::Run(_) => {
                 "hint: the run stopped; with training_resume=auto (the default) running the same command again resumes from the newest complete checkpoint"
             }
@@ -69,7 +71,12 @@ impl CliError {
 }
 
 fn param_help(d: &lora_params::ParamDef) -> String {
-    format!("{} [default: {}] [env: {}]", d.help, d.default_display(), d.env_var())
+    format!(
+        "{} [default: {}] [env: {}]",
+        d.help,
+        d.default_display(),
+        d.env_var()
+    )
 }
 
 fn param_args(cmd: Command) -> Command {
@@ -82,7 +89,12 @@ fn param_args(cmd: Command) -> Command {
         cmd = cmd.arg(
             Arg::new(d.name)
                 .long(d.flag())
-                .value_name(d.kind.python_type().trim_start_matches("dsl.").to_ascii_uppercase())
+                .value_name(
+                    d.kind
+                        .python_type()
+                        .trim_start_matches("dsl.")
+                        .to_ascii_uppercase(),
+                )
                 .help(param_help(d))
                 .help_heading(heading)
                 .allow_hyphen_values(true)
@@ -145,7 +157,10 @@ pub fn command() -> Command {
 
 /// Runs the command line `args` (including the program name) with environment `env`.
 /// Clap's own errors (`--help`, unknown flags) exit through clap.
-pub fn run(args: impl IntoIterator<Item = OsString>, env: Vec<(String, String)>) -> Result<(), CliError> {
+pub fn run(
+    args: impl IntoIterator<Item = OsString>,
+    env: Vec<(String, String)>,
+) -> Result<(), CliError> {
     let matches = command().get_matches_from(args);
     match matches.subcommand() {
         Some(("train", m)) => train(m, env),
@@ -153,7 +168,9 @@ pub fn run(args: impl IntoIterator<Item = OsString>, env: Vec<(String, String)>)
         Some(("component", m)) => {
             let yaml = crate::component::component_yaml().map_err(|e| CliError::Run(e.into()))?;
             match m.get_one::<PathBuf>("output") {
-                Some(path) => crate::kfp::write_atomic(path, yaml.as_bytes()).map_err(CliError::from),
+                Some(path) => {
+                    crate::kfp::write_atomic(path, yaml.as_bytes()).map_err(CliError::from)
+                }
                 None => {
                     print!("{yaml}");
                     Ok(())
@@ -168,7 +185,9 @@ pub fn run(args: impl IntoIterator<Item = OsString>, env: Vec<(String, String)>)
             }
             Ok(())
         }
-        _ => Err(CliError::Input(anyhow::anyhow!("unknown command (see `lora --help`)"))),
+        _ => Err(CliError::Input(anyhow::anyhow!(
+            "unknown command (see `lora --help`)"
+        ))),
     }
 }
 
@@ -196,9 +215,15 @@ fn train(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
     let params = loader.finish()?;
     let path = |k: &str| m.get_one::<PathBuf>(k).cloned().unwrap_or_default();
     let request = RunRequest {
-        kubernetes_config: params.kubernetes_config.clone().map(serde_json::Value::Object),
+        kubernetes_config: params
+            .kubernetes_config
+            .clone()
+            .map(serde_json::Value::Object),
         params,
-        dataset: DatasetInput { path: m.get_one::<PathBuf>("dataset").cloned(), metadata: Default::default() },
+        dataset: DatasetInput {
+            path: m.get_one::<PathBuf>("dataset").cloned(),
+            metadata: Default::default(),
+        },
         outputs: OutputPaths {
             model: path("output_model"),
             metrics: path("output_metrics"),
@@ -213,7 +238,10 @@ fn train(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
 }
 
 fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
-    let arg = m.get_one::<String>("executor_input").map(String::as_str).unwrap_or_default();
+    let arg = m
+        .get_one::<String>("executor_input")
+        .map(String::as_str)
+        .unwrap_or_default();
     let input = ExecutorInput::parse_arg(arg)?;
     let mut loader = base_loader(m, &env);
     loader.apply_kfp(&input.training_parameters());
@@ -235,7 +263,10 @@ fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
         None => DatasetInput::default(),
     };
     let request = RunRequest {
-        kubernetes_config: params.kubernetes_config.clone().map(serde_json::Value::Object),
+        kubernetes_config: params
+            .kubernetes_config
+            .clone()
+            .map(serde_json::Value::Object),
         params,
         dataset,
         outputs: OutputPaths {
@@ -253,7 +284,12 @@ fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
 
 /// Dry run: print the plan. Otherwise: apply the environment, lay out the workspace, run, and
 /// (under KFP) write the executor output.
-fn finish(request: RunRequest, command: &str, dry_run: bool, env: &[(String, String)]) -> Result<(), CliError> {
+fn finish(
+    request: RunRequest,
+    command: &str,
+    dry_run: bool,
+    env: &[(String, String)],
+) -> Result<(), CliError> {
     let plan = dry_run::plan(&request, command, env).map_err(CliError::Input)?;
     if dry_run {
         println!("{}", pretty(&plan));
@@ -265,8 +301,12 @@ fn finish(request: RunRequest, command: &str, dry_run: bool, env: &[(String, Str
         unsafe { std::env::set_var(&k, &v) };
     }
     for dir in dry_run::workspace_dirs(&request) {
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| CliError::Run(anyhow::Error::new(e).context(format!("cannot create workspace folder {}", dir.display()))))?;
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            CliError::Run(
+                anyhow::Error::new(e)
+                    .context(format!("cannot create workspace folder {}", dir.display())),
+            )
+        })?;
     }
     let outcome = execute(&request).map_err(CliError::Run)?;
     if let Some(input) = &request.kfp {

@@ -48,7 +48,10 @@ fn interface() -> (Value, Value) {
         }
         spec.insert("description".into(), Value::String(d.help.to_owned()));
         spec.insert("isOptional".into(), Value::Bool(true));
-        spec.insert("parameterType".into(), Value::String(d.kind.kfp_type().to_owned()));
+        spec.insert(
+            "parameterType".into(),
+            Value::String(d.kind.kfp_type().to_owned()),
+        );
         params.push((d.name.to_owned(), Value::Object(spec)));
     }
     params.sort_by(|a, b| a.0.cmp(&b.0));
@@ -76,11 +79,21 @@ pub fn component_spec() -> Value {
     let (inputs, outputs) = interface();
     let passthroughs: Vec<Value> = PASSTHROUGHS
         .iter()
-        .map(|(f, apply)| if *apply { json!({ "applyToTask": true, "field": f }) } else { json!({ "field": f }) })
+        .map(|(f, apply)| {
+            if *apply {
+                json!({ "applyToTask": true, "field": f })
+            } else {
+                json!({ "field": f })
+            }
+        })
         .collect();
 
     let mut task_params = Map::new();
-    for name in inputs["parameters"].as_object().into_iter().flat_map(|m| m.keys()) {
+    for name in inputs["parameters"]
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.keys())
+    {
         task_params.insert(name.clone(), json!({ "componentInputParameter": name }));
     }
     let mut task_artifacts = Map::new();

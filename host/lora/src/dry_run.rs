@@ -13,7 +13,10 @@ use crate::request::RunRequest;
 pub fn process_env(req: &RunRequest, env: &[(String, String)]) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
     if req.kfp.is_some() && !env.iter().any(|(k, _)| k == "HF_HOME") {
-        out.push(("HF_HOME".into(), req.workspace().hf_home.display().to_string()));
+        out.push((
+            "HF_HOME".into(),
+            req.workspace().hf_home.display().to_string(),
+        ));
     }
     for (k, v) in &req.params.envs {
         out.retain(|(ok, _)| ok != k);
@@ -49,7 +52,10 @@ fn base_model(req: &RunRequest) -> anyhow::Result<Value> {
 /// Environment values whose names look secret are not printed.
 fn shown(k: &str, v: String) -> Value {
     let upper = k.to_ascii_uppercase();
-    if ["TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL"].iter().any(|s| upper.contains(s)) {
+    if ["TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL"]
+        .iter()
+        .any(|s| upper.contains(s))
+    {
         Value::String("<hidden>".into())
     } else {
         Value::String(v)
@@ -79,10 +85,18 @@ pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow
             .collect();
         entry["value"] = Value::String(masked.join(","));
     }
-    let labels: Map<String, Value> =
-        req.params.metadata_labels.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
-    let annotations: Map<String, Value> =
-        req.params.metadata_annotations.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+    let labels: Map<String, Value> = req
+        .params
+        .metadata_labels
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let annotations: Map<String, Value> = req
+        .params
+        .metadata_annotations
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
     Ok(json!({
         "command": command,
         "dry_run": true,

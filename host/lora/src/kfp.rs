@@ -13,8 +13,11 @@ use crate::request::RunOutcome;
 
 /// The artifacts of the component, by name, and their KFP schema titles.
 pub const INPUT_ARTIFACTS: [(&str, &str); 1] = [("dataset", "system.Dataset")];
-pub const OUTPUT_ARTIFACTS: [(&str, &str); 3] =
-    [("output_model", "system.Model"), ("output_metrics", "system.Metrics"), ("output_loss_chart", "system.HTML")];
+pub const OUTPUT_ARTIFACTS: [(&str, &str); 3] = [
+    ("output_model", "system.Model"),
+    ("output_metrics", "system.Metrics"),
+    ("output_loss_chart", "system.HTML"),
+];
 /// The string return value of the reference component.
 pub const OUTPUT_PARAMETER: &str = "Output";
 /// The workspace parameter (an input path, not a training parameter).
@@ -25,15 +28,23 @@ pub const WORKSPACE_MOUNT_PATH: &str = "/kfp-workspace";
 #[derive(Debug, thiserror::Error)]
 pub enum KfpError {
     #[error("cannot read the executor input file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the executor input is not valid JSON of the KFP ExecutorInput shape: {0}")]
     Parse(serde_json::Error),
-    #[error("the executor input has no {what}; KFP's launcher always passes it (is this the `{{{{$}}}}` placeholder of a compiled pipeline?)")]
+    #[error(
+        "the executor input has no {what}; KFP's launcher always passes it (is this the `{{{{$}}}}` placeholder of a compiled pipeline?)"
+    )]
     Missing { what: String },
     #[error("inputs.parameterValues.pvc_path must be a string path, got {0}")]
     PvcPath(Value),
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// `ExecutorInput` as the launcher serialises it (protobuf JSON, camelCase). Unknown fields
@@ -114,7 +125,10 @@ impl RuntimeArtifact {
             uri.to_owned()
         };
         if self.metadata.get("_kfp_workspace") == Some(&Value::Bool(true)) {
-            local = format!("{WORKSPACE_MOUNT_PATH}/.artifacts/{}", local.trim_start_matches('/'));
+            local = format!(
+                "{WORKSPACE_MOUNT_PATH}/.artifacts/{}",
+                local.trim_start_matches('/')
+            );
         }
         if is_model && uri.starts_with("oci://") {
             local.push_str("/models");
@@ -127,8 +141,10 @@ impl ExecutorInput {
     /// Parses the `--executor-input` argument: the JSON itself, or `@FILE` to read it from a file.
     pub fn parse_arg(arg: &str) -> Result<Self, KfpError> {
         let text = match arg.strip_prefix('@') {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|source| KfpError::Read { path: PathBuf::from(path), source })?,
+            Some(path) => std::fs::read_to_string(path).map_err(|source| KfpError::Read {
+                path: PathBuf::from(path),
+                source,
+            })?,
             None => arg.to_owned(),
         };
         serde_json::from_str(&text).map_err(KfpError::Parse)
@@ -136,43 +152,67 @@ impl ExecutorInput {
 
     /// The first artifact of input `name`, if it was given.
     pub fn input_artifact(&self, name: &str) -> Option<&RuntimeArtifact> {
-        self.inputs.artifacts.get(name).and_then(|l| l.artifacts.first())
+        self.inputs
+            .artifacts
+            .get(name)
+            .and_then(|l| l.artifacts.first())
     }
 
     /// The first artifact of output `name`.
     pub fn output_artifact(&self, name: &str) -> Option<&RuntimeArtifact> {
-        self.outputs.artifacts.get(name).and_then(|l| l.artifacts.first())
+        self.outputs
+            .artifacts
+            .get(name)
+            .and_then(|l| l.artifacts.first())
     }
 
     /// The local path of output artifact `name`; an error if the executor input lacks it.
     pub fn output_path(&self, name: &str) -> Result<PathBuf, KfpError> {
         self.output_artifact(name)
             .map(|a| a.local_path(name == "output_model"))
-            .ok_or_else(|| KfpError::Missing { what: format!("outputs.artifacts.{name}") })
+            .ok_or_else(|| KfpError::Missing {
+                what: format!("outputs.artifacts.{name}"),
+            })
     }
 
     /// `pvc_path` (required by the component).
     pub fn pvc_path(&self) -> Result<PathBuf, KfpError> {
         match self.inputs.parameter_values.get(PVC_PATH) {
             Some(Value::String(s)) if !s.is_empty() => Ok(PathBuf::from(s)),
-            None | Some(Value::Null) => Err(KfpError::Missing { what: "inputs.parameterValues.pvc_path".into() }),
+            None | Some(Value::Null) => Err(KfpError::Missing {
+                what: "inputs.parameterValues.pvc_path".into(),
+            }),
             Some(v) => Err(KfpError::PvcPath(v.clone())),
         }
     }
 
     /// The training parameters among `parameterValues` (everything except `pvc_path`).
     pub fn training_parameters(&self) -> Map<String, Value> {
-        self.inputs.parameter_values.iter().filter(|(k, _)| k.as_str() != PVC_PATH).map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.inputs
+            .parameter_values
+            .iter()
+            .filter(|(k, _)| k.as_str() != PVC_PATH)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// `outputs.outputFile`.
     pub fn executor_output_file(&self) -> Option<PathBuf> {
-        self.outputs.output_file.as_deref().filter(|s| !s.is_empty()).map(PathBuf::from)
+        self.outputs
+            .output_file
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
     }
 
     /// `outputs.parameters.Output.outputFile`.
     pub fn output_parameter_file(&self) -> Option<PathBuf> {
-        self.outputs.parameters.get(OUTPUT_PARAMETER).map(|p| &p.output_file).filter(|s| !s.is_empty()).map(PathBuf::from)
+        self.outputs
+            .parameters
+            .get(OUTPUT_PARAMETER)
+            .map(|p| &p.output_file)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
     }
 }
 
@@ -181,7 +221,9 @@ impl ExecutorInput {
 pub fn executor_output(input: &ExecutorInput, outcome: &RunOutcome) -> Value {
     let mut artifacts = Map::new();
     for (name, list) in &input.outputs.artifacts {
-        let Some(given) = list.artifacts.first() else { continue };
+        let Some(given) = list.artifacts.first() else {
+            continue;
+        };
         let mut metadata = given.metadata.clone();
         let extra = match name.as_str() {
             "output_metrics" => Some(&outcome.metrics),
@@ -193,7 +235,8 @@ pub fn executor_output(input: &ExecutorInput, outcome: &RunOutcome) -> Value {
                 metadata.insert(k.clone(), v.clone());
             }
         }
-        let artifact = serde_json::json!({ "name": given.name, "uri": given.uri, "metadata": metadata });
+        let artifact =
+            serde_json::json!({ "name": given.name, "uri": given.uri, "metadata": metadata });
         artifacts.insert(name.clone(), serde_json::json!({ "artifacts": [artifact] }));
     }
     serde_json::json!({
@@ -204,11 +247,16 @@ pub fn executor_output(input: &ExecutorInput, outcome: &RunOutcome) -> Value {
 
 /// Writes `executor_output.json` to `outputs.outputFile` and the `Output` parameter file (when
 /// the executor input names one), each atomically. Returns the executor output path, if any.
-pub fn write_executor_output(input: &ExecutorInput, outcome: &RunOutcome) -> Result<Option<PathBuf>, KfpError> {
+pub fn write_executor_output(
+    input: &ExecutorInput,
+    outcome: &RunOutcome,
+) -> Result<Option<PathBuf>, KfpError> {
     if let Some(path) = input.output_parameter_file() {
         write_atomic(&path, outcome.output.as_bytes())?;
     }
-    let Some(path) = input.executor_output_file() else { return Ok(None) };
+    let Some(path) = input.executor_output_file() else {
+        return Ok(None);
+    };
     let json = executor_output(input, outcome);
     write_atomic(&path, json.to_string().as_bytes())?;
     Ok(Some(path))
@@ -217,7 +265,10 @@ pub fn write_executor_output(input: &ExecutorInput, outcome: &RunOutcome) -> Res
 /// Writes `bytes` to `path` through a temporary file in the same folder, then renames, so a
 /// reader never sees half a file. Creates the parent folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KfpError> {
-    let err = |source| KfpError::Write { path: path.to_path_buf(), source };
+    let err = |source| KfpError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(err)?;
     }

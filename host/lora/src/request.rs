@@ -108,11 +108,10 @@ impl RunRequest {
         let checkpoints = pvc.join("checkpoints");
         Workspace {
             dataset_train: pvc.join("dataset").join("train"),
-            data_output_dir: self
-                .params
-                .data_output_dir
-                .as_ref()
-                .map_or_else(|| checkpoints.join("_internal_data_processing"), PathBuf::from),
+            data_output_dir: self.params.data_output_dir.as_ref().map_or_else(
+                || checkpoints.join("_internal_data_processing"),
+                PathBuf::from,
+            ),
             checkpoints,
             final_model: pvc.join("final_model"),
             hf_home: pvc.join(".cache").join("huggingface"),
@@ -129,28 +128,46 @@ impl RunRequest {
         }
         // The artifact's path when it exists; else its metadata (as the reference does); a
         // path that exists nowhere is named in the error.
-        let has_metadata = ["pvc_path", "pvc_dir", "artifact_path"].iter().any(|k| self.dataset.metadata.contains_key(*k));
+        let has_metadata = ["pvc_path", "pvc_dir", "artifact_path"]
+            .iter()
+            .any(|k| self.dataset.metadata.contains_key(*k));
         if let Some(path) = &self.dataset.path {
             if path.exists() {
                 return Ok(DatasetSource::Artifact { path: path.clone() });
             }
             if !has_metadata {
-                return Err(DatasetError::NotFound { what: "path".into(), path: path.clone() });
+                return Err(DatasetError::NotFound {
+                    what: "path".into(),
+                    path: path.clone(),
+                });
             }
         }
         for key in ["pvc_path", "pvc_dir", "artifact_path"] {
-            let Some(v) = self.dataset.metadata.get(key) else { continue };
+            let Some(v) = self.dataset.metadata.get(key) else {
+                continue;
+            };
             let Some(s) = v.as_str().filter(|s| !s.is_empty()) else {
-                return Err(DatasetError::BadMetadata { key: key.into(), value: v.clone() });
+                return Err(DatasetError::BadMetadata {
+                    key: key.into(),
+                    value: v.clone(),
+                });
             };
             if key == "artifact_path" {
-                return Ok(DatasetSource::Remote { artifact_path: s.to_owned() });
+                return Ok(DatasetSource::Remote {
+                    artifact_path: s.to_owned(),
+                });
             }
             let path = PathBuf::from(s);
             if !path.exists() {
-                return Err(DatasetError::NotFound { what: format!("metadata {key}"), path });
+                return Err(DatasetError::NotFound {
+                    what: format!("metadata {key}"),
+                    path,
+                });
             }
-            return Ok(DatasetSource::MetadataPath { key: key.into(), path });
+            return Ok(DatasetSource::MetadataPath {
+                key: key.into(),
+                path,
+            });
         }
         Err(DatasetError::None { workspace: ws })
     }

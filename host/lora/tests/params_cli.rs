@@ -26,7 +26,10 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -37,13 +40,28 @@ fn train_help_lists_every_parameter_with_its_default() {
     assert!(out.status.success());
     for d in lora_params::PARAMS {
         let flag = format!("--{}", d.flag());
-        let pos = help.find(&format!("{flag} ")).unwrap_or_else(|| panic!("{flag} missing from help"));
-        let entry = &help[pos..help[pos..].find("\n      --").map_or(help.len(), |e| pos + e)];
-        assert!(entry.contains(&format!("[default: {}]", d.default_display())), "{flag}: {entry}");
+        let pos = help
+            .find(&format!("{flag} "))
+            .unwrap_or_else(|| panic!("{flag} missing from help"));
+        let entry = &help[pos..help[pos..]
+            .find("\n      --")
+            .map_or(help.len(), |e| pos + e)];
+        assert!(
+            entry.contains(&format!("[default: {}]", d.default_display())),
+            "{flag}: {entry}"
+        );
         assert!(entry.contains(&d.env_var()), "{flag}: {entry}");
     }
     assert!(help.contains("ADDITION."), "additions are marked");
-    for flag in ["--dataset", "--output-model", "--output-metrics", "--output-loss-chart", "--pvc-path", "--params", "--dry-run"] {
+    for flag in [
+        "--dataset",
+        "--output-model",
+        "--output-metrics",
+        "--output-loss-chart",
+        "--pvc-path",
+        "--params",
+        "--dry-run",
+    ] {
         assert!(help.contains(flag), "{flag}");
     }
 }
@@ -53,41 +71,103 @@ fn json_schema_and_version() {
     let dir = temp_dir("schema");
     let out = lora(&dir, &["params", "--json-schema"], &[]);
     let schema: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(schema["properties"].as_object().unwrap().len(), lora_params::PARAMS.len());
+    assert_eq!(
+        schema["properties"].as_object().unwrap().len(),
+        lora_params::PARAMS.len()
+    );
     assert_eq!(schema["additionalProperties"], json!(false));
     let out = lora(&dir, &["--version"], &[]);
-    assert_eq!(text(&out).0.trim(), format!("lora {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        text(&out).0.trim(),
+        format!("lora {}", env!("CARGO_PKG_VERSION"))
+    );
     let out = lora(&dir, &["params", "--markdown"], &[]);
-    assert!(text(&out).0.contains("| `training_lora_r` | `int` | `16` |"));
+    assert!(
+        text(&out)
+            .0
+            .contains("| `training_lora_r` | `int` | `16` |")
+    );
 }
 
 #[test]
 fn train_dry_run_resolves_everything_and_writes_nothing() {
     let dir = temp_dir("dry");
     std::fs::write(dir.join("data.jsonl"), "{\"messages\": []}\n").unwrap();
-    std::fs::write(dir.join("p.yaml"), "training_lora_r: 4\ntraining_num_epochs: 9\n").unwrap();
+    std::fs::write(
+        dir.join("p.yaml"),
+        "training_lora_r: 4\ntraining_num_epochs: 9\n",
+    )
+    .unwrap();
     let out = lora(
         &dir,
-        &["train", "--dry-run", "--dataset", "data.jsonl", "--params", "p.yaml", "--training-num-epochs", "2", "--training-envs", "A=1"],
+        &[
+            "train",
+            "--dry-run",
+            "--dataset",
+            "data.jsonl",
+            "--params",
+            "p.yaml",
+            "--training-num-epochs",
+            "2",
+            "--training-envs",
+            "A=1",
+        ],
         &[("LORA_TRAINING_LORA_ALPHA", "64")],
     );
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let plan: Value = serde_json::from_str(&stdout).unwrap();
     let p = &plan["parameters"];
-    assert_eq!(p["training_lora_r"], json!({"value": 4, "source": "params file p.yaml"}));
-    assert_eq!(p["training_lora_alpha"], json!({"value": 64, "source": "environment variable LORA_TRAINING_LORA_ALPHA"}));
-    assert_eq!(p["training_num_epochs"], json!({"value": 2, "source": "command line --training-num-epochs"}));
-    assert_eq!(p["training_learning_rate"], json!({"value": 2e-4, "source": "training_hub default"}));
+    assert_eq!(
+        p["training_lora_r"],
+        json!({"value": 4, "source": "params file p.yaml"})
+    );
+    assert_eq!(
+        p["training_lora_alpha"],
+        json!({"value": 64, "source": "environment variable LORA_TRAINING_LORA_ALPHA"})
+    );
+    assert_eq!(
+        p["training_num_epochs"],
+        json!({"value": 2, "source": "command line --training-num-epochs"})
+    );
+    assert_eq!(
+        p["training_learning_rate"],
+        json!({"value": 2e-4, "source": "training_hub default"})
+    );
     assert_eq!(p["training_seed"]["value"], json!(3407));
-    assert_eq!(p["training_lora_dropout"], json!({"value": 0.0, "source": "default"}));
-    assert!(plan["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("3407")));
-    assert_eq!(plan["inputs"]["dataset"], json!({"from": "artifact", "path": "data.jsonl"}));
-    assert_eq!(plan["inputs"]["base_model"], json!({"kind": "hub", "id": "Qwen/Qwen2.5-1.5B-Instruct"}));
+    assert_eq!(
+        p["training_lora_dropout"],
+        json!({"value": 0.0, "source": "default"})
+    );
+    assert!(
+        plan["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("3407"))
+    );
+    assert_eq!(
+        plan["inputs"]["dataset"],
+        json!({"from": "artifact", "path": "data.jsonl"})
+    );
+    assert_eq!(
+        plan["inputs"]["base_model"],
+        json!({"kind": "hub", "id": "Qwen/Qwen2.5-1.5B-Instruct"})
+    );
     assert_eq!(plan["outputs"]["model"], json!("./lora-output/model"));
-    assert_eq!(plan["workspace"]["checkpoints"], json!("./lora-output/workspace/checkpoints"));
-    assert_eq!(plan["environment"], json!({"A": "1"}), "HF_HOME is only defaulted under KFP");
-    let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(
+        plan["workspace"]["checkpoints"],
+        json!("./lora-output/workspace/checkpoints")
+    );
+    assert_eq!(
+        plan["environment"],
+        json!({"A": "1"}),
+        "HF_HOME is only defaulted under KFP"
+    );
+    let entries: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(entries.len(), 2, "a dry run writes nothing: {entries:?}");
 }
 
@@ -96,7 +176,16 @@ fn bad_parameters_exit_2_naming_each_one() {
     let dir = temp_dir("bad");
     let out = lora(
         &dir,
-        &["train", "--dry-run", "--training-lora-r", "-1", "--training-lr-scheduler", "cosine_annealing", "--training-lora-load-in-4bit", "true"],
+        &[
+            "train",
+            "--dry-run",
+            "--training-lora-r",
+            "-1",
+            "--training-lr-scheduler",
+            "cosine_annealing",
+            "--training-lora-load-in-4bit",
+            "true",
+        ],
         &[("LORA_TRAINING_MAX_SEQ_LEN", "long")],
     );
     let (_, stderr) = text(&out);
@@ -111,21 +200,39 @@ fn bad_parameters_exit_2_naming_each_one() {
     ] {
         assert!(stderr.contains(want), "missing {want:?} in:\n{stderr}");
     }
-    assert_eq!(stderr.matches("training_lora_r = -1").count(), 1, "each problem once:\n{stderr}");
+    assert_eq!(
+        stderr.matches("training_lora_r = -1").count(),
+        1,
+        "each problem once:\n{stderr}"
+    );
 }
 
 #[test]
 fn missing_dataset_is_a_bad_input_and_nothing_is_created() {
     let dir = temp_dir("nodata");
-    for args in [vec!["train", "--dry-run", "--dataset", "nope.jsonl"], vec!["train", "--dataset", "nope.jsonl"]] {
+    for args in [
+        vec!["train", "--dry-run", "--dataset", "nope.jsonl"],
+        vec!["train", "--dataset", "nope.jsonl"],
+    ] {
         let out = lora(&dir, &args, &[]);
         let (_, stderr) = text(&out);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
-        assert!(stderr.contains("nope.jsonl") && stderr.contains("does not exist"), "{stderr}");
+        assert!(
+            stderr.contains("nope.jsonl") && stderr.contains("does not exist"),
+            "{stderr}"
+        );
     }
     let out = lora(&dir, &["train", "--dry-run"], &[]);
-    assert!(text(&out).1.contains("no training dataset"), "{}", text(&out).1);
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
+    assert!(
+        text(&out).1.contains("no training dataset"),
+        "{}",
+        text(&out).1
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "nothing written"
+    );
 }
 
 #[test]
@@ -138,11 +245,24 @@ fn kfp_dry_run_reads_the_executor_input_from_a_file() {
     assert!(out.status.success(), "{stderr}");
     let plan: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(plan["command"], json!("kfp"));
-    assert_eq!(plan["parameters"]["training_lora_r"], json!({"value": 8, "source": "KFP executor input"}));
+    assert_eq!(
+        plan["parameters"]["training_lora_r"],
+        json!({"value": 8, "source": "KFP executor input"})
+    );
     assert_eq!(plan["inputs"]["pvc_path"], json!("/kfp-workspace"));
-    assert_eq!(plan["environment"]["HF_HOME"], json!("/kfp-workspace/.cache/huggingface"));
+    assert_eq!(
+        plan["environment"]["HF_HOME"],
+        json!("/kfp-workspace/.cache/huggingface")
+    );
     // KFP wins over the environment
-    let out = lora(&dir, &["kfp", "--dry-run", "--executor-input", &arg], &[("LORA_TRAINING_LORA_R", "32"), ("LORA_TRAINING_TF32", "true")]);
+    let out = lora(
+        &dir,
+        &["kfp", "--dry-run", "--executor-input", &arg],
+        &[
+            ("LORA_TRAINING_LORA_R", "32"),
+            ("LORA_TRAINING_TF32", "true"),
+        ],
+    );
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["parameters"]["training_lora_r"]["value"], json!(8));
     assert_eq!(plan["parameters"]["training_tf32"]["value"], json!(true));
@@ -154,12 +274,35 @@ fn kfp_bad_executor_input_exits_2() {
     let out = lora(&dir, &["kfp", "--executor-input", "{not json"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).1.contains("not valid JSON"));
-    let out = lora(&dir, &["kfp", "--executor-input", r#"{"inputs": {"parameterValues": {"pvc_path": "/w", "training_lora_r": "8"}}}"#], &[]);
+    let out = lora(
+        &dir,
+        &[
+            "kfp",
+            "--executor-input",
+            r#"{"inputs": {"parameterValues": {"pvc_path": "/w", "training_lora_r": "8"}}}"#,
+        ],
+        &[],
+    );
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr.contains("training_lora_r = \"8\" (from KFP executor input): expected an integer"), "{stderr}");
-    let out = lora(&dir, &["kfp", "--executor-input", r#"{"inputs": {"parameterValues": {"pvc_path": "/w"}}}"#], &[]);
-    assert!(text(&out).1.contains("outputs.artifacts.output_model"), "{}", text(&out).1);
+    assert!(
+        stderr.contains("training_lora_r = \"8\" (from KFP executor input): expected an integer"),
+        "{stderr}"
+    );
+    let out = lora(
+        &dir,
+        &[
+            "kfp",
+            "--executor-input",
+            r#"{"inputs": {"parameterValues": {"pvc_path": "/w"}}}"#,
+        ],
+        &[],
+    );
+    assert!(
+        text(&out).1.contains("outputs.artifacts.output_model"),
+        "{}",
+        text(&out).1
+    );
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
 }
 
@@ -167,15 +310,25 @@ fn kfp_bad_executor_input_exits_2() {
 fn component_command_prints_the_spec() {
     let dir = temp_dir("comp");
     let out = lora(&dir, &["component"], &[]);
-    let want = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/kfp/lora.component.yaml")).unwrap();
+    let want = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/kfp/lora.component.yaml"),
+    )
+    .unwrap();
     assert_eq!(text(&out).0, want);
 }
 
 #[test]
 fn readme_parameter_table_is_the_generated_one() {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md")).unwrap();
-    let start = readme.find("<!-- params:begin -->\n").expect("README has the params:begin marker") + "<!-- params:begin -->\n".len();
-    let end = readme.find("<!-- params:end -->").expect("README has the params:end marker");
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .unwrap();
+    let start = readme
+        .find("<!-- params:begin -->\n")
+        .expect("README has the params:begin marker")
+        + "<!-- params:begin -->\n".len();
+    let end = readme
+        .find("<!-- params:end -->")
+        .expect("README has the params:end marker");
     assert_eq!(
         &readme[start..end],
         lora_params::markdown_table(),
@@ -187,19 +340,48 @@ fn readme_parameter_table_is_the_generated_one() {
 fn dry_run_checks_a_local_model_path_and_hides_secret_env_values() {
     let dir = temp_dir("model");
     std::fs::write(dir.join("d.jsonl"), "{}\n").unwrap();
-    let out = lora(&dir, &["train", "--dry-run", "--dataset", "d.jsonl", "--training-base-model", "./models/missing"], &[]);
+    let out = lora(
+        &dir,
+        &[
+            "train",
+            "--dry-run",
+            "--dataset",
+            "d.jsonl",
+            "--training-base-model",
+            "./models/missing",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).1.contains("training_base_model = \"./models/missing\": no such model folder"), "{}", text(&out).1);
+    assert!(
+        text(&out)
+            .1
+            .contains("training_base_model = \"./models/missing\": no such model folder"),
+        "{}",
+        text(&out).1
+    );
     std::fs::create_dir(dir.join("m")).unwrap();
     let out = lora(
         &dir,
-        &["train", "--dry-run", "--dataset", "d.jsonl", "--training-base-model", "./m", "--training-envs", "HF_TOKEN=hf_abc,HF_HOME=/c"],
+        &[
+            "train",
+            "--dry-run",
+            "--dataset",
+            "d.jsonl",
+            "--training-base-model",
+            "./m",
+            "--training-envs",
+            "HF_TOKEN=hf_abc,HF_HOME=/c",
+        ],
         &[],
     );
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(!stdout.contains("hf_abc"), "the token is not printed");
     let plan: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(plan["environment"], json!({"HF_TOKEN": "<hidden>", "HF_HOME": "/c"}));
+    assert_eq!(
+        plan["environment"],
+        json!({"HF_TOKEN": "<hidden>", "HF_HOME": "/c"})
+    );
     assert_eq!(plan["inputs"]["base_model"]["kind"], json!("local"));
 }

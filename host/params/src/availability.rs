@@ -49,7 +49,12 @@ pub static UNAVAILABLE: &[Unavailable] = &[
     },
     Unavailable {
         param: "training_resource_num_procs_per_worker",
-        requested: |p| p.training_resource_num_procs_per_worker.trim().parse::<i64>().is_ok_and(|n| n > 1),
+        requested: |p| {
+            p.training_resource_num_procs_per_worker
+                .trim()
+                .parse::<i64>()
+                .is_ok_and(|n| n > 1)
+        },
         reason: "more than one process per worker needs the multi-process launcher, which is not built; use auto or 1",
     },
     Unavailable {

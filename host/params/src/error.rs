@@ -76,6 +76,8 @@ impl fmt::Display for ParamErrors {
 impl ParamErrors {
     /// True when some error names `param`.
     pub fn mentions(&self, param: &str) -> bool {
-        self.0.iter().any(|e| e.param == param || e.message.contains(param))
+        self.0
+            .iter()
+            .any(|e| e.param == param || e.message.contains(param))
     }
 }

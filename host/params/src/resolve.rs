@@ -11,8 +11,8 @@ use crate::availability::UNAVAILABLE;
 use crate::defs::{PARAMS, Params};
 use crate::error::{ParamError, ParamErrors, Source};
 use crate::syntax::{
-    PluginSpec, check_env_name, check_k8s_key, check_k8s_label_value, parse_cpu, parse_json_object, parse_kv_list,
-    parse_memory, parse_plugins,
+    PluginSpec, check_env_name, check_k8s_key, check_k8s_label_value, parse_cpu, parse_json_object,
+    parse_kv_list, parse_memory, parse_plugins,
 };
 
 /// Scheduler names the built-in schedulers (transformers' `get_scheduler` names) provide.
@@ -118,7 +118,10 @@ impl ResolvedParams {
         for d in PARAMS {
             let source = self.sources.get(d.name).cloned().unwrap_or(Source::Default);
             let mut entry = Map::new();
-            entry.insert("value".into(), used.get(d.name).cloned().unwrap_or(Value::Null));
+            entry.insert(
+                "value".into(),
+                used.get(d.name).cloned().unwrap_or(Value::Null),
+            );
             entry.insert("source".into(), Value::String(source.to_string()));
             out.insert(d.name.to_owned(), Value::Object(entry));
         }
@@ -133,7 +136,10 @@ impl ResolvedParams {
         };
         put("training_learning_rate", self.learning_rate.into());
         put("training_lr_warmup_steps", self.lr_warmup_steps.into());
-        put("training_checkpoint_at_epoch", self.checkpoint_at_epoch.into());
+        put(
+            "training_checkpoint_at_epoch",
+            self.checkpoint_at_epoch.into(),
+        );
         put("training_num_epochs", self.num_epochs.into());
         put("training_lora_use_rslora", self.use_rslora.into());
         put("training_lora_use_dora", self.use_dora.into());
@@ -142,7 +148,10 @@ impl ResolvedParams {
         put("training_use_liger", self.use_liger.into());
         put("training_lr_scheduler", self.lr_scheduler.clone().into());
         put("training_micro_batch_size", self.micro_batch_size.into());
-        put("training_gradient_accumulation_steps", self.gradient_accumulation_steps.into());
+        put(
+            "training_gradient_accumulation_steps",
+            self.gradient_accumulation_steps.into(),
+        );
         put("training_flash_attention", self.flash_attention.into());
         put("training_bf16", self.bf16.into());
         put("training_tf32", self.tf32.into());
@@ -151,8 +160,14 @@ impl ResolvedParams {
         put("training_logging_steps", self.logging_steps.into());
         put("training_save_total_limit", self.save_total_limit.into());
         put("training_dataset_type", self.dataset_type.clone().into());
-        put("training_field_messages", self.field_messages.clone().into());
-        put("training_field_instruction", self.field_instruction.clone().into());
+        put(
+            "training_field_messages",
+            self.field_messages.clone().into(),
+        );
+        put(
+            "training_field_instruction",
+            self.field_instruction.clone().into(),
+        );
         put("training_field_input", self.field_input.clone().into());
         put("training_field_output", self.field_output.clone().into());
         m
@@ -174,7 +189,12 @@ impl Checker<'_> {
             None => String::new(),
         };
         let source = self.sources.get(param).cloned().unwrap_or(Source::Default);
-        self.errors.push(ParamError { param: param.to_owned(), value, source, message: message.into() });
+        self.errors.push(ParamError {
+            param: param.to_owned(),
+            value,
+            source,
+            message: message.into(),
+        });
     }
 
     /// A size that must be >= 1.
@@ -207,24 +227,44 @@ impl Checker<'_> {
 }
 
 /// Validates `params` and resolves training_hub's defaults.
-pub fn resolve(params: Params, mut sources: BTreeMap<&'static str, Source>) -> Result<ResolvedParams, ParamErrors> {
+pub fn resolve(
+    params: Params,
+    mut sources: BTreeMap<&'static str, Source>,
+) -> Result<ResolvedParams, ParamErrors> {
     let mut notes = Vec::new();
-    let mut c = Checker { p: &params, sources: &sources, errors: Vec::new() };
+    let mut c = Checker {
+        p: &params,
+        sources: &sources,
+        errors: Vec::new(),
+    };
     let p = &params;
 
     for u in UNAVAILABLE {
         if (u.requested)(p) {
-            c.err(u.param, format!("not available in this build: {}", u.reason));
+            c.err(
+                u.param,
+                format!("not available in this build: {}", u.reason),
+            );
         }
     }
 
     if p.training_base_model.trim().is_empty() {
-        c.err("training_base_model", "must name a Hugging Face model id or a local model folder");
+        c.err(
+            "training_base_model",
+            "must name a Hugging Face model id or a local model folder",
+        );
     }
-    let effective_batch_size = c.positive("training_effective_batch_size", p.training_effective_batch_size);
-    let max_tokens_per_gpu = c.positive("training_max_tokens_per_gpu", p.training_max_tokens_per_gpu);
+    let effective_batch_size = c.positive(
+        "training_effective_batch_size",
+        p.training_effective_batch_size,
+    );
+    let max_tokens_per_gpu =
+        c.positive("training_max_tokens_per_gpu", p.training_max_tokens_per_gpu);
     let max_seq_len = c.positive("training_max_seq_len", p.training_max_seq_len);
-    if p.training_max_tokens_per_gpu >= 1 && p.training_max_seq_len >= 1 && max_tokens_per_gpu < max_seq_len {
+    if p.training_max_tokens_per_gpu >= 1
+        && p.training_max_seq_len >= 1
+        && max_tokens_per_gpu < max_seq_len
+    {
         c.err(
             "training_max_tokens_per_gpu",
             format!("must be >= training_max_seq_len ({max_seq_len}): one full-length sample must fit in a micro-batch"),
@@ -247,17 +287,26 @@ pub fn resolve(params: Params, mut sources: BTreeMap<&'static str, Source>) -> R
         None => 10,
     };
     let num_epochs = c.positive_opt("training_num_epochs", p.training_num_epochs, 3);
-    let max_steps = p.training_max_steps.map(|v| c.positive("training_max_steps", v));
+    let max_steps = p
+        .training_max_steps
+        .map(|v| c.positive("training_max_steps", v));
     let lr_scheduler = match &p.training_lr_scheduler {
         Some(s) => c.one_of("training_lr_scheduler", s, &SCHEDULERS),
         None => "linear".to_owned(),
     };
-    let lr_scheduler_kwargs = parse_json_object(&p.training_lr_scheduler_kwargs).unwrap_or_else(|e| {
-        c.err("training_lr_scheduler_kwargs", e);
-        Map::new()
-    });
-    if p.training_data_output_dir.as_deref().is_some_and(|d| d.trim().is_empty()) {
-        c.err("training_data_output_dir", "must be a directory path when set (leave it unset for the default)");
+    let lr_scheduler_kwargs =
+        parse_json_object(&p.training_lr_scheduler_kwargs).unwrap_or_else(|e| {
+            c.err("training_lr_scheduler_kwargs", e);
+            Map::new()
+        });
+    if p.training_data_output_dir
+        .as_deref()
+        .is_some_and(|d| d.trim().is_empty())
+    {
+        c.err(
+            "training_data_output_dir",
+            "must be a directory path when set (leave it unset for the default)",
+        );
     }
 
     let envs = c.kv("training_envs", &p.training_envs);
@@ -266,24 +315,35 @@ pub fn resolve(params: Params, mut sources: BTreeMap<&'static str, Source>) -> R
             c.err("training_envs", e);
         }
     }
-    let resource_cpu_per_worker = parse_cpu(&p.training_resource_cpu_per_worker).unwrap_or_else(|e| {
-        c.err("training_resource_cpu_per_worker", e);
-        0.0
-    });
-    let resource_memory_per_worker_bytes = parse_memory(&p.training_resource_memory_per_worker).unwrap_or_else(|e| {
-        c.err("training_resource_memory_per_worker", e);
-        0.0
-    });
+    let resource_cpu_per_worker =
+        parse_cpu(&p.training_resource_cpu_per_worker).unwrap_or_else(|e| {
+            c.err("training_resource_cpu_per_worker", e);
+            0.0
+        });
+    let resource_memory_per_worker_bytes = parse_memory(&p.training_resource_memory_per_worker)
+        .unwrap_or_else(|e| {
+            c.err("training_resource_memory_per_worker", e);
+            0.0
+        });
     let resource_gpu_per_worker = if p.training_resource_gpu_per_worker < 0 {
-        c.err("training_resource_gpu_per_worker", "must be an integer >= 0");
+        c.err(
+            "training_resource_gpu_per_worker",
+            "must be an integer >= 0",
+        );
         0
     } else {
         p.training_resource_gpu_per_worker as u64
     };
-    let resource_num_workers = c.positive("training_resource_num_workers", p.training_resource_num_workers);
+    let resource_num_workers = c.positive(
+        "training_resource_num_workers",
+        p.training_resource_num_workers,
+    );
     let procs = p.training_resource_num_procs_per_worker.trim();
     if procs != "auto" && !procs.parse::<i64>().is_ok_and(|n| n >= 1) {
-        c.err("training_resource_num_procs_per_worker", "must be auto or an integer >= 1");
+        c.err(
+            "training_resource_num_procs_per_worker",
+            "must be auto or an integer >= 1",
+        );
     }
     if resource_gpu_per_worker > 1 {
         notes.push(format!(
@@ -296,7 +356,10 @@ pub fn resolve(params: Params, mut sources: BTreeMap<&'static str, Source>) -> R
             c.err("training_metadata_labels", e);
         }
     }
-    let metadata_annotations = c.kv("training_metadata_annotations", &p.training_metadata_annotations);
+    let metadata_annotations = c.kv(
+        "training_metadata_annotations",
+        &p.training_metadata_annotations,
+    );
     for (k, _) in &metadata_annotations {
         if let Err(e) = check_k8s_key(k) {
             c.err("training_metadata_annotations", e);
@@ -316,7 +379,10 @@ pub fn resolve(params: Params, mut sources: BTreeMap<&'static str, Source>) -> R
         .map(str::to_owned)
         .collect();
     for m in &lora_target_modules {
-        if !m.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | '.')) {
+        if !m
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | '.'))
+        {
             c.err(
                 "training_lora_target_modules",
                 format!("{m:?} is not a module name (e.g. q_proj,v_proj or all-linear)"),
@@ -324,14 +390,24 @@ pub fn resolve(params: Params, mut sources: BTreeMap<&'static str, Source>) -> R
         }
     }
     if yes(p.training_lora_load_in_4bit) && yes(p.training_lora_load_in_8bit) {
-        c.err("training_lora_load_in_4bit", "cannot be combined with training_lora_load_in_8bit=true: choose one");
+        c.err(
+            "training_lora_load_in_4bit",
+            "cannot be combined with training_lora_load_in_8bit=true: choose one",
+        );
     }
     if yes(p.training_fp16) && yes(p.training_bf16) {
-        c.err("training_fp16", "cannot be combined with training_bf16=true: choose one");
+        c.err(
+            "training_fp16",
+            "cannot be combined with training_bf16=true: choose one",
+        );
     }
 
-    let micro_set = p.training_micro_batch_size.map(|v| c.positive("training_micro_batch_size", v));
-    let ga_set = p.training_gradient_accumulation_steps.map(|v| c.positive("training_gradient_accumulation_steps", v));
+    let micro_set = p
+        .training_micro_batch_size
+        .map(|v| c.positive("training_micro_batch_size", v));
+    let ga_set = p
+        .training_gradient_accumulation_steps
+        .map(|v| c.positive("training_gradient_accumulation_steps", v));
     let world_size = 1u64;
     let (micro_batch_size, gradient_accumulation_steps) = match (micro_set, ga_set) {
         (None, ga) => {
@@ -362,7 +438,8 @@ pub fn resolve(params: Params, mut sources: BTreeMap<&'static str, Source>) -> R
     let save_steps = c.positive_opt("training_save_steps", p.training_save_steps, 500);
     let eval_steps = c.positive_opt("training_eval_steps", p.training_eval_steps, 500);
     let logging_steps = c.positive_opt("training_logging_steps", p.training_logging_steps, 1);
-    let save_total_limit = c.positive_opt("training_save_total_limit", p.training_save_total_limit, 3);
+    let save_total_limit =
+        c.positive_opt("training_save_total_limit", p.training_save_total_limit, 3);
 
     let dataset_type = match &p.training_dataset_type {
         Some(t) => c.one_of("training_dataset_type", t, &DATASET_TYPES),
@@ -376,17 +453,33 @@ pub fn resolve(params: Params, mut sources: BTreeMap<&'static str, Source>) -> R
         Some(s) => s.clone(),
         None => default.to_owned(),
     };
-    let field_messages = field("training_field_messages", &p.training_field_messages, "messages");
-    let field_instruction = field("training_field_instruction", &p.training_field_instruction, "instruction");
+    let field_messages = field(
+        "training_field_messages",
+        &p.training_field_messages,
+        "messages",
+    );
+    let field_instruction = field(
+        "training_field_instruction",
+        &p.training_field_instruction,
+        "instruction",
+    );
     let field_input = field("training_field_input", &p.training_field_input, "input");
     let field_output = field("training_field_output", &p.training_field_output, "output");
     let runtime = c.one_of("training_runtime", &p.training_runtime, &RUNTIMES);
 
-    let bad_records = c.one_of("training_bad_records", &p.training_bad_records, &BAD_RECORDS);
+    let bad_records = c.one_of(
+        "training_bad_records",
+        &p.training_bad_records,
+        &BAD_RECORDS,
+    );
     if !(0.0..1.0).contains(&p.training_validation_split) {
         c.err("training_validation_split", "must be in [0, 1)");
     }
-    let long_sample_policy = c.one_of("training_long_sample_policy", &p.training_long_sample_policy, &LONG_SAMPLE_POLICIES);
+    let long_sample_policy = c.one_of(
+        "training_long_sample_policy",
+        &p.training_long_sample_policy,
+        &LONG_SAMPLE_POLICIES,
+    );
     if !(p.training_weight_decay >= 0.0 && p.training_weight_decay.is_finite()) {
         c.err("training_weight_decay", "must be a finite number >= 0");
     }
@@ -411,27 +504,57 @@ pub fn resolve(params: Params, mut sources: BTreeMap<&'static str, Source>) -> R
     // Record which unset values resolution filled.
     for (name, filled) in [
         ("training_learning_rate", p.training_learning_rate.is_none()),
-        ("training_lr_warmup_steps", p.training_lr_warmup_steps.is_none()),
-        ("training_checkpoint_at_epoch", p.training_checkpoint_at_epoch.is_none()),
+        (
+            "training_lr_warmup_steps",
+            p.training_lr_warmup_steps.is_none(),
+        ),
+        (
+            "training_checkpoint_at_epoch",
+            p.training_checkpoint_at_epoch.is_none(),
+        ),
         ("training_num_epochs", p.training_num_epochs.is_none()),
-        ("training_lora_use_rslora", p.training_lora_use_rslora.is_none()),
+        (
+            "training_lora_use_rslora",
+            p.training_lora_use_rslora.is_none(),
+        ),
         ("training_lora_use_dora", p.training_lora_use_dora.is_none()),
-        ("training_lora_sample_packing", p.training_lora_sample_packing.is_none()),
+        (
+            "training_lora_sample_packing",
+            p.training_lora_sample_packing.is_none(),
+        ),
         ("training_seed", p.training_seed.is_none()),
         ("training_use_liger", p.training_use_liger.is_none()),
         ("training_lr_scheduler", p.training_lr_scheduler.is_none()),
-        ("training_micro_batch_size", p.training_micro_batch_size.is_none()),
-        ("training_gradient_accumulation_steps", p.training_gradient_accumulation_steps.is_none()),
-        ("training_flash_attention", p.training_flash_attention.is_none()),
+        (
+            "training_micro_batch_size",
+            p.training_micro_batch_size.is_none(),
+        ),
+        (
+            "training_gradient_accumulation_steps",
+            p.training_gradient_accumulation_steps.is_none(),
+        ),
+        (
+            "training_flash_attention",
+            p.training_flash_attention.is_none(),
+        ),
         ("training_bf16", p.training_bf16.is_none()),
         ("training_tf32", p.training_tf32.is_none()),
         ("training_save_steps", p.training_save_steps.is_none()),
         ("training_eval_steps", p.training_eval_steps.is_none()),
         ("training_logging_steps", p.training_logging_steps.is_none()),
-        ("training_save_total_limit", p.training_save_total_limit.is_none()),
+        (
+            "training_save_total_limit",
+            p.training_save_total_limit.is_none(),
+        ),
         ("training_dataset_type", p.training_dataset_type.is_none()),
-        ("training_field_messages", p.training_field_messages.is_none()),
-        ("training_field_instruction", p.training_field_instruction.is_none()),
+        (
+            "training_field_messages",
+            p.training_field_messages.is_none(),
+        ),
+        (
+            "training_field_instruction",
+            p.training_field_instruction.is_none(),
+        ),
         ("training_field_input", p.training_field_input.is_none()),
         ("training_field_output", p.training_field_output.is_none()),
     ] {

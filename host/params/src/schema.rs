@@ -8,7 +8,11 @@ use crate::defs::{Origin, PARAMS};
 pub fn json_schema() -> Value {
     let mut props = Map::new();
     for d in PARAMS {
-        let ty = if d.optional { json!([d.kind.json_type(), "null"]) } else { json!(d.kind.json_type()) };
+        let ty = if d.optional {
+            json!([d.kind.json_type(), "null"])
+        } else {
+            json!(d.kind.json_type())
+        };
         let mut p = Map::new();
         p.insert("type".into(), ty);
         p.insert("default".into(), d.default_json());
@@ -35,7 +39,11 @@ pub fn json_schema() -> Value {
 pub fn markdown_table() -> String {
     let mut s = String::from("| Parameter | Type | Default | Description |\n|---|---|---|---|\n");
     for d in PARAMS {
-        let ty = if d.optional { format!("Optional[{}]", d.kind.python_type()) } else { d.kind.python_type().to_owned() };
+        let ty = if d.optional {
+            format!("Optional[{}]", d.kind.python_type())
+        } else {
+            d.kind.python_type().to_owned()
+        };
         let default = d.default_display();
         s.push_str(&format!(
             "| `{}` | `{}` | `{}` | {} |\n",

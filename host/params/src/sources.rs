@@ -36,7 +36,11 @@ fn show(v: &Value) -> String {
 impl Loader {
     pub fn new() -> Self {
         let sources = PARAMS.iter().map(|d| (d.name, Source::Default)).collect();
-        Loader { params: Params::default(), sources, errors: Vec::new() }
+        Loader {
+            params: Params::default(),
+            sources,
+            errors: Vec::new(),
+        }
     }
 
     fn set_json(&mut self, name: &str, v: &Value, source: Source) {
@@ -48,7 +52,12 @@ impl Loader {
             Ok(()) => {
                 self.sources.insert(def.name, source);
             }
-            Err(msg) => self.errors.push(ParamError { param: def.name.into(), value: show(v), source, message: msg }),
+            Err(msg) => self.errors.push(ParamError {
+                param: def.name.into(),
+                value: show(v),
+                source,
+                message: msg,
+            }),
         }
     }
 
@@ -56,17 +65,26 @@ impl Loader {
         let path_flag = ["pvc_path", "dataset", "output_model", "output_metrics", "output_loss_chart"]
             .contains(&name)
             .then(|| format!("`{name}` is an input/output path, not a training parameter: give it as --{} (or through KFP)", name.replace('_', "-")));
-        let hint = match path_flag.or_else(|| suggest(name).map(|s| format!("unknown parameter; did you mean `{s}`?"))) {
+        let hint = match path_flag
+            .or_else(|| suggest(name).map(|s| format!("unknown parameter; did you mean `{s}`?")))
+        {
             Some(h) => h,
             None => "unknown parameter (`lora params --json-schema` lists them all)".to_owned(),
         };
-        self.errors.push(ParamError { param: name.into(), value: String::new(), source, message: hint });
+        self.errors.push(ParamError {
+            param: name.into(),
+            value: String::new(),
+            source,
+            message: hint,
+        });
     }
 
     /// A params file: a JSON or YAML object with snake_case parameter names as keys.
     /// YAML is assumed unless the file name ends in `.json`.
     pub fn apply_file(&mut self, path: &Path) -> &mut Self {
-        let source = Source::File { path: path.to_path_buf() };
+        let source = Source::File {
+            path: path.to_path_buf(),
+        };
         let file_err = |message: String| ParamError {
             param: "--params".into(),
             value: path.display().to_string(),
@@ -76,11 +94,14 @@ impl Loader {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
-                self.errors.push(file_err(format!("cannot read the params file: {e}")));
+                self.errors
+                    .push(file_err(format!("cannot read the params file: {e}")));
                 return self;
             }
         };
-        let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        let is_json = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
         let parsed: Result<Value, String> = if is_json {
             serde_json::from_str(&text).map_err(|e| format!("not valid JSON: {e}"))
         } else {
@@ -110,16 +131,22 @@ impl Loader {
         K: AsRef<str>,
         V: AsRef<str>,
     {
-        let mut vars: Vec<(String, String)> =
-            vars.into_iter().map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned())).collect();
+        let mut vars: Vec<(String, String)> = vars
+            .into_iter()
+            .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
+            .collect();
         vars.sort();
         for (var, val) in vars {
-            let Some(rest) = var.strip_prefix("LORA_") else { continue };
+            let Some(rest) = var.strip_prefix("LORA_") else {
+                continue;
+            };
             let name = rest.to_ascii_lowercase();
             let source = Source::Env { var: var.clone() };
             match param_def(&name) {
                 Some(def) => self.set_text(def.name, &val, source),
-                None if name.starts_with("training_") || name == "kubernetes_config" => self.unknown(&name, source),
+                None if name.starts_with("training_") || name == "kubernetes_config" => {
+                    self.unknown(&name, source)
+                }
                 None => {}
             }
         }
@@ -131,15 +158,31 @@ impl Loader {
             Ok(()) => {
                 self.sources.insert(name, source);
             }
-            Err(msg) => self.errors.push(ParamError { param: name.into(), value: format!("{raw:?}"), source, message: msg }),
+            Err(msg) => self.errors.push(ParamError {
+                param: name.into(),
+                value: format!("{raw:?}"),
+                source,
+                message: msg,
+            }),
         }
     }
 
     /// A command-line value for parameter `name` (snake_case).
     pub fn apply_cli(&mut self, name: &str, raw: &str) -> &mut Self {
         match param_def(name) {
-            Some(def) => self.set_text(def.name, raw, Source::Cli { flag: format!("--{}", def.flag()) }),
-            None => self.unknown(name, Source::Cli { flag: format!("--{}", name.replace('_', "-")) }),
+            Some(def) => self.set_text(
+                def.name,
+                raw,
+                Source::Cli {
+                    flag: format!("--{}", def.flag()),
+                },
+            ),
+            None => self.unknown(
+                name,
+                Source::Cli {
+                    flag: format!("--{}", name.replace('_', "-")),
+                },
+            ),
         }
         self
     }
@@ -160,7 +203,11 @@ impl Loader {
 
     /// Validates everything and resolves training_hub defaults, reporting every problem at once.
     pub fn finish(self) -> Result<ResolvedParams, ParamErrors> {
-        let Loader { params, sources, mut errors } = self;
+        let Loader {
+            params,
+            sources,
+            mut errors,
+        } = self;
         match resolve(params, sources) {
             Ok(r) if errors.is_empty() => Ok(r),
             Ok(_) => Err(ParamErrors(errors)),
@@ -191,7 +238,9 @@ pub fn suggest(name: &str) -> Option<&'static str> {
         .map(|d| (d.name, edit_distance(&name, d.name)))
         .chain(PARAMS.iter().filter_map(|d| {
             // `lora_r` for `training_lora_r`: a missing prefix is a common slip.
-            d.name.strip_prefix("training_").map(|short| (d.name, edit_distance(&name, short)))
+            d.name
+                .strip_prefix("training_")
+                .map(|short| (d.name, edit_distance(&name, short)))
         }))
         .min_by_key(|&(_, d)| d)?;
     (dist <= (name.len() / 3).max(2)).then_some(best)
@@ -204,7 +253,9 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }

@@ -7,11 +7,15 @@ pub fn parse_kv_list(s: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         let Some((k, v)) = item.split_once('=') else {
-            return Err(format!("item {item:?} is not KEY=VALUE (expected KEY=VAL,KEY=VAL)"));
+            return Err(format!(
+                "item {item:?} is not KEY=VALUE (expected KEY=VAL,KEY=VAL)"
+            ));
         };
         let k = k.trim();
         if k.is_empty() {
-            return Err(format!("item {item:?} has an empty key (expected KEY=VAL,KEY=VAL)"));
+            return Err(format!(
+                "item {item:?} has an empty key (expected KEY=VAL,KEY=VAL)"
+            ));
         }
         out.push((k.to_owned(), v.trim().to_owned()));
     }
@@ -21,9 +25,17 @@ pub fn parse_kv_list(s: &str) -> Result<Vec<(String, String)>, String> {
 /// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
 pub fn check_env_name(k: &str) -> Result<(), String> {
     let mut cs = k.chars();
-    let ok = cs.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    let ok = cs
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && cs.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if ok { Ok(()) } else { Err(format!("{k:?} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{k:?} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
+        ))
+    }
 }
 
 /// `[a-z0-9A-Z]([-_.a-z0-9A-Z]*[a-z0-9A-Z])?`, at most `max` characters (Kubernetes names and label values).
@@ -33,7 +45,8 @@ fn is_k8s_name(s: &str, max: usize) -> bool {
         && b.len() <= max
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 /// A DNS-1123 subdomain (label/annotation key prefix): lowercase, dot-separated, at most 253.
@@ -45,7 +58,8 @@ fn is_dns_subdomain(s: &str) -> bool {
                 && b.len() <= 63
                 && b[0].is_ascii_lowercase() | b[0].is_ascii_digit()
                 && (b[b.len() - 1].is_ascii_lowercase() || b[b.len() - 1].is_ascii_digit())
-                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         })
 }
 
@@ -56,7 +70,9 @@ pub fn check_k8s_key(k: &str) -> Result<(), String> {
         None => (None, k),
     };
     if prefix.is_some_and(|p| !is_dns_subdomain(p)) {
-        return Err(format!("key {k:?}: the prefix before '/' must be a DNS subdomain (lowercase, e.g. example.com)"));
+        return Err(format!(
+            "key {k:?}: the prefix before '/' must be a DNS subdomain (lowercase, e.g. example.com)"
+        ));
     }
     if !is_k8s_name(name, 63) {
         return Err(format!(
@@ -71,14 +87,18 @@ pub fn check_k8s_label_value(v: &str) -> Result<(), String> {
     if v.is_empty() || is_k8s_name(v, 63) {
         Ok(())
     } else {
-        Err(format!("label value {v:?}: must be at most 63 characters of [A-Za-z0-9-_.], starting and ending alphanumeric"))
+        Err(format!(
+            "label value {v:?}: must be at most 63 characters of [A-Za-z0-9-_.], starting and ending alphanumeric"
+        ))
     }
 }
 
 /// Splits a Kubernetes quantity into its number and suffix; the number must be non-negative.
 fn quantity(s: &str) -> Option<(f64, &str)> {
     let s = s.trim();
-    let end = s.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+')).unwrap_or(s.len());
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
+        .unwrap_or(s.len());
     let (num, suffix) = s.split_at(end);
     if num.is_empty() || num == "." {
         return None;
@@ -113,7 +133,11 @@ pub fn parse_memory(s: &str) -> Result<f64, String> {
         _ => return Err(bad()),
     };
     let bytes = n * mult;
-    if bytes > 0.0 { Ok(bytes) } else { Err(format!("{s:?} must be more than zero")) }
+    if bytes > 0.0 {
+        Ok(bytes)
+    } else {
+        Err(format!("{s:?} must be more than zero"))
+    }
 }
 
 /// A CPU quantity: `4`, `0.5`, `500m`, > 0. Returns cores.
@@ -125,7 +149,11 @@ pub fn parse_cpu(s: &str) -> Result<f64, String> {
         "m" => n / 1000.0,
         _ => return Err(bad()),
     };
-    if cores > 0.0 { Ok(cores) } else { Err(format!("{s:?} must be more than zero")) }
+    if cores > 0.0 {
+        Ok(cores)
+    } else {
+        Err(format!("{s:?} must be more than zero"))
+    }
 }
 
 /// The three plugin kinds.
@@ -143,15 +171,22 @@ pub fn parse_plugins(s: &str) -> Result<Vec<PluginSpec>, String> {
     let mut out: Vec<PluginSpec> = Vec::new();
     for (kind, path) in parse_kv_list(s)? {
         if !PLUGIN_KINDS.contains(&kind.as_str()) {
-            return Err(format!("unknown plugin kind {kind:?} (allowed: preprocessor, scheduler, reporter)"));
+            return Err(format!(
+                "unknown plugin kind {kind:?} (allowed: preprocessor, scheduler, reporter)"
+            ));
         }
         if path.is_empty() {
             return Err(format!("{kind}= has no path to a .wasm component"));
         }
         if kind != "reporter" && out.iter().any(|p| p.kind == kind) {
-            return Err(format!("more than one {kind} plugin (only reporters can be several)"));
+            return Err(format!(
+                "more than one {kind} plugin (only reporters can be several)"
+            ));
         }
-        out.push(PluginSpec { kind, path: path.into() });
+        out.push(PluginSpec {
+            kind,
+            path: path.into(),
+        });
     }
     Ok(out)
 }
@@ -196,10 +231,23 @@ mod tests {
 
     #[test]
     fn kubernetes_keys_and_values() {
-        for ok in ["app", "app.kubernetes.io/name", "a-b_c.d", "example.com/X_y"] {
+        for ok in [
+            "app",
+            "app.kubernetes.io/name",
+            "a-b_c.d",
+            "example.com/X_y",
+        ] {
             assert!(check_k8s_key(ok).is_ok(), "{ok}");
         }
-        for bad in ["-a", "a-", "Example.com/a", "a/b/c", "", "x/", &"a".repeat(64)] {
+        for bad in [
+            "-a",
+            "a-",
+            "Example.com/a",
+            "a/b/c",
+            "",
+            "x/",
+            &"a".repeat(64),
+        ] {
             assert!(check_k8s_key(bad).is_err(), "{bad:?} accepted");
         }
         assert!(check_k8s_label_value("").is_ok());
@@ -211,7 +259,10 @@ mod tests {
     #[test]
     fn kv_lists() {
         assert_eq!(parse_kv_list("").unwrap(), vec![]);
-        assert_eq!(parse_kv_list(" A=1 , B=x=y ,").unwrap(), vec![("A".into(), "1".into()), ("B".into(), "x=y".into())]);
+        assert_eq!(
+            parse_kv_list(" A=1 , B=x=y ,").unwrap(),
+            vec![("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
         assert!(parse_kv_list("A").is_err());
         assert!(parse_kv_list("=1").is_err());
         assert!(check_env_name("_OK9").is_ok());

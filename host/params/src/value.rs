@@ -71,13 +71,22 @@ pub trait ParamValue: Sized {
 
 fn got(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 60 { format!("{}…", &s[..s.char_indices().nth(57).map_or(s.len(), |c| c.0)]) } else { s }
+    if s.len() > 60 {
+        format!(
+            "{}…",
+            &s[..s.char_indices().nth(57).map_or(s.len(), |c| c.0)]
+        )
+    } else {
+        s
+    }
 }
 
 impl ParamValue for String {
     const KIND: Kind = Kind::Str;
     fn from_json(v: &Value) -> Result<Self, String> {
-        v.as_str().map(str::to_owned).ok_or_else(|| format!("expected a string, got {}", got(v)))
+        v.as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("expected a string, got {}", got(v)))
     }
     fn from_text(s: &str) -> Result<Self, String> {
         Ok(s.to_owned())
@@ -100,7 +109,9 @@ impl ParamValue for i64 {
         }
     }
     fn from_text(s: &str) -> Result<Self, String> {
-        s.trim().parse().map_err(|_| format!("expected an integer, got {s:?}"))
+        s.trim()
+            .parse()
+            .map_err(|_| format!("expected an integer, got {s:?}"))
     }
     fn to_json(&self) -> Value {
         Value::from(*self)
@@ -110,7 +121,8 @@ impl ParamValue for i64 {
 impl ParamValue for f64 {
     const KIND: Kind = Kind::Float;
     fn from_json(v: &Value) -> Result<Self, String> {
-        v.as_f64().ok_or_else(|| format!("expected a number, got {}", got(v)))
+        v.as_f64()
+            .ok_or_else(|| format!("expected a number, got {}", got(v)))
     }
     fn from_text(s: &str) -> Result<Self, String> {
         match s.trim().parse::<f64>() {
@@ -126,7 +138,8 @@ impl ParamValue for f64 {
 impl ParamValue for bool {
     const KIND: Kind = Kind::Bool;
     fn from_json(v: &Value) -> Result<Self, String> {
-        v.as_bool().ok_or_else(|| format!("expected true or false, got {}", got(v)))
+        v.as_bool()
+            .ok_or_else(|| format!("expected true or false, got {}", got(v)))
     }
     fn from_text(s: &str) -> Result<Self, String> {
         match s.trim().to_ascii_lowercase().as_str() {
@@ -143,10 +156,13 @@ impl ParamValue for bool {
 impl ParamValue for serde_json::Map<String, Value> {
     const KIND: Kind = Kind::TaskConfig;
     fn from_json(v: &Value) -> Result<Self, String> {
-        v.as_object().cloned().ok_or_else(|| format!("expected a JSON object, got {}", got(v)))
+        v.as_object()
+            .cloned()
+            .ok_or_else(|| format!("expected a JSON object, got {}", got(v)))
     }
     fn from_text(s: &str) -> Result<Self, String> {
-        let v: Value = serde_json::from_str(s).map_err(|e| format!("expected a JSON object: {e}"))?;
+        let v: Value =
+            serde_json::from_str(s).map_err(|e| format!("expected a JSON object: {e}"))?;
         Self::from_json(&v)
     }
     fn to_json(&self) -> Value {
@@ -159,7 +175,11 @@ impl<T: ParamValue> ParamValue for Option<T> {
     const KIND: Kind = T::KIND;
     const OPTIONAL: bool = true;
     fn from_json(v: &Value) -> Result<Self, String> {
-        if v.is_null() { Ok(None) } else { T::from_json(v).map(Some) }
+        if v.is_null() {
+            Ok(None)
+        } else {
+            T::from_json(v).map(Some)
+        }
     }
     fn from_text(s: &str) -> Result<Self, String> {
         match s.trim() {

@@ -9,7 +9,10 @@ use serde_json::{Value, json};
 /// Feeds `set` (parameter name → JSON value, as a params file or KFP would) and returns the error text.
 fn refuse(set: &[(&str, Value)]) -> String {
     let mut l = Loader::new();
-    let map: serde_json::Map<String, Value> = set.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let map: serde_json::Map<String, Value> = set
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
     l.apply_kfp(&map);
     match l.finish() {
         Ok(r) => panic!("accepted a bad set {set:?}: {:?}", r.params_as_used()),
@@ -23,91 +26,409 @@ type Case = (Vec<(&'static str, Value)>, &'static str, &'static str);
 #[test]
 fn bad_parameter_sets_are_refused_naming_the_parameter() {
     let cases: Vec<Case> = vec![
-        (vec![("training_effective_batch_size", json!(0))], "training_effective_batch_size", ">= 1"),
-        (vec![("training_effective_batch_size", json!(-4))], "training_effective_batch_size", ">= 1"),
-        (vec![("training_max_tokens_per_gpu", json!(0))], "training_max_tokens_per_gpu", ">= 1"),
-        (vec![("training_max_seq_len", json!(-1))], "training_max_seq_len", ">= 1"),
-        (vec![("training_max_tokens_per_gpu", json!(1000)), ("training_max_seq_len", json!(2048))], "training_max_tokens_per_gpu", "training_max_seq_len"),
-        (vec![("training_learning_rate", json!(0.0))], "training_learning_rate", "> 0"),
-        (vec![("training_learning_rate", json!(-1e-4))], "training_learning_rate", "> 0"),
-        (vec![("training_lr_warmup_steps", json!(-1))], "training_lr_warmup_steps", ">= 0"),
-        (vec![("training_num_epochs", json!(0))], "training_num_epochs", ">= 1"),
-        (vec![("training_lr_scheduler", json!("cosine_annealing"))], "training_lr_scheduler", "cosine_with_restarts"),
-        (vec![("training_envs", json!("HF_HOME=/x,BROKEN"))], "training_envs", "KEY=VAL"),
-        (vec![("training_envs", json!("=value"))], "training_envs", "empty key"),
-        (vec![("training_envs", json!("1BAD=x"))], "training_envs", "environment variable name"),
-        (vec![("training_metadata_labels", json!("team"))], "training_metadata_labels", "KEY=VAL"),
-        (vec![("training_metadata_labels", json!("team=ml ops"))], "training_metadata_labels", "label value"),
-        (vec![("training_metadata_labels", json!("-team=ml"))], "training_metadata_labels", "key"),
-        (vec![("training_metadata_labels", json!("Example.COM/team=ml"))], "training_metadata_labels", "DNS subdomain"),
-        (vec![("training_metadata_annotations", json!("a/b/c=1"))], "training_metadata_annotations", "DNS subdomain"),
-        (vec![("training_resource_memory_per_worker", json!("32Gb"))], "training_resource_memory_per_worker", "memory quantity"),
-        (vec![("training_resource_memory_per_worker", json!("0Gi"))], "training_resource_memory_per_worker", "more than zero"),
-        (vec![("training_resource_cpu_per_worker", json!("four"))], "training_resource_cpu_per_worker", "CPU quantity"),
-        (vec![("training_resource_cpu_per_worker", json!("500x"))], "training_resource_cpu_per_worker", "CPU quantity"),
-        (vec![("training_resource_num_procs_per_worker", json!("many"))], "training_resource_num_procs_per_worker", "auto or an integer"),
-        (vec![("training_resource_num_procs_per_worker", json!("0"))], "training_resource_num_procs_per_worker", "auto or an integer"),
-        (vec![("training_resource_gpu_per_worker", json!(-1))], "training_resource_gpu_per_worker", ">= 0"),
-        (vec![("training_resource_num_workers", json!(0))], "training_resource_num_workers", ">= 1"),
-        (vec![("training_lora_r", json!(0))], "training_lora_r", ">= 1"),
-        (vec![("training_lora_alpha", json!(0))], "training_lora_alpha", ">= 1"),
-        (vec![("training_lora_dropout", json!(1.0))], "training_lora_dropout", "[0, 1)"),
-        (vec![("training_lora_dropout", json!(-0.1))], "training_lora_dropout", "[0, 1)"),
-        (vec![("training_lora_target_modules", json!("q_proj,v proj"))], "training_lora_target_modules", "module name"),
-        (vec![("training_lora_load_in_4bit", json!(true)), ("training_lora_load_in_8bit", json!(true))], "training_lora_load_in_8bit", "choose one"),
-        (vec![("training_fp16", json!(true)), ("training_bf16", json!(true))], "training_bf16", "choose one"),
-        (vec![("training_dataset_type", json!("sharegpt"))], "training_dataset_type", "chat_template, alpaca, passthrough"),
-        (vec![("training_field_messages", json!(""))], "training_field_messages", "non-empty"),
-        (vec![("training_runtime", json!("unsloth"))], "training_runtime", "training-hub, lora"),
-        (vec![("training_micro_batch_size", json!(0))], "training_micro_batch_size", ">= 1"),
-        (vec![("training_gradient_accumulation_steps", json!(-2))], "training_gradient_accumulation_steps", ">= 1"),
-        (vec![("training_save_steps", json!(0))], "training_save_steps", ">= 1"),
-        (vec![("training_eval_steps", json!(0))], "training_eval_steps", ">= 1"),
-        (vec![("training_logging_steps", json!(0))], "training_logging_steps", ">= 1"),
-        (vec![("training_save_total_limit", json!(0))], "training_save_total_limit", ">= 1"),
+        (
+            vec![("training_effective_batch_size", json!(0))],
+            "training_effective_batch_size",
+            ">= 1",
+        ),
+        (
+            vec![("training_effective_batch_size", json!(-4))],
+            "training_effective_batch_size",
+            ">= 1",
+        ),
+        (
+            vec![("training_max_tokens_per_gpu", json!(0))],
+            "training_max_tokens_per_gpu",
+            ">= 1",
+        ),
+        (
+            vec![("training_max_seq_len", json!(-1))],
+            "training_max_seq_len",
+            ">= 1",
+        ),
+        (
+            vec![
+                ("training_max_tokens_per_gpu", json!(1000)),
+                ("training_max_seq_len", json!(2048)),
+            ],
+            "training_max_tokens_per_gpu",
+            "training_max_seq_len",
+        ),
+        (
+            vec![("training_learning_rate", json!(0.0))],
+            "training_learning_rate",
+            "> 0",
+        ),
+        (
+            vec![("training_learning_rate", json!(-1e-4))],
+            "training_learning_rate",
+            "> 0",
+        ),
+        (
+            vec![("training_lr_warmup_steps", json!(-1))],
+            "training_lr_warmup_steps",
+            ">= 0",
+        ),
+        (
+            vec![("training_num_epochs", json!(0))],
+            "training_num_epochs",
+            ">= 1",
+        ),
+        (
+            vec![("training_lr_scheduler", json!("cosine_annealing"))],
+            "training_lr_scheduler",
+            "cosine_with_restarts",
+        ),
+        (
+            vec![("training_envs", json!("HF_HOME=/x,BROKEN"))],
+            "training_envs",
+            "KEY=VAL",
+        ),
+        (
+            vec![("training_envs", json!("=value"))],
+            "training_envs",
+            "empty key",
+        ),
+        (
+            vec![("training_envs", json!("1BAD=x"))],
+            "training_envs",
+            "environment variable name",
+        ),
+        (
+            vec![("training_metadata_labels", json!("team"))],
+            "training_metadata_labels",
+            "KEY=VAL",
+        ),
+        (
+            vec![("training_metadata_labels", json!("team=ml ops"))],
+            "training_metadata_labels",
+            "label value",
+        ),
+        (
+            vec![("training_metadata_labels", json!("-team=ml"))],
+            "training_metadata_labels",
+            "key",
+        ),
+        (
+            vec![("training_metadata_labels", json!("Example.COM/team=ml"))],
+            "training_metadata_labels",
+            "DNS subdomain",
+        ),
+        (
+            vec![("training_metadata_annotations", json!("a/b/c=1"))],
+            "training_metadata_annotations",
+            "DNS subdomain",
+        ),
+        (
+            vec![("training_resource_memory_per_worker", json!("32Gb"))],
+            "training_resource_memory_per_worker",
+            "memory quantity",
+        ),
+        (
+            vec![("training_resource_memory_per_worker", json!("0Gi"))],
+            "training_resource_memory_per_worker",
+            "more than zero",
+        ),
+        (
+            vec![("training_resource_cpu_per_worker", json!("four"))],
+            "training_resource_cpu_per_worker",
+            "CPU quantity",
+        ),
+        (
+            vec![("training_resource_cpu_per_worker", json!("500x"))],
+            "training_resource_cpu_per_worker",
+            "CPU quantity",
+        ),
+        (
+            vec![("training_resource_num_procs_per_worker", json!("many"))],
+            "training_resource_num_procs_per_worker",
+            "auto or an integer",
+        ),
+        (
+            vec![("training_resource_num_procs_per_worker", json!("0"))],
+            "training_resource_num_procs_per_worker",
+            "auto or an integer",
+        ),
+        (
+            vec![("training_resource_gpu_per_worker", json!(-1))],
+            "training_resource_gpu_per_worker",
+            ">= 0",
+        ),
+        (
+            vec![("training_resource_num_workers", json!(0))],
+            "training_resource_num_workers",
+            ">= 1",
+        ),
+        (
+            vec![("training_lora_r", json!(0))],
+            "training_lora_r",
+            ">= 1",
+        ),
+        (
+            vec![("training_lora_alpha", json!(0))],
+            "training_lora_alpha",
+            ">= 1",
+        ),
+        (
+            vec![("training_lora_dropout", json!(1.0))],
+            "training_lora_dropout",
+            "[0, 1)",
+        ),
+        (
+            vec![("training_lora_dropout", json!(-0.1))],
+            "training_lora_dropout",
+            "[0, 1)",
+        ),
+        (
+            vec![("training_lora_target_modules", json!("q_proj,v proj"))],
+            "training_lora_target_modules",
+            "module name",
+        ),
+        (
+            vec![
+                ("training_lora_load_in_4bit", json!(true)),
+                ("training_lora_load_in_8bit", json!(true)),
+            ],
+            "training_lora_load_in_8bit",
+            "choose one",
+        ),
+        (
+            vec![
+                ("training_fp16", json!(true)),
+                ("training_bf16", json!(true)),
+            ],
+            "training_bf16",
+            "choose one",
+        ),
+        (
+            vec![("training_dataset_type", json!("sharegpt"))],
+            "training_dataset_type",
+            "chat_template, alpaca, passthrough",
+        ),
+        (
+            vec![("training_field_messages", json!(""))],
+            "training_field_messages",
+            "non-empty",
+        ),
+        (
+            vec![("training_runtime", json!("unsloth"))],
+            "training_runtime",
+            "training-hub, lora",
+        ),
+        (
+            vec![("training_micro_batch_size", json!(0))],
+            "training_micro_batch_size",
+            ">= 1",
+        ),
+        (
+            vec![("training_gradient_accumulation_steps", json!(-2))],
+            "training_gradient_accumulation_steps",
+            ">= 1",
+        ),
+        (
+            vec![("training_save_steps", json!(0))],
+            "training_save_steps",
+            ">= 1",
+        ),
+        (
+            vec![("training_eval_steps", json!(0))],
+            "training_eval_steps",
+            ">= 1",
+        ),
+        (
+            vec![("training_logging_steps", json!(0))],
+            "training_logging_steps",
+            ">= 1",
+        ),
+        (
+            vec![("training_save_total_limit", json!(0))],
+            "training_save_total_limit",
+            ">= 1",
+        ),
         (vec![("training_seed", json!(-7))], "training_seed", ">= 0"),
-        (vec![("training_data_output_dir", json!(" "))], "training_data_output_dir", "directory"),
-        (vec![("training_base_model", json!(""))], "training_base_model", "model"),
-        (vec![("training_bad_records", json!("ignore"))], "training_bad_records", "error, skip"),
-        (vec![("training_validation_split", json!(1.0))], "training_validation_split", "[0, 1)"),
-        (vec![("training_long_sample_policy", json!("wrap"))], "training_long_sample_policy", "drop, truncate, error"),
-        (vec![("training_max_steps", json!(0))], "training_max_steps", ">= 1"),
-        (vec![("training_weight_decay", json!(-0.1))], "training_weight_decay", ">= 0"),
-        (vec![("training_max_grad_norm", json!(0.0))], "training_max_grad_norm", "> 0"),
-        (vec![("training_device", json!("tpu"))], "training_device", "auto, cpu, cuda"),
-        (vec![("training_resume", json!("always"))], "training_resume", "auto, never"),
-        (vec![("training_plugins", json!("optimizer=/x.wasm"))], "training_plugins", "plugin kind"),
-        (vec![("training_plugins", json!("scheduler=a.wasm,scheduler=b.wasm"))], "training_plugins", "more than one scheduler"),
-        (vec![("training_plugin_config", json!("[1,2]"))], "training_plugin_config", "JSON object"),
-        (vec![("training_lr_scheduler_kwargs", json!("{num_cycles: 2}"))], "training_lr_scheduler_kwargs", "not valid JSON"),
+        (
+            vec![("training_data_output_dir", json!(" "))],
+            "training_data_output_dir",
+            "directory",
+        ),
+        (
+            vec![("training_base_model", json!(""))],
+            "training_base_model",
+            "model",
+        ),
+        (
+            vec![("training_bad_records", json!("ignore"))],
+            "training_bad_records",
+            "error, skip",
+        ),
+        (
+            vec![("training_validation_split", json!(1.0))],
+            "training_validation_split",
+            "[0, 1)",
+        ),
+        (
+            vec![("training_long_sample_policy", json!("wrap"))],
+            "training_long_sample_policy",
+            "drop, truncate, error",
+        ),
+        (
+            vec![("training_max_steps", json!(0))],
+            "training_max_steps",
+            ">= 1",
+        ),
+        (
+            vec![("training_weight_decay", json!(-0.1))],
+            "training_weight_decay",
+            ">= 0",
+        ),
+        (
+            vec![("training_max_grad_norm", json!(0.0))],
+            "training_max_grad_norm",
+            "> 0",
+        ),
+        (
+            vec![("training_device", json!("tpu"))],
+            "training_device",
+            "auto, cpu, cuda",
+        ),
+        (
+            vec![("training_resume", json!("always"))],
+            "training_resume",
+            "auto, never",
+        ),
+        (
+            vec![("training_plugins", json!("optimizer=/x.wasm"))],
+            "training_plugins",
+            "plugin kind",
+        ),
+        (
+            vec![(
+                "training_plugins",
+                json!("scheduler=a.wasm,scheduler=b.wasm"),
+            )],
+            "training_plugins",
+            "more than one scheduler",
+        ),
+        (
+            vec![("training_plugin_config", json!("[1,2]"))],
+            "training_plugin_config",
+            "JSON object",
+        ),
+        (
+            vec![("training_lr_scheduler_kwargs", json!("{num_cycles: 2}"))],
+            "training_lr_scheduler_kwargs",
+            "not valid JSON",
+        ),
         // wrong types, as a params file or KFP would send them
-        (vec![("training_lora_r", json!("16"))], "training_lora_r", "expected an integer"),
-        (vec![("training_lora_r", json!(16.5))], "training_lora_r", "expected an integer"),
-        (vec![("training_learning_rate", json!("fast"))], "training_learning_rate", "expected a number"),
-        (vec![("training_bf16", json!("yes"))], "training_bf16", "expected true or false"),
-        (vec![("kubernetes_config", json!([1]))], "kubernetes_config", "JSON object"),
+        (
+            vec![("training_lora_r", json!("16"))],
+            "training_lora_r",
+            "expected an integer",
+        ),
+        (
+            vec![("training_lora_r", json!(16.5))],
+            "training_lora_r",
+            "expected an integer",
+        ),
+        (
+            vec![("training_learning_rate", json!("fast"))],
+            "training_learning_rate",
+            "expected a number",
+        ),
+        (
+            vec![("training_bf16", json!("yes"))],
+            "training_bf16",
+            "expected true or false",
+        ),
+        (
+            vec![("kubernetes_config", json!([1]))],
+            "kubernetes_config",
+            "JSON object",
+        ),
         // features not built: refused by name with the reason
-        (vec![("training_lora_load_in_4bit", json!(true))], "training_lora_load_in_4bit", "not built"),
-        (vec![("training_lora_load_in_8bit", json!(true))], "training_lora_load_in_8bit", "not built"),
-        (vec![("training_lora_bnb_4bit_quant_type", json!("nf4"))], "training_lora_bnb_4bit_quant_type", "4-bit"),
-        (vec![("training_lora_bnb_4bit_compute_dtype", json!("bfloat16"))], "training_lora_bnb_4bit_compute_dtype", "4-bit"),
-        (vec![("training_lora_bnb_4bit_use_double_quant", json!(false))], "training_lora_bnb_4bit_use_double_quant", "4-bit"),
-        (vec![("training_resource_num_workers", json!(2))], "training_resource_num_workers", "not built"),
-        (vec![("training_resource_num_procs_per_worker", json!("4"))], "training_resource_num_procs_per_worker", "not built"),
-        (vec![("training_enable_model_splitting", json!(true))], "training_enable_model_splitting", "not built"),
-        (vec![("training_fp16", json!(true))], "training_fp16", "bf16"),
-        (vec![("training_wandb_project", json!("p"))], "training_wandb_project", "reporter plugin"),
-        (vec![("training_wandb_entity", json!("e"))], "training_wandb_entity", "reporter plugin"),
-        (vec![("training_wandb_run_name", json!("r"))], "training_wandb_run_name", "reporter plugin"),
-        (vec![("training_tensorboard_log_dir", json!("/tb"))], "training_tensorboard_log_dir", "reporter plugin"),
+        (
+            vec![("training_lora_load_in_4bit", json!(true))],
+            "training_lora_load_in_4bit",
+            "not built",
+        ),
+        (
+            vec![("training_lora_load_in_8bit", json!(true))],
+            "training_lora_load_in_8bit",
+            "not built",
+        ),
+        (
+            vec![("training_lora_bnb_4bit_quant_type", json!("nf4"))],
+            "training_lora_bnb_4bit_quant_type",
+            "4-bit",
+        ),
+        (
+            vec![("training_lora_bnb_4bit_compute_dtype", json!("bfloat16"))],
+            "training_lora_bnb_4bit_compute_dtype",
+            "4-bit",
+        ),
+        (
+            vec![("training_lora_bnb_4bit_use_double_quant", json!(false))],
+            "training_lora_bnb_4bit_use_double_quant",
+            "4-bit",
+        ),
+        (
+            vec![("training_resource_num_workers", json!(2))],
+            "training_resource_num_workers",
+            "not built",
+        ),
+        (
+            vec![("training_resource_num_procs_per_worker", json!("4"))],
+            "training_resource_num_procs_per_worker",
+            "not built",
+        ),
+        (
+            vec![("training_enable_model_splitting", json!(true))],
+            "training_enable_model_splitting",
+            "not built",
+        ),
+        (
+            vec![("training_fp16", json!(true))],
+            "training_fp16",
+            "bf16",
+        ),
+        (
+            vec![("training_wandb_project", json!("p"))],
+            "training_wandb_project",
+            "reporter plugin",
+        ),
+        (
+            vec![("training_wandb_entity", json!("e"))],
+            "training_wandb_entity",
+            "reporter plugin",
+        ),
+        (
+            vec![("training_wandb_run_name", json!("r"))],
+            "training_wandb_run_name",
+            "reporter plugin",
+        ),
+        (
+            vec![("training_tensorboard_log_dir", json!("/tb"))],
+            "training_tensorboard_log_dir",
+            "reporter plugin",
+        ),
         // unknown names
-        (vec![("training_lora_rank", json!(8))], "training_lora_rank", "did you mean `training_lora_r`"),
+        (
+            vec![("training_lora_rank", json!(8))],
+            "training_lora_rank",
+            "did you mean `training_lora_r`",
+        ),
     ];
     assert!(cases.len() >= 30);
     for (set, param, reason) in &cases {
         let msg = refuse(set);
-        assert!(msg.contains(param), "message for {set:?} does not name {param}:\n{msg}");
-        assert!(msg.contains(reason), "message for {set:?} does not say {reason:?}:\n{msg}");
+        assert!(
+            msg.contains(param),
+            "message for {set:?} does not name {param}:\n{msg}"
+        );
+        assert!(
+            msg.contains(reason),
+            "message for {set:?} does not say {reason:?}:\n{msg}"
+        );
     }
 }
 
@@ -121,7 +442,13 @@ fn every_problem_is_reported_at_once() {
         ("training_lora_dropuot", json!(0.1)),
     ]);
     assert!(msg.starts_with("5 parameter problems"), "{msg}");
-    for p in ["training_lora_r", "training_lr_scheduler", "training_envs", "training_lora_load_in_4bit", "did you mean `training_lora_dropout`"] {
+    for p in [
+        "training_lora_r",
+        "training_lr_scheduler",
+        "training_envs",
+        "training_lora_load_in_4bit",
+        "did you mean `training_lora_dropout`",
+    ] {
         assert!(msg.contains(p), "missing {p} in:\n{msg}");
     }
 }
@@ -134,15 +461,33 @@ fn defaults_resolve_to_training_hub_values() {
     assert_eq!(r.lr_warmup_steps, 10);
     assert_eq!(r.lr_scheduler, "linear");
     assert!(r.sample_packing && r.bf16 && r.flash_attention);
-    assert!(!r.tf32 && !r.use_rslora && !r.use_dora && !r.checkpoint_at_epoch && !r.train_on_inputs);
+    assert!(
+        !r.tf32 && !r.use_rslora && !r.use_dora && !r.checkpoint_at_epoch && !r.train_on_inputs
+    );
     assert_eq!(r.seed, 3407);
     assert!(r.notes.iter().any(|n| n.contains("3407")), "{:?}", r.notes);
-    assert_eq!((r.logging_steps, r.save_steps, r.eval_steps, r.save_total_limit), (1, 500, 500, 3));
+    assert_eq!(
+        (
+            r.logging_steps,
+            r.save_steps,
+            r.eval_steps,
+            r.save_total_limit
+        ),
+        (1, 500, 500, 3)
+    );
     // micro batch = effective_batch_size // (grad_accum * world_size)
-    assert_eq!((r.micro_batch_size, r.gradient_accumulation_steps), (128, 1));
+    assert_eq!(
+        (r.micro_batch_size, r.gradient_accumulation_steps),
+        (128, 1)
+    );
     assert_eq!(r.dataset_type, "chat_template");
     assert_eq!(
-        (r.field_messages.as_str(), r.field_instruction.as_str(), r.field_input.as_str(), r.field_output.as_str()),
+        (
+            r.field_messages.as_str(),
+            r.field_instruction.as_str(),
+            r.field_input.as_str(),
+            r.field_output.as_str()
+        ),
         ("messages", "instruction", "input", "output")
     );
     assert_eq!((r.weight_decay, r.max_grad_norm), (0.01, 0.3));
@@ -152,32 +497,48 @@ fn defaults_resolve_to_training_hub_values() {
     // every parameter is in the resolved JSON
     let json = r.to_json();
     for d in PARAMS {
-        assert!(json.contains_key(d.name), "{} missing from the resolved JSON", d.name);
+        assert!(
+            json.contains_key(d.name),
+            "{} missing from the resolved JSON",
+            d.name
+        );
     }
 }
 
 #[test]
 fn micro_batch_follows_gradient_accumulation() {
     let mut l = Loader::new();
-    l.apply_cli("training_effective_batch_size", "64").apply_cli("training_gradient_accumulation_steps", "4");
+    l.apply_cli("training_effective_batch_size", "64")
+        .apply_cli("training_gradient_accumulation_steps", "4");
     let r = l.finish().unwrap();
     assert_eq!((r.micro_batch_size, r.gradient_accumulation_steps), (16, 4));
     let mut l = Loader::new();
-    l.apply_cli("training_effective_batch_size", "64").apply_cli("training_micro_batch_size", "8");
+    l.apply_cli("training_effective_batch_size", "64")
+        .apply_cli("training_micro_batch_size", "8");
     let r = l.finish().unwrap();
     assert_eq!((r.micro_batch_size, r.gradient_accumulation_steps), (8, 8));
     let mut l = Loader::new();
-    l.apply_cli("training_effective_batch_size", "3").apply_cli("training_gradient_accumulation_steps", "4");
+    l.apply_cli("training_effective_batch_size", "3")
+        .apply_cli("training_gradient_accumulation_steps", "4");
     let r = l.finish().unwrap();
     assert_eq!(r.micro_batch_size, 1, "at least 1");
-    assert!(r.notes.iter().any(|n| n.contains("not training_effective_batch_size 3")), "{:?}", r.notes);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("not training_effective_batch_size 3")),
+        "{:?}",
+        r.notes
+    );
 }
 
 fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("lora-params-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
-    std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     path
 }
 
@@ -189,7 +550,12 @@ fn precedence_is_defaults_file_env_cli_kfp() {
     );
     let mut l = Loader::new();
     l.apply_file(&file)
-        .apply_env([("LORA_TRAINING_LORA_ALPHA", "16"), ("LORA_TRAINING_NUM_EPOCHS", "6"), ("LORA_TRAINING_SEED", "2"), ("HOME", "/root")])
+        .apply_env([
+            ("LORA_TRAINING_LORA_ALPHA", "16"),
+            ("LORA_TRAINING_NUM_EPOCHS", "6"),
+            ("LORA_TRAINING_SEED", "2"),
+            ("HOME", "/root"),
+        ])
         .apply_cli("training_num_epochs", "7")
         .apply_cli("training_seed", "3");
     let mut kfp = serde_json::Map::new();
@@ -202,9 +568,22 @@ fn precedence_is_defaults_file_env_cli_kfp() {
     assert_eq!(r.seed, 4, "kfp over cli");
     assert_eq!(r.learning_rate, 1e-3);
     assert_eq!(r.lora_dropout, 0.0, "default");
-    assert_eq!(r.sources["training_lora_r"], Source::File { path: file.clone() });
-    assert_eq!(r.sources["training_lora_alpha"], Source::Env { var: "LORA_TRAINING_LORA_ALPHA".into() });
-    assert_eq!(r.sources["training_num_epochs"], Source::Cli { flag: "--training-num-epochs".into() });
+    assert_eq!(
+        r.sources["training_lora_r"],
+        Source::File { path: file.clone() }
+    );
+    assert_eq!(
+        r.sources["training_lora_alpha"],
+        Source::Env {
+            var: "LORA_TRAINING_LORA_ALPHA".into()
+        }
+    );
+    assert_eq!(
+        r.sources["training_num_epochs"],
+        Source::Cli {
+            flag: "--training-num-epochs".into()
+        }
+    );
     assert_eq!(r.sources["training_seed"], Source::Kfp);
     assert_eq!(r.sources["training_lora_dropout"], Source::Default);
 }
@@ -217,19 +596,34 @@ fn kfp_null_means_unset_and_integers_may_be_doubles() {
     let mut l = Loader::new();
     l.apply_cli("training_learning_rate", "0.5").apply_kfp(&kfp);
     let r = l.finish().unwrap();
-    assert_eq!(r.learning_rate, 2e-4, "null from KFP unsets, so the training_hub default applies");
+    assert_eq!(
+        r.learning_rate, 2e-4,
+        "null from KFP unsets, so the training_hub default applies"
+    );
     assert_eq!(r.effective_batch_size, 32);
 }
 
 #[test]
 fn params_file_unknown_key_suggests_the_name_and_names_the_file() {
-    let file = temp_file("bad.json", r#"{"training_lora_alpah": 8, "training_num_epochs": "three"}"#);
+    let file = temp_file(
+        "bad.json",
+        r#"{"training_lora_alpah": 8, "training_num_epochs": "three"}"#,
+    );
     let mut l = Loader::new();
     l.apply_file(&file);
     let msg = l.finish().unwrap_err().to_string();
-    assert!(msg.contains("training_lora_alpah") && msg.contains("did you mean `training_lora_alpha`"), "{msg}");
-    assert!(msg.contains("training_num_epochs") && msg.contains("expected an integer"), "{msg}");
-    assert!(msg.contains(&file.display().to_string()), "the file is named: {msg}");
+    assert!(
+        msg.contains("training_lora_alpah") && msg.contains("did you mean `training_lora_alpha`"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("training_num_epochs") && msg.contains("expected an integer"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&file.display().to_string()),
+        "the file is named: {msg}"
+    );
 }
 
 #[test]
@@ -243,27 +637,50 @@ fn params_file_that_is_not_an_object_or_not_parseable_is_refused() {
         let mut l = Loader::new();
         l.apply_file(&file);
         let msg = l.finish().unwrap_err().to_string();
-        assert!(msg.contains("--params") && msg.contains(want), "{name}: {msg}");
+        assert!(
+            msg.contains("--params") && msg.contains(want),
+            "{name}: {msg}"
+        );
     }
     let mut l = Loader::new();
     l.apply_file(std::path::Path::new("/nonexistent/params.yaml"));
-    assert!(l.finish().unwrap_err().to_string().contains("cannot read the params file"));
+    assert!(
+        l.finish()
+            .unwrap_err()
+            .to_string()
+            .contains("cannot read the params file")
+    );
 }
 
 #[test]
 fn env_wrong_type_and_unknown_names_the_variable() {
     let mut l = Loader::new();
-    l.apply_env([("LORA_TRAINING_LORA_R", "sixteen"), ("LORA_TRAINING_LORA_RR", "1"), ("LORA_BLESS", "1")]);
+    l.apply_env([
+        ("LORA_TRAINING_LORA_R", "sixteen"),
+        ("LORA_TRAINING_LORA_RR", "1"),
+        ("LORA_BLESS", "1"),
+    ]);
     let msg = l.finish().unwrap_err().to_string();
-    assert!(msg.contains("environment variable LORA_TRAINING_LORA_R") && msg.contains("expected an integer"), "{msg}");
-    assert!(msg.contains("training_lora_rr") && msg.contains("did you mean `training_lora_r`"), "{msg}");
-    assert!(!msg.contains("bless"), "LORA_* variables that are not training parameters are not ours: {msg}");
+    assert!(
+        msg.contains("environment variable LORA_TRAINING_LORA_R")
+            && msg.contains("expected an integer"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("training_lora_rr") && msg.contains("did you mean `training_lora_r`"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("bless"),
+        "LORA_* variables that are not training parameters are not ours: {msg}"
+    );
 }
 
 #[test]
 fn optional_values_can_be_unset_from_text_and_booleans_take_values() {
     let mut l = Loader::new();
-    l.apply_env([("LORA_TRAINING_SEED", "5"), ("LORA_TRAINING_BF16", "false")]).apply_cli("training_seed", "none");
+    l.apply_env([("LORA_TRAINING_SEED", "5"), ("LORA_TRAINING_BF16", "false")])
+        .apply_cli("training_seed", "none");
     let r = l.finish().unwrap();
     assert_eq!(r.seed, 3407, "`none` unsets");
     assert!(!r.bf16, "an explicit false is kept");
@@ -273,19 +690,34 @@ fn optional_values_can_be_unset_from_text_and_booleans_take_values() {
 fn accepted_forms() {
     let mut l = Loader::new();
     for (k, v) in [
-        ("training_envs", "HF_HOME=/pvc/.cache, TOKENIZERS_PARALLELISM=false,URL=a=b"),
-        ("training_metadata_labels", "app.kubernetes.io/name=lora,team=ml_ops.1,empty="),
-        ("training_metadata_annotations", "example.com/note=any text: here"),
+        (
+            "training_envs",
+            "HF_HOME=/pvc/.cache, TOKENIZERS_PARALLELISM=false,URL=a=b",
+        ),
+        (
+            "training_metadata_labels",
+            "app.kubernetes.io/name=lora,team=ml_ops.1,empty=",
+        ),
+        (
+            "training_metadata_annotations",
+            "example.com/note=any text: here",
+        ),
         ("training_resource_memory_per_worker", "500M"),
         ("training_resource_cpu_per_worker", "500m"),
         ("training_resource_num_procs_per_worker", "1"),
-        ("training_plugins", "preprocessor=/p/a.wasm,reporter=/p/b.wasm,reporter=/p/c.wasm"),
+        (
+            "training_plugins",
+            "preprocessor=/p/a.wasm,reporter=/p/b.wasm,reporter=/p/c.wasm",
+        ),
         ("training_plugin_config", r#"{"reporter": {"dir": "/out"}}"#),
         ("training_lr_scheduler", "cosine_with_restarts"),
         ("training_lr_scheduler_kwargs", r#"{"num_cycles": 2}"#),
         ("training_lora_target_modules", "q_proj, v_proj"),
         ("training_runtime", "lora"),
-        ("kubernetes_config", r#"{"resources": {"limits": {"cpu": "2"}}}"#),
+        (
+            "kubernetes_config",
+            r#"{"resources": {"limits": {"cpu": "2"}}}"#,
+        ),
     ] {
         l.apply_cli(k, v);
     }
@@ -305,9 +737,15 @@ fn schema_lists_every_parameter_with_its_default() {
     let props = schema["properties"].as_object().unwrap();
     assert_eq!(props.len(), PARAMS.len());
     assert_eq!(props["training_lora_r"]["default"], json!(16));
-    assert_eq!(props["training_learning_rate"]["type"], json!(["number", "null"]));
+    assert_eq!(
+        props["training_learning_rate"]["type"],
+        json!(["number", "null"])
+    );
     assert_eq!(props["training_train_on_inputs"]["x-addition"], json!(true));
-    assert_eq!(props["training_lora_r"]["x-env"], json!("LORA_TRAINING_LORA_R"));
+    assert_eq!(
+        props["training_lora_r"]["x-env"],
+        json!("LORA_TRAINING_LORA_R")
+    );
 }
 
 #[test]
@@ -322,9 +760,18 @@ fn the_reference_parameters_are_all_defined() {
         assert_eq!(d.origin, lora_params::Origin::Reference, "{n}");
     }
     let d = |n| lora_params::param_def(n).unwrap();
-    assert_eq!(d("training_base_model").default_json(), json!("Qwen/Qwen2.5-1.5B-Instruct"));
-    assert_eq!(d("training_resource_memory_per_worker").default_json(), json!("32Gi"));
-    assert_eq!(d("training_resource_num_procs_per_worker").default_json(), json!("auto"));
+    assert_eq!(
+        d("training_base_model").default_json(),
+        json!("Qwen/Qwen2.5-1.5B-Instruct")
+    );
+    assert_eq!(
+        d("training_resource_memory_per_worker").default_json(),
+        json!("32Gi")
+    );
+    assert_eq!(
+        d("training_resource_num_procs_per_worker").default_json(),
+        json!("auto")
+    );
     assert_eq!(d("training_runtime").default_json(), json!("training-hub"));
     assert!(d("training_seed").optional && d("training_seed").default_json().is_null());
 }
@@ -335,5 +782,8 @@ fn a_path_in_a_params_file_says_which_flag_takes_it() {
     let mut l = Loader::new();
     l.apply_file(&file);
     let msg = l.finish().unwrap_err().to_string();
-    assert!(msg.contains("pvc_path") && msg.contains("--pvc-path"), "{msg}");
+    assert!(
+        msg.contains("pvc_path") && msg.contains("--pvc-path"),
+        "{msg}"
+    );
 }
