@@ -308,13 +308,28 @@ fn rmsnorm(c: &mut Ctx) {
     }
 }
 
-/// `inv_freq` tables standing for the scaling types (each is folded into inv_freq by the engine):
-/// default (theta 1e4), linear (/4), and a llama3-style per-band mix.
-fn inv_freqs(hd: usize) -> Vec<(&'static str, Vec<f32>)> {
-    let base: Vec<f32> = (0..hd / 2).map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32)).collect();
-    let linear = base.iter().map(|f| f / 4.0).collect();
-    let llama3 = base.iter().enumerate().map(|(i, f)| if i < hd / 8 { *f } else if i < hd / 4 { f / 3.0 } else { f / 8.0 }).collect();
-    vec![("default", base), ("linear", linear), ("llama3-like", llama3)]
+/// The engine's `inv_freq` table for every RoPE scaling type it supports (scaling is folded
+/// into inv_freq, so the kernel is the same for all): none, linear, dynamic NTK (past the
+/// trained length) and Llama 3.
+fn inv_freqs(hd: usize, max_pos: usize) -> Vec<(&'static str, Vec<f32>)> {
+    use crate::config::{ModelConfig, RopeScaling};
+    let mut cfg = ModelConfig::tiny_llama(16);
+    cfg.head_dim = hd;
+    cfg.rope_theta = 500_000.0;
+    cfg.max_position_embeddings = 1024;
+    let kinds = [
+        ("none", RopeScaling::None),
+        ("linear", RopeScaling::Linear { factor: 4.0 }),
+        ("dynamic", RopeScaling::Dynamic { factor: 2.0 }),
+        ("llama3", RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 }),
+    ];
+    kinds
+        .into_iter()
+        .map(|(name, s)| {
+            cfg.rope_scaling = s;
+            (name, cfg.rope_inv_freq(max_pos))
+        })
+        .collect()
 }
 
 fn rope(c: &mut Ctx) {
@@ -322,7 +337,7 @@ fn rope(c: &mut Ctx) {
         let t: usize = docs.iter().sum();
         let pos: Vec<u32> = docs.iter().flat_map(|&n| 0..n as u32).collect();
         let x = c.vec(t * heads * hd, 1.0);
-        for (kind, inv) in inv_freqs(hd) {
+        for (kind, inv) in inv_freqs(hd, t) {
             for inverse in [false, true] {
                 let shape = format!("t{t} h{heads} hd{hd} {kind}");
                 let op = if inverse { "rope (inverse)" } else { "rope" };
