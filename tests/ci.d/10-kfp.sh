@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
 venv="$root/.venv-kfp"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import kfp, yaml; assert kfp.__version__ == "2.17.3"' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import kfp, yaml, jsonschema; assert kfp.__version__ == "2.17.3"' 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check 'kfp==2.17.3' 'pyyaml>=6'
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'kfp==2.17.3' 'pyyaml>=6' 'jsonschema>=4'
 fi
 cargo build -p lora --quiet
 target_dir=$(cargo metadata --format-version 1 --no-deps | "$venv/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')

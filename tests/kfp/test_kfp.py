@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 
+import jsonschema
 import yaml
 from google.protobuf import json_format
 from kfp import compiler, components
@@ -75,6 +76,16 @@ def test_component_loads_and_matches_the_binary():
     cmd = spec.implementation.container.command
     check(cmd == ["lora", "kfp", "--executor-input", "{{$}}"], f"command {cmd}")
     return comp
+
+
+def test_json_schema_is_valid_and_checks_params_files():
+    schema = json.loads(lora("params", "--json-schema").stdout)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    v = jsonschema.Draft202012Validator(schema)
+    good = {"training_lora_r": 8, "training_learning_rate": None, "kubernetes_config": {"env": []}}
+    check(not list(v.iter_errors(good)), "a good params file passes the schema")
+    bad = {"training_lora_rr": 8, "training_lora_r": "x"}
+    check(len(list(v.iter_errors(bad))) == 2, "the schema refuses unknown keys and wrong types")
 
 
 def compile_pipeline(tmp):
@@ -208,6 +219,7 @@ def test_executor_output_parses_as_the_launcher_parses_it(spec):
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_component_loads_and_matches_the_binary()
+        test_json_schema_is_valid_and_checks_params_files()
         spec = compile_pipeline(pathlib.Path(tmp))
         test_executor_input_is_read(spec)
         test_executor_output_parses_as_the_launcher_parses_it(spec)
