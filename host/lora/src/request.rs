@@ -103,6 +103,33 @@ fn non_empty_dir(p: &std::path::Path) -> bool {
 }
 
 impl RunRequest {
+    /// A local run as `lora train` builds it with the default artifact flags, every output under
+    /// `root` (`root/model`, `root/metrics.json`, `root/loss_chart.html`, `root/workspace`).
+    /// For tests and embedders.
+    pub fn local(
+        params: ResolvedParams,
+        dataset: Option<PathBuf>,
+        root: &std::path::Path,
+    ) -> RunRequest {
+        RunRequest {
+            kubernetes_config: params.kubernetes_config.clone().map(Value::Object),
+            params,
+            dataset: DatasetInput {
+                path: dataset,
+                metadata: Map::new(),
+            },
+            outputs: OutputPaths {
+                model: root.join("model"),
+                metrics: root.join("metrics.json"),
+                loss_chart: root.join("loss_chart.html"),
+                executor_output: None,
+                output_parameter: None,
+            },
+            pvc_path: root.join("workspace"),
+            kfp: None,
+        }
+    }
+
     pub fn workspace(&self) -> Workspace {
         let pvc = &self.pvc_path;
         let checkpoints = pvc.join("checkpoints");
