@@ -29,6 +29,10 @@ pub enum CliError {
     /// The run failed (exit 1).
     #[error(transparent)]
     Run(anyhow::Error),
+    /// `--help`, `--version` or a usage error: clap prints it and picks the exit code
+    /// (`main` calls [`clap::Error::exit`]).
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
 }
 
 impl From<ParamErrors> for CliError {
@@ -51,6 +55,7 @@ impl CliError {
         match self {
             CliError::Params(_) | CliError::Input(_) => 2,
             CliError::Run(_) => 1,
+            CliError::Clap(e) => u8::try_from(e.exit_code()).unwrap_or(2),
         }
     }
 
@@ -66,6 +71,7 @@ impl CliError {
             CliError::Run(_) => {
                 "hint: the run stopped; with training_resume=auto (the default) running the same command again resumes from the newest complete checkpoint"
             }
+            CliError::Clap(_) => "",
         }
     }
 }
@@ -156,12 +162,12 @@ pub fn command() -> Command {
 }
 
 /// Runs the command line `args` (including the program name) with environment `env`.
-/// Clap's own errors (`--help`, unknown flags) exit through clap.
+/// Clap's own outcomes (`--help`, unknown flags) come back as [`CliError::Clap`].
 pub fn run(
     args: impl IntoIterator<Item = OsString>,
     env: Vec<(String, String)>,
 ) -> Result<(), CliError> {
-    let matches = command().get_matches_from(args);
+    let matches = command().try_get_matches_from(args)?;
     match matches.subcommand() {
         Some(("train", m)) => train(m, env),
         Some(("kfp", m)) => kfp(m, env),

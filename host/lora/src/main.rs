@@ -7,6 +7,7 @@ fn main() -> ExitCode {
     let env: Vec<(String, String)> = std::env::vars().collect();
     match lora::cli::run(std::env::args_os(), env) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(lora::cli::CliError::Clap(e)) => e.exit(),
         Err(e) => {
             eprintln!("error: {e}");
             let mut source = std::error::Error::source(&e);
