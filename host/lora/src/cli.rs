@@ -77,12 +77,8 @@ impl CliError {
 }
 
 fn param_help(d: &lora_params::ParamDef) -> String {
-    format!(
-        "{} [default: {}] [env: {}]",
-        d.help,
-        d.default_display(),
-        d.env_var()
-    )
+    let unset = if d.optional { " (`none` unsets)" } else { "" };
+    format!("{}{unset} [default: {}] [env: {}]", d.help, d.default_display(), d.env_var())
 }
 
 fn param_args(cmd: Command) -> Command {
