@@ -105,10 +105,6 @@ def run_one(args, shape, name, liger, checkpointing):
         result["oom"] = True
     except ImportError as e:
         result["skipped"] = f"import failed: {e}"
-    finally:
-        gc.collect()
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
     return result
 
 
@@ -140,6 +136,11 @@ def main():
         res = run_one(args, shape, c, liger, c.endswith("+ckpt"))
         res["shape"] = args.shape
         print(json.dumps(res), flush=True)
+        # The model of this configuration is unreachable now: give its memory back before the next.
+        gc.collect()
+        if args.device == "cuda":
+            import torch
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

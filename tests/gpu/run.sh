@@ -14,6 +14,15 @@
 #   bash tests/gpu/run.sh target/release/lora            # on the GPU machine
 #   bash tests/gpu/run.sh --dry target/debug/lora        # here, CPU only: shakes out the script
 #
+# With the session's device tool (no Rust there, so carry the binary; tests/gpu/bin and
+# tests/gpu/wheels are git-ignored):
+#   cargo build --release -p lora && mkdir -p tests/gpu/bin && cp "$CARGO_TARGET_DIR/release/lora" tests/gpu/bin/
+#   pip download liger-kernel --no-deps -d tests/gpu/wheels
+#   run: command "bash tests/gpu/run.sh tests/gpu/bin/lora", carry ["tests/gpu/bin", "tests/gpu/wheels"],
+#        timeout_s 600. It writes 7 files under $OUT (the tool returns at most 8).
+# Each phase has its own time limit (SELFTEST_TIMEOUT 180 s, BENCH_TIMEOUT 200 s,
+# PEFT_TIMEOUT 200 s) so one slow phase cannot eat the whole device budget.
+#
 # Environment: LORA_BENCH_ARGS overrides the bench arguments; PEFT_CONFIGS the PEFT list;
 # LORA_CUDA_INCLUDE / CUDA_HOME point NVRTC at the CUDA headers (default /usr/local/cuda/include).
 set -uo pipefail
@@ -50,7 +59,7 @@ echo "binary: $bin ($("$bin" --version 2>&1 | head -1)); device $device; logs in
 
 note "1. lora selftest --device $device"
 if "$bin" selftest --help > /dev/null 2>&1; then
-    "$bin" selftest --device "$device" > "$out/selftest.txt" 2>&1 || fail "selftest (exit $?)"
+    timeout "${SELFTEST_TIMEOUT:-180}" "$bin" selftest --device "$device" > "$out/selftest.txt" 2>&1 || fail "selftest (exit $?; 124 = timed out)"
     tail -n 80 "$out/selftest.txt" | tee -a "$out/summary.txt"
 else
     fail "this binary has no 'selftest' subcommand (wire lora_engine::selftest::run into the CLI)"
@@ -64,7 +73,7 @@ if "$bin" bench --help > /dev/null 2>&1; then
     fi
     echo "lora bench $bench_args" | tee -a "$out/summary.txt"
     # shellcheck disable=SC2086
-    "$bin" bench $bench_args > "$out/bench_lora.txt" 2>&1 || fail "lora bench (exit $?)"
+    timeout "${BENCH_TIMEOUT:-200}" "$bin" bench $bench_args > "$out/bench_lora.txt" 2>&1 || fail "lora bench (exit $?; 124 = timed out)"
     cat "$out/bench_lora.txt" | tee -a "$out/summary.txt"
 else
     fail "this binary has no 'bench' subcommand"
@@ -76,8 +85,8 @@ if [ -d "$here/wheels" ] && ls "$here"/wheels/*.whl > /dev/null 2>&1; then
         > "$out/pip_liger.txt" 2>&1 || echo "liger wheel did not install (see pip_liger.txt); Liger rows are skipped"
 fi
 # shellcheck disable=SC2086
-"$py" "$here/peft_bench.py" $peft_args --configs "${PEFT_CONFIGS:-peft,peft+ckpt,liger,liger+ckpt}" \
-    > "$out/bench_peft.jsonl" 2> "$out/bench_peft.stderr" || fail "peft_bench.py (exit $?; see bench_peft.stderr)"
+timeout "${PEFT_TIMEOUT:-200}" "$py" "$here/peft_bench.py" $peft_args --configs "${PEFT_CONFIGS:-peft,peft+ckpt,liger,liger+ckpt}" \
+    > "$out/bench_peft.jsonl" 2> "$out/bench_peft.stderr" || fail "peft_bench.py (exit $?; 124 = timed out; see bench_peft.stderr)"
 cat "$out/bench_peft.jsonl" | tee -a "$out/summary.txt"
 
 note "4. side by side"
