@@ -8,6 +8,7 @@
 
 pub mod adapter;
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod cuda;

@@ -1,0 +1,142 @@
+//! Training-throughput benchmark: a model of a given shape with random weights (no files),
+//! forward + backward + optimizer steps on a packed batch; tokens/s and peak memory.
+//! `tests/bench/peft_cpu_bench.py` runs the same shape and batch in PyTorch + PEFT.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::adapter::AdapterConfig;
+use crate::backend::Backend;
+use crate::config::{Arch, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::model::Model;
+use crate::trainer::{Batch, OptimConfig, Trainer};
+
+/// Shape presets: `smollm2-135m`, `qwen2.5-0.5b`, `qwen2.5-1.5b`.
+pub const PRESETS: [&str; 3] = ["smollm2-135m", "qwen2.5-0.5b", "qwen2.5-1.5b"];
+
+/// The config of a preset shape (real sizes, random weights).
+pub fn preset(name: &str) -> Result<ModelConfig> {
+    let qwen = |layers, hidden, mlp, heads, kv| ModelConfig {
+        arch: Arch::Qwen2,
+        qkv_bias: true,
+        rope_theta: 1_000_000.0,
+        max_position_embeddings: 32768,
+        ..ModelConfig::llama_shape(layers, hidden, mlp, heads, kv, 151_936, true)
+    };
+    match name {
+        "smollm2-135m" => Ok(ModelConfig { rope_theta: 100_000.0, max_position_embeddings: 8192, ..ModelConfig::llama_shape(30, 576, 1536, 9, 3, 49_152, true) }),
+        "qwen2.5-0.5b" => Ok(qwen(24, 896, 4864, 14, 2)),
+        "qwen2.5-1.5b" => Ok(qwen(28, 1536, 8960, 12, 2)),
+        other => Err(EngineError::Unsupported(format!("bench shape `{other}`; presets: {}", PRESETS.join(", ")))),
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub cfg: ModelConfig,
+    /// Rows of the batch and tokens per row (one document per row unless `docs_per_row > 1`).
+    pub rows: usize,
+    pub row_len: usize,
+    pub docs_per_row: usize,
+    /// Timed optimizer steps, after `warmup` untimed ones.
+    pub steps: usize,
+    pub warmup: usize,
+    pub adapter: AdapterConfig,
+    /// Recompute each layer's activations in backward instead of keeping them.
+    pub recompute: bool,
+}
+
+impl BenchOptions {
+    pub fn new(cfg: ModelConfig) -> Self {
+        BenchOptions { cfg, rows: 4, row_len: 512, docs_per_row: 1, steps: 3, warmup: 1, adapter: AdapterConfig::default(), recompute: false }
+    }
+}
+
+/// What was measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    pub backend: String,
+    pub tokens_per_step: usize,
+    pub step_seconds: Vec<f64>,
+    /// Tokens per second over the timed steps.
+    pub tokens_per_sec: f64,
+    /// Peak resident memory of the process (VmHWM), bytes; None where /proc is missing.
+    pub peak_rss_bytes: Option<u64>,
+    /// Resident memory right after the model was built (weights), bytes.
+    pub rss_after_load_bytes: Option<u64>,
+    /// Peak device memory, if the backend tracks it.
+    pub peak_device_bytes: Option<u64>,
+    pub base_params: usize,
+    pub trainable_params: usize,
+    pub final_loss: f64,
+}
+
+/// Reads a `/proc/self/status` field (kB) as bytes.
+pub fn proc_status_bytes(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The deterministic benchmark batch.
+pub fn bench_batch(vocab: usize, rows: usize, row_len: usize, docs_per_row: usize) -> Batch {
+    let mut b = Batch::default();
+    let docs = docs_per_row.max(1);
+    let mut x = 12345u64;
+    for _ in 0..rows {
+        let mut left = row_len;
+        for d in 0..docs {
+            let len = if d + 1 == docs { left } else { row_len / docs };
+            left -= len;
+            b.seq_lens.push(len as u32);
+            for _ in 0..len {
+                x = crate::backend::splitmix64(x);
+                b.input_ids.push((x % vocab as u64) as u32);
+                b.train_mask.push(true);
+            }
+        }
+    }
+    b
+}
+
+/// Runs the benchmark on `backend`.
+pub fn run(opts: &BenchOptions, backend: Arc<dyn Backend>) -> Result<BenchResult> {
+    let c = &opts.cfg;
+    let base_params: usize = crate::model::tensor_specs(c).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let name = backend.name().to_string();
+    let model = Model::random(c.clone(), backend.clone(), 0)?;
+    let rss_after_load_bytes = proc_status_bytes("VmRSS:");
+    let mut tr = Trainer::new(model, opts.adapter.clone(), OptimConfig::default(), 0)?;
+    tr.recompute = opts.recompute;
+    let trainable_params = tr.adapters.params().map(|p| p.shape.iter().product::<usize>()).sum();
+    let batch = bench_batch(c.vocab_size, opts.rows, opts.row_len, opts.docs_per_row);
+    let mut times = Vec::new();
+    let mut loss = 0.0;
+    for i in 0..opts.warmup + opts.steps {
+        let t0 = Instant::now();
+        let st = tr.forward_backward(&batch, batch.input_ids.len() as f32)?;
+        tr.optimizer_step(1e-4)?;
+        backend.synchronize()?;
+        loss = st.loss_sum / st.trained_tokens.max(1) as f64;
+        if i >= opts.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let tokens = batch.input_ids.len();
+    let total: f64 = times.iter().sum();
+    Ok(BenchResult {
+        backend: name,
+        tokens_per_step: tokens,
+        tokens_per_sec: if total > 0.0 { tokens as f64 * times.len() as f64 / total } else { 0.0 },
+        step_seconds: times,
+        peak_rss_bytes: proc_status_bytes("VmHWM:"),
+        rss_after_load_bytes,
+        peak_device_bytes: backend.peak_memory_bytes(),
+        base_params,
+        trainable_params,
+        final_loss: loss,
+    })
+}
