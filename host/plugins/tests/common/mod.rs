@@ -1,0 +1,99 @@
+//! Shared by the integration tests: builds the guest plugins from source (once per test binary)
+//! and offers a small, real `TextTools` that records what reaches it.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use lora_api::{Message, TextTools};
+use lora_plugins::PluginOptions;
+
+/// Packages of the guest workspace (`plugins/`) and their artifact names.
+pub const PLUGINS: &[(&str, &str)] = &[
+    ("ticket-redactor", "ticket_redactor"),
+    ("schedules", "schedules"),
+    ("csv-reporter", "csv_reporter"),
+    ("hostile-preprocessor", "hostile_preprocessor"),
+    ("hostile-reporter", "hostile_reporter"),
+    ("hostile-newer-api", "hostile_newer_api"),
+];
+
+/// Builds every guest plugin for wasm32-wasip2 (one `cargo build -p` each: the SDK's kind
+/// features must not unify) and returns the directory holding the `.wasm` files.
+/// `LORA_PLUGINS_WASM_TARGET` overrides the guest target directory.
+pub fn plugin_dir(profile: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target = std::env::var_os("LORA_PLUGINS_WASM_TARGET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugins-wasm"));
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|p| p == profile) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        for (package, _) in PLUGINS {
+            let mut cmd = Command::new(&cargo);
+            cmd.current_dir(repo.join("plugins"))
+                .args(["build", "--quiet", "--target", "wasm32-wasip2", "-p", package])
+                .env("CARGO_TARGET_DIR", &target)
+                .env_remove("RUSTFLAGS")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS");
+            if profile == "release" {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("cannot run cargo to build the guest plugins");
+            assert!(status.success(), "building guest plugin {package} failed");
+        }
+        built.push(profile.to_string());
+    }
+    target.join("wasm32-wasip2").join(profile)
+}
+
+/// The path of a built guest plugin (debug profile).
+pub fn plugin(artifact: &str) -> PathBuf {
+    plugin_dir("debug").join(format!("{artifact}.wasm"))
+}
+
+/// Options for tests: no disk cache (tests must not write to the home directory), log lines
+/// collected in memory.
+pub fn options() -> (PluginOptions, Arc<Mutex<Vec<String>>>) {
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let sink = logs.clone();
+    let options = PluginOptions {
+        cache_dir: None,
+        log: Arc::new(move |plugin, level, msg| sink.lock().unwrap().push(format!("[{plugin}] {level:?}: {msg}"))),
+        ..Default::default()
+    };
+    (options, logs)
+}
+
+/// A whitespace tokenizer with a fixed chat format, recording every text it is given. Small, but
+/// a real implementation of the trait (the run's tokenizer lives in `lora-data`).
+#[derive(Default)]
+pub struct RecordingTools {
+    pub seen: Mutex<Vec<String>>,
+}
+
+impl TextTools for RecordingTools {
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+        self.seen.lock().unwrap().push(text.to_string());
+        let mut ids: Vec<u32> = text.split_whitespace().map(|w| w.len() as u32).collect();
+        if add_special_tokens {
+            ids.insert(0, 0);
+        }
+        Ok(ids)
+    }
+    fn decode(&self, ids: &[u32], _skip: bool) -> Result<String, String> {
+        Ok(ids.iter().map(|i| "x".repeat(*i as usize)).collect::<Vec<_>>().join(" "))
+    }
+    fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
+        let mut s: String = messages.iter().map(|m| format!("<|{}|>\n{}\n", m.role, m.content)).collect();
+        if add_generation_prompt {
+            s.push_str("<|assistant|>\n");
+        }
+        self.seen.lock().unwrap().push(s.clone());
+        Ok(s)
+    }
+}
