@@ -29,6 +29,20 @@ pub use imp::*;
 #[cfg(not(feature = "cuda"))]
 pub use stub::*;
 
+/// The device a process should use when it is only told "cuda": its local rank (`LOCAL_RANK`,
+/// set by torchrun and Kubeflow Trainer's torch runtime), else 0. `CUDA_VISIBLE_DEVICES` has
+/// already narrowed the devices this ordinal counts.
+pub fn local_rank_ordinal() -> crate::error::Result<usize> {
+    match std::env::var("LOCAL_RANK") {
+        Ok(v) => v.trim().parse::<usize>().map_err(|_| crate::error::EngineError::Backend {
+            backend: "cuda",
+            op: "init",
+            msg: format!("LOCAL_RANK={v:?} is not a non-negative integer"),
+        }),
+        Err(_) => Ok(0),
+    }
+}
+
 /// Dense bf16 tensor-core peak (TFLOP/s, fp32 accumulate) of a GPU by its marketing name, for
 /// model FLOP utilisation; `None` for a GPU not in this table (then MFU is not printed).
 pub fn peak_bf16_tflops(device_name: &str) -> Option<f64> {
@@ -195,13 +209,7 @@ mod imp {
         /// The device chosen by the environment: `LOCAL_RANK` (default 0) among the devices
         /// `CUDA_VISIBLE_DEVICES` leaves visible.
         pub fn from_env() -> Result<Self> {
-            let ordinal = match std::env::var("LOCAL_RANK") {
-                Ok(v) => v.trim().parse::<usize>().map_err(|_| {
-                    err("init", format!("LOCAL_RANK={v:?} is not a non-negative integer"))
-                })?,
-                Err(_) => 0,
-            };
-            Self::new(ordinal)
+            Self::new(super::local_rank_ordinal()?)
         }
 
         /// Opens device `ordinal` (after `CUDA_VISIBLE_DEVICES`), makes its stream, compiles or
