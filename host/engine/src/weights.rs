@@ -105,6 +105,11 @@ impl WeightFiles {
         v
     }
 
+    /// A tensor's shape, if present.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.entries.get(name).map(|e| e.shape.clone())
+    }
+
     /// The dtype of the first floating-point tensor (the model's storage dtype).
     pub fn file_dtype(&self) -> DType {
         let mut names = self.names();

@@ -1,0 +1,106 @@
+//! PEFT adapter export and merged-model export: the merged model computes what base + adapter
+//! computes, in the base dtype, under the base tensor names.
+
+mod common;
+
+use lora_engine::testing::write_random_model;
+use lora_engine::weights::WeightFiles;
+use lora_engine::{AdapterConfig, Batch, DType, LoadOptions, Model, ModelConfig, OptimConfig, Trainer};
+
+fn trained(dir: &std::path::Path, adapter: AdapterConfig) -> (Trainer, Batch) {
+    let model = Model::load(dir, &LoadOptions::cpu()).unwrap();
+    let mut tr = Trainer::new(model, adapter, OptimConfig::default(), 3).unwrap();
+    let b = Batch { input_ids: (0..60).map(|i| (i * 7 % 64) as u32).collect(), train_mask: vec![true; 60], seq_lens: vec![25, 35] };
+    for _ in 0..3 {
+        tr.forward_backward(&b, 60.0).unwrap();
+        tr.optimizer_step(5e-2).unwrap();
+    }
+    (tr, b)
+}
+
+fn check_merge(use_dora: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let cfg = ModelConfig { tie_word_embeddings: true, ..ModelConfig::tiny_llama(64) };
+    write_random_model(&base, &cfg, DType::F32, 9).unwrap();
+    let adapter = AdapterConfig { use_dora, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], ..AdapterConfig::default() };
+    let (tr, b) = trained(&base, adapter);
+    let want = tr.logits(&b).unwrap();
+    let merged = tmp.path().join("merged");
+    tr.merge_into(&merged).unwrap();
+    let m2 = Model::load(&merged, &LoadOptions::cpu()).unwrap();
+    // A fresh adapter (B = 0, DoRA magnitude = ||W||) leaves the merged model's output unchanged.
+    let plain = Trainer::new(m2, AdapterConfig { use_dora, ..AdapterConfig::default() }, OptimConfig::default(), 0).unwrap();
+    let got = plain.logits(&b).unwrap();
+    let base_logits = Trainer::new(Model::load(&base, &LoadOptions::cpu()).unwrap(), AdapterConfig::default(), OptimConfig::default(), 0).unwrap().logits(&b).unwrap();
+    let moved: f32 = want.iter().zip(&base_logits).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(moved > 1e-3, "training did not change the logits ({moved}); the test would prove nothing");
+    let wanted: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+    common::compare("merged logits", &got, &wanted, 1e-4, 1e-4).unwrap();
+    let names = WeightFiles::open(&merged).unwrap().names();
+    assert_eq!(names, WeightFiles::open(&base).unwrap().names());
+}
+
+#[test]
+fn merged_lora_model_computes_base_plus_adapter() {
+    check_merge(false);
+}
+
+#[test]
+fn merged_dora_model_computes_base_plus_adapter() {
+    check_merge(true);
+}
+
+#[test]
+fn merged_model_keeps_the_base_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    write_random_model(&base, &ModelConfig::tiny_llama(64), DType::BF16, 9).unwrap();
+    let (tr, _) = trained(&base, AdapterConfig::default());
+    tr.merge_into(&tmp.path().join("m")).unwrap();
+    assert_eq!(WeightFiles::open(&tmp.path().join("m")).unwrap().file_dtype(), DType::BF16);
+}
+
+#[test]
+fn peft_adapter_folder_has_peft_names_and_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    write_random_model(&base, &ModelConfig::tiny_llama(64), DType::F32, 9).unwrap();
+    let (tr, _) = trained(&base, AdapterConfig { use_dora: true, r: 8, lora_alpha: 16.0, use_rslora: true, ..AdapterConfig::default() });
+    let out = tmp.path().join("adapter");
+    tr.save_peft_adapter(&out, "org/base").unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["use_dora"], true);
+    assert_eq!(cfg["use_rslora"], true);
+    assert_eq!(cfg["base_model_name_or_path"], "org/base");
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+    let t = common::read_safetensors(&out.join("adapter_model.safetensors"));
+    let a = &t["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"];
+    assert_eq!(a.shape, vec![8, 64]);
+    assert_eq!(t["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape, vec![64, 8]);
+    assert_eq!(t["base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector"].shape, vec![64]);
+    assert_eq!(t.len(), 2 * 7 * 3);
+}
+
+/// Writes a base model, a trained adapter (PEFT folder), the merged model and our logits into
+/// `$LORA_ENGINE_INTEROP_DIR`, for `tests/engine/check_peft_interop.py` (needs torch + peft):
+/// `LORA_ENGINE_INTEROP_DIR=/tmp/x cargo test -p lora-engine --test export -- --ignored`.
+#[test]
+#[ignore = "writes a fixture for the Python interop check"]
+fn write_interop_fixture() {
+    let root = std::path::PathBuf::from(std::env::var("LORA_ENGINE_INTEROP_DIR").expect("set LORA_ENGINE_INTEROP_DIR"));
+    for (name, dora) in [("lora", false), ("dora", true)] {
+        let dir = root.join(name);
+        let base = dir.join("base");
+        let cfg = ModelConfig { arch: lora_engine::Arch::Qwen2, qkv_bias: true, ..ModelConfig::tiny_llama(64) };
+        write_random_model(&base, &cfg, DType::F32, 9).unwrap();
+        let (tr, b) = trained(&base, AdapterConfig { use_dora: dora, use_rslora: dora, ..AdapterConfig::default() });
+        tr.save_peft_adapter(&dir.join("adapter"), base.to_str().unwrap()).unwrap();
+        tr.merge_into(&dir.join("merged")).unwrap();
+        let logits = tr.logits(&b).unwrap();
+        let out = serde_json::json!({"input_ids": b.input_ids, "seq_lens": b.seq_lens, "logits": logits});
+        std::fs::write(dir.join("ours.json"), out.to_string()).unwrap();
+    }
+}
