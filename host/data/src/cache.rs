@@ -48,8 +48,11 @@ pub(crate) fn entry_dir(cache_dir: &Path, key: &str) -> PathBuf {
     cache_dir.join(key)
 }
 
+/// Train samples, validation samples and the stored report.
+pub(crate) type Entry = (Vec<TokenizedSample>, Vec<TokenizedSample>, serde_json::Value);
+
 /// Loads a cache entry, if a complete one exists.
-pub(crate) fn load(dir: &Path) -> Result<Option<(Vec<TokenizedSample>, Vec<TokenizedSample>, serde_json::Value)>> {
+pub(crate) fn load(dir: &Path) -> Result<Option<Entry>> {
     let bin = dir.join("samples.bin");
     let report = dir.join("report.json");
     if !bin.is_file() || !report.is_file() {

@@ -39,7 +39,7 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn object<'a>(record: &'a Value) -> Result<&'a serde_json::Map<String, Value>, String> {
+fn object(record: &Value) -> Result<&serde_json::Map<String, Value>, String> {
     record.as_object().ok_or_else(|| field_err("(record)", format!("expected a JSON object, found {}", type_name(record))))
 }
 
@@ -188,10 +188,10 @@ impl Preprocessor for BuiltinFormat {
 /// Splits a preprocessor's per-record error into (field, message) when it follows the
 /// ``field `<name>`: …`` convention.
 pub(crate) fn split_field_error(message: &str) -> (String, String) {
-    if let Some(rest) = message.strip_prefix("field `") {
-        if let Some(end) = rest.find("`: ") {
-            return (rest[..end].to_owned(), rest[end + 3..].to_owned());
-        }
+    if let Some(rest) = message.strip_prefix("field `")
+        && let Some(end) = rest.find("`: ")
+    {
+        return (rest[..end].to_owned(), rest[end + 3..].to_owned());
     }
     ("(preprocessor)".to_owned(), message.to_owned())
 }

@@ -137,7 +137,7 @@ pub(crate) fn shuffled(n: usize, seed: u64) -> Vec<u32> {
 pub(crate) fn best_fit_decreasing(items: &[(u32, usize)], capacity: usize) -> Vec<Vec<u32>> {
     use std::collections::BTreeSet;
     let mut sorted: Vec<(u32, usize)> = items.to_vec();
-    sorted.sort_by(|a, b| b.1.cmp(&a.1)); // stable: equal sizes keep their order
+    sorted.sort_by_key(|item| std::cmp::Reverse(item.1)); // stable: equal sizes keep their order
     let mut bins: Vec<Vec<u32>> = Vec::new();
     // (remaining capacity, bin index): the smallest remaining ≥ size is the best fit.
     let mut free: BTreeSet<(usize, usize)> = BTreeSet::new();

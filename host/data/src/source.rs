@@ -76,10 +76,10 @@ pub fn resolve_dataset(input: &DatasetInput) -> Result<DatasetSource> {
             return Ok(s);
         }
     }
-    if let Some(p) = &input.artifact_path {
-        if p.exists() {
-            return DatasetSource::from_path(p);
-        }
+    if let Some(p) = &input.artifact_path
+        && p.exists()
+    {
+        return DatasetSource::from_path(p);
     }
     for key in ["pvc_path", "pvc_dir"] {
         if let Some(v) = input.metadata.get(key) {

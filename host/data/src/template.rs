@@ -51,10 +51,10 @@ impl ChatTemplate {
         ]);
         tmpl.render(ctx).map_err(|e| {
             // The template's own `raise_exception` message is what a user can act on.
-            if e.kind() == ErrorKind::InvalidOperation {
-                if let Some(detail) = e.detail() {
-                    return format!("chat template raised: {detail}");
-                }
+            if e.kind() == ErrorKind::InvalidOperation
+                && let Some(detail) = e.detail()
+            {
+                return format!("chat template raised: {detail}");
             }
             format!("chat template failed to render: {e:#}")
         })
@@ -237,8 +237,6 @@ mod tests {
     #[test]
     fn tojson_matches_python_json_dumps() {
         let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}", None, None).unwrap();
-        let mut env_msgs = Vec::new();
-        env_msgs.push(Message { role: "user".into(), content: "x".into() });
         let tmpl = t.env.get_template(NAME).unwrap();
         let out = tmpl
             .render(minijinja::context! { x => serde_json::json!({"name": "f<é>", "args": [1, "a\"b"]}) })

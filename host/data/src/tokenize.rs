@@ -146,11 +146,11 @@ fn tokenize_prompt_completion(tools: &HfTextTools, prompt: &str, completion: &st
         // Special tokens the post-processor adds (BOS) carry empty offsets: not trained.
         offsets.iter().map(|&(s, e)| e > s && e > prompt.len()).collect()
     };
-    if let Some(eos) = tools.eos_id() {
-        if ids.last() != Some(&eos) {
-            ids.push(eos);
-            mask.push(true);
-        }
+    if let Some(eos) = tools.eos_id()
+        && ids.last() != Some(&eos)
+    {
+        ids.push(eos);
+        mask.push(true);
     }
     Ok(TokenizedSample { input_ids: ids, train_mask: mask })
 }

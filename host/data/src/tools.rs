@@ -117,10 +117,10 @@ impl HfTextTools {
             .filter(|t| tokenizer.token_to_id(t).is_some())
             .map(|t| (*t).to_owned())
             .collect();
-        if let Some(e) = &eos_token {
-            if !end_of_turn.contains(e) {
-                end_of_turn.push(e.clone());
-            }
+        if let Some(e) = &eos_token
+            && !end_of_turn.contains(e)
+        {
+            end_of_turn.push(e.clone());
         }
         Ok(HfTextTools {
             tokenizer,
