@@ -40,10 +40,10 @@ fail() { echo "FAILED: $*" | tee -a "$out/summary.txt"; status=1; }
 : > "$out/summary.txt"
 
 if [ $dry = 1 ]; then
-    device=cpu; shape=tiny; bench_args=${LORA_BENCH_ARGS:---device cpu --shape smollm2-135m}
-    peft_args="--device cpu --shape tiny --seq-len 64 --tokens 128 --steps 2 --warmup 1"
+    device=cpu; shape=smollm2-135m; seq_len=256; bench_args=${LORA_BENCH_ARGS:---device cpu --shape smollm2-135m}
+    peft_args="--device cpu --shape tiny --seq-len 64 --tokens 128 --steps 2 --warmup 1"  # shake-out only
 else
-    device=cuda; shape=qwen2.5-1.5b; bench_args=${LORA_BENCH_ARGS:---device cuda --shape qwen2.5-1.5b}
+    device=cuda; shape=qwen2.5-1.5b; seq_len=8192; bench_args=${LORA_BENCH_ARGS:---device cuda --shape qwen2.5-1.5b}
     peft_args="--device cuda --shape qwen2.5-1.5b --seq-len 8192 --tokens 32768"
     command -v nvidia-smi >/dev/null && nvidia-smi > "$out/nvidia-smi.txt" 2>&1
     # NVRTC from the toolkit, or from the pip wheels that come with torch.
@@ -90,24 +90,46 @@ timeout "${PEFT_TIMEOUT:-200}" "$py" "$here/peft_bench.py" $peft_args --configs 
 cat "$out/bench_peft.jsonl" | tee -a "$out/summary.txt"
 
 note "4. side by side"
-"$py" - "$out/bench_lora.txt" "$out/bench_peft.jsonl" <<'PY' 2>&1 | tee -a "$out/summary.txt"
-import json, re, sys
-import os
-ours_text = open(sys.argv[1]).read() if os.path.exists(sys.argv[1]) else ""
-m = re.search(r"([0-9][0-9,.]*)\s*(k?)\s*tokens/s", ours_text)
-ours = float(m.group(1).replace(",", "")) * (1000 if m.group(2) else 1) if m else None
-mem = re.search(r"peak[^0-9]*([0-9.]+)\s*(GiB|MiB)", ours_text)
-print(f"{'system':<16} {'tokens/s':>10} {'peak mem':>10} {'lora / it':>10}")
-print(f"{'lora':<16} {ours if ours else float('nan'):>10.1f} {(mem.group(1) + ' ' + mem.group(2)) if mem else '?':>10} {'1.00':>10}")
-for line in (open(sys.argv[2]) if os.path.exists(sys.argv[2]) else []):
+"$py" - "$out/bench_lora.txt" "$out/bench_peft.jsonl" "$here" "$shape" "${seq_len}" <<'PY' 2>&1 | tee -a "$out/summary.txt"
+# Our bench prints lora_engine::bench::BenchResult as JSON (tokens_per_sec, peak_device_bytes);
+# plain "N tokens/s" text is accepted too. MFU uses peft_bench.py's formula for both sides.
+import json, os, re, sys
+sys.path.insert(0, sys.argv[3])
+from peft_bench import SHAPES, PEAK_TFLOPS, model_flops_per_token
+shape, seq = sys.argv[4], int(sys.argv[5])
+text = open(sys.argv[1]).read() if os.path.exists(sys.argv[1]) else ""
+ours, ours_mem = None, None
+for line in text.splitlines():
     try:
         r = json.loads(line)
     except ValueError:
         continue
+    if isinstance(r, dict) and "tokens_per_sec" in r:
+        ours = r["tokens_per_sec"]
+        b = r.get("peak_device_bytes") or r.get("peak_rss_bytes")
+        ours_mem = f"{b / 2**30:.2f} GiB" if b else None
+if ours is None:
+    m = re.search(r"([0-9][0-9,.]*)\s*tokens/s", text)
+    ours = float(m.group(1).replace(",", "")) if m else None
+peft = []
+for line in (open(sys.argv[2]) if os.path.exists(sys.argv[2]) else []):
+    try:
+        peft.append(json.loads(line))
+    except ValueError:
+        pass
+gpu = next((r["gpu"] for r in peft if "gpu" in r), "")
+peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+fpt = model_flops_per_token(SHAPES[shape], seq) if shape in SHAPES else None
+def mfu(tps):
+    return f"{fpt * tps / (peak * 1e12):.3f}" if (tps and fpt and peak) else "-"
+print(f"{'system':<12} {'tokens/s':>10} {'MFU':>6} {'peak mem':>11} {'lora/this':>10}")
+print(f"{'lora':<12} {ours if ours else float('nan'):>10.1f} {mfu(ours):>6} {ours_mem or '?':>11} {'1.00':>10}")
+for r in peft:
     tps = r.get("tokens_per_s")
-    peak = f"{r['peak_gib']} GiB" if "peak_gib" in r else ("OOM" if r.get("oom") else r.get("skipped", "-")[:10])
+    mem = f"{r['peak_gib']} GiB" if "peak_gib" in r else ("OOM" if r.get("oom") else "-")
     ratio = f"{ours / tps:.2f}" if (ours and tps) else "-"
-    print(f"{r['config']:<16} {tps if tps else float('nan'):>10.1f} {peak:>10} {ratio:>10}")
+    note = f"  ({r['skipped']})" if "skipped" in r else ""
+    print(f"{r['config']:<12} {tps if tps else float('nan'):>10.1f} {mfu(tps):>6} {mem:>11} {ratio:>10}{note}")
 if ours is None:
     print("(could not read tokens/s from the lora bench output)")
 PY
