@@ -328,17 +328,21 @@ pub trait Backend: Send + Sync {
     fn embedding(&self, ids: &Buf, table: &Buf, out: &mut Buf, tokens: usize, dim: usize, scale: f32) -> Result<()>;
     /// RMSNorm over rows: `y = x * rstd * w`, `rstd = 1/sqrt(mean(x²) + eps)`.
     /// `x, y [rows, dim]`, `w [dim]`, `rstd [rows]` (f32, saved for backward).
+    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_fwd(&self, x: &Buf, w: &Buf, y: &mut Buf, rstd: &mut Buf, rows: usize, dim: usize, eps: f32) -> Result<()>;
     /// RMSNorm input gradient (the weight is frozen): `dx (+)= rstd * (w*dy - xhat * mean(w*dy*xhat))`,
     /// `xhat = x * rstd`. Shapes as in [`Backend::rmsnorm_fwd`].
+    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_bwd(&self, dy: &Buf, x: &Buf, w: &Buf, rstd: &Buf, dx: &mut Buf, rows: usize, dim: usize, accumulate: bool) -> Result<()>;
     /// Rotary embedding in place on `x [t, heads, hd]`, Hugging Face's rotate-half layout
     /// (pairs `(i, i + hd/2)`), angle `pos[t] * inv_freq[i]` with `pos [t]` (U32, restarting at 0
     /// per document) and `inv_freq [hd/2]` (f32, rope scaling already applied).
     /// `inverse` rotates by the negative angle: the backward of the forward rotation.
+    #[allow(clippy::too_many_arguments)]
     fn rope(&self, x: &mut Buf, pos: &Buf, inv_freq: &Buf, tokens: usize, heads: usize, head_dim: usize, inverse: bool) -> Result<()>;
     /// Causal GQA attention over packed documents; see [`Attn`] for shapes. Writes `out` and
     /// the per-row log-sum-exp `lse [h, t]` (f32) for the backward.
+    #[allow(clippy::too_many_arguments)]
     fn attention_fwd(&self, a: Attn, q: &Buf, k: &Buf, v: &Buf, cu_seqlens: &Buf, out: &mut Buf, lse: &mut Buf) -> Result<()>;
     /// Attention backward: writes (not accumulates) `dq [t,h,hd]`, `dk`, `dv [t,hkv,hd]`.
     #[allow(clippy::too_many_arguments)]

@@ -369,7 +369,7 @@ impl ModelConfig {
                         let scaled = if wl > low_wl { f / factor } else { f };
                         let smooth = (old / wl - lf) / (hf - lf);
                         let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-                        let medium = !(wl < high_wl) && !(wl > low_wl);
+                        let medium = wl >= high_wl && wl <= low_wl;
                         if medium { smoothed } else { scaled }
                     })
                     .collect()

@@ -103,7 +103,9 @@ impl Trainer {
         if !(optim.betas.0 >= 0.0 && optim.betas.0 < 1.0 && optim.betas.1 >= 0.0 && optim.betas.1 < 1.0) {
             return Err(EngineError::Optim(format!("betas {:?} must be in [0, 1)", optim.betas)));
         }
-        if !(optim.eps > 0.0) || !(optim.weight_decay >= 0.0) || !(optim.max_grad_norm >= 0.0) {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !positive(optim.eps) || !non_negative(optim.weight_decay) || !non_negative(optim.max_grad_norm) {
             return Err(EngineError::Optim("eps must be positive; weight_decay and max_grad_norm non-negative".into()));
         }
         let adapters = Adapters::init(&model, &adapter)?;
@@ -222,12 +224,12 @@ impl Trainer {
     /// micro-batches of the same optimizer step left. The loss is normalised by
     /// `loss_denominator`: the trained-token count of the whole optimizer step.
     pub fn forward_backward(&mut self, batch: &Batch, loss_denominator: f32) -> Result<StepStats> {
-        if !(loss_denominator > 0.0) {
+        if !loss_denominator.is_finite() || loss_denominator <= 0.0 {
             return Err(EngineError::Batch(format!("loss_denominator {loss_denominator} must be positive (trained tokens of the step)")));
         }
         let p = self.prepare(batch)?;
         let result = {
-            let mut adapters = std::mem::replace(&mut self.adapters.slots, Vec::new());
+            let mut adapters = std::mem::take(&mut self.adapters.slots);
             let r = self.fwd_bwd_inner(p, loss_denominator, &mut adapters);
             self.adapters.slots = adapters;
             r

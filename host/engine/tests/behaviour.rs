@@ -30,8 +30,8 @@ fn trainer(dir: &Path, adapter: AdapterConfig) -> Trainer {
 }
 
 fn doc(seed: u32, len: usize) -> (Vec<u32>, Vec<bool>) {
-    let ids = (0..len).map(|i| (seed.wrapping_mul(31).wrapping_add(i as u32 * 17)) % 64).collect();
-    let mask = (0..len).map(|i| (i as u32 + seed) % 3 != 0).collect();
+    let ids = (0..len).map(|i| seed.wrapping_mul(31).wrapping_add(i as u32 * 17) % 64).collect();
+    let mask = (0..len).map(|i| !(i as u32 + seed).is_multiple_of(3)).collect();
     (ids, mask)
 }
 

@@ -19,6 +19,13 @@ struct P(*mut f32);
 unsafe impl Send for P {}
 unsafe impl Sync for P {}
 
+impl P {
+    /// The pointer (a method, so closures capture the whole Send wrapper).
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// All tasks: (doc start, doc end, kv head).
 fn tasks(a: &Attn, cu: &[u32]) -> Vec<(usize, usize, usize)> {
     let mut out = Vec::with_capacity(a.n_docs * a.n_kv_heads);
@@ -38,7 +45,6 @@ pub fn forward(a: Attn, q: &[f32], k: &[f32], v: &[f32], cu: &[u32], out: &mut [
     let group = h / hkv;
     let (op, lp) = (P(out.as_mut_ptr()), P(lse.as_mut_ptr()));
     tasks(&a, cu).into_par_iter().for_each(|(s, e, g)| {
-        let (op, lp) = (op, lp);
         let len = e - s;
         let mut scores = vec![0f32; QBLOCK * len];
         for hq in g * group..(g + 1) * group {
@@ -75,12 +81,12 @@ pub fn forward(a: Attn, q: &[f32], k: &[f32], v: &[f32], cu: &[u32], out: &mut [
                     }
                     row[visible..].fill(0.0);
                     // SAFETY: lse row (hq, s+q0+i) belongs to this task.
-                    unsafe { *lp.0.add(hq * t + s + q0 + i) = mx + sum.ln() };
+                    unsafe { *lp.get().add(hq * t + s + q0 + i) = mx + sum.ln() };
                 }
                 // out_blk = P @ V
                 // SAFETY: rows s+q0..s+q1 of head hq belong to this task.
                 let out_blk = unsafe {
-                    std::slice::from_raw_parts_mut(op.0.add(((s + q0) * h + hq) * hd), (rows - 1) * h * hd + hd)
+                    std::slice::from_raw_parts_mut(op.get().add(((s + q0) * h + hq) * hd), (rows - 1) * h * hd + hd)
                 };
                 sgemm_strided(
                     rows,
@@ -120,14 +126,13 @@ pub fn backward(
     dv.fill(0.0);
     let (dqp, dkp, dvp) = (P(dq.as_mut_ptr()), P(dk.as_mut_ptr()), P(dv.as_mut_ptr()));
     tasks(&a, cu).into_par_iter().for_each(|(s, e, g)| {
-        let (dqp, dkp, dvp) = (dqp, dkp, dvp);
         let len = e - s;
         let mut p = vec![0f32; QBLOCK * len];
         let mut dp = vec![0f32; QBLOCK * len];
         let kv_len = (len - 1) * hkv * hd + hd;
         // SAFETY: the dk/dv rows of (doc, kv head g) belong to this task only.
-        let dk_doc = unsafe { std::slice::from_raw_parts_mut(dkp.0.add((s * hkv + g) * hd), kv_len) };
-        let dv_doc = unsafe { std::slice::from_raw_parts_mut(dvp.0.add((s * hkv + g) * hd), kv_len) };
+        let dk_doc = unsafe { std::slice::from_raw_parts_mut(dkp.get().add((s * hkv + g) * hd), kv_len) };
+        let dv_doc = unsafe { std::slice::from_raw_parts_mut(dvp.get().add((s * hkv + g) * hd), kv_len) };
         let kv_view = View { rs: (hkv * hd) as isize, cs: 1 };
         let q_view = View { rs: (h * hd) as isize, cs: 1 };
         for hq in g * group..(g + 1) * group {
@@ -183,7 +188,7 @@ pub fn backward(
                 );
                 // dq_blk = dS @ K
                 // SAFETY: dq rows of head hq in this block belong to this task.
-                let dq_blk = unsafe { std::slice::from_raw_parts_mut(dqp.0.add(qoff), (rows - 1) * h * hd + hd) };
+                let dq_blk = unsafe { std::slice::from_raw_parts_mut(dqp.get().add(qoff), (rows - 1) * h * hd + hd) };
                 sgemm_strided(
                     rows, hd, keys, 1.0,
                     dpb, View { rs: keys as isize, cs: 1 },

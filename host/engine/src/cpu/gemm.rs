@@ -17,6 +17,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole Send wrapper).
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// A strided matrix view: element (i, j) at `ptr + i*rs + j*cs`.
 #[derive(Clone, Copy)]
 pub struct View {
@@ -46,7 +53,6 @@ pub fn sgemm_strided(
     let cp = SendPtr(c.as_mut_ptr());
     let work = m * n * k.max(1);
     let run = |i0: usize, i1: usize, j0: usize, j1: usize| {
-        let cp = cp;
         // SAFETY: offsets stay within the slices (caller contract); blocks write disjoint parts of c.
         unsafe {
             matrixmultiply::sgemm(
@@ -61,7 +67,7 @@ pub fn sgemm_strided(
                 bv.rs,
                 bv.cs,
                 beta,
-                cp.0.offset(i0 as isize * cv.rs + j0 as isize * cv.cs),
+                cp.get().offset(i0 as isize * cv.rs + j0 as isize * cv.cs),
                 cv.rs,
                 cv.cs,
             );

@@ -226,7 +226,7 @@ impl Backend for CpuBackend {
     fn embedding(&self, ids: &Buf, table: &Buf, out: &mut Buf, tokens: usize, dim: usize, scale: f32) -> Result<()> {
         check_len("embedding", "ids", ids, tokens)?;
         check_len("embedding", "out", out, tokens * dim)?;
-        if dim == 0 || table.len() % dim != 0 {
+        if dim == 0 || !table.len().is_multiple_of(dim) {
             return Err(shape_err("embedding", format!("table of {} elements is not [vocab, {dim}]", table.len())));
         }
         let vocab = table.len() / dim;
@@ -518,7 +518,7 @@ impl Backend for CpuBackend {
 }
 
 fn check_attn(op: &'static str, a: &Attn, q: &Buf, k: &Buf, v: &Buf, cu: &Buf) -> Result<()> {
-    if a.n_kv_heads == 0 || a.n_heads % a.n_kv_heads != 0 {
+    if a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
         return Err(shape_err(op, format!("{} query heads are not a multiple of {} key/value heads", a.n_heads, a.n_kv_heads)));
     }
     check_len(op, "q", q, a.tokens * a.n_heads * a.head_dim)?;

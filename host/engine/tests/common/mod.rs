@@ -47,7 +47,7 @@ pub fn compare(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> R
     let mut bad = Vec::new();
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let e = (g as f64 - w).abs();
-        if !(e <= atol + w.abs() * rtol) {
+        if e.is_nan() || e > atol + w.abs() * rtol {
             if bad.len() < 5 {
                 bad.push(format!("[{i}] got {g} want {w} (err {e:.3e})"));
             }
