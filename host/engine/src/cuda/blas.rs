@@ -155,6 +155,20 @@ impl Lt {
             )
         }
         .map_err(|x| e("workspace preference", x))?;
+        // Bit-reproducible runs: no split-K reduction "in place" in the output buffer (whose
+        // order is not fixed); reductions through a workspace in the compute or output type are
+        // allowed. Mask bits: INPLACE 1, COMPUTE_TYPE 2, OUTPUT_TYPE 4.
+        let mask: u32 = 0x6;
+        // SAFETY: live preference; the attribute is a u32 of that size.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                (&mask) as *const u32 as *const c_void,
+                4,
+            )
+        }
+        .map_err(|x| e("reduction scheme preference", x))?;
         // The heuristic assumes 256-byte aligned operands unless told otherwise; offsets into
         // buffers (chunked products) can be less aligned. cuBLAS "A" is our b, "B" our a.
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
