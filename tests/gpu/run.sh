@@ -40,7 +40,7 @@ fail() { echo "FAILED: $*" | tee -a "$out/summary.txt"; status=1; }
 : > "$out/summary.txt"
 
 if [ $dry = 1 ]; then
-    device=cpu; shape=smollm2-135m; seq_len=256; bench_args=${LORA_BENCH_ARGS:---device cpu --shape smollm2-135m}
+    device=cpu; shape=smollm2-135m; seq_len=128; bench_args=${LORA_BENCH_ARGS:---device cpu --shape smollm2-135m --rows 1 --seq-len 128 --steps 1 --warmup 0}
     peft_args="--device cpu --shape tiny --seq-len 64 --tokens 128 --steps 2 --warmup 1"  # shake-out only
 else
     device=cuda; shape=qwen2.5-1.5b; seq_len=8192; bench_args=${LORA_BENCH_ARGS:---device cuda --shape qwen2.5-1.5b}
@@ -68,8 +68,8 @@ fi
 note "2. lora bench $bench_args"
 if "$bin" bench --help > /dev/null 2>&1; then
     # The batch: rows of 8192, 32768 tokens per step (4 rows), if the CLI takes sizes.
-    if [ -z "${LORA_BENCH_ARGS:-}" ] && "$bin" bench --help 2>&1 | grep -q -- "--rows"; then
-        if [ $dry = 1 ]; then bench_args="$bench_args --rows 1 --seq 256"; else bench_args="$bench_args --rows 4 --seq 8192"; fi
+    if [ $dry = 0 ] && [ -z "${LORA_BENCH_ARGS:-}" ] && "$bin" bench --help 2>&1 | grep -q -- "--rows"; then
+        bench_args="$bench_args --rows 4 --seq-len 8192"
     fi
     echo "lora bench $bench_args" | tee -a "$out/summary.txt"
     # shellcheck disable=SC2086
@@ -111,6 +111,8 @@ for line in text.splitlines():
 if ours is None:
     m = re.search(r"([0-9][0-9,.]*)\s*tokens/s", text)
     ours = float(m.group(1).replace(",", "")) if m else None
+    m = re.search(r"peak[^\n]*?([0-9][0-9.]*)\s*(GiB|MiB)", text)
+    ours_mem = f"{m.group(1)} {m.group(2)}" if m else None
 peft = []
 for line in (open(sys.argv[2]) if os.path.exists(sys.argv[2]) else []):
     try:
