@@ -12,11 +12,29 @@
 
 mod redact;
 
+use std::borrow::Cow;
+
 use lora_plugin::Settings;
 use lora_plugin::preprocessor::{Message, Preprocessor, RawRecord, Sample, text};
-use serde_json::Value;
+use serde::Deserialize;
 
 pub use redact::redact;
+
+/// The fields of a ticket this plugin reads (others are ignored); strings borrow from the record
+/// where they have no escapes.
+#[derive(Deserialize)]
+struct Ticket<'a> {
+    #[serde(borrow)]
+    messages: Vec<Turn<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Turn<'a> {
+    #[serde(borrow)]
+    from: Cow<'a, str>,
+    #[serde(borrow)]
+    body: Cow<'a, str>,
+}
 
 struct TicketRedactor {
     system_prompt: Option<String>,
@@ -37,24 +55,18 @@ impl Preprocessor for TicketRedactor {
     }
 
     fn process_record(&mut self, record: &RawRecord) -> Result<Vec<Sample>, String> {
-        let ticket: Value = serde_json::from_str(&record.json).map_err(|e| format!("not JSON: {e}"))?;
-        let turns = ticket
-            .get("messages")
-            .and_then(Value::as_array)
-            .ok_or("field `messages` is missing or not a list")?;
-        let mut messages = Vec::with_capacity(turns.len() + 1);
+        let ticket: Ticket = serde_json::from_str(&record.json).map_err(|e| format!("not a ticket: {e}"))?;
+        let mut messages = Vec::with_capacity(ticket.messages.len() + 1);
         if let Some(system) = &self.system_prompt {
             messages.push(Message { role: "system".into(), content: system.clone() });
         }
-        for (i, turn) in turns.iter().enumerate() {
-            let from = turn.get("from").and_then(Value::as_str).ok_or(format!("messages[{i}].from is missing"))?;
-            let body = turn.get("body").and_then(Value::as_str).ok_or(format!("messages[{i}].body is missing"))?;
-            let role = match from {
+        for (i, turn) in ticket.messages.iter().enumerate() {
+            let role = match turn.from.as_ref() {
                 "customer" => "user",
                 "agent" => "assistant",
                 other => return Err(format!("messages[{i}].from is `{other}`; expected `customer` or `agent`")),
             };
-            let content = redact(body, &self.email_token, &self.phone_token);
+            let content = redact(&turn.body, &self.email_token, &self.phone_token);
             messages.push(Message { role: role.into(), content });
         }
         if !messages.iter().any(|m| m.role == "assistant") {
