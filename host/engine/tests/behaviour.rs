@@ -246,3 +246,52 @@ fn bad_batches_and_settings_are_refused_with_the_reason() {
     let e = Trainer::new(model, bad, OptimConfig::default(), 0).err().unwrap().to_string();
     assert!(e.contains("lm_head") && e.contains("never adapted"), "{e}");
 }
+
+#[test]
+fn sharded_weights_load_the_same_model_as_one_file() {
+    use lora_engine::weights::{OutTensor, WeightFiles, write_safetensors};
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, sharded) = (tmp.path().join("one"), tmp.path().join("sharded"));
+    tiny_dir(&one, DType::BF16);
+    std::fs::create_dir_all(&sharded).unwrap();
+    std::fs::copy(one.join("config.json"), sharded.join("config.json")).unwrap();
+    let files = WeightFiles::open(&one).unwrap();
+    let names = files.names();
+    let mut map = serde_json::Map::new();
+    for (si, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", si + 1);
+        let ts: Vec<OutTensor> = part
+            .iter()
+            .map(|n| {
+                let shape = files.shape(n).unwrap();
+                OutTensor { name: n.clone(), data: files.get(n, &shape).unwrap().0.to_f32(), shape }
+            })
+            .collect();
+        write_safetensors(&sharded.join(&file), &ts, DType::BF16, None).unwrap();
+        for n in part {
+            map.insert(n.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(sharded.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let b = batch(&[doc(1, 20), doc(2, 9)]);
+    let logits = |dir: &Path| {
+        let m = Model::load(dir, &LoadOptions::cpu()).unwrap();
+        assert_eq!(m.file_dtype, DType::BF16);
+        Trainer::new(m, AdapterConfig::default(), OptimConfig::default(), 0).unwrap().logits(&b).unwrap()
+    };
+    assert_eq!(logits(&one), logits(&sharded));
+}
+
+#[test]
+fn documents_longer_than_the_sliding_window_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig { arch: lora_engine::Arch::Mistral, sliding_window: Some(16), ..ModelConfig::tiny_llama(64) };
+    write_random_model(tmp.path(), &cfg, DType::F32, 1).unwrap();
+    let m = Model::load(tmp.path(), &LoadOptions::cpu()).unwrap();
+    assert_eq!(m.cfg.sliding_window, Some(16));
+    let tr = Trainer::new(m, AdapterConfig::default(), OptimConfig::default(), 0).unwrap();
+    assert!(tr.eval_loss(&batch(&[doc(1, 16), doc(2, 5)])).is_ok());
+    let e = tr.eval_loss(&batch(&[doc(1, 17)])).unwrap_err().to_string();
+    assert!(e.contains("sliding_window") && e.contains("17"), "{e}");
+}
