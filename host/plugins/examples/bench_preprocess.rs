@@ -22,17 +22,30 @@ use serde_json::{Value, json};
 
 /// The native twin of the plugin's `process_record` (no settings: default tokens, no limit).
 fn native(record: &RawRecord) -> Result<Vec<Sample>, String> {
-    let turns = record.value.get("messages").and_then(Value::as_array).ok_or("field `messages` is missing or not a list")?;
+    let turns = record
+        .value
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or("field `messages` is missing or not a list")?;
     let mut messages = Vec::with_capacity(turns.len());
     for (i, turn) in turns.iter().enumerate() {
-        let from = turn.get("from").and_then(Value::as_str).ok_or(format!("messages[{i}].from is missing"))?;
-        let body = turn.get("body").and_then(Value::as_str).ok_or(format!("messages[{i}].body is missing"))?;
+        let from = turn
+            .get("from")
+            .and_then(Value::as_str)
+            .ok_or(format!("messages[{i}].from is missing"))?;
+        let body = turn
+            .get("body")
+            .and_then(Value::as_str)
+            .ok_or(format!("messages[{i}].body is missing"))?;
         let role = match from {
             "customer" => "user",
             "agent" => "assistant",
             other => return Err(format!("messages[{i}].from is `{other}`")),
         };
-        messages.push(Message { role: role.into(), content: redact::redact(body, "[EMAIL]", "[PHONE]") });
+        messages.push(Message {
+            role: role.into(),
+            content: redact::redact(body, "[EMAIL]", "[PHONE]"),
+        });
     }
     if !messages.iter().any(|m| m.role == "assistant") {
         return Ok(Vec::new());
@@ -69,8 +82,15 @@ fn tickets(n: u64) -> Vec<RawRecord> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let path = PathBuf::from(args.get(1).ok_or("usage: bench_preprocess PLUGIN.wasm [records] [batch]")?);
-    let n: u64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(100_000);
+    let path = PathBuf::from(
+        args.get(1)
+            .ok_or("usage: bench_preprocess PLUGIN.wasm [records] [batch]")?,
+    );
+    let n: u64 = args
+        .get(2)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(100_000);
     let batch: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(1000);
     let records = tickets(n);
 
@@ -83,7 +103,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let second = precompile(&path, &cache)?;
     let warm = t.elapsed();
     std::fs::remove_dir_all(&cache).ok();
-    let options = PluginOptions { cache_dir: None, ..Default::default() };
+    let options = PluginOptions {
+        cache_dir: None,
+        ..Default::default()
+    };
     let t = Instant::now();
     let mut wasm = lora_plugins::load_preprocessor(&path, &options, Arc::new(NoTools))?;
     let instantiate = t.elapsed();
@@ -94,7 +117,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let mut native_out: Vec<RecordOutcome> = Vec::with_capacity(records.len());
         for chunk in records.chunks(batch) {
-            native_out.extend(chunk.iter().map(|r| RecordOutcome { index: r.index, result: native(r) }));
+            native_out.extend(chunk.iter().map(|r| RecordOutcome {
+                index: r.index,
+                result: native(r),
+            }));
         }
         native_s = native_s.min(t.elapsed().as_secs_f64());
 
@@ -113,14 +139,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let serialize_s = t.elapsed().as_secs_f64();
 
     let (nr, wr) = (n as f64 / native_s, n as f64 / wasm_s);
-    println!("preprocess {n} tickets, batches of {batch}, best of 3 alternating rounds (outputs identical)");
+    println!(
+        "preprocess {n} tickets, batches of {batch}, best of 3 alternating rounds (outputs identical)"
+    );
     println!("  native: {nr:>12.0} records/s ({native_s:.3} s)");
     println!("  wasm:   {wr:>12.0} records/s ({wasm_s:.3} s)");
     println!("  ratio:  wasm is {:.2}x slower than native", nr / wr);
-    println!("  (of the wasm time, {serialize_s:.3} s is the host writing {} MB of records as JSON text for the guest)", json_bytes / 1_000_000);
+    println!(
+        "  (of the wasm time, {serialize_s:.3} s is the host writing {} MB of records as JSON text for the guest)",
+        json_bytes / 1_000_000
+    );
     println!("instantiation of {}", path.display());
-    println!("  cold compile ({first:?}):      {:>8.1} ms", cold.as_secs_f64() * 1e3);
-    println!("  from disk cache ({second:?}):     {:>8.1} ms  ({:.0}x faster)", warm.as_secs_f64() * 1e3, cold.as_secs_f64() / warm.as_secs_f64());
-    println!("  instantiate + configure (compiled): {:>8.1} ms", instantiate.as_secs_f64() * 1e3);
+    println!(
+        "  cold compile ({first:?}):      {:>8.1} ms",
+        cold.as_secs_f64() * 1e3
+    );
+    println!(
+        "  from disk cache ({second:?}):     {:>8.1} ms  ({:.0}x faster)",
+        warm.as_secs_f64() * 1e3,
+        cold.as_secs_f64() / warm.as_secs_f64()
+    );
+    println!(
+        "  instantiate + configure (compiled): {:>8.1} ms",
+        instantiate.as_secs_f64() * 1e3
+    );
     Ok(())
 }

@@ -74,22 +74,43 @@ pub(crate) struct Loaded {
 }
 
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Reads and compiles `path`, using the in-process and on-disk caches. `use_memory` = false
 /// skips the in-process cache (the benchmark measures the disk path with it).
-pub(crate) fn load(path: &Path, cache_dir: Option<&Path>, use_memory: bool) -> Result<Loaded, PluginError> {
+pub(crate) fn load(
+    path: &Path,
+    cache_dir: Option<&Path>,
+    use_memory: bool,
+) -> Result<Loaded, PluginError> {
     let engine = engine()?;
-    let bytes = std::fs::read(path).map_err(|source| PluginError::Read { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let sha256 = sha256_hex(&bytes);
     let mut h = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
     let key = format!("{sha256}-{:016x}", h.finish());
 
     let memory = COMPILED.get_or_init(Default::default);
-    if use_memory && let Some(c) = memory.lock().map_err(|_| PluginError::Engine("component cache lock poisoned".into()))?.get(&key) {
-        return Ok(Loaded { bytes, sha256, component: c.clone(), outcome: CacheOutcome::Memory, cache_warning: None });
+    if use_memory
+        && let Some(c) = memory
+            .lock()
+            .map_err(|_| PluginError::Engine("component cache lock poisoned".into()))?
+            .get(&key)
+    {
+        return Ok(Loaded {
+            bytes,
+            sha256,
+            component: c.clone(),
+            outcome: CacheOutcome::Memory,
+            cache_warning: None,
+        });
     }
 
     let cached = cache_dir.map(|d| d.join(format!("{key}.cwasm")));
@@ -99,15 +120,20 @@ pub(crate) fn load(path: &Path, cache_dir: Option<&Path>, use_memory: bool) -> R
     // compatible engine. The cache directory is ours (files named by the hash of the source
     // component and of the engine's configuration, written atomically below); wasmtime itself
     // still checks the header and version and returns an error (we then recompile) on mismatch.
-    let from_disk = cached.as_ref().filter(|p| p.is_file()).and_then(|p| unsafe { Component::deserialize_file(engine, p) }.ok());
+    let from_disk = cached
+        .as_ref()
+        .filter(|p| p.is_file())
+        .and_then(|p| unsafe { Component::deserialize_file(engine, p) }.ok());
     let component = match from_disk {
         Some(c) => {
             outcome = CacheOutcome::Disk;
             c
         }
         None => {
-            let c = Component::new(engine, &bytes)
-                .map_err(|e| PluginError::Compile { path: path.to_path_buf(), message: format!("{e:#}") })?;
+            let c = Component::new(engine, &bytes).map_err(|e| PluginError::Compile {
+                path: path.to_path_buf(),
+                message: format!("{e:#}"),
+            })?;
             if let Some(p) = &cached {
                 cache_warning = write_cache(&c, p).err();
             }
@@ -117,14 +143,24 @@ pub(crate) fn load(path: &Path, cache_dir: Option<&Path>, use_memory: bool) -> R
     if let Ok(mut m) = memory.lock() {
         m.insert(key, component.clone());
     }
-    Ok(Loaded { bytes, sha256, component, outcome, cache_warning })
+    Ok(Loaded {
+        bytes,
+        sha256,
+        component,
+        outcome,
+        cache_warning,
+    })
 }
 
 fn write_cache(component: &Component, path: &Path) -> Result<(), String> {
     let dir = path.parent().ok_or("cache path has no parent")?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create component cache {}: {e}", dir.display()))?;
-    let data = component.serialize().map_err(|e| format!("cannot serialise component: {e:#}"))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create component cache {}: {e}", dir.display()))?;
+    let data = component
+        .serialize()
+        .map_err(|e| format!("cannot serialise component: {e:#}"))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, data).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("cannot rename {} into place: {e}", tmp.display()))
+    std::fs::rename(&tmp, path)
+        .map_err(|e| format!("cannot rename {} into place: {e}", tmp.display()))
 }

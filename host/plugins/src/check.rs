@@ -6,11 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use lora_api::{
-    CheckpointInfo, EvalMetrics, Message, Preprocessor, RawRecord, Reporter, RunInfo, RunSummary, ScheduleContext,
-    Scheduler, StepMetrics, TextTools,
+    CheckpointInfo, EvalMetrics, Message, Preprocessor, RawRecord, Reporter, RunInfo, RunSummary,
+    ScheduleContext, Scheduler, StepMetrics, TextTools,
 };
 
-use crate::{PluginError, PluginKind, PluginSet, WasmPreprocessor, WasmReporter, WasmScheduler, inspect};
+use crate::{
+    PluginError, PluginKind, PluginSet, WasmPreprocessor, WasmReporter, WasmScheduler, inspect,
+};
 
 /// What `check` saw, one line per record, step or event.
 #[derive(Debug, Clone)]
@@ -60,13 +62,19 @@ pub fn check(
 ) -> Result<CheckReport, PluginError> {
     let kind = inspect(path, config_json)?.kind;
     let set = PluginSet::from_params(&format!("{kind}={}", path.display()), config_json, 0)?;
-    let mut options = set.specs().next().map(|s| s.options.clone()).unwrap_or_default();
+    let mut options = set
+        .specs()
+        .next()
+        .map(|s| s.options.clone())
+        .unwrap_or_default();
     let mut lines = Vec::new();
     let mut record_errors = 0;
     let fail = |e: lora_api::ExtError| PluginError::Setup(e);
     match kind {
         PluginKind::Preprocessor => {
-            let input = input.ok_or_else(|| PluginError::Input("a preprocessor needs sample input: --input sample.jsonl".into()))?;
+            let input = input.ok_or_else(|| {
+                PluginError::Input("a preprocessor needs sample input: --input sample.jsonl".into())
+            })?;
             let records = read_jsonl(input)?;
             let tools = text_tools.unwrap_or_else(|| Arc::new(NoTextTools));
             let mut p = WasmPreprocessor::load(path, &options, Some(tools))?;
@@ -87,7 +95,10 @@ pub fn check(
                     }
                 }
             }
-            lines.push(format!("{} records, {record_errors} record errors", records.len()));
+            lines.push(format!(
+                "{} records, {record_errors} record errors",
+                records.len()
+            ));
         }
         PluginKind::Scheduler => {
             let losses = match input {
@@ -117,23 +128,35 @@ pub fn check(
         }
         PluginKind::Reporter => {
             if options.grants.dir.is_none() {
-                let dir = std::env::temp_dir().join(format!("lora-plugin-check-{}", std::process::id()));
-                std::fs::create_dir_all(&dir).map_err(|e| PluginError::Input(format!("cannot create {}: {e}", dir.display())))?;
+                let dir =
+                    std::env::temp_dir().join(format!("lora-plugin-check-{}", std::process::id()));
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    PluginError::Input(format!("cannot create {}: {e}", dir.display()))
+                })?;
                 options.grants.dir = Some(dir);
             }
             let dir = options.grants.dir.clone().unwrap_or_default();
             let mut r = WasmReporter::load(path, &options)?;
             synthetic_run(&mut r, &mut lines).map_err(fail)?;
-            let mut entries: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().collect()).unwrap_or_default();
+            let mut entries: Vec<_> = std::fs::read_dir(&dir)
+                .map(|d| d.flatten().collect())
+                .unwrap_or_default();
             entries.sort_by_key(|e| e.file_name());
             lines.push(format!("files in {}:", dir.display()));
             for e in entries {
                 let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                lines.push(format!("  {} ({len} bytes)", e.file_name().to_string_lossy()));
+                lines.push(format!(
+                    "  {} ({len} bytes)",
+                    e.file_name().to_string_lossy()
+                ));
             }
         }
     }
-    Ok(CheckReport { kind, lines, record_errors })
+    Ok(CheckReport {
+        kind,
+        lines,
+        record_errors,
+    })
 }
 
 fn synthetic_run(r: &mut WasmReporter, lines: &mut Vec<String>) -> Result<(), lora_api::ExtError> {
@@ -163,9 +186,19 @@ fn synthetic_run(r: &mut WasmReporter, lines: &mut Vec<String>) -> Result<(), lo
         })?;
     }
     lines.push(format!("on-step x{steps}: ok"));
-    r.on_eval(&EvalMetrics { step: steps, epoch: 1.0, eval_loss: 0.5, perplexity: 0.5f64.exp(), eval_tokens: 400 })?;
+    r.on_eval(&EvalMetrics {
+        step: steps,
+        epoch: 1.0,
+        eval_loss: 0.5,
+        perplexity: 0.5f64.exp(),
+        eval_tokens: 400,
+    })?;
     lines.push("on-eval: ok".into());
-    r.on_checkpoint(&CheckpointInfo { step: steps, epoch: 1.0, path: "checkpoints/checkpoint-5".into() })?;
+    r.on_checkpoint(&CheckpointInfo {
+        step: steps,
+        epoch: 1.0,
+        path: "checkpoints/checkpoint-5".into(),
+    })?;
     lines.push("on-checkpoint: ok".into());
     r.on_finish(&RunSummary {
         total_steps: steps,
@@ -187,15 +220,26 @@ fn synthetic_run(r: &mut WasmReporter, lines: &mut Vec<String>) -> Result<(), lo
 
 /// JSONL records, numbered by line (blank lines skipped).
 pub(crate) fn read_jsonl(path: &Path) -> Result<Vec<RawRecord>, PluginError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PluginError::Read { path: path.to_path_buf(), source })?;
-    let source = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let text = std::fs::read_to_string(path).map_err(|source| PluginError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let source = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            let value = serde_json::from_str(l)
-                .map_err(|e| PluginError::Input(format!("{}:{}: not valid JSON: {e}", path.display(), i + 1)))?;
-            Ok(RawRecord { index: i as u64 + 1, source: source.clone(), value })
+            let value = serde_json::from_str(l).map_err(|e| {
+                PluginError::Input(format!("{}:{}: not valid JSON: {e}", path.display(), i + 1))
+            })?;
+            Ok(RawRecord {
+                index: i as u64 + 1,
+                source: source.clone(),
+                value,
+            })
         })
         .collect()
 }
@@ -204,9 +248,16 @@ fn read_losses(path: &Path) -> Result<Vec<f64>, PluginError> {
     read_jsonl(path)?
         .into_iter()
         .map(|r| {
-            r.value.as_f64().or_else(|| r.value.get("loss").and_then(|l| l.as_f64())).ok_or_else(|| {
-                PluginError::Input(format!("{}:{}: expected a number or {{\"loss\": number}}", path.display(), r.index))
-            })
+            r.value
+                .as_f64()
+                .or_else(|| r.value.get("loss").and_then(|l| l.as_f64()))
+                .ok_or_else(|| {
+                    PluginError::Input(format!(
+                        "{}:{}: expected a number or {{\"loss\": number}}",
+                        path.display(),
+                        r.index
+                    ))
+                })
         })
         .collect()
 }

@@ -36,7 +36,9 @@ use lora_api::{Preprocessor, Reporter, ScheduleContext, Scheduler, TextTools};
 use serde::Deserialize;
 
 use crate::sandbox::plugin_seed;
-use crate::{PluginError, PluginKind, PluginOptions, load_preprocessor, load_reporter, load_scheduler};
+use crate::{
+    PluginError, PluginKind, PluginOptions, load_preprocessor, load_reporter, load_scheduler,
+};
 
 const PLUGINS: &str = "training_plugins";
 const CONFIG: &str = "training_plugin_config";
@@ -80,33 +82,57 @@ struct GrantsEntry {
 }
 
 fn cfg_err(message: String) -> PluginError {
-    PluginError::Config { parameter: CONFIG, message }
+    PluginError::Config {
+        parameter: CONFIG,
+        message,
+    }
 }
 
 fn stem(path: &Path) -> String {
-    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 impl PluginSet {
     /// Parses and checks the two parameters. `seed` is the run seed; each plugin's random
     /// stream is derived from it and the plugin's name. Plugin files must exist; they are read
     /// and compiled only when loaded.
-    pub fn from_params(plugins: &str, config_json: &str, seed: u64) -> Result<PluginSet, PluginError> {
+    pub fn from_params(
+        plugins: &str,
+        config_json: &str,
+        seed: u64,
+    ) -> Result<PluginSet, PluginError> {
         let mut set = PluginSet::default();
         let mut stems = BTreeMap::new();
-        for (i, entry) in plugins.split(',').map(str::trim).enumerate().filter(|(_, e)| !e.is_empty()) {
-            let err = |m: String| PluginError::Config { parameter: PLUGINS, message: format!("entry {} `{entry}`: {m}", i + 1) };
-            let (kind, path) = entry
-                .split_once('=')
-                .ok_or_else(|| err("expected `kind=path`, e.g. `scheduler=/plugins/schedules.wasm`".into()))?;
-            let kind = PluginKind::parse(kind.trim())
-                .ok_or_else(|| err(format!("unknown kind `{}`; expected preprocessor, scheduler or reporter", kind.trim())))?;
+        for (i, entry) in plugins
+            .split(',')
+            .map(str::trim)
+            .enumerate()
+            .filter(|(_, e)| !e.is_empty())
+        {
+            let err = |m: String| PluginError::Config {
+                parameter: PLUGINS,
+                message: format!("entry {} `{entry}`: {m}", i + 1),
+            };
+            let (kind, path) = entry.split_once('=').ok_or_else(|| {
+                err("expected `kind=path`, e.g. `scheduler=/plugins/schedules.wasm`".into())
+            })?;
+            let kind = PluginKind::parse(kind.trim()).ok_or_else(|| {
+                err(format!(
+                    "unknown kind `{}`; expected preprocessor, scheduler or reporter",
+                    kind.trim()
+                ))
+            })?;
             let path = PathBuf::from(path.trim());
             if path.as_os_str().is_empty() {
                 return Err(err("the path is empty".into()));
             }
             if !path.is_file() {
-                return Err(err(format!("{} does not exist or is not a file", path.display())));
+                return Err(err(format!(
+                    "{} does not exist or is not a file",
+                    path.display()
+                )));
             }
             let s = stem(&path);
             if let Some(prev) = stems.insert(s.clone(), path.clone()) {
@@ -116,10 +142,21 @@ impl PluginSet {
                     path.display()
                 )));
             }
-            let spec = PluginSpec { kind, path, options: PluginOptions { name: Some(format!("plugin:{s}")), ..Default::default() } };
+            let spec = PluginSpec {
+                kind,
+                path,
+                options: PluginOptions {
+                    name: Some(format!("plugin:{s}")),
+                    ..Default::default()
+                },
+            };
             match kind {
-                PluginKind::Preprocessor if set.preprocessor.is_some() => return Err(err("only one preprocessor may be named".into())),
-                PluginKind::Scheduler if set.scheduler.is_some() => return Err(err("only one scheduler may be named".into())),
+                PluginKind::Preprocessor if set.preprocessor.is_some() => {
+                    return Err(err("only one preprocessor may be named".into()));
+                }
+                PluginKind::Scheduler if set.scheduler.is_some() => {
+                    return Err(err("only one scheduler may be named".into()));
+                }
                 PluginKind::Preprocessor => set.preprocessor = Some(spec),
                 PluginKind::Scheduler => set.scheduler = Some(spec),
                 PluginKind::Reporter => set.reporters.push(spec),
@@ -129,7 +166,8 @@ impl PluginSet {
         let config: BTreeMap<String, serde_json::Value> = if config_json.trim().is_empty() {
             BTreeMap::new()
         } else {
-            serde_json::from_str(config_json).map_err(|e| cfg_err(format!("not a JSON object: {e}")))?
+            serde_json::from_str(config_json)
+                .map_err(|e| cfg_err(format!("not a JSON object: {e}")))?
         };
         let mut entries = BTreeMap::new();
         for (key, value) in config {
@@ -141,22 +179,33 @@ impl PluginSet {
             if !used {
                 return Err(cfg_err(format!(
                     "key `{key}` names no plugin in {PLUGINS} (use a kind, or a plugin's file stem: {})",
-                    if stems.is_empty() { "none named".to_string() } else { stems.keys().cloned().collect::<Vec<_>>().join(", ") }
+                    if stems.is_empty() {
+                        "none named".to_string()
+                    } else {
+                        stems.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
                 )));
             }
-            let entry: Entry = serde_json::from_value(value).map_err(|e| cfg_err(format!("`{key}`: {e}")))?;
+            let entry: Entry =
+                serde_json::from_value(value).map_err(|e| cfg_err(format!("`{key}`: {e}")))?;
             entries.insert(key, entry);
         }
         for spec in set.specs_mut() {
             let by_kind = entries.get(spec.kind.as_str());
             let by_stem = entries.get(&stem(&spec.path));
-            for (key, entry) in [(spec.kind.as_str().to_string(), by_kind), (stem(&spec.path), by_stem)] {
+            for (key, entry) in [
+                (spec.kind.as_str().to_string(), by_kind),
+                (stem(&spec.path), by_stem),
+            ] {
                 if let Some(entry) = entry {
                     apply(&key, entry, &mut spec.options)?;
                 }
             }
             if spec.options.grants.dir.is_some() && spec.kind != PluginKind::Reporter {
-                return Err(cfg_err(format!("{}: `grants.dir` is for reporters only", spec.path.display())));
+                return Err(cfg_err(format!(
+                    "{}: `grants.dir` is for reporters only",
+                    spec.path.display()
+                )));
             }
             spec.options.seed = plugin_seed(seed, spec.options.name.as_deref().unwrap_or_default());
         }
@@ -165,11 +214,17 @@ impl PluginSet {
 
     /// Every plugin named, in kind order.
     pub fn specs(&self) -> impl Iterator<Item = &PluginSpec> {
-        self.preprocessor.iter().chain(self.scheduler.iter()).chain(self.reporters.iter())
+        self.preprocessor
+            .iter()
+            .chain(self.scheduler.iter())
+            .chain(self.reporters.iter())
     }
 
     fn specs_mut(&mut self) -> impl Iterator<Item = &mut PluginSpec> {
-        self.preprocessor.iter_mut().chain(self.scheduler.iter_mut()).chain(self.reporters.iter_mut())
+        self.preprocessor
+            .iter_mut()
+            .chain(self.scheduler.iter_mut())
+            .chain(self.reporters.iter_mut())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -190,16 +245,31 @@ impl PluginSet {
         }
     }
 
-    pub fn load_preprocessor(&self, text_tools: Arc<dyn TextTools>) -> Result<Option<Box<dyn Preprocessor>>, PluginError> {
-        self.preprocessor.as_ref().map(|s| load_preprocessor(&s.path, &s.options, text_tools)).transpose()
+    pub fn load_preprocessor(
+        &self,
+        text_tools: Arc<dyn TextTools>,
+    ) -> Result<Option<Box<dyn Preprocessor>>, PluginError> {
+        self.preprocessor
+            .as_ref()
+            .map(|s| load_preprocessor(&s.path, &s.options, text_tools))
+            .transpose()
     }
 
-    pub fn load_scheduler(&self, context: ScheduleContext) -> Result<Option<Box<dyn Scheduler>>, PluginError> {
-        self.scheduler.as_ref().map(|s| load_scheduler(&s.path, &s.options, context)).transpose()
+    pub fn load_scheduler(
+        &self,
+        context: ScheduleContext,
+    ) -> Result<Option<Box<dyn Scheduler>>, PluginError> {
+        self.scheduler
+            .as_ref()
+            .map(|s| load_scheduler(&s.path, &s.options, context))
+            .transpose()
     }
 
     pub fn load_reporters(&self) -> Result<Vec<Box<dyn Reporter>>, PluginError> {
-        self.reporters.iter().map(|s| load_reporter(&s.path, &s.options)).collect()
+        self.reporters
+            .iter()
+            .map(|s| load_reporter(&s.path, &s.options))
+            .collect()
     }
 }
 
@@ -209,7 +279,11 @@ fn apply(key: &str, e: &Entry, o: &mut PluginOptions) -> Result<(), PluginError>
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Number(n) => n.to_string(),
             serde_json::Value::Bool(b) => b.to_string(),
-            other => return Err(cfg_err(format!("`{key}.settings.{k}` is {other}; use a string, number or boolean"))),
+            other => {
+                return Err(cfg_err(format!(
+                    "`{key}.settings.{k}` is {other}; use a string, number or boolean"
+                )));
+            }
         };
         o.settings.insert(k.clone(), v);
     }
@@ -225,7 +299,9 @@ fn apply(key: &str, e: &Entry, o: &mut PluginOptions) -> Result<(), PluginError>
         }
         if let Some(http) = &g.http {
             if !http.is_empty() {
-                return Err(cfg_err(format!("`{key}.grants.http`: wasi:http is not supported by this lora build")));
+                return Err(cfg_err(format!(
+                    "`{key}.grants.http`: wasi:http is not supported by this lora build"
+                )));
             }
             o.grants.http = http.clone();
         }

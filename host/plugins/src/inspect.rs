@@ -31,16 +31,26 @@ pub fn inspect(path: &Path, config_json: &str) -> Result<Inspection, PluginError
     let loaded = cache::load(path, crate::default_cache_dir().as_deref(), true)?;
     let (kind, api_version) = identify(path, &loaded.component)?;
     let engine = cache::engine()?;
-    let exports = loaded.component.component_type().exports(engine).map(|(n, _)| n.to_string()).collect();
+    let exports = loaded
+        .component
+        .component_type()
+        .exports(engine)
+        .map(|(n, _)| n.to_string())
+        .collect();
     let set = PluginSet::from_params(&format!("{kind}={}", path.display()), config_json, 0)?;
-    let options = set.specs().next().map(|s| s.options.clone()).unwrap_or_default();
+    let options = set
+        .specs()
+        .next()
+        .map(|s| s.options.clone())
+        .unwrap_or_default();
     Ok(Inspection {
         path: path.to_path_buf(),
         size_bytes: loaded.bytes.len() as u64,
         sha256: loaded.sha256.clone(),
         kind,
         api_version,
-        sdk_stamp: custom_section(&loaded.bytes, "lora-plugin-api").map(|b| String::from_utf8_lossy(&b).into_owned()),
+        sdk_stamp: custom_section(&loaded.bytes, "lora-plugin-api")
+            .map(|b| String::from_utf8_lossy(&b).into_owned()),
         imports: imports(&loaded.component)?,
         exports,
         options,
@@ -51,10 +61,27 @@ pub fn inspect(path: &Path, config_json: &str) -> Result<Inspection, PluginError
 impl fmt::Display for Inspection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = &self.options;
-        writeln!(f, "file:        {} ({} bytes, sha256 {})", self.path.display(), self.size_bytes, self.sha256)?;
+        writeln!(
+            f,
+            "file:        {} ({} bytes, sha256 {})",
+            self.path.display(),
+            self.size_bytes,
+            self.sha256
+        )?;
         writeln!(f, "kind:        {}", self.kind)?;
-        writeln!(f, "api version: {} (supported: {})", self.api_version, crate::SUPPORTED_API_VERSIONS.join(", "))?;
-        writeln!(f, "sdk stamp:   {}", self.sdk_stamp.as_deref().unwrap_or("none (not built with the lora-plugin SDK)"))?;
+        writeln!(
+            f,
+            "api version: {} (supported: {})",
+            self.api_version,
+            crate::SUPPORTED_API_VERSIONS.join(", ")
+        )?;
+        writeln!(
+            f,
+            "sdk stamp:   {}",
+            self.sdk_stamp
+                .as_deref()
+                .unwrap_or("none (not built with the lora-plugin SDK)")
+        )?;
         writeln!(f, "exports:     {}", self.exports.join(", "))?;
         writeln!(f, "imports:")?;
         for i in &self.imports {
@@ -62,7 +89,11 @@ impl fmt::Display for Inspection {
         }
         writeln!(f, "would be granted:")?;
         match &o.grants.dir {
-            Some(d) => writeln!(f, "  filesystem: {} (read-write, seen as {GUEST_OUTPUT_DIR})", d.display())?,
+            Some(d) => writeln!(
+                f,
+                "  filesystem: {} (read-write, seen as {GUEST_OUTPUT_DIR})",
+                d.display()
+            )?,
             None => writeln!(f, "  filesystem: none")?,
         }
         writeln!(f, "  network:    none")?;
@@ -71,7 +102,15 @@ impl fmt::Display for Inspection {
         } else {
             writeln!(f, "  env:        {}", o.grants.env.join(", "))?;
         }
-        writeln!(f, "  clocks:     {}", if o.grants.clocks { "real" } else { "frozen at 0" })?;
+        writeln!(
+            f,
+            "  clocks:     {}",
+            if o.grants.clocks {
+                "real"
+            } else {
+                "frozen at 0"
+            }
+        )?;
         writeln!(f, "  random:     deterministic, seeded from the run seed")?;
         writeln!(
             f,

@@ -45,7 +45,10 @@ pub const GUEST_OUTPUT_DIR: &str = "/out";
 /// Compiles `path` into the on-disk cache at `cache_dir` (or takes it from there), bypassing this
 /// process's in-memory cache; says which happened. For warming a cache ahead of a run and for
 /// measuring instantiation from the cache against a cold compile.
-pub fn precompile(path: &std::path::Path, cache_dir: &std::path::Path) -> Result<CacheOutcome, PluginError> {
+pub fn precompile(
+    path: &std::path::Path,
+    cache_dir: &std::path::Path,
+) -> Result<CacheOutcome, PluginError> {
     let loaded = cache::load(path, Some(cache_dir), false)?;
     match loaded.cache_warning {
         Some(w) => Err(PluginError::Input(w)),

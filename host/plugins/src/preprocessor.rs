@@ -23,21 +23,39 @@ pub fn load_preprocessor(
     options: &PluginOptions,
     text_tools: Arc<dyn TextTools>,
 ) -> Result<Box<dyn lora_api::Preprocessor>, PluginError> {
-    Ok(Box::new(WasmPreprocessor::load(path, options, Some(text_tools))?))
+    Ok(Box::new(WasmPreprocessor::load(
+        path,
+        options,
+        Some(text_tools),
+    )?))
 }
 
 impl WasmPreprocessor {
-    pub fn load(path: &Path, options: &PluginOptions, text_tools: Option<Arc<dyn TextTools>>) -> Result<Self, PluginError> {
+    pub fn load(
+        path: &Path,
+        options: &PluginOptions,
+        text_tools: Option<Arc<dyn TextTools>>,
+    ) -> Result<Self, PluginError> {
         let prepared = sandbox::prepare(path, PluginKind::Preprocessor, options)?;
         let mut linker = sandbox::base_linker()?;
         wit::Preprocessor::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
-        let mut sandbox = Sandbox::new(&prepared.name, PluginKind::Preprocessor, options, text_tools)?;
+        let mut sandbox = Sandbox::new(
+            &prepared.name,
+            PluginKind::Preprocessor,
+            options,
+            text_tools,
+        )?;
         let component = prepared.loaded.component;
-        let bindings = sandbox.instantiate(path, |store| wit::Preprocessor::instantiate(store, &component, &linker))?;
+        let bindings = sandbox.instantiate(path, |store| {
+            wit::Preprocessor::instantiate(store, &component, &linker)
+        })?;
         let settings = options.settings_list();
-        let configured =
-            sandbox.call("configure", None, |store| bindings.lora_plugin_preprocess().call_configure(store, &settings))?;
+        let configured = sandbox.call("configure", None, |store| {
+            bindings
+                .lora_plugin_preprocess()
+                .call_configure(store, &settings)
+        })?;
         configured.map_err(|m| ExtError::failed(&prepared.name, "configure", m))?;
         Ok(WasmPreprocessor { sandbox, bindings })
     }
@@ -48,7 +66,11 @@ impl lora_api::Preprocessor for WasmPreprocessor {
         &self.sandbox.name
     }
 
-    fn process_batch(&mut self, batch: u64, records: &[RawRecord]) -> Result<Vec<RecordOutcome>, ExtError> {
+    fn process_batch(
+        &mut self,
+        batch: u64,
+        records: &[RawRecord],
+    ) -> Result<Vec<RecordOutcome>, ExtError> {
         const CALL: &str = "process_batch";
         let raw: Vec<wit::exports::lora::plugin::preprocess::RawRecord> = records
             .iter()
@@ -59,10 +81,15 @@ impl lora_api::Preprocessor for WasmPreprocessor {
             })
             .collect();
         let Self { sandbox, bindings } = self;
-        let result = sandbox.call(CALL, Some(batch), |store| bindings.lora_plugin_preprocess().call_process_batch(store, batch, &raw))?;
+        let result = sandbox.call(CALL, Some(batch), |store| {
+            bindings
+                .lora_plugin_preprocess()
+                .call_process_batch(store, batch, &raw)
+        })?;
         let name = sandbox.name.clone();
         let outcomes = result.map_err(|m| ExtError::failed(&name, CALL, m).with_batch(batch))?;
-        let contract = |m: String| ExtError::new(&name, CALL, ErrorKind::Contract, m).with_batch(batch);
+        let contract =
+            |m: String| ExtError::new(&name, CALL, ErrorKind::Contract, m).with_batch(batch);
 
         let bytes: u64 = outcomes.iter().map(outcome_bytes).sum();
         sandbox.check_output(CALL, Some(batch), bytes)?;
@@ -108,10 +135,16 @@ fn outcome_bytes(o: &wit::exports::lora::plugin::preprocess::RecordOutcome) -> u
         Ok(samples) => samples
             .iter()
             .map(|s| match s {
-                S::Chat(m) => m.iter().map(|m| (m.role.len() + m.content.len()) as u64).sum(),
+                S::Chat(m) => m
+                    .iter()
+                    .map(|m| (m.role.len() + m.content.len()) as u64)
+                    .sum(),
                 S::PromptCompletion(p) => (p.prompt.len() + p.completion.len()) as u64,
                 S::Text(t) => t.len() as u64,
-                S::Tokens(t) => 4 * t.input_ids.len() as u64 + t.train_mask.as_ref().map_or(0, |m| m.len() as u64),
+                S::Tokens(t) => {
+                    4 * t.input_ids.len() as u64
+                        + t.train_mask.as_ref().map_or(0, |m| m.len() as u64)
+                }
             })
             .sum(),
     }
@@ -128,17 +161,35 @@ fn convert(s: wit::lora::plugin::types::Sample) -> Result<Sample, String> {
             if let Some(i) = messages.iter().position(|m| m.role.trim().is_empty()) {
                 return Err(format!("chat message {i} has an empty role"));
             }
-            Sample::Chat { messages: messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect() }
+            Sample::Chat {
+                messages: messages
+                    .into_iter()
+                    .map(|m| Message {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect(),
+            }
         }
-        S::PromptCompletion(p) => Sample::PromptCompletion { prompt: p.prompt, completion: p.completion },
+        S::PromptCompletion(p) => Sample::PromptCompletion {
+            prompt: p.prompt,
+            completion: p.completion,
+        },
         S::Text(text) => Sample::Text { text },
         S::Tokens(t) => {
             if let Some(mask) = &t.train_mask
                 && mask.len() != t.input_ids.len()
             {
-                return Err(format!("train-mask has {} entries for {} tokens", mask.len(), t.input_ids.len()));
+                return Err(format!(
+                    "train-mask has {} entries for {} tokens",
+                    mask.len(),
+                    t.input_ids.len()
+                ));
             }
-            Sample::Tokens { input_ids: t.input_ids, train_mask: t.train_mask }
+            Sample::Tokens {
+                input_ids: t.input_ids,
+                train_mask: t.train_mask,
+            }
         }
     })
 }

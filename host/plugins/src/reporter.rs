@@ -19,7 +19,10 @@ pub struct WasmReporter {
 
 /// Loads and configures the reporter at `path`. Its only possible filesystem access is
 /// `options.grants.dir`, seen inside as `/out`.
-pub fn load_reporter(path: &Path, options: &PluginOptions) -> Result<Box<dyn lora_api::Reporter>, PluginError> {
+pub fn load_reporter(
+    path: &Path,
+    options: &PluginOptions,
+) -> Result<Box<dyn lora_api::Reporter>, PluginError> {
     Ok(Box::new(WasmReporter::load(path, options)?))
 }
 
@@ -27,12 +30,19 @@ impl WasmReporter {
     pub fn load(path: &Path, options: &PluginOptions) -> Result<Self, PluginError> {
         let prepared = sandbox::prepare(path, PluginKind::Reporter, options)?;
         let mut linker = sandbox::base_linker()?;
-        wit::Reporter::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        wit::Reporter::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut sandbox = Sandbox::new(&prepared.name, PluginKind::Reporter, options, None)?;
         let component = prepared.loaded.component;
-        let bindings = sandbox.instantiate(path, |store| wit::Reporter::instantiate(store, &component, &linker))?;
+        let bindings = sandbox.instantiate(path, |store| {
+            wit::Reporter::instantiate(store, &component, &linker)
+        })?;
         let settings = options.settings_list();
-        let configured = sandbox.call("configure", None, |store| bindings.lora_plugin_report().call_configure(store, &settings))?;
+        let configured = sandbox.call("configure", None, |store| {
+            bindings
+                .lora_plugin_report()
+                .call_configure(store, &settings)
+        })?;
         configured.map_err(|m| ExtError::failed(&prepared.name, "configure", m))?;
         Ok(WasmReporter { sandbox, bindings })
     }
@@ -41,7 +51,10 @@ impl WasmReporter {
         &mut self,
         call: &str,
         step: Option<u64>,
-        f: impl FnOnce(&w::Guest, &mut wasmtime::Store<crate::sandbox::State>) -> wasmtime::Result<Result<(), String>>,
+        f: impl FnOnce(
+            &w::Guest,
+            &mut wasmtime::Store<crate::sandbox::State>,
+        ) -> wasmtime::Result<Result<(), String>>,
     ) -> Result<(), ExtError> {
         let Self { sandbox, bindings } = self;
         let r = sandbox.call(call, step, |store| f(bindings.lora_plugin_report(), store))?;
@@ -101,8 +114,14 @@ impl lora_api::Reporter for WasmReporter {
     }
 
     fn on_checkpoint(&mut self, c: &CheckpointInfo) -> Result<(), ExtError> {
-        let info = w::CheckpointInfo { step: c.step, epoch: c.epoch, path: c.path.display().to_string() };
-        self.run("on_checkpoint", Some(c.step), |g, s| g.call_on_checkpoint(s, &info))
+        let info = w::CheckpointInfo {
+            step: c.step,
+            epoch: c.epoch,
+            path: c.path.display().to_string(),
+        };
+        self.run("on_checkpoint", Some(c.step), |g, s| {
+            g.call_on_checkpoint(s, &info)
+        })
     }
 
     fn on_finish(&mut self, r: &RunSummary) -> Result<(), ExtError> {

@@ -12,7 +12,9 @@ use rand::rngs::StdRng;
 use wasmtime::component::{Component, ResourceTable};
 use wasmtime::{ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{FsPerms, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{
+    FsPerms, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
+};
 
 use crate::bindings::v0_1_0 as wit;
 use crate::cache::{self, EPOCH_TICK, Loaded};
@@ -44,7 +46,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory_bytes: 512 << 20, deadline: Duration::from_secs(30), max_output_bytes: 64 << 20 }
+        Limits {
+            memory_bytes: 512 << 20,
+            deadline: Duration::from_secs(30),
+            max_output_bytes: 64 << 20,
+        }
     }
 }
 
@@ -62,7 +68,9 @@ pub type LogSink = Arc<dyn Fn(&str, LogLevel, &str) + Send + Sync>;
 
 /// The default sink: one line per message on stderr, `[plugin:name] level: message`.
 pub fn stderr_log_sink() -> LogSink {
-    Arc::new(|plugin, level, msg| eprintln!("[{plugin}] {}: {msg}", format!("{level:?}").to_lowercase()))
+    Arc::new(|plugin, level, msg| {
+        eprintln!("[{plugin}] {}: {msg}", format!("{level:?}").to_lowercase())
+    })
 }
 
 /// How to run one plugin.
@@ -112,12 +120,20 @@ impl std::fmt::Debug for PluginOptions {
 impl PluginOptions {
     pub(crate) fn plugin_name(&self, path: &Path) -> String {
         self.name.clone().unwrap_or_else(|| {
-            format!("plugin:{}", path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default())
+            format!(
+                "plugin:{}",
+                path.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            )
         })
     }
 
     pub(crate) fn settings_list(&self) -> Vec<(String, String)> {
-        self.settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.settings
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }
 
@@ -130,7 +146,12 @@ pub(crate) struct Limiter {
 }
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         let total = self.used - current.min(self.used) + desired;
         if total > self.cap {
             let msg = format!(
@@ -145,7 +166,12 @@ impl ResourceLimiter for Limiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 1 << 20)
     }
 
@@ -173,7 +199,10 @@ pub(crate) struct State {
 
 impl WasiView for State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -205,16 +234,28 @@ impl wit::text_tools::Host for State {
     fn count_tokens(&mut self, text: String) -> Result<u32, String> {
         Ok(self.tools()?.encode(&text, false)?.len() as u32)
     }
-    fn apply_chat_template(&mut self, messages: Vec<wit::types::Message>, add_generation_prompt: bool) -> Result<String, String> {
-        let messages: Vec<lora_api::Message> =
-            messages.into_iter().map(|m| lora_api::Message { role: m.role, content: m.content }).collect();
-        self.tools()?.apply_chat_template(&messages, add_generation_prompt)
+    fn apply_chat_template(
+        &mut self,
+        messages: Vec<wit::types::Message>,
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
+        let messages: Vec<lora_api::Message> = messages
+            .into_iter()
+            .map(|m| lora_api::Message {
+                role: m.role,
+                content: m.content,
+            })
+            .collect();
+        self.tools()?
+            .apply_chat_template(&messages, add_generation_prompt)
     }
 }
 
 impl State {
     fn tools(&self) -> Result<&Arc<dyn TextTools>, String> {
-        self.text_tools.as_ref().ok_or_else(|| "the run offers no tokenizer to this plugin".to_string())
+        self.text_tools
+            .as_ref()
+            .ok_or_else(|| "the run offers no tokenizer to this plugin".to_string())
     }
 }
 
@@ -241,33 +282,54 @@ impl HostMonotonicClock for FrozenClock {
 
 /// The API version a component was built against, and its kind, from its export names
 /// (`lora:plugin/preprocess@0.1.0`).
-pub(crate) fn identify(path: &Path, component: &Component) -> Result<(PluginKind, String), PluginError> {
+pub(crate) fn identify(
+    path: &Path,
+    component: &Component,
+) -> Result<(PluginKind, String), PluginError> {
     let engine = cache::engine()?;
     let ty = component.component_type();
     let mut exports = Vec::new();
     let mut found = None;
     for (name, _) in ty.exports(engine) {
         exports.push(name.to_string());
-        let Some(rest) = name.strip_prefix("lora:plugin/") else { continue };
+        let Some(rest) = name.strip_prefix("lora:plugin/") else {
+            continue;
+        };
         let (iface, version) = rest.split_once('@').unwrap_or((rest, ""));
-        let kind = [PluginKind::Preprocessor, PluginKind::Scheduler, PluginKind::Reporter]
-            .into_iter()
-            .find(|k| k.export_interface() == iface);
+        let kind = [
+            PluginKind::Preprocessor,
+            PluginKind::Scheduler,
+            PluginKind::Reporter,
+        ]
+        .into_iter()
+        .find(|k| k.export_interface() == iface);
         if let Some(kind) = kind {
             found = Some((kind, version.to_string()));
         }
     }
     let (kind, version) = found.ok_or_else(|| PluginError::NotAPlugin {
         path: path.to_path_buf(),
-        exports: if exports.is_empty() { "none".into() } else { exports.join(", ") },
+        exports: if exports.is_empty() {
+            "none".into()
+        } else {
+            exports.join(", ")
+        },
     })?;
     if !SUPPORTED_API_VERSIONS.contains(&version.as_str()) {
         let newest = SUPPORTED_API_VERSIONS.last().copied().unwrap_or("0.0.0");
         let newer = version_key(&version) > version_key(newest);
         return Err(PluginError::ApiVersion {
             path: path.to_path_buf(),
-            found: if version.is_empty() { "(no version)".into() } else { version },
-            relation: if newer { "newer than what" } else { "which is not among the versions" },
+            found: if version.is_empty() {
+                "(no version)".into()
+            } else {
+                version
+            },
+            relation: if newer {
+                "newer than what"
+            } else {
+                "which is not among the versions"
+            },
             supported: SUPPORTED_API_VERSIONS.join(", "),
             hint: if newer {
                 "upgrade lora, or rebuild the plugin against an SDK for a supported version"
@@ -286,7 +348,11 @@ fn version_key(v: &str) -> Vec<u64> {
 /// The component's import names.
 pub(crate) fn imports(component: &Component) -> Result<Vec<String>, PluginError> {
     let engine = cache::engine()?;
-    Ok(component.component_type().imports(engine).map(|(n, _)| n.to_string()).collect())
+    Ok(component
+        .component_type()
+        .imports(engine)
+        .map(|(n, _)| n.to_string())
+        .collect())
 }
 
 /// Refuses imports lora does not provide to this kind, with a message naming them.
@@ -308,7 +374,12 @@ fn check_imports(path: &Path, kind: PluginKind, component: &Component) -> Result
             } else {
                 "a plugin may import lora:plugin/host, the preprocessor's lora:plugin/text-tools and WASI 0.2"
             };
-            return Err(PluginError::UnsupportedImport { path: path.to_path_buf(), import, kind: kind.as_str(), hint });
+            return Err(PluginError::UnsupportedImport {
+                path: path.to_path_buf(),
+                import,
+                kind: kind.as_str(),
+                hint,
+            });
         }
     }
     Ok(())
@@ -329,14 +400,25 @@ pub(crate) struct Prepared {
     pub name: String,
 }
 
-pub(crate) fn prepare(path: &Path, expected: PluginKind, options: &PluginOptions) -> Result<Prepared, PluginError> {
+pub(crate) fn prepare(
+    path: &Path,
+    expected: PluginKind,
+    options: &PluginOptions,
+) -> Result<Prepared, PluginError> {
     let loaded = cache::load(path, options.cache_dir.as_deref(), true)?;
     let (kind, _version) = identify(path, &loaded.component)?;
     if kind != expected {
-        return Err(PluginError::WrongKind { path: path.to_path_buf(), expected: expected.as_str(), found: kind.as_str() });
+        return Err(PluginError::WrongKind {
+            path: path.to_path_buf(),
+            expected: expected.as_str(),
+            found: kind.as_str(),
+        });
     }
     check_imports(path, kind, &loaded.component)?;
-    Ok(Prepared { loaded, name: options.plugin_name(path) })
+    Ok(Prepared {
+        loaded,
+        name: options.plugin_name(path),
+    })
 }
 
 /// The per-plugin random seed: the run seed mixed with the plugin's name, so two plugins in one
@@ -359,34 +441,57 @@ impl Sandbox {
         options: &PluginOptions,
         text_tools: Option<Arc<dyn TextTools>>,
     ) -> Result<Sandbox, PluginError> {
-        let grant_err = |grant, message: String| PluginError::Grant { plugin: name.to_string(), grant, message };
+        let grant_err = |grant, message: String| PluginError::Grant {
+            plugin: name.to_string(),
+            grant,
+            message,
+        };
         let g = &options.grants;
         if !g.http.is_empty() {
-            return Err(grant_err("http", "wasi:http is not supported by this lora build; remove the grant".into()));
+            return Err(grant_err(
+                "http",
+                "wasi:http is not supported by this lora build; remove the grant".into(),
+            ));
         }
         let mut b = WasiCtxBuilder::new();
         let stderr = MemoryOutputPipe::new(1 << 20);
         b.stderr(stderr.clone());
-        b.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
+        b.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
         b.socket_addr_check(|_, _| Box::pin(async { false }));
         b.secure_random(StdRng::seed_from_u64(options.seed));
         b.insecure_random(StdRng::seed_from_u64(options.seed.rotate_left(17) ^ 0x5eed));
-        b.insecure_random_seed(((options.seed as u128) << 64) | options.seed.rotate_left(31) as u128);
+        b.insecure_random_seed(
+            ((options.seed as u128) << 64) | options.seed.rotate_left(31) as u128,
+        );
         if !g.clocks {
             b.wall_clock(FrozenClock);
             b.monotonic_clock(FrozenClock);
         }
         for var in &g.env {
-            let value = std::env::var(var)
-                .map_err(|_| grant_err("env", format!("`{var}` is granted but not set (or not UTF-8) in the host environment")))?;
+            let value = std::env::var(var).map_err(|_| {
+                grant_err(
+                    "env",
+                    format!(
+                        "`{var}` is granted but not set (or not UTF-8) in the host environment"
+                    ),
+                )
+            })?;
             b.env(var, value);
         }
         if let Some(dir) = &g.dir {
             if kind != PluginKind::Reporter {
-                return Err(grant_err("dir", format!("only reporters may be granted a directory, not a {kind}")));
+                return Err(grant_err(
+                    "dir",
+                    format!("only reporters may be granted a directory, not a {kind}"),
+                ));
             }
             if !dir.is_dir() {
-                return Err(grant_err("dir", format!("{} is not an existing directory", dir.display())));
+                return Err(grant_err(
+                    "dir",
+                    format!("{} is not an existing directory", dir.display()),
+                ));
             }
             b.preopened_dir(dir, GUEST_OUTPUT_DIR, FsPerms::ReadWrite)
                 .map_err(|e| grant_err("dir", format!("cannot open {}: {e:#}", dir.display())))?;
@@ -394,7 +499,11 @@ impl Sandbox {
         let state = State {
             wasi: b.build(),
             table: ResourceTable::new(),
-            limiter: Limiter { cap: options.limits.memory_bytes.min(usize::MAX as u64) as usize, used: 0, hit: None },
+            limiter: Limiter {
+                cap: options.limits.memory_bytes.min(usize::MAX as u64) as usize,
+                used: 0,
+                hit: None,
+            },
             text_tools,
             name: name.to_string(),
             log: options.log.clone(),
@@ -402,7 +511,12 @@ impl Sandbox {
         };
         let mut store = Store::new(cache::engine()?, state);
         store.limiter(|s| &mut s.limiter);
-        Ok(Sandbox { store, name: name.to_string(), limits: options.limits.clone(), poisoned: None })
+        Ok(Sandbox {
+            store,
+            name: name.to_string(),
+            limits: options.limits.clone(),
+            poisoned: None,
+        })
     }
 
     fn deadline_ticks(&self) -> u64 {
@@ -443,7 +557,12 @@ impl Sandbox {
     }
 
     /// Fails a call whose result is larger than the output limit.
-    pub(crate) fn check_output(&self, call: &str, batch: Option<u64>, bytes: u64) -> Result<(), ExtError> {
+    pub(crate) fn check_output(
+        &self,
+        call: &str,
+        batch: Option<u64>,
+        bytes: u64,
+    ) -> Result<(), ExtError> {
         if bytes <= self.limits.max_output_bytes {
             return Ok(());
         }
@@ -476,7 +595,10 @@ impl Sandbox {
                     self.limits.deadline.as_millis()
                 ),
             ),
-            Some(Trap::StackOverflow) => (ErrorKind::Trap, format!("stack overflow (unbounded recursion?){stderr}")),
+            Some(Trap::StackOverflow) => (
+                ErrorKind::Trap,
+                format!("stack overflow (unbounded recursion?){stderr}"),
+            ),
             Some(t) => (ErrorKind::Trap, format!("{t}{stderr}")),
             None => (ErrorKind::Trap, format!("{err:#}{stderr}")),
         }
@@ -490,7 +612,12 @@ impl Sandbox {
         if text.is_empty() {
             return String::new();
         }
-        let start = text.char_indices().rev().nth(2000).map(|(i, _)| i).unwrap_or(0);
+        let start = text
+            .char_indices()
+            .rev()
+            .nth(2000)
+            .map(|(i, _)| i)
+            .unwrap_or(0);
         format!("; the plugin wrote to stderr: {}", &text[start..])
     }
 
@@ -500,18 +627,19 @@ impl Sandbox {
         path: &Path,
         f: impl FnOnce(&mut Store<State>) -> wasmtime::Result<T>,
     ) -> Result<T, PluginError> {
-        self.call("instantiate", None, f).map_err(|e| PluginError::Instantiate {
-            plugin: self.name.clone(),
-            path: path.to_path_buf(),
-            message: format!("{} ({})", e.message, e.kind),
-        })
+        self.call("instantiate", None, f)
+            .map_err(|e| PluginError::Instantiate {
+                plugin: self.name.clone(),
+                path: path.to_path_buf(),
+                message: format!("{} ({})", e.message, e.kind),
+            })
     }
 }
 
 /// A linker with WASI 0.2 (sync) and the `lora:plugin/host` import.
 pub(crate) fn base_linker() -> Result<wasmtime::component::Linker<State>, PluginError> {
     let mut linker = wasmtime::component::Linker::new(cache::engine()?);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
     Ok(linker)
 }
-

@@ -27,13 +27,20 @@ pub fn load_scheduler(
 }
 
 impl WasmScheduler {
-    pub fn load(path: &Path, options: &PluginOptions, context: ScheduleContext) -> Result<Self, PluginError> {
+    pub fn load(
+        path: &Path,
+        options: &PluginOptions,
+        context: ScheduleContext,
+    ) -> Result<Self, PluginError> {
         let prepared = sandbox::prepare(path, PluginKind::Scheduler, options)?;
         let mut linker = sandbox::base_linker()?;
-        wit::Scheduler::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        wit::Scheduler::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut sandbox = Sandbox::new(&prepared.name, PluginKind::Scheduler, options, None)?;
         let component = prepared.loaded.component;
-        let bindings = sandbox.instantiate(path, |store| wit::Scheduler::instantiate(store, &component, &linker))?;
+        let bindings = sandbox.instantiate(path, |store| {
+            wit::Scheduler::instantiate(store, &component, &linker)
+        })?;
         let mut settings = context.settings.clone();
         settings.extend(options.settings.iter().map(|(k, v)| (k.clone(), v.clone())));
         let ctx = wit::exports::lora::plugin::schedule::ScheduleContext {
@@ -44,9 +51,18 @@ impl WasmScheduler {
             steps_per_epoch: context.steps_per_epoch,
             settings: settings.into_iter().collect(),
         };
-        let created = sandbox.call("create", None, |store| bindings.lora_plugin_schedule().schedule().call_create(store, &ctx))?;
+        let created = sandbox.call("create", None, |store| {
+            bindings
+                .lora_plugin_schedule()
+                .schedule()
+                .call_create(store, &ctx)
+        })?;
         let schedule = created.map_err(|m| ExtError::failed(&prepared.name, "create", m))?;
-        Ok(WasmScheduler { sandbox, bindings, schedule })
+        Ok(WasmScheduler {
+            sandbox,
+            bindings,
+            schedule,
+        })
     }
 }
 
@@ -57,9 +73,16 @@ impl lora_api::Scheduler for WasmScheduler {
 
     fn learning_rate(&mut self, step: u64) -> Result<f64, ExtError> {
         const CALL: &str = "learning_rate";
-        let Self { sandbox, bindings, schedule } = self;
+        let Self {
+            sandbox,
+            bindings,
+            schedule,
+        } = self;
         let r = sandbox.call(CALL, Some(step), |store| {
-            bindings.lora_plugin_schedule().schedule().call_learning_rate(store, *schedule, step)
+            bindings
+                .lora_plugin_schedule()
+                .schedule()
+                .call_learning_rate(store, *schedule, step)
         })?;
         let lr = r.map_err(|m| ExtError::failed(&sandbox.name, CALL, m).with_batch(step))?;
         if !lr.is_finite() || lr < 0.0 {
@@ -76,9 +99,16 @@ impl lora_api::Scheduler for WasmScheduler {
 
     fn observe_loss(&mut self, step: u64, loss: f64) -> Result<(), ExtError> {
         const CALL: &str = "observe_loss";
-        let Self { sandbox, bindings, schedule } = self;
+        let Self {
+            sandbox,
+            bindings,
+            schedule,
+        } = self;
         let r = sandbox.call(CALL, Some(step), |store| {
-            bindings.lora_plugin_schedule().schedule().call_observe_loss(store, *schedule, step, loss)
+            bindings
+                .lora_plugin_schedule()
+                .schedule()
+                .call_observe_loss(store, *schedule, step, loss)
         })?;
         r.map_err(|m| ExtError::failed(&sandbox.name, CALL, m).with_batch(step))
     }

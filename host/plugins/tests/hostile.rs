@@ -15,14 +15,29 @@ use serde_json::json;
 use common::{RecordingTools, options, plugin};
 
 fn records(n: u64) -> Vec<RawRecord> {
-    (1..=n).map(|index| RawRecord { index, source: "data.jsonl".into(), value: json!({"text": "hi"}) }).collect()
+    (1..=n)
+        .map(|index| RawRecord {
+            index,
+            source: "data.jsonl".into(),
+            value: json!({"text": "hi"}),
+        })
+        .collect()
 }
 
-fn hostile(attack: &str, arg: &str, tweak: impl FnOnce(&mut PluginOptions)) -> Box<dyn Preprocessor> {
+fn hostile(
+    attack: &str,
+    arg: &str,
+    tweak: impl FnOnce(&mut PluginOptions),
+) -> Box<dyn Preprocessor> {
     let (mut opts, _) = options();
     opts.settings = BTreeMap::from([("attack".into(), attack.into()), ("arg".into(), arg.into())]);
     tweak(&mut opts);
-    load_preprocessor(&plugin("hostile_preprocessor"), &opts, Arc::new(RecordingTools::default())).unwrap()
+    load_preprocessor(
+        &plugin("hostile_preprocessor"),
+        &opts,
+        Arc::new(RecordingTools::default()),
+    )
+    .unwrap()
 }
 
 /// Runs one attack on batch 3 and returns the error, checking what every error must name.
@@ -65,7 +80,12 @@ fn writing_outside_the_granted_dir_is_denied() {
     let root = tempfile::tempdir().unwrap();
     let granted = root.path().join("granted");
     std::fs::create_dir(&granted).unwrap();
-    for target in ["/out/../escape.txt", "/tmp/escape.txt", "/out/../../escape.txt", "escape.txt"] {
+    for target in [
+        "/out/../escape.txt",
+        "/tmp/escape.txt",
+        "/out/../../escape.txt",
+        "escape.txt",
+    ] {
         let (mut opts, _) = options();
         opts.grants.dir = Some(granted.clone());
         opts.settings = BTreeMap::from([("target".into(), target.into())]);
@@ -80,7 +100,10 @@ fn writing_outside_the_granted_dir_is_denied() {
             world_size: 1,
         });
         let err = err.unwrap_err();
-        assert_eq!((err.extension.as_str(), err.call.as_str()), ("plugin:hostile_reporter", "on_start"));
+        assert_eq!(
+            (err.extension.as_str(), err.call.as_str()),
+            ("plugin:hostile_reporter", "on_start")
+        );
         assert_blocked(&err);
         assert!(!root.path().join("escape.txt").exists(), "{target} escaped");
         assert_eq!(std::fs::read_dir(&granted).unwrap().count(), 0);
@@ -94,12 +117,18 @@ fn opening_a_socket_is_denied() {
     let addr = listener.local_addr().unwrap().to_string();
     let err = attack("socket", &addr, |_| {});
     assert_blocked(&err);
-    assert!(listener.accept().is_err(), "the plugin reached the host's listener");
+    assert!(
+        listener.accept().is_err(),
+        "the plugin reached the host's listener"
+    );
 }
 
 #[test]
 fn environment_variables_are_not_visible() {
-    assert!(std::env::var_os("PATH").is_some(), "the test needs PATH set in the host");
+    assert!(
+        std::env::var_os("PATH").is_some(),
+        "the test needs PATH set in the host"
+    );
     let err = attack("env", "", |_| {});
     assert_blocked(&err);
 }
@@ -110,15 +139,24 @@ fn granted_environment_variables_are_the_only_ones_visible() {
     let mut p = hostile("env", "", |o| o.grants.env = vec!["PATH".into()]);
     let out = p.process_batch(0, &records(1)).unwrap();
     let text = format!("{:?}", out[0].result);
-    assert!(text.contains(&format!("PATH={path}")) && !text.contains("HOME="), "{text}");
+    assert!(
+        text.contains(&format!("PATH={path}")) && !text.contains("HOME="),
+        "{text}"
+    );
 }
 
 #[test]
 fn clocks_read_zero_unless_granted() {
     let mut p = hostile("clock", "", |_| {});
-    assert_eq!(format!("{:?}", p.process_batch(0, &records(1)).unwrap()[0].result), r#"Ok([Text { text: "wall clock: 0" }])"#);
+    assert_eq!(
+        format!("{:?}", p.process_batch(0, &records(1)).unwrap()[0].result),
+        r#"Ok([Text { text: "wall clock: 0" }])"#
+    );
     let mut p = hostile("clock", "", |o| o.grants.clocks = true);
-    assert_ne!(format!("{:?}", p.process_batch(0, &records(1)).unwrap()[0].result), r#"Ok([Text { text: "wall clock: 0" }])"#);
+    assert_ne!(
+        format!("{:?}", p.process_batch(0, &records(1)).unwrap()[0].result),
+        r#"Ok([Text { text: "wall clock: 0" }])"#
+    );
 }
 
 /// Protects: a run with plugins is reproducible: the plugin's randomness follows the seed.
@@ -142,10 +180,16 @@ fn allocating_past_the_memory_cap_is_a_limit() {
 #[test]
 fn an_infinite_loop_hits_the_deadline() {
     let start = Instant::now();
-    let err = attack("loop", "", |o| o.limits.deadline = Duration::from_millis(200));
+    let err = attack("loop", "", |o| {
+        o.limits.deadline = Duration::from_millis(200)
+    });
     assert_eq!(err.kind, ErrorKind::Limit, "{err}");
     assert!(err.message.contains("deadline of 200 ms"), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(20), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
@@ -160,14 +204,20 @@ fn a_panic_is_a_trap_with_the_panic_message_and_the_instance_is_not_reentered() 
     let mut p = hostile("panic", "", |_| {});
     let err = p.process_batch(5, &records(1)).unwrap_err();
     assert_eq!((err.kind, err.batch), (ErrorKind::Trap, Some(5)), "{err}");
-    assert!(err.message.contains("deliberate panic in the hostile preprocessor"), "{err}");
+    assert!(
+        err.message
+            .contains("deliberate panic in the hostile preprocessor"),
+        "{err}"
+    );
     let again = p.process_batch(6, &records(1)).unwrap_err();
     assert!(again.message.contains("cannot be called again"), "{again}");
 }
 
 #[test]
 fn gigantic_output_is_a_limit() {
-    let err = attack("huge-output", "40", |o| o.limits.max_output_bytes = 16 << 20);
+    let err = attack("huge-output", "40", |o| {
+        o.limits.max_output_bytes = 16 << 20
+    });
     assert_eq!(err.kind, ErrorKind::Limit, "{err}");
     assert!(err.message.contains("output limit of 16 MiB"), "{err}");
 }
@@ -189,10 +239,22 @@ fn malformed_outcomes_break_the_contract() {
 #[test]
 fn a_newer_api_version_is_refused_before_running() {
     let (opts, _) = options();
-    let err = load_preprocessor(&plugin("hostile_newer_api"), &opts, Arc::new(RecordingTools::default())).err().unwrap();
+    let err = load_preprocessor(
+        &plugin("hostile_newer_api"),
+        &opts,
+        Arc::new(RecordingTools::default()),
+    )
+    .err()
+    .unwrap();
     assert!(matches!(err, PluginError::ApiVersion { .. }), "{err}");
     let text = err.to_string();
-    assert!(text.contains("0.2.0") && text.contains("newer than") && text.contains("0.1.0") && text.contains("upgrade lora"), "{text}");
+    assert!(
+        text.contains("0.2.0")
+            && text.contains("newer than")
+            && text.contains("0.1.0")
+            && text.contains("upgrade lora"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -201,6 +263,12 @@ fn a_file_that_is_not_a_component_is_refused() {
     let path: PathBuf = dir.path().join("junk.wasm");
     std::fs::write(&path, b"\0asm junk").unwrap();
     let (opts, _) = options();
-    let err = load_preprocessor(&path, &opts, Arc::new(RecordingTools::default())).err().unwrap().to_string();
-    assert!(err.contains("junk.wasm") && err.contains("not a valid WebAssembly component"), "{err}");
+    let err = load_preprocessor(&path, &opts, Arc::new(RecordingTools::default()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("junk.wasm") && err.contains("not a valid WebAssembly component"),
+        "{err}"
+    );
 }

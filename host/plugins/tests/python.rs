@@ -20,13 +20,22 @@ fn python_preprocessor_runs_behind_the_same_trait() {
     };
     let (mut opts, logs) = common::options();
     opts.settings = BTreeMap::from([("min_output_chars".into(), "2".into())]);
-    let mut p = lora_plugins::load_preprocessor(&path, &opts, Arc::new(common::RecordingTools::default())).unwrap();
-    let rec = |index, value| RawRecord { index, source: "alpaca.jsonl".into(), value };
+    let mut p =
+        lora_plugins::load_preprocessor(&path, &opts, Arc::new(common::RecordingTools::default()))
+            .unwrap();
+    let rec = |index, value| RawRecord {
+        index,
+        source: "alpaca.jsonl".into(),
+        value,
+    };
     let out = p
         .process_batch(
             0,
             &[
-                rec(1, json!({"instruction": "Add", "input": "2+2", "output": "4!"})),
+                rec(
+                    1,
+                    json!({"instruction": "Add", "input": "2+2", "output": "4!"}),
+                ),
                 rec(2, json!({"instruction": "Say hi", "output": "hello"})),
                 rec(3, json!({"instruction": "Empty", "output": "x"})),
                 rec(4, json!({"output": "no instruction"})),
@@ -42,11 +51,24 @@ fn python_preprocessor_runs_behind_the_same_trait() {
     );
     assert!(matches!(&out[1].result, Ok(s) if s.len() == 1));
     assert_eq!(out[2].result, Ok(vec![]));
-    assert!(matches!(&out[3].result, Err(e) if e.contains("instruction")), "{:?}", out[3].result);
-    assert!(logs.lock().unwrap().iter().any(|l| l.contains("py-alpaca configured")), "{logs:?}");
+    assert!(
+        matches!(&out[3].result, Err(e) if e.contains("instruction")),
+        "{:?}",
+        out[3].result
+    );
+    assert!(
+        logs.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("py-alpaca configured")),
+        "{logs:?}"
+    );
 
     let mut bad = opts.clone();
     bad.settings = BTreeMap::from([("nope".into(), "1".into())]);
-    let err = lora_plugins::load_preprocessor(&path, &bad, Arc::new(common::RecordingTools::default())).err().unwrap();
+    let err =
+        lora_plugins::load_preprocessor(&path, &bad, Arc::new(common::RecordingTools::default()))
+            .err()
+            .unwrap();
     assert!(err.to_string().contains("unknown setting `nope`"), "{err}");
 }

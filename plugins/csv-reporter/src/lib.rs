@@ -15,11 +15,14 @@ struct CsvReporter {
     out: Option<BufWriter<File>>,
 }
 
-const HEADER: &str = "step,epoch,loss,grad_norm,learning_rate,tokens,trained_tokens,tokens_per_second,elapsed_s";
+const HEADER: &str =
+    "step,epoch,loss,grad_norm,learning_rate,tokens,trained_tokens,tokens_per_second,elapsed_s";
 
 impl CsvReporter {
     fn out(&mut self) -> Result<&mut BufWriter<File>, String> {
-        self.out.as_mut().ok_or_else(|| "on-start was not called".to_string())
+        self.out
+            .as_mut()
+            .ok_or_else(|| "on-start was not called".to_string())
     }
 }
 
@@ -28,17 +31,22 @@ impl Reporter for CsvReporter {
         settings.allow_only(&["file"])?;
         let file = settings.get("file").unwrap_or("metrics.csv").to_string();
         if file.is_empty() || file.contains('/') || file == ".." || file == "." {
-            return Err(format!("setting `file` = `{file}` must be a plain file name"));
+            return Err(format!(
+                "setting `file` = `{file}` must be a plain file name"
+            ));
         }
         Ok(CsvReporter { file, out: None })
     }
 
     fn on_start(&mut self, _info: RunInfo) -> Result<(), String> {
         let path = format!("{OUTPUT_DIR}/{}", self.file);
-        let file = File::create(&path)
-            .map_err(|e| format!("cannot create {path} (was the reporter granted a directory?): {e}"))?;
+        let file = File::create(&path).map_err(|e| {
+            format!("cannot create {path} (was the reporter granted a directory?): {e}")
+        })?;
         let mut out = BufWriter::new(file);
-        writeln!(out, "{HEADER}").and_then(|_| out.flush()).map_err(|e| format!("writing {path}: {e}"))?;
+        writeln!(out, "{HEADER}")
+            .and_then(|_| out.flush())
+            .map_err(|e| format!("writing {path}: {e}"))?;
         self.out = Some(out);
         Ok(())
     }
@@ -48,7 +56,15 @@ impl Reporter for CsvReporter {
         writeln!(
             out,
             "{},{},{},{},{},{},{},{},{}",
-            m.step, m.epoch, m.loss, m.grad_norm, m.learning_rate, m.tokens, m.trained_tokens, m.tokens_per_second, m.elapsed_s
+            m.step,
+            m.epoch,
+            m.loss,
+            m.grad_norm,
+            m.learning_rate,
+            m.tokens,
+            m.trained_tokens,
+            m.tokens_per_second,
+            m.elapsed_s
         )
         .and_then(|_| out.flush())
         .map_err(|e| format!("writing step {}: {e}", m.step))

@@ -14,8 +14,18 @@ use std::f64::consts::PI;
 use lora_plugin::scheduler::{ScheduleContext, Scheduler};
 
 enum Schedules {
-    Cosine { base: f64, warmup: u64, total: u64 },
-    OneCycle { initial: f64, max: f64, min: f64, phase1_end: f64, phase2_end: f64 },
+    Cosine {
+        base: f64,
+        warmup: u64,
+        total: u64,
+    },
+    OneCycle {
+        initial: f64,
+        max: f64,
+        min: f64,
+        phase1_end: f64,
+        phase2_end: f64,
+    },
     Plateau(Plateau),
 }
 
@@ -43,14 +53,24 @@ impl Scheduler for Schedules {
         match kind {
             "cosine" => {
                 s.allow_only(&["schedule"])?;
-                Ok(Schedules::Cosine { base: ctx.base_lr, warmup: ctx.warmup_steps, total })
+                Ok(Schedules::Cosine {
+                    base: ctx.base_lr,
+                    warmup: ctx.warmup_steps,
+                    total,
+                })
             }
             "one_cycle" => {
                 s.allow_only(&["schedule", "pct_start", "div_factor", "final_div_factor"])?;
-                let default_pct = if ctx.warmup_steps > 0 { ctx.warmup_steps as f64 / total as f64 } else { 0.3 };
+                let default_pct = if ctx.warmup_steps > 0 {
+                    ctx.warmup_steps as f64 / total as f64
+                } else {
+                    0.3
+                };
                 let pct_start: f64 = s.parse_or("pct_start", default_pct)?;
                 if !(0.0..1.0).contains(&pct_start) {
-                    return Err(format!("setting `pct_start` = {pct_start} must be in [0, 1)"));
+                    return Err(format!(
+                        "setting `pct_start` = {pct_start} must be in [0, 1)"
+                    ));
                 }
                 let div: f64 = s.parse_or("div_factor", 25.0)?;
                 let final_div: f64 = s.parse_or("final_div_factor", 1e4)?;
@@ -81,23 +101,36 @@ impl Scheduler for Schedules {
                     bad_steps: 0,
                 }))
             }
-            other => Err(format!("setting `schedule` = `{other}`; expected `cosine`, `one_cycle` or `plateau`")),
+            other => Err(format!(
+                "setting `schedule` = `{other}`; expected `cosine`, `one_cycle` or `plateau`"
+            )),
         }
     }
 
     fn learning_rate(&mut self, step: u64) -> Result<f64, String> {
         Ok(match self {
-            Schedules::Cosine { base, warmup, total } => {
+            Schedules::Cosine {
+                base,
+                warmup,
+                total,
+            } => {
                 // The factor first, then `base * factor`, in transformers' order of operations.
                 let factor = if step < *warmup {
                     step as f64 / (*warmup).max(1) as f64
                 } else {
-                    let progress = (step - *warmup) as f64 / (total.saturating_sub(*warmup)).max(1) as f64;
+                    let progress =
+                        (step - *warmup) as f64 / (total.saturating_sub(*warmup)).max(1) as f64;
                     f64::max(0.0, 0.5 * (1.0 + (PI * 0.5 * 2.0 * progress).cos()))
                 };
                 *base * factor
             }
-            Schedules::OneCycle { initial, max, min, phase1_end, phase2_end } => {
+            Schedules::OneCycle {
+                initial,
+                max,
+                min,
+                phase1_end,
+                phase2_end,
+            } => {
                 let s = step as f64;
                 if s <= *phase1_end {
                     anneal_cos(*initial, *max, s / *phase1_end)
@@ -116,7 +149,9 @@ impl Scheduler for Schedules {
     }
 
     fn observe_loss(&mut self, step: u64, loss: f64) -> Result<(), String> {
-        let Schedules::Plateau(p) = self else { return Ok(()) };
+        let Schedules::Plateau(p) = self else {
+            return Ok(());
+        };
         if !loss.is_finite() {
             return Err(format!("loss of step {step} is {loss}"));
         }
@@ -131,7 +166,10 @@ impl Scheduler for Schedules {
             if p.bad_steps > p.patience {
                 p.lr = (p.lr * p.factor).max(p.min_lr);
                 p.bad_steps = 0;
-                lora_plugin::log::info(&format!("step {step}: loss plateaued, learning rate now {}", p.lr));
+                lora_plugin::log::info(&format!(
+                    "step {step}: loss plateaued, learning rate now {}",
+                    p.lr
+                ));
             }
         }
         Ok(())

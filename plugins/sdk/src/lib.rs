@@ -69,7 +69,8 @@ macro_rules! __stamp_api_version {
         #[cfg(target_arch = "wasm32")]
         #[unsafe(link_section = "lora-plugin-api")]
         #[used]
-        static __LORA_PLUGIN_API_VERSION: [u8; $crate::API_VERSION.len()] = $crate::__api_version_bytes();
+        static __LORA_PLUGIN_API_VERSION: [u8; $crate::API_VERSION.len()] =
+            $crate::__api_version_bytes();
     };
 }
 

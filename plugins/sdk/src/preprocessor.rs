@@ -20,7 +20,9 @@ pub use bindings::lora::plugin::types::{Message, PromptCompletion, Sample, Token
 
 /// The run's tokenizer and chat template (host functions).
 pub mod text {
-    pub use super::bindings::lora::plugin::text_tools::{apply_chat_template, count_tokens, decode, encode};
+    pub use super::bindings::lora::plugin::text_tools::{
+        apply_chat_template, count_tokens, decode, encode,
+    };
 }
 
 /// A preprocessor. One value is created per run (by [`Preprocessor::configure`]) and given
@@ -39,17 +41,27 @@ pub trait Preprocessor: Sized + 'static {
 
     /// One batch; by default [`Preprocessor::process_record`] on each record. Must return one
     /// outcome per record, in order; an `Err` fails the run.
-    fn process_batch(&mut self, batch: u64, records: Vec<RawRecord>) -> Result<Vec<RecordOutcome>, String> {
+    fn process_batch(
+        &mut self,
+        batch: u64,
+        records: Vec<RawRecord>,
+    ) -> Result<Vec<RecordOutcome>, String> {
         let _ = batch;
         Ok(records
             .iter()
-            .map(|r| RecordOutcome { index: r.index, result: self.process_record(r) })
+            .map(|r| RecordOutcome {
+                index: r.index,
+                result: self.process_record(r),
+            })
             .collect())
     }
 }
 
 #[doc(hidden)]
-pub fn __configure<T: Preprocessor>(slot: &RefCell<Option<T>>, settings: Vec<(String, String)>) -> Result<(), String> {
+pub fn __configure<T: Preprocessor>(
+    slot: &RefCell<Option<T>>,
+    settings: Vec<(String, String)>,
+) -> Result<(), String> {
     *slot.borrow_mut() = Some(T::configure(&Settings(settings))?);
     Ok(())
 }
@@ -61,7 +73,9 @@ pub fn __process_batch<T: Preprocessor>(
     records: Vec<RawRecord>,
 ) -> Result<Vec<RecordOutcome>, String> {
     let mut slot = slot.borrow_mut();
-    let p = slot.as_mut().ok_or("`process-batch` was called before `configure`")?;
+    let p = slot
+        .as_mut()
+        .ok_or("`process-batch` was called before `configure`")?;
     p.process_batch(batch, records)
 }
 
@@ -75,14 +89,25 @@ macro_rules! export_preprocessor {
                 static __LORA_PLUGIN: ::std::cell::RefCell<::std::option::Option<$t>> =
                     const { ::std::cell::RefCell::new(::std::option::Option::None) };
             }
-            impl $crate::preprocessor::bindings::exports::lora::plugin::preprocess::Guest for __LoraPluginExport {
-                fn configure(settings: ::std::vec::Vec<(::std::string::String, ::std::string::String)>)
-                    -> ::std::result::Result<(), ::std::string::String> {
-                    __LORA_PLUGIN.with(|slot| $crate::preprocessor::__configure::<$t>(slot, settings))
+            impl $crate::preprocessor::bindings::exports::lora::plugin::preprocess::Guest
+                for __LoraPluginExport
+            {
+                fn configure(
+                    settings: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+                ) -> ::std::result::Result<(), ::std::string::String> {
+                    __LORA_PLUGIN
+                        .with(|slot| $crate::preprocessor::__configure::<$t>(slot, settings))
                 }
-                fn process_batch(batch: u64, records: ::std::vec::Vec<$crate::preprocessor::RawRecord>)
-                    -> ::std::result::Result<::std::vec::Vec<$crate::preprocessor::RecordOutcome>, ::std::string::String> {
-                    __LORA_PLUGIN.with(|slot| $crate::preprocessor::__process_batch::<$t>(slot, batch, records))
+                fn process_batch(
+                    batch: u64,
+                    records: ::std::vec::Vec<$crate::preprocessor::RawRecord>,
+                ) -> ::std::result::Result<
+                    ::std::vec::Vec<$crate::preprocessor::RecordOutcome>,
+                    ::std::string::String,
+                > {
+                    __LORA_PLUGIN.with(|slot| {
+                        $crate::preprocessor::__process_batch::<$t>(slot, batch, records)
+                    })
                 }
             }
             $crate::preprocessor::bindings::__export_preprocessor_world!(

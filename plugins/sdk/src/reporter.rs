@@ -15,7 +15,9 @@ pub mod bindings {
     });
 }
 
-pub use bindings::exports::lora::plugin::report::{CheckpointInfo, EvalMetrics, RunInfo, RunSummary, StepMetrics};
+pub use bindings::exports::lora::plugin::report::{
+    CheckpointInfo, EvalMetrics, RunInfo, RunSummary, StepMetrics,
+};
 
 /// Where a granted output directory appears inside the sandbox.
 pub const OUTPUT_DIR: &str = "/out";
@@ -53,7 +55,10 @@ pub trait Reporter: Sized + 'static {
 }
 
 #[doc(hidden)]
-pub fn __configure<T: Reporter>(slot: &RefCell<Option<T>>, settings: Vec<(String, String)>) -> Result<(), String> {
+pub fn __configure<T: Reporter>(
+    slot: &RefCell<Option<T>>,
+    settings: Vec<(String, String)>,
+) -> Result<(), String> {
     *slot.borrow_mut() = Some(T::configure(&Settings(settings))?);
     Ok(())
 }
@@ -65,7 +70,9 @@ pub fn __with<T: Reporter, R>(
     f: impl FnOnce(&mut T) -> Result<R, String>,
 ) -> Result<R, String> {
     let mut slot = slot.borrow_mut();
-    let r = slot.as_mut().ok_or_else(|| format!("`{call}` was called before `configure`"))?;
+    let r = slot
+        .as_mut()
+        .ok_or_else(|| format!("`{call}` was called before `configure`"))?;
     f(r)
 }
 
@@ -74,32 +81,53 @@ pub fn __with<T: Reporter, R>(
 macro_rules! export_reporter {
     ($t:ty) => {
         const _: () = {
-            use $crate::reporter::bindings::exports::lora::plugin::report as __wit;
             use $crate::reporter::Reporter as _;
+            use $crate::reporter::bindings::exports::lora::plugin::report as __wit;
             struct __LoraPluginExport;
             ::std::thread_local! {
                 static __LORA_PLUGIN: ::std::cell::RefCell<::std::option::Option<$t>> =
                     const { ::std::cell::RefCell::new(::std::option::Option::None) };
             }
             impl __wit::Guest for __LoraPluginExport {
-                fn configure(settings: ::std::vec::Vec<(::std::string::String, ::std::string::String)>)
-                    -> ::std::result::Result<(), ::std::string::String> {
+                fn configure(
+                    settings: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+                ) -> ::std::result::Result<(), ::std::string::String> {
                     __LORA_PLUGIN.with(|slot| $crate::reporter::__configure::<$t>(slot, settings))
                 }
-                fn on_start(info: __wit::RunInfo) -> ::std::result::Result<(), ::std::string::String> {
-                    __LORA_PLUGIN.with(|s| $crate::reporter::__with::<$t, _>(s, "on-start", |r| r.on_start(info)))
+                fn on_start(
+                    info: __wit::RunInfo,
+                ) -> ::std::result::Result<(), ::std::string::String> {
+                    __LORA_PLUGIN.with(|s| {
+                        $crate::reporter::__with::<$t, _>(s, "on-start", |r| r.on_start(info))
+                    })
                 }
-                fn on_step(m: __wit::StepMetrics) -> ::std::result::Result<(), ::std::string::String> {
-                    __LORA_PLUGIN.with(|s| $crate::reporter::__with::<$t, _>(s, "on-step", |r| r.on_step(m)))
+                fn on_step(
+                    m: __wit::StepMetrics,
+                ) -> ::std::result::Result<(), ::std::string::String> {
+                    __LORA_PLUGIN
+                        .with(|s| $crate::reporter::__with::<$t, _>(s, "on-step", |r| r.on_step(m)))
                 }
-                fn on_eval(m: __wit::EvalMetrics) -> ::std::result::Result<(), ::std::string::String> {
-                    __LORA_PLUGIN.with(|s| $crate::reporter::__with::<$t, _>(s, "on-eval", |r| r.on_eval(m)))
+                fn on_eval(
+                    m: __wit::EvalMetrics,
+                ) -> ::std::result::Result<(), ::std::string::String> {
+                    __LORA_PLUGIN
+                        .with(|s| $crate::reporter::__with::<$t, _>(s, "on-eval", |r| r.on_eval(m)))
                 }
-                fn on_checkpoint(c: __wit::CheckpointInfo) -> ::std::result::Result<(), ::std::string::String> {
-                    __LORA_PLUGIN.with(|s| $crate::reporter::__with::<$t, _>(s, "on-checkpoint", |r| r.on_checkpoint(c)))
+                fn on_checkpoint(
+                    c: __wit::CheckpointInfo,
+                ) -> ::std::result::Result<(), ::std::string::String> {
+                    __LORA_PLUGIN.with(|s| {
+                        $crate::reporter::__with::<$t, _>(s, "on-checkpoint", |r| {
+                            r.on_checkpoint(c)
+                        })
+                    })
                 }
-                fn on_finish(summary: __wit::RunSummary) -> ::std::result::Result<(), ::std::string::String> {
-                    __LORA_PLUGIN.with(|s| $crate::reporter::__with::<$t, _>(s, "on-finish", |r| r.on_finish(summary)))
+                fn on_finish(
+                    summary: __wit::RunSummary,
+                ) -> ::std::result::Result<(), ::std::string::String> {
+                    __LORA_PLUGIN.with(|s| {
+                        $crate::reporter::__with::<$t, _>(s, "on-finish", |r| r.on_finish(summary))
+                    })
                 }
             }
             $crate::reporter::bindings::__export_reporter_world!(

@@ -69,15 +69,35 @@ macro_rules! export_scheduler {
                 type Schedule = __LoraPluginSchedule;
             }
             impl __wit::GuestSchedule for __LoraPluginSchedule {
-                fn create(context: __wit::ScheduleContext) -> ::std::result::Result<__wit::Schedule, ::std::string::String> {
-                    let inner = <$t as $crate::scheduler::Scheduler>::create($crate::scheduler::__context(context))?;
-                    ::std::result::Result::Ok(__wit::Schedule::new(__LoraPluginSchedule(::std::cell::RefCell::new(inner))))
+                fn create(
+                    context: __wit::ScheduleContext,
+                ) -> ::std::result::Result<__wit::Schedule, ::std::string::String> {
+                    let inner = <$t as $crate::scheduler::Scheduler>::create(
+                        $crate::scheduler::__context(context),
+                    )?;
+                    ::std::result::Result::Ok(__wit::Schedule::new(__LoraPluginSchedule(
+                        ::std::cell::RefCell::new(inner),
+                    )))
                 }
-                fn learning_rate(&self, step: u64) -> ::std::result::Result<f64, ::std::string::String> {
-                    <$t as $crate::scheduler::Scheduler>::learning_rate(&mut self.0.borrow_mut(), step)
+                fn learning_rate(
+                    &self,
+                    step: u64,
+                ) -> ::std::result::Result<f64, ::std::string::String> {
+                    <$t as $crate::scheduler::Scheduler>::learning_rate(
+                        &mut self.0.borrow_mut(),
+                        step,
+                    )
                 }
-                fn observe_loss(&self, step: u64, loss: f64) -> ::std::result::Result<(), ::std::string::String> {
-                    <$t as $crate::scheduler::Scheduler>::observe_loss(&mut self.0.borrow_mut(), step, loss)
+                fn observe_loss(
+                    &self,
+                    step: u64,
+                    loss: f64,
+                ) -> ::std::result::Result<(), ::std::string::String> {
+                    <$t as $crate::scheduler::Scheduler>::observe_loss(
+                        &mut self.0.borrow_mut(),
+                        step,
+                        loss,
+                    )
                 }
             }
             $crate::scheduler::bindings::__export_scheduler_world!(

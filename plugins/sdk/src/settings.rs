@@ -8,7 +8,10 @@ pub struct Settings(pub Vec<(String, String)>);
 impl Settings {
     /// The value of `key`, if set.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// `key` parsed as `T`, or `default` when it is not set. The error names the key and value.
@@ -31,7 +34,11 @@ impl Settings {
             if !known.contains(&k.as_str()) {
                 return Err(format!(
                     "unknown setting `{k}`; this plugin accepts: {}",
-                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 ));
             }
         }

@@ -55,19 +55,30 @@ impl Preprocessor for TicketRedactor {
     }
 
     fn process_record(&mut self, record: &RawRecord) -> Result<Vec<Sample>, String> {
-        let ticket: Ticket = serde_json::from_str(&record.json).map_err(|e| format!("not a ticket: {e}"))?;
+        let ticket: Ticket =
+            serde_json::from_str(&record.json).map_err(|e| format!("not a ticket: {e}"))?;
         let mut messages = Vec::with_capacity(ticket.messages.len() + 1);
         if let Some(system) = &self.system_prompt {
-            messages.push(Message { role: "system".into(), content: system.clone() });
+            messages.push(Message {
+                role: "system".into(),
+                content: system.clone(),
+            });
         }
         for (i, turn) in ticket.messages.iter().enumerate() {
             let role = match turn.from.as_ref() {
                 "customer" => "user",
                 "agent" => "assistant",
-                other => return Err(format!("messages[{i}].from is `{other}`; expected `customer` or `agent`")),
+                other => {
+                    return Err(format!(
+                        "messages[{i}].from is `{other}`; expected `customer` or `agent`"
+                    ));
+                }
             };
             let content = redact(&turn.body, &self.email_token, &self.phone_token);
-            messages.push(Message { role: role.into(), content });
+            messages.push(Message {
+                role: role.into(),
+                content,
+            });
         }
         if !messages.iter().any(|m| m.role == "assistant") {
             return Ok(Vec::new());

@@ -74,7 +74,10 @@ fn phone_at(chars: &[char], start: usize) -> Option<usize> {
     while end > start && !chars[end - 1].is_ascii_digit() && chars[end - 1] != ')' {
         end -= 1;
     }
-    let digits = chars[start..end].iter().filter(|c| c.is_ascii_digit()).count();
+    let digits = chars[start..end]
+        .iter()
+        .filter(|c| c.is_ascii_digit())
+        .count();
     if end < chars.len() && chars[end].is_alphanumeric() {
         return None;
     }
@@ -100,7 +103,13 @@ mod tests {
 
     #[test]
     fn ordinary_numbers_and_dates_are_kept() {
-        assert_eq!(r("order 12345 on 2024-05-01, v1.2.3"), "order 12345 on 2024-05-01, v1.2.3");
-        assert_eq!(r("user@localhost is no address"), "user@localhost is no address");
+        assert_eq!(
+            r("order 12345 on 2024-05-01, v1.2.3"),
+            "order 12345 on 2024-05-01, v1.2.3"
+        );
+        assert_eq!(
+            r("user@localhost is no address"),
+            "user@localhost is no address"
+        );
     }
 }

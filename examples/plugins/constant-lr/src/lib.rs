@@ -15,11 +15,18 @@ impl Scheduler for ConstantLr {
         if !(scale > 0.0) {
             return Err(format!("setting `scale` = {scale} must be positive"));
         }
-        Ok(ConstantLr { lr: ctx.base_lr * scale, warmup: ctx.warmup_steps })
+        Ok(ConstantLr {
+            lr: ctx.base_lr * scale,
+            warmup: ctx.warmup_steps,
+        })
     }
 
     fn learning_rate(&mut self, step: u64) -> Result<f64, String> {
-        Ok(if step < self.warmup { self.lr * (step as f64 / self.warmup as f64) } else { self.lr })
+        Ok(if step < self.warmup {
+            self.lr * (step as f64 / self.warmup as f64)
+        } else {
+            self.lr
+        })
     }
 }
 

@@ -36,14 +36,23 @@ pub fn plugin_dir(profile: &str) -> PathBuf {
         for (package, _) in PLUGINS {
             let mut cmd = Command::new(&cargo);
             cmd.current_dir(repo.join("plugins"))
-                .args(["build", "--quiet", "--target", "wasm32-wasip2", "-p", package])
+                .args([
+                    "build",
+                    "--quiet",
+                    "--target",
+                    "wasm32-wasip2",
+                    "-p",
+                    package,
+                ])
                 .env("CARGO_TARGET_DIR", &target)
                 .env_remove("RUSTFLAGS")
                 .env_remove("CARGO_ENCODED_RUSTFLAGS");
             if profile == "release" {
                 cmd.arg("--release");
             }
-            let status = cmd.status().expect("cannot run cargo to build the guest plugins");
+            let status = cmd
+                .status()
+                .expect("cannot run cargo to build the guest plugins");
             assert!(status.success(), "building guest plugin {package} failed");
         }
         built.push(profile.to_string());
@@ -63,7 +72,11 @@ pub fn options() -> (PluginOptions, Arc<Mutex<Vec<String>>>) {
     let sink = logs.clone();
     let options = PluginOptions {
         cache_dir: None,
-        log: Arc::new(move |plugin, level, msg| sink.lock().unwrap().push(format!("[{plugin}] {level:?}: {msg}"))),
+        log: Arc::new(move |plugin, level, msg| {
+            sink.lock()
+                .unwrap()
+                .push(format!("[{plugin}] {level:?}: {msg}"))
+        }),
         ..Default::default()
     };
     (options, logs)
@@ -86,10 +99,21 @@ impl TextTools for RecordingTools {
         Ok(ids)
     }
     fn decode(&self, ids: &[u32], _skip: bool) -> Result<String, String> {
-        Ok(ids.iter().map(|i| "x".repeat(*i as usize)).collect::<Vec<_>>().join(" "))
+        Ok(ids
+            .iter()
+            .map(|i| "x".repeat(*i as usize))
+            .collect::<Vec<_>>()
+            .join(" "))
     }
-    fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
-        let mut s: String = messages.iter().map(|m| format!("<|{}|>\n{}\n", m.role, m.content)).collect();
+    fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
+        let mut s: String = messages
+            .iter()
+            .map(|m| format!("<|{}|>\n{}\n", m.role, m.content))
+            .collect();
         if add_generation_prompt {
             s.push_str("<|assistant|>\n");
         }

@@ -14,13 +14,20 @@ struct Hostile {
 }
 
 fn text(s: String) -> Vec<RecordOutcome> {
-    vec![RecordOutcome { index: 1, result: Ok(vec![Sample::Text(s)]) }]
+    vec![RecordOutcome {
+        index: 1,
+        result: Ok(vec![Sample::Text(s)]),
+    }]
 }
 
 fn recurse(n: u64) -> u64 {
     // Small frames and a non-tail call, so the WebAssembly call stack (not the shadow stack in
     // linear memory) overflows first.
-    if black_box(n) == u64::MAX { n } else { black_box(recurse(black_box(n + 1))) + 1 }
+    if black_box(n) == u64::MAX {
+        n
+    } else {
+        black_box(recurse(black_box(n + 1))) + 1
+    }
 }
 
 impl Preprocessor for Hostile {
@@ -32,7 +39,11 @@ impl Preprocessor for Hostile {
         })
     }
 
-    fn process_batch(&mut self, _batch: u64, records: Vec<RawRecord>) -> Result<Vec<RecordOutcome>, String> {
+    fn process_batch(
+        &mut self,
+        _batch: u64,
+        records: Vec<RawRecord>,
+    ) -> Result<Vec<RecordOutcome>, String> {
         match self.attack.as_str() {
             "read-passwd" => match std::fs::read_to_string("/etc/passwd") {
                 Ok(s) => Ok(text(format!("ESCAPED: {s}"))),
@@ -48,10 +59,16 @@ impl Preprocessor for Hostile {
             },
             "env" => {
                 let vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
-                if vars.is_empty() { Err("blocked: environment is empty".into()) } else { Ok(text(format!("ESCAPED: {vars:?}"))) }
+                if vars.is_empty() {
+                    Err("blocked: environment is empty".into())
+                } else {
+                    Ok(text(format!("ESCAPED: {vars:?}")))
+                }
             }
             "clock" => {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_err(|e| e.to_string())?;
                 Ok(text(format!("wall clock: {}", now.as_secs())))
             }
             "random" => {
@@ -81,16 +98,38 @@ impl Preprocessor for Hostile {
                 let mib: usize = self.arg.parse().unwrap_or(100);
                 Ok(text("x".repeat(mib << 20)))
             }
-            "wrong-count" => Ok(records.iter().skip(1).map(|r| RecordOutcome { index: r.index, result: Ok(vec![]) }).collect()),
-            "wrong-index" => Ok(records.iter().map(|r| RecordOutcome { index: r.index + 100, result: Ok(vec![]) }).collect()),
+            "wrong-count" => Ok(records
+                .iter()
+                .skip(1)
+                .map(|r| RecordOutcome {
+                    index: r.index,
+                    result: Ok(vec![]),
+                })
+                .collect()),
+            "wrong-index" => Ok(records
+                .iter()
+                .map(|r| RecordOutcome {
+                    index: r.index + 100,
+                    result: Ok(vec![]),
+                })
+                .collect()),
             "bad-mask" => Ok(records
                 .iter()
                 .map(|r| RecordOutcome {
                     index: r.index,
-                    result: Ok(vec![Sample::Tokens(Tokens { input_ids: vec![1, 2, 3], train_mask: Some(vec![true]) })]),
+                    result: Ok(vec![Sample::Tokens(Tokens {
+                        input_ids: vec![1, 2, 3],
+                        train_mask: Some(vec![true]),
+                    })]),
                 })
                 .collect()),
-            "empty-chat" => Ok(records.iter().map(|r| RecordOutcome { index: r.index, result: Ok(vec![Sample::Chat(vec![])]) }).collect()),
+            "empty-chat" => Ok(records
+                .iter()
+                .map(|r| RecordOutcome {
+                    index: r.index,
+                    result: Ok(vec![Sample::Chat(vec![])]),
+                })
+                .collect()),
             other => Err(format!("unknown attack `{other}`")),
         }
     }

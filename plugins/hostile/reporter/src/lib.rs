@@ -12,7 +12,12 @@ struct Hostile {
 impl Reporter for Hostile {
     fn configure(settings: &Settings) -> Result<Self, String> {
         settings.allow_only(&["target"])?;
-        Ok(Hostile { target: settings.get("target").unwrap_or("/out/../escape.txt").to_string() })
+        Ok(Hostile {
+            target: settings
+                .get("target")
+                .unwrap_or("/out/../escape.txt")
+                .to_string(),
+        })
     }
 
     fn on_start(&mut self, _info: RunInfo) -> Result<(), String> {
