@@ -136,5 +136,7 @@ if ours is None:
     print("(could not read tokens/s from the lora bench output)")
 PY
 
-if [ $status = 0 ]; then note "all GPU checks passed"; else note "SOME GPU CHECKS FAILED"; fi
+if [ $dry = 1 ]; then
+    if [ $status = 0 ]; then note "dry run passed (CPU only: nothing ran on a GPU; the shapes of lora and PEFT differ here)"; else note "DRY RUN FAILED"; fi
+elif [ $status = 0 ]; then note "all GPU checks passed"; else note "SOME GPU CHECKS FAILED"; fi
 exit $status
