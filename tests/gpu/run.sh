@@ -70,6 +70,9 @@ if "$bin" bench --help > /dev/null 2>&1; then
     # The batch: rows of 8192, 32768 tokens per step (4 rows), if the CLI takes sizes.
     if [ $dry = 0 ] && [ -z "${LORA_BENCH_ARGS:-}" ] && "$bin" bench --help 2>&1 | grep -q -- "--rows"; then
         bench_args="$bench_args --rows 4 --seq-len 8192"
+        # Keeping every f32 activation of 28 layers x 32768 tokens needs ~150 GB: recompute each
+        # layer in backward (the counterpart of PEFT's gradient checkpointing).
+        if "$bin" bench --help 2>&1 | grep -q -- "--recompute"; then bench_args="$bench_args --recompute"; fi
     fi
     echo "lora bench $bench_args" | tee -a "$out/summary.txt"
     # shellcheck disable=SC2086
