@@ -52,6 +52,7 @@ fn attack(attack: &str, arg: &str, tweak: impl FnOnce(&mut PluginOptions)) -> Ex
     assert_eq!(err.call, "process_batch");
     assert_eq!(err.batch, Some(3));
     assert!(!err.message.contains("ESCAPED"), "{err}");
+    eprintln!("{attack}: {err}");
     err
 }
 
