@@ -552,3 +552,12 @@ fn compiled_components_are_cached_on_disk_by_content_hash() {
         "{files:?}"
     );
 }
+
+/// Protects: a second process finds the compiled component on disk instead of compiling again.
+#[test]
+fn precompile_fills_the_disk_cache_and_then_reads_it() {
+    use lora_plugins::{CacheOutcome, precompile};
+    let cache = tempfile::tempdir().unwrap();
+    assert_eq!(precompile(&plugin("schedules"), cache.path()).unwrap(), CacheOutcome::Compiled);
+    assert_eq!(precompile(&plugin("schedules"), cache.path()).unwrap(), CacheOutcome::Disk);
+}
