@@ -558,6 +558,38 @@ fn compiled_components_are_cached_on_disk_by_content_hash() {
 fn precompile_fills_the_disk_cache_and_then_reads_it() {
     use lora_plugins::{CacheOutcome, precompile};
     let cache = tempfile::tempdir().unwrap();
-    assert_eq!(precompile(&plugin("schedules"), cache.path()).unwrap(), CacheOutcome::Compiled);
-    assert_eq!(precompile(&plugin("schedules"), cache.path()).unwrap(), CacheOutcome::Disk);
+    assert_eq!(
+        precompile(&plugin("schedules"), cache.path()).unwrap(),
+        CacheOutcome::Compiled
+    );
+    assert_eq!(
+        precompile(&plugin("schedules"), cache.path()).unwrap(),
+        CacheOutcome::Disk
+    );
+}
+
+/// Protects: an SDK method a plugin did not implement fails clearly, naming the method.
+#[test]
+fn unimplemented_sdk_methods_name_themselves() {
+    let (opts, _) = options();
+    // The hostile reporter implements only `on_start`.
+    let mut r = load_reporter(&plugin("hostile_reporter"), &opts).unwrap();
+    let err = r.on_step(&step(4)).unwrap_err();
+    assert_eq!(
+        (err.kind, err.call.as_str(), err.batch),
+        (lora_api::ErrorKind::Failed, "on_step", Some(4))
+    );
+    assert!(
+        err.message
+            .contains("does not implement `Reporter::on_step`"),
+        "{err}"
+    );
+    r.on_eval(&lora_api::EvalMetrics {
+        step: 4,
+        epoch: 0.4,
+        eval_loss: 1.0,
+        perplexity: 1.0f64.exp(),
+        eval_tokens: 9,
+    })
+    .unwrap();
 }
