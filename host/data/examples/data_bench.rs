@@ -29,6 +29,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data = prepare(&cfg, &src, &mut *pre, &tools)?;
     let plan = data.epoch_plan(0);
     let secs = start.elapsed().as_secs_f64();
+    if std::env::var_os("DATA_BENCH_BREAKDOWN").is_some() {
+        // Single-threaded cost of each stage, to see where time goes.
+        let text = std::fs::read_to_string(&args[0])?;
+        let convs: Vec<Vec<lora_api::Message>> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).map(|v| serde_json::from_value(v["messages"].clone()).unwrap_or_default()))
+            .collect::<Result<_, _>>()?;
+        let t = Instant::now();
+        let mut rendered = Vec::with_capacity(convs.len());
+        for c in &convs {
+            rendered.push(tools.render(c, false)?);
+            for i in 0..c.len() {
+                if c[i].role == "assistant" {
+                    tools.render(&c[..i], true)?;
+                }
+            }
+        }
+        let render_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mut n = 0;
+        for r in &rendered {
+            n += tools.encode_with_offsets(r, false)?.0.len();
+        }
+        let encode_s = t.elapsed().as_secs_f64();
+        eprintln!("single thread: render (full + prefixes) {render_s:.2}s, encode {encode_s:.2}s for {n} tokens ({:.0} tokens/s)", n as f64 / encode_s);
+    }
     let rows: usize = plan.steps.iter().flat_map(|s| &s.micro_batches).map(|m| m.rows.len()).sum();
     println!(
         "{}",
