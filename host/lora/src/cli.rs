@@ -1,5 +1,6 @@
 //! The command line: `lora train`, `lora kfp`, `lora component`, `lora params`. Parameter flags
 //! are generated from the parameter definition (`lora_params::PARAMS`), never listed by hand.
+//! The tool commands (`selftest`, `bench`, `plugin`) live in [`crate::tools`].
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -33,6 +34,9 @@ pub enum CliError {
     /// (`main` calls [`clap::Error::exit`]).
     #[error(transparent)]
     Clap(#[from] clap::Error),
+    /// A tool command (`selftest`, `bench`, `plugin`) failed; it picks its exit code and hint.
+    #[error(transparent)]
+    Tool(#[from] crate::tools::ToolError),
 }
 
 impl From<ParamErrors> for CliError {
@@ -56,6 +60,7 @@ impl CliError {
             CliError::Params(_) | CliError::Input(_) => 2,
             CliError::Run(_) => 1,
             CliError::Clap(e) => u8::try_from(e.exit_code()).unwrap_or(2),
+            CliError::Tool(e) => e.exit_code(),
         }
     }
 
@@ -72,6 +77,7 @@ impl CliError {
                 "hint: the run stopped; with training_resume=auto (the default) running the same command again resumes from the newest complete checkpoint"
             }
             CliError::Clap(_) => "",
+            CliError::Tool(e) => e.hint(),
         }
     }
 }
@@ -155,6 +161,7 @@ pub fn command() -> Command {
                 .arg(Arg::new("json_schema").long("json-schema").action(ArgAction::SetTrue).help("Print a JSON Schema of the parameter set (and of params files)"))
                 .arg(Arg::new("markdown").long("markdown").action(ArgAction::SetTrue).conflicts_with("json_schema").help("Print the parameter table as Markdown")),
         )
+        .subcommands(crate::tools::commands())
 }
 
 /// Runs the command line `args` (including the program name) with environment `env`.
@@ -187,6 +194,7 @@ pub fn run(
             }
             Ok(())
         }
+        Some((name, m)) if crate::tools::NAMES.contains(&name) => Ok(crate::tools::run(name, m)?),
         _ => Err(CliError::Input(anyhow::anyhow!(
             "unknown command (see `lora --help`)"
         ))),
@@ -323,8 +331,5 @@ fn finish(
 /// The hand-off to the training run. When `crate::run` lands, this body becomes
 /// `crate::run::execute(request)` (its error converted to `anyhow::Error`).
 fn execute(request: &RunRequest) -> anyhow::Result<RunOutcome> {
-    let _ = request;
-    anyhow::bail!(
-        "training is not built into this binary yet (the run module is missing); `--dry-run` validates the parameters and inputs"
-    )
+    crate::run::execute(request)
 }

@@ -8,3 +8,6 @@ pub mod kfp;
 pub mod request;
 pub mod report;
 pub mod chart;
+pub mod manifest;
+pub mod checkpoint;
+pub mod run;

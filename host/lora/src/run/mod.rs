@@ -1,0 +1,336 @@
+//! The run: `lora train` and `lora kfp` both end here, in [`execute`].
+//!
+//! resolve the model (folder or hub id) → tokenizer → dataset (lora-data, or a preprocessor
+//! plugin) → run manifest → engine trainer → resume from a checkpoint (or start fresh) → the
+//! training loop ([`train`]) → outputs: PEFT adapter, merged model, `final_model` copy,
+//! metrics, loss chart, manifest.
+//!
+//! This module must not parse parameters (that is `lora-params` and the CLI) nor implement ops
+//! (that is the engine); it orchestrates and owns the files a run writes.
+
+pub mod outputs;
+mod train;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use lora_api::{Preprocessor, Reporter, ScheduleContext, Scheduler};
+use lora_data::{BadRecords, DataConfig, DatasetType, HfTextTools, LongSamplePolicy, PreparedData};
+use lora_engine::{AdapterConfig, Device, LoadOptions, Model, OptimConfig, Trainer, backend_for};
+use lora_params::ResolvedParams;
+use serde_json::{Map, Value, json};
+
+use crate::chart::{self, ChartMeta};
+use crate::checkpoint;
+use crate::hub::{self, HubOptions, ResolvedModel};
+use crate::manifest::{self, Inputs, Manifest};
+use crate::report::{self, JsonlReporter, ProgressReporter};
+use crate::request::{RunOutcome, RunRequest};
+use crate::schedule::BuiltinScheduler;
+
+/// What the reference component returns as `Output`.
+pub const OUTPUT: &str = "training completed";
+
+/// Runs one training run described by `req` and writes all its outputs.
+pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
+    let p = &req.params;
+    let ws = req.workspace();
+    let run_started = Instant::now();
+
+    // Model and tokenizer.
+    let model = hub::resolve_model(&p.base_model, &HubOptions::from_env())?;
+    eprintln!("lora: base model {} ({})", model.name, model.dir.display());
+    let tools = Arc::new(
+        HfTextTools::from_dir(&model.dir)
+            .with_context(|| format!("loading the tokenizer of training_base_model from {}", model.dir.display()))?,
+    );
+
+    // Data.
+    let data_cfg = data_config(p, &ws.data_output_dir)?;
+    let source = lora_data::resolve_dataset(&lora_data::DatasetInput {
+        artifact_path: req.dataset.path.clone(),
+        metadata: req.dataset.metadata.clone(),
+        pvc_path: Some(req.pvc_path.clone()),
+    })?;
+    let plugins = plugin_set(p)?;
+    let mut preprocessor: Box<dyn Preprocessor> = match &plugins {
+        Some(set) => match set.load_preprocessor(tools.clone())? {
+            Some(pre) => pre,
+            None => lora_data::builtin_preprocessor(&data_cfg),
+        },
+        None => lora_data::builtin_preprocessor(&data_cfg),
+    };
+    let prepared = lora_data::prepare(&data_cfg, &source, preprocessor.as_mut(), &tools)?;
+    drop(preprocessor);
+    log_data(&prepared);
+
+    // Engine.
+    let device = pick_device(&p.device)?;
+    let loaded = Model::load(&model.dir, &LoadOptions { backend: backend_for(device)? })
+        .with_context(|| format!("loading the base model from {}", model.dir.display()))?;
+    let adapter_cfg = AdapterConfig {
+        r: p.lora_r as usize,
+        lora_alpha: p.lora_alpha as f32,
+        lora_dropout: p.lora_dropout as f32,
+        target_modules: p.lora_target_modules.clone(),
+        use_rslora: p.use_rslora,
+        use_dora: p.use_dora,
+        init_seed: p.seed,
+    };
+    let targets: Vec<String> = adapter_cfg.resolve_targets()?.iter().map(|m| m.name().to_string()).collect();
+    let optim = OptimConfig { weight_decay: p.weight_decay, max_grad_norm: p.max_grad_norm, ..OptimConfig::default() };
+    let trainer = Trainer::new(loaded, adapter_cfg.clone(), optim, p.seed)?;
+
+    // Plan and schedule.
+    let steps_per_epoch = prepared.steps_per_epoch() as u64;
+    let planned = steps_per_epoch * p.num_epochs;
+    let total_steps = p.max_steps.map_or(planned, |m| m.min(planned));
+    let ctx = ScheduleContext {
+        base_lr: p.learning_rate,
+        warmup_steps: p.lr_warmup_steps,
+        total_steps,
+        num_epochs: p.num_epochs,
+        steps_per_epoch,
+        settings: p
+            .lr_scheduler_kwargs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())))
+            .collect(),
+    };
+    let scheduler: Box<dyn Scheduler> = match plugins.as_ref().map(|s| s.load_scheduler(ctx.clone())).transpose()?.flatten() {
+        Some(s) => s,
+        None => Box::new(BuiltinScheduler::new(&p.lr_scheduler, &ctx)?),
+    };
+
+    // Manifest and reporters.
+    let run_manifest = build_manifest(p, &model, &source, device)?;
+    let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(JsonlReporter::new(ws.checkpoints.join("training_metrics.jsonl")))];
+    if let Some(set) = &plugins {
+        reporters.extend(set.load_reporters()?);
+    }
+
+    let adapter_config_json = outputs::peft_config(&adapter_cfg, &targets, &model.name);
+    let mut run = train::Run {
+        trainer,
+        scheduler,
+        reporters,
+        progress: ProgressReporter::stderr(),
+        prepared: &prepared,
+        params: p,
+        manifest: &run_manifest,
+        checkpoints: ws.checkpoints.clone(),
+        adapter_config: serde_json::to_vec_pretty(&adapter_config_json)?,
+        total_steps,
+        steps_per_epoch,
+    };
+    let finished = run.train()?;
+
+    // Outputs.
+    let adapter = run.trainer.adapter_tensors()?;
+    write_model_outputs(req, &model, &adapter, &adapter_cfg, &adapter_config_json, &run_manifest)?;
+    let summary = &finished.summary;
+    let params_json = Value::Object(p.params_as_used());
+    let metrics = report::kfp_metrics(summary, &params_json);
+    report::write_atomic(&req.outputs.metrics, serde_json::to_string_pretty(&Value::Object(metrics.clone()))?.as_bytes())
+        .with_context(|| format!("writing output_metrics {}", req.outputs.metrics.display()))?;
+    let chart_meta = ChartMeta {
+        model: model.name.clone(),
+        settings: vec![
+            ("lr".into(), format!("{} {}, warmup {}", p.learning_rate, p.lr_scheduler, p.lr_warmup_steps)),
+            ("LoRA".into(), format!("r {}, alpha {}, dropout {}", p.lora_r, p.lora_alpha, p.lora_dropout)),
+            ("batch".into(), p.effective_batch_size.to_string()),
+            ("max_seq_len".into(), p.max_seq_len.to_string()),
+            ("seed".into(), p.seed.to_string()),
+            ("device".into(), device.to_string()),
+        ],
+    };
+    let html = chart::render(&finished.history, summary, &chart_meta);
+    report::write_atomic(&req.outputs.loss_chart, html.as_bytes())
+        .with_context(|| format!("writing output_loss_chart {}", req.outputs.loss_chart.display()))?;
+    eprintln!("lora: outputs written in {:.1}s total", run_started.elapsed().as_secs_f64());
+
+    let mut model_metadata = Map::new();
+    model_metadata.insert("base_model".into(), json!(model.name));
+    if let Some(c) = &model.commit {
+        model_metadata.insert("base_model_commit".into(), json!(c));
+    }
+    model_metadata.insert("adapter".into(), json!("adapter/"));
+    model_metadata.insert("run_id".into(), json!(run_manifest.run_id()));
+    model_metadata.insert("lora_r".into(), json!(p.lora_r));
+    model_metadata.insert("lora_alpha".into(), json!(p.lora_alpha));
+    Ok(RunOutcome { output: OUTPUT.into(), metrics, model_metadata })
+}
+
+fn data_config(p: &ResolvedParams, cache_dir: &Path) -> Result<DataConfig> {
+    Ok(DataConfig {
+        dataset_type: DatasetType::parse(&p.dataset_type)?,
+        field_messages: p.field_messages.clone(),
+        field_instruction: p.field_instruction.clone(),
+        field_input: p.field_input.clone(),
+        field_output: p.field_output.clone(),
+        field_text: "text".into(),
+        max_seq_len: p.max_seq_len as usize,
+        max_tokens_per_gpu: p.max_tokens_per_gpu as usize,
+        effective_batch_size: p.effective_batch_size as usize,
+        sample_packing: p.sample_packing,
+        train_on_inputs: p.train_on_inputs,
+        bad_records: BadRecords::parse(&p.bad_records)?,
+        validation_split: p.validation_split,
+        long_sample_policy: LongSamplePolicy::parse(&p.long_sample_policy)?,
+        seed: p.seed,
+        world_size: p.world_size as usize,
+        rank: 0,
+        num_epochs: p.num_epochs as usize,
+        cache_dir: Some(cache_dir.to_path_buf()),
+    })
+}
+
+/// The plugins named by `training_plugins`, or `None` when there are none.
+#[cfg(feature = "plugins")]
+fn plugin_set(p: &ResolvedParams) -> Result<Option<plugins::PluginSet>> {
+    if p.params.training_plugins.trim().is_empty() {
+        return Ok(None);
+    }
+    let set = plugins::PluginSet::from_params(&p.params.training_plugins, &p.params.training_plugin_config, p.seed)
+        .context("loading training_plugins")?;
+    Ok((!set.is_empty()).then_some(set))
+}
+
+#[cfg(feature = "plugins")]
+use lora_plugins as plugins;
+
+/// Without the `plugins` feature: no plugin runtime, and a clear refusal when plugins are named.
+#[cfg(not(feature = "plugins"))]
+mod plugins {
+    use std::sync::Arc;
+
+    use lora_api::{Preprocessor, Reporter, ScheduleContext, Scheduler, TextTools};
+
+    pub enum PluginSet {}
+
+    impl PluginSet {
+        pub fn load_preprocessor(&self, _: Arc<dyn TextTools>) -> anyhow::Result<Option<Box<dyn Preprocessor>>> {
+            match *self {}
+        }
+        pub fn load_scheduler(&self, _: ScheduleContext) -> anyhow::Result<Option<Box<dyn Scheduler>>> {
+            match *self {}
+        }
+        pub fn load_reporters(&self) -> anyhow::Result<Vec<Box<dyn Reporter>>> {
+            match *self {}
+        }
+    }
+}
+
+#[cfg(not(feature = "plugins"))]
+fn plugin_set(p: &ResolvedParams) -> Result<Option<plugins::PluginSet>> {
+    if p.params.training_plugins.trim().is_empty() {
+        return Ok(None);
+    }
+    bail!("training_plugins: this lora binary was built without plugin support (cargo feature `plugins`); rebuild with default features")
+}
+
+fn log_data(prepared: &PreparedData) {
+    let r = &prepared.report;
+    let dropped: Vec<String> = r.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    eprintln!(
+        "lora: dataset {}: {} records → {} training samples ({} tokens, {} trained), {} validation samples{}{}",
+        r.origin,
+        r.records,
+        r.train_samples,
+        r.train_tokens,
+        r.train_trained_tokens,
+        r.validation_samples,
+        if dropped.is_empty() { String::new() } else { format!("; left out: {}", dropped.join(", ")) },
+        if r.from_cache { " (from the processed-data cache)" } else { "" }
+    );
+}
+
+/// `training_device`: `cpu`, `cuda` (fails clearly without a usable GPU), `auto` (CUDA when a
+/// usable device is present, else CPU).
+fn pick_device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => {
+            backend_for(Device::Cuda(0)).context("training_device=cuda")?;
+            Ok(Device::Cuda(0))
+        }
+        "auto" => match backend_for(Device::Cuda(0)) {
+            Ok(_) => Ok(Device::Cuda(0)),
+            Err(e) => {
+                eprintln!("lora: training_device=auto: using the CPU ({e})");
+                Ok(Device::Cpu)
+            }
+        },
+        other => bail!("training_device: unknown device `{other}` (expected auto, cpu or cuda)"),
+    }
+}
+
+fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data::DatasetSource, device: Device) -> Result<Manifest> {
+    let model_files = manifest::hash_dir(&model.dir, manifest::is_model_file)?;
+    let mut dataset_files = std::collections::BTreeMap::new();
+    for f in source.train.iter().chain(&source.validation) {
+        dataset_files.insert(f.path.display().to_string(), manifest::sha256_file(&f.path)?);
+    }
+    let mut plugins = std::collections::BTreeMap::new();
+    for spec in &p.plugins {
+        plugins.insert(format!("{}={}", spec.kind, spec.path.display()), manifest::sha256_file(&spec.path)?);
+    }
+    let mut params = p.params_as_used();
+    // The hub id or folder is named in `model`; the content hashes decide.
+    params.remove("training_base_model");
+    Ok(Manifest {
+        format: Manifest::FORMAT.into(),
+        binary: format!("lora {}", env!("CARGO_PKG_VERSION")),
+        device: device.to_string(),
+        model: Inputs { name: model.name.clone(), commit: model.commit.clone(), files: model_files },
+        dataset: Inputs { name: source.origin.clone(), commit: None, files: dataset_files },
+        plugins,
+        params,
+    })
+}
+
+/// `output_model/` (merged model + `adapter/` + manifest) and its copy to `<pvc_path>/final_model`.
+fn write_model_outputs(
+    req: &RunRequest,
+    model: &ResolvedModel,
+    adapter: &[lora_engine::NamedTensor],
+    adapter_cfg: &AdapterConfig,
+    adapter_config_json: &Value,
+    run_manifest: &Manifest,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let dest = &req.outputs.model;
+    let built: PathBuf = outputs::temp_sibling(dest);
+    let _ = std::fs::remove_dir_all(&built);
+    std::fs::create_dir_all(&built).with_context(|| format!("creating {}", built.display()))?;
+    outputs::write_adapter(&built.join("adapter"), adapter, adapter_config_json)?;
+    outputs::write_merged_weights(&model.dir, &built, adapter, adapter_cfg)
+        .with_context(|| format!("merging the adapter into {}", model.dir.display()))?;
+    outputs::copy_model_files(&model.dir, &built)?;
+    std::fs::write(built.join("run_manifest.json"), serde_json::to_vec_pretty(run_manifest)?)?;
+    outputs::replace_dir(&built, dest)?;
+    let final_model = req.workspace().final_model;
+    if final_model != *dest {
+        let copy = outputs::temp_sibling(&final_model);
+        let _ = std::fs::remove_dir_all(&copy);
+        outputs::copy_tree(dest, &copy)?;
+        outputs::replace_dir(&copy, &final_model)?;
+    }
+    eprintln!(
+        "lora: wrote the adapter ({}/adapter), the merged model ({}) and {} in {:.1}s",
+        dest.display(),
+        dest.display(),
+        final_model.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Checkpoint folder of the pvc (exposed for tests and `--dry-run`).
+pub fn checkpoints_dir(req: &RunRequest) -> PathBuf {
+    req.workspace().checkpoints
+}
+
+pub use checkpoint::list as list_checkpoints;

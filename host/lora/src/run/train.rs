@@ -1,0 +1,263 @@
+//! The training loop: epochs over the data plan, gradient accumulation over a step's
+//! micro-batches, optimizer steps with the scheduler's learning rate, logging every
+//! `training_logging_steps`, evaluation every `training_eval_steps` (and at the end), checkpoints
+//! every `training_save_steps` and at epoch ends with `training_checkpoint_at_epoch`, resume.
+//!
+//! Randomness: adapter init from `training_seed` (engine), dropout masks from a stream seeded by
+//! `training_seed` and advanced per micro-batch (engine state, checkpointed), shuffling from
+//! `training_seed + epoch` (data plan, recomputed). Nothing else is random, so a resumed run
+//! continues bit for bit.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use lora_api::{CheckpointInfo, EvalMetrics, Reporter, RunInfo, RunSummary, Scheduler, StepMetrics};
+use lora_data::{MicroBatch, PreparedData};
+use lora_engine::{Batch, Trainer, TrainerState};
+use lora_params::ResolvedParams;
+use serde_json::{Value, json};
+
+use crate::checkpoint::{self, CheckpointState, Position, Snapshot};
+use crate::manifest::Manifest;
+use crate::report::{History, ProgressReporter};
+
+pub(super) struct Run<'a> {
+    pub trainer: Trainer,
+    pub scheduler: Box<dyn Scheduler>,
+    /// The built-in `training_metrics.jsonl` reporter and plugin reporters.
+    pub reporters: Vec<Box<dyn Reporter>>,
+    /// The progress bar / log lines (also a reporter; kept typed to redraw after every step).
+    pub progress: ProgressReporter,
+    pub prepared: &'a PreparedData,
+    pub params: &'a ResolvedParams,
+    pub manifest: &'a Manifest,
+    pub checkpoints: PathBuf,
+    pub adapter_config: Vec<u8>,
+    pub total_steps: u64,
+    pub steps_per_epoch: u64,
+}
+
+pub(super) struct Finished {
+    pub history: History,
+    pub summary: RunSummary,
+}
+
+/// One micro-batch's rows as one engine batch (rows are independent document streams).
+pub fn to_batch(mb: &MicroBatch) -> Batch {
+    let mut b = Batch::default();
+    for row in &mb.rows {
+        b.input_ids.extend_from_slice(&row.input_ids);
+        b.train_mask.extend_from_slice(&row.train_mask);
+        b.seq_lens.extend_from_slice(&row.seq_lens);
+    }
+    b
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), 0 where unknown.
+pub fn peak_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn report_all(
+    progress: &mut ProgressReporter,
+    reporters: &mut [Box<dyn Reporter>],
+    f: impl Fn(&mut dyn Reporter) -> Result<(), lora_api::ExtError>,
+) -> Result<()> {
+    f(progress)?;
+    for r in reporters.iter_mut() {
+        f(r.as_mut()).with_context(|| format!("reporter `{}`", r.name()))?;
+    }
+    Ok(())
+}
+
+impl Run<'_> {
+    fn epoch_of(&self, step: u64) -> f64 {
+        step as f64 / self.steps_per_epoch.max(1) as f64
+    }
+
+    /// Eval loss (mean over trained tokens) and perplexity on the validation split.
+    fn evaluate(&self, step: u64) -> Result<Option<EvalMetrics>> {
+        let batches = self.prepared.eval_batches();
+        if batches.is_empty() {
+            return Ok(None);
+        }
+        let (mut loss, mut tokens) = (0.0f64, 0usize);
+        for mb in &batches {
+            let (l, n) = self.trainer.eval_loss(&to_batch(mb)).context("evaluating on the validation split")?;
+            loss += l;
+            tokens += n;
+        }
+        if tokens == 0 {
+            return Ok(None);
+        }
+        let eval_loss = loss / tokens as f64;
+        Ok(Some(EvalMetrics { step, epoch: self.epoch_of(step), eval_loss, perplexity: eval_loss.exp(), eval_tokens: tokens as u64 }))
+    }
+
+    fn save(&mut self, pos: Position, history: &History) -> Result<f64> {
+        let t0 = Instant::now();
+        let state: TrainerState = self.trainer.save_state()?;
+        let (optimizer, adapter): (Vec<_>, Vec<_>) =
+            state.tensors.into_iter().partition(|t| t.name.ends_with(".exp_avg") || t.name.ends_with(".exp_avg_sq"));
+        let ck = CheckpointState {
+            format: CheckpointState::FORMAT.into(),
+            position: pos,
+            trainer: state.meta,
+            rng: json!({
+                "adapter_init": "training_seed (engine AdapterConfig::init_seed)",
+                "dropout": "stream seeded from training_seed, advanced per micro-batch (trainer.micro)",
+                "shuffle": "training_seed + epoch (lora-data epoch plan)",
+                "seed": self.params.seed,
+            }),
+            resume_key: self.manifest.resume_key(),
+            history: history.clone(),
+        };
+        let snap = Snapshot { state: &ck, adapter: &adapter, optimizer: &optimizer, adapter_config: &self.adapter_config, manifest: self.manifest };
+        let dir = checkpoint::save(&self.checkpoints, &snap, self.params.save_total_limit)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let info = CheckpointInfo { step: pos.step, epoch: self.epoch_of(pos.step), path: dir };
+        report_all(&mut self.progress, &mut self.reporters, |r| r.on_checkpoint(&info))?;
+        Ok(secs)
+    }
+
+    /// Restores the newest matching checkpoint (the resume rule in `checkpoint`), or starts fresh.
+    fn resume(&mut self) -> Result<(Position, History)> {
+        checkpoint::remove_stale_temps(&self.checkpoints);
+        let fresh = (Position { step: 0, epoch: 0, step_in_epoch: 0 }, History::default());
+        if self.params.resume == "never" {
+            let n = checkpoint::remove_all(&self.checkpoints)?;
+            if n > 0 {
+                eprintln!("lora: training_resume=never: removed {n} old checkpoint(s) in {}", self.checkpoints.display());
+            }
+            return Ok(fresh);
+        }
+        let Some(dir) = checkpoint::find_resumable(&self.checkpoints, self.manifest)? else { return Ok(fresh) };
+        let loaded = checkpoint::load(&dir)?;
+        self.trainer
+            .load_state(&TrainerState { tensors: loaded.tensors, meta: loaded.state.trainer.clone() })
+            .with_context(|| format!("restoring the trainer from {}", dir.display()))?;
+        let history = loaded.state.history;
+        for (i, loss) in history.losses.iter().enumerate() {
+            self.scheduler.observe_loss(i as u64, *loss)?;
+        }
+        eprintln!("lora: resuming from {} (step {})", dir.display(), loaded.state.position.step);
+        Ok((loaded.state.position, history))
+    }
+
+    pub fn train(&mut self) -> Result<Finished> {
+        let p = self.params;
+        let (mut pos, mut history) = self.resume()?;
+        let start_step = pos.step;
+        let info = RunInfo {
+            run_id: self.manifest.run_id(),
+            params: Value::Object(p.params_as_used()),
+            total_steps: self.total_steps,
+            num_epochs: p.num_epochs,
+            steps_per_epoch: self.steps_per_epoch,
+            start_step,
+            world_size: p.world_size as u32,
+        };
+        report_all(&mut self.progress, &mut self.reporters, |r| r.on_start(&info))?;
+        let started = Instant::now();
+        let mut train_secs = 0.0f64;
+        let (mut log_loss, mut log_steps, mut log_tokens, mut log_secs) = (0.0f64, 0u64, 0u64, 0.0f64);
+        let mut last_eval_step = None;
+        let mut checkpoint_secs = 0.0f64;
+        let logging = p.logging_steps.max(1);
+
+        'epochs: while pos.step < self.total_steps && pos.epoch < p.num_epochs {
+            let plan = self.prepared.epoch_plan(pos.epoch as usize);
+            let steps_in_epoch = plan.steps.len() as u64;
+            for (i, ostep) in plan.steps.iter().enumerate().skip(pos.step_in_epoch as usize) {
+                if pos.step >= self.total_steps {
+                    break 'epochs;
+                }
+                let step_index = pos.step; // 0-based index of this optimizer step
+                let lr = self.scheduler.learning_rate(step_index).with_context(|| format!("scheduler at step {step_index}"))?;
+                let t0 = Instant::now();
+                let denom = (ostep.trained_tokens as f32).max(1.0);
+                let (mut loss_sum, mut tokens, mut trained) = (0.0f64, 0u64, 0u64);
+                for mb in &ostep.micro_batches {
+                    let s = self.trainer.forward_backward(&to_batch(mb), denom).with_context(|| {
+                        format!("training step {} (epoch {}, step {} of the epoch)", step_index + 1, pos.epoch + 1, i + 1)
+                    })?;
+                    loss_sum += s.loss_sum;
+                    tokens += s.tokens as u64;
+                    trained += s.trained_tokens as u64;
+                }
+                let o = self.trainer.optimizer_step(lr)?;
+                let secs = t0.elapsed().as_secs_f64();
+                train_secs += secs;
+                let loss = loss_sum / trained.max(1) as f64;
+                self.scheduler.observe_loss(step_index, loss)?;
+                history.losses.push(loss);
+                history.tokens += tokens;
+                history.trained_tokens += trained;
+                pos = Position { step: step_index + 1, epoch: pos.epoch, step_in_epoch: i as u64 + 1 };
+                if pos.step_in_epoch == steps_in_epoch {
+                    pos = Position { step: pos.step, epoch: pos.epoch + 1, step_in_epoch: 0 };
+                }
+                let step = pos.step;
+                (log_loss, log_steps, log_tokens, log_secs) = (log_loss + loss, log_steps + 1, log_tokens + tokens, log_secs + secs);
+                self.progress.tick(step, loss, tokens as f64 / secs.max(1e-9));
+                if step % logging == 0 || step == self.total_steps {
+                    let m = StepMetrics {
+                        step,
+                        epoch: self.epoch_of(step),
+                        max_steps: self.total_steps,
+                        loss: log_loss / log_steps as f64,
+                        grad_norm: o.grad_norm,
+                        learning_rate: lr,
+                        tokens: log_tokens,
+                        trained_tokens: trained,
+                        tokens_per_second: log_tokens as f64 / log_secs.max(1e-9),
+                        elapsed_s: history.prior_runtime_s + started.elapsed().as_secs_f64(),
+                    };
+                    history.steps.push(m.clone());
+                    report_all(&mut self.progress, &mut self.reporters, |r| r.on_step(&m))?;
+                    (log_loss, log_steps, log_tokens, log_secs) = (0.0, 0, 0, 0.0);
+                }
+                if p.eval_steps > 0 && step % p.eval_steps == 0 {
+                    if let Some(e) = self.evaluate(step)? {
+                        history.evals.push(e.clone());
+                        report_all(&mut self.progress, &mut self.reporters, |r| r.on_eval(&e))?;
+                    }
+                    last_eval_step = Some(step);
+                }
+                let epoch_end = pos.step_in_epoch == 0;
+                let want_save = (p.save_steps > 0 && step % p.save_steps == 0) || (p.checkpoint_at_epoch && epoch_end);
+                if want_save && step < self.total_steps {
+                    let mut h = history.clone();
+                    h.prior_runtime_s += started.elapsed().as_secs_f64();
+                    checkpoint_secs += self.save(pos, &h)?;
+                }
+            }
+        }
+        // The final state is a checkpoint too: a rerun with the same inputs finds the run done.
+        history.prior_runtime_s += started.elapsed().as_secs_f64();
+        if last_eval_step != Some(pos.step)
+            && let Some(e) = self.evaluate(pos.step)?
+        {
+            history.evals.push(e.clone());
+            report_all(&mut self.progress, &mut self.reporters, |r| r.on_eval(&e))?;
+        }
+        if pos.step > start_step {
+            checkpoint_secs += self.save(pos, &history)?;
+        }
+        let mut summary = history.summary(self.epoch_of(pos.step), 0.0, peak_memory_bytes());
+        summary.train_runtime = history.prior_runtime_s;
+        report_all(&mut self.progress, &mut self.reporters, |r| r.on_finish(&summary))?;
+        eprintln!(
+            "lora: {} steps in {:.1}s of optimizer steps ({:.0} tokens/s in steps), {:.2}s writing checkpoints",
+            pos.step - start_step,
+            train_secs,
+            history.tokens as f64 / history.prior_runtime_s.max(1e-9),
+            checkpoint_secs
+        );
+        Ok(Finished { history, summary })
+    }
+}

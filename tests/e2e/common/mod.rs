@@ -1,0 +1,81 @@
+//! Shared helpers of the end-to-end tests: a tiny model folder made in the test (random weights
+//! from the engine, the SmolLM2 tokenizer fixture from lora-data), and a way to run the real
+//! binary in a temp dir.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use lora_engine::{DType, ModelConfig};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_lora");
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// A fresh temp dir for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lora-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Writes a tiny Llama (2 layers, hidden 64, vocab 49152) with the SmolLM2 tokenizer into `dir`.
+pub fn tiny_model(dir: &Path, dtype: DType) -> PathBuf {
+    let cfg = ModelConfig::tiny_llama(49152);
+    lora_engine::testing::write_random_model(dir, &cfg, dtype, 7).unwrap();
+    let fixture = repo_root().join("tests/data/fixtures/smollm2");
+    for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("generation_config.json"), r#"{"bos_token_id": 1, "eos_token_id": 2}"#).unwrap();
+    dir.to_path_buf()
+}
+
+pub fn capitals() -> PathBuf {
+    repo_root().join("examples/data/capitals.jsonl")
+}
+
+/// A `lora train` command line for a run under `work` (outputs in `work/out`, workspace in
+/// `work/pvc`), quiet HF environment, plain logs.
+pub fn train_cmd(work: &Path, model: &Path, dataset: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("train")
+        .arg("--training-base-model")
+        .arg(model)
+        .arg("--dataset")
+        .arg(dataset)
+        .arg("--output-model")
+        .arg(work.join("out/model"))
+        .arg("--output-metrics")
+        .arg(work.join("out/metrics.json"))
+        .arg("--output-loss-chart")
+        .arg(work.join("out/loss_chart.html"))
+        .arg("--pvc-path")
+        .arg(work.join("pvc"))
+        .args(["--training-device", "cpu", "--training-max-seq-len", "256", "--training-max-tokens-per-gpu", "1024"])
+        .args(extra)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", work.join("hf"))
+        .env_remove("LORA_FAULT_INJECT");
+    c
+}
+
+pub fn run_ok(mut c: Command) -> Output {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "lora failed ({}):\n--- stderr\n{}\n--- stdout\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    out
+}
+
+pub fn adapter_bytes(work: &Path) -> Vec<u8> {
+    std::fs::read(work.join("out/model/adapter/adapter_model.safetensors")).unwrap()
+}
