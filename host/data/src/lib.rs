@@ -18,6 +18,7 @@ mod cache;
 mod columnar;
 mod config;
 mod error;
+mod fastbpe;
 mod formats;
 mod plan;
 mod prepare;
@@ -34,4 +35,4 @@ pub use prepare::{prepare, DataPlanSummary, DataReport, PreparedData, SkippedRec
 pub use source::{read_records, resolve_dataset, DataFile, DatasetInput, DatasetSource, FileKind, ReadProblem};
 pub use template::ChatTemplate;
 pub use tokenize::{tokenize_sample, SampleError, TokenizedSample};
-pub use tools::HfTextTools;
+pub use tools::{HfTextTools, IdsAndOffsets};

@@ -142,9 +142,10 @@ fn cache_key(cfg: &DataConfig, source: &DatasetSource, preprocessor: &str, tools
         for f in files.iter() {
             h.update(split.as_bytes());
             h.update(f.path.to_string_lossy().as_bytes());
-            let bytes = std::fs::read(&f.path).map_err(|e| DataError::io("read", &f.path, e))?;
-            h.update((bytes.len() as u64).to_le_bytes());
-            h.update(&bytes);
+            // Streamed: a large dataset is hashed without holding it in memory.
+            let mut file = std::fs::File::open(&f.path).map_err(|e| DataError::io("open", &f.path, e))?;
+            let len = std::io::copy(&mut file, &mut h).map_err(|e| DataError::io("read", &f.path, e))?;
+            h.update(len.to_le_bytes());
         }
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())

@@ -15,6 +15,9 @@ use crate::template::ChatTemplate;
 /// ends with the first of these (or the tokenizer's EOS) after its content.
 const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>"];
 
+/// Token ids and, per token, its byte range in the encoded text.
+pub type IdsAndOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 pub struct HfTextTools {
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
@@ -25,6 +28,7 @@ pub struct HfTextTools {
     end_of_turn: Vec<String>,
     path: PathBuf,
     fingerprint: [u8; 32],
+    fast: Option<crate::fastbpe::FastBpe>,
 }
 
 fn special_token_string(v: Option<&serde_json::Value>) -> Option<String> {
@@ -53,6 +57,7 @@ impl HfTextTools {
         let tok_err = |path: &Path, message: String| DataError::Tokenizer { path: path.to_owned(), message };
         let tok_bytes = std::fs::read(tokenizer_json).map_err(|e| DataError::io("read tokenizer", tokenizer_json, e))?;
         let mut tokenizer = Tokenizer::from_bytes(&tok_bytes).map_err(|e| tok_err(tokenizer_json, format!("not a tokenizer.json: {e}")))?;
+        let tok_value: serde_json::Value = serde_json::from_slice(&tok_bytes).map_err(|e| tok_err(tokenizer_json, format!("not valid JSON: {e}")))?;
         let mut hasher = Sha256::new();
         hasher.update(&tok_bytes);
 
@@ -122,7 +127,9 @@ impl HfTextTools {
         {
             end_of_turn.push(e.clone());
         }
+        let fast = if std::env::var_os("LORA_DATA_NO_FAST_BPE").is_some() { None } else { crate::fastbpe::FastBpe::new(&tok_value, &tokenizer) };
         Ok(HfTextTools {
+            fast,
             tokenizer,
             template,
             template_source,
@@ -165,12 +172,27 @@ impl HfTextTools {
     pub(crate) fn end_of_turn_tokens(&self) -> &[String] {
         &self.end_of_turn
     }
+    /// Whether the fast byte-level BPE path is in use for this tokenizer.
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
-    /// Token ids with their byte offsets into `text`.
-    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
+    /// Token ids with their byte offsets `(start, end)` into `text`.
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<IdsAndOffsets, String> {
+        if !add_special_tokens
+            && let Some(fast) = &self.fast
+            && let Some(out) = fast.encode(&self.tokenizer, text)
+        {
+            return Ok(out);
+        }
+        self.encode_with_offsets_slow(text, add_special_tokens)
+    }
+
+    /// `encode_with_offsets` through the full `tokenizers` pipeline only.
+    pub fn encode_with_offsets_slow(&self, text: &str, add_special_tokens: bool) -> Result<IdsAndOffsets, String> {
         let enc = self.tokenizer.encode(text, add_special_tokens).map_err(|e| format!("tokenizer failed: {e}"))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

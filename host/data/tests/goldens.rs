@@ -73,3 +73,42 @@ fn train_on_inputs_trains_every_token_but_the_first() {
     assert_eq!(masked.input_ids, t.input_ids);
     assert!(masked.trained_tokens() < t.trained_tokens());
 }
+
+#[test]
+fn the_fast_bpe_path_equals_the_tokenizers_pipeline() {
+    for style in ["qwen2.5", "qwen3", "smollm2", "llama3"] {
+        let tools = common::tools(style);
+        assert!(tools.has_fast_path(), "{style}: byte-level BPE should take the fast path");
+        let golden: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(common::data_dir().join("goldens").join(format!("{style}.json"))).unwrap()).unwrap();
+        let mut texts: Vec<String> = golden["chat"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_owned()).collect();
+        texts.extend([
+            "  leading spaces, tabs\t\tand\r\nCRLF\n\n\nnewlines   ".to_owned(),
+            "Ünïcödé NFC: e\u{301} (decomposed) vs é; 数据 🙂 👩‍👩‍👧".to_owned(),
+            "numbers 1234567 3.14159 and code: fn main() { let x = vec![1,2]; }".to_owned(),
+            "<|im_start|>user\nhi<|im_end|><think>\n</think>".to_owned(),
+            "x".repeat(5000),
+        ]);
+        for text in &texts {
+            let fast = tools.encode_with_offsets(text, false).unwrap();
+            let slow = tools.encode_with_offsets_slow(text, false).unwrap();
+            assert_eq!(fast.0, slow.0, "{style}: ids of {text:?}");
+            // Tokens inside one multi-byte character: tokenizers' own offsets there are not
+            // byte-exact either; widened to whole characters (what a mask span can see) they agree.
+            let snap = |o: &[(usize, usize)]| -> Vec<(usize, usize)> {
+                o.iter()
+                    .map(|&(mut s, mut e)| {
+                        while !text.is_char_boundary(s) {
+                            s -= 1;
+                        }
+                        while !text.is_char_boundary(e) {
+                            e += 1;
+                        }
+                        (s, e)
+                    })
+                    .collect()
+            };
+            assert_eq!(snap(&fast.1), snap(&slow.1), "{style}: offsets of {text:?}");
+        }
+    }
+}
