@@ -93,12 +93,12 @@ fn loss_on_capitals(model_dir: &std::path::Path, tokenizer_dir: &std::path::Path
 #[test]
 fn loss_goes_down_and_the_trained_model_answers_better_than_the_base() {
     let work = temp_dir("learns");
-    let model = tiny_model(&work.join("base"), DType::F32);
-    let args = [SMALL, &["--training-num-epochs", "12", "--training-learning-rate", "3e-3", "--training-lr-scheduler", "constant_with_warmup"]].concat();
+    let model = learnable_model(&work.join("base"), 8.0);
+    let args = [SMALL, &["--training-num-epochs", "20", "--training-learning-rate", "5e-3", "--training-lr-scheduler", "constant_with_warmup"]].concat();
     run_ok(train_cmd(&work, &model, &capitals(), &args));
     let rows = jsonl(&work.join("pvc/checkpoints/training_metrics.jsonl"));
     let losses: Vec<f64> = rows.iter().filter_map(|r| r.get("loss").and_then(Value::as_f64)).collect();
-    assert_eq!(losses.len(), 36);
+    assert_eq!(losses.len(), 60);
     let first: f64 = losses[..3].iter().sum::<f64>() / 3.0;
     let last: f64 = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
     let base = loss_on_capitals(&model, &model);

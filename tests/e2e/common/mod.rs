@@ -35,6 +35,20 @@ pub fn tiny_model(dir: &Path, dtype: DType) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// Like [`tiny_model`] (f32), with the final norm scaled up: a random tiny model's logits are
+/// nearly uniform (head rows of norm ~0.2), so no adapter could make it confident; with a larger
+/// final norm the frozen head can express peaked answers, and learning becomes measurable.
+pub fn learnable_model(dir: &Path, norm_scale: f32) -> PathBuf {
+    tiny_model(dir, DType::F32);
+    let path = dir.join("model.safetensors");
+    let mut tensors = lora::checkpoint::decode_safetensors(&std::fs::read(&path).unwrap(), &path).unwrap();
+    let norm = tensors.iter_mut().find(|t| t.name == "model.norm.weight").expect("model.norm.weight");
+    norm.data.iter_mut().for_each(|v| *v *= norm_scale);
+    let meta = [("format".to_string(), "pt".to_string())].into();
+    std::fs::write(&path, lora::checkpoint::encode_safetensors(&tensors, &meta)).unwrap();
+    dir.to_path_buf()
+}
+
 pub fn capitals() -> PathBuf {
     repo_root().join("examples/data/capitals.jsonl")
 }
