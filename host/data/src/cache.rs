@@ -37,7 +37,10 @@ fn read_split(r: &mut impl Read) -> std::io::Result<Vec<TokenizedSample>> {
         let mut mask = vec![0u8; len];
         r.read_exact(&mut mask)?;
         out.push(TokenizedSample {
-            input_ids: ids.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            input_ids: ids
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             train_mask: mask.iter().map(|&m| m != 0).collect(),
         });
     }
@@ -49,7 +52,11 @@ pub(crate) fn entry_dir(cache_dir: &Path, key: &str) -> PathBuf {
 }
 
 /// Train samples, validation samples and the stored report.
-pub(crate) type Entry = (Vec<TokenizedSample>, Vec<TokenizedSample>, serde_json::Value);
+pub(crate) type Entry = (
+    Vec<TokenizedSample>,
+    Vec<TokenizedSample>,
+    serde_json::Value,
+);
 
 /// Loads a cache entry, if a complete one exists.
 pub(crate) fn load(dir: &Path) -> Result<Option<Entry>> {
@@ -64,23 +71,45 @@ pub(crate) fn load(dir: &Path) -> Result<Option<Entry>> {
     let parsed = (|| -> std::io::Result<_> {
         r.read_exact(&mut magic)?;
         if &magic != MAGIC {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad magic"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "bad magic",
+            ));
         }
         let train = read_split(&mut r)?;
         let val = read_split(&mut r)?;
         Ok((train, val))
     })();
-    let (train, val) = parsed.map_err(|e| DataError::format(&bin, format!("corrupt processed-data cache ({e}); delete the folder {}", dir.display())))?;
-    let report_bytes = std::fs::read(&report).map_err(|e| DataError::io("read cache", &report, e))?;
-    let report: serde_json::Value = serde_json::from_slice(&report_bytes).map_err(|e| DataError::format(&report, format!("corrupt cache report: {e}")))?;
+    let (train, val) = parsed.map_err(|e| {
+        DataError::format(
+            &bin,
+            format!(
+                "corrupt processed-data cache ({e}); delete the folder {}",
+                dir.display()
+            ),
+        )
+    })?;
+    let report_bytes =
+        std::fs::read(&report).map_err(|e| DataError::io("read cache", &report, e))?;
+    let report: serde_json::Value = serde_json::from_slice(&report_bytes)
+        .map_err(|e| DataError::format(&report, format!("corrupt cache report: {e}")))?;
     Ok(Some((train, val, report)))
 }
 
 /// Writes a cache entry atomically (temp folder, then rename).
-pub(crate) fn store(dir: &Path, train: &[TokenizedSample], val: &[TokenizedSample], report: &serde_json::Value) -> Result<()> {
+pub(crate) fn store(
+    dir: &Path,
+    train: &[TokenizedSample],
+    val: &[TokenizedSample],
+    report: &serde_json::Value,
+) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| DataError::io("create cache folder", parent, e))?;
-    let tmp = parent.join(format!(".tmp-{}-{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("entry"), std::process::id()));
+    let tmp = parent.join(format!(
+        ".tmp-{}-{}",
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("entry"),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| DataError::io("create cache folder", &tmp, e))?;
     let bin = tmp.join("samples.bin");
@@ -90,7 +119,10 @@ pub(crate) fn store(dir: &Path, train: &[TokenizedSample], val: &[TokenizedSampl
         write_split(&mut w, train)?;
         write_split(&mut w, val)?;
         w.flush()?;
-        std::fs::write(tmp.join("report.json"), serde_json::to_vec_pretty(report).unwrap_or_default())?;
+        std::fs::write(
+            tmp.join("report.json"),
+            serde_json::to_vec_pretty(report).unwrap_or_default(),
+        )?;
         Ok(())
     };
     write().map_err(|e| DataError::io("write cache", &tmp, e))?;

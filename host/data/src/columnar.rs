@@ -6,7 +6,10 @@ use std::fs::File;
 use std::io::Read;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type, UInt64Type, UInt8Type};
+use arrow_array::types::{
+    Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type,
+    UInt32Type, UInt64Type,
+};
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{ArrowError, DataType};
 use lora_api::RawRecord;
@@ -16,7 +19,9 @@ use crate::error::{DataError, Result};
 use crate::source::{DataFile, FileKind, ReadProblem};
 
 fn float(v: f64) -> Value {
-    serde_json::Number::from_f64(v).map(Value::Number).unwrap_or(Value::Null)
+    serde_json::Number::from_f64(v)
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
 }
 
 /// The JSON value of row `i` of `col`.
@@ -51,12 +56,19 @@ fn value_at(col: &dyn Array, i: usize) -> std::result::Result<Value, String> {
             }
             Value::Object(obj)
         }
-        other => return Err(format!("column type {other} is not supported (strings, numbers, booleans, lists and structs are)")),
+        other => {
+            return Err(format!(
+                "column type {other} is not supported (strings, numbers, booleans, lists and structs are)"
+            ));
+        }
     })
 }
 
 fn list(values: &dyn Array) -> std::result::Result<Value, String> {
-    (0..values.len()).map(|j| value_at(values, j)).collect::<std::result::Result<Vec<_>, _>>().map(Value::Array)
+    (0..values.len())
+        .map(|j| value_at(values, j))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map(Value::Array)
 }
 
 fn emit_batch(
@@ -70,19 +82,26 @@ fn emit_batch(
     for row in 0..batch.num_rows() {
         let mut obj = serde_json::Map::with_capacity(batch.num_columns());
         for (c, field) in schema.fields().iter().enumerate() {
-            let v = value_at(batch.column(c).as_ref(), row)
-                .map_err(|m| DataError::format(&file.path, format!("column `{}`: {m}", field.name())))?;
+            let v = value_at(batch.column(c).as_ref(), row).map_err(|m| {
+                DataError::format(&file.path, format!("column `{}`: {m}", field.name()))
+            })?;
             obj.insert(field.name().clone(), v);
         }
         *next_index += 1;
-        sink(Ok(RawRecord { index: *next_index, source: source.to_owned(), value: Value::Object(obj) }))?;
+        sink(Ok(RawRecord {
+            index: *next_index,
+            source: source.to_owned(),
+            value: Value::Object(obj),
+        }))?;
     }
     Ok(())
 }
 
 fn arrow_err(file: &DataFile, what: &str, e: impl std::fmt::Display) -> DataError {
     let msg = e.to_string();
-    let hint = if msg.contains("Disabled feature") || msg.contains("not supported") && msg.contains("codec") {
+    let hint = if msg.contains("Disabled feature")
+        || msg.contains("not supported") && msg.contains("codec")
+    {
         " (this build reads uncompressed and Snappy-compressed files; rewrite it with Snappy, pyarrow's default, or as JSONL)"
     } else {
         ""
@@ -90,15 +109,20 @@ fn arrow_err(file: &DataFile, what: &str, e: impl std::fmt::Display) -> DataErro
     DataError::format(&file.path, format!("{what}: {msg}{hint}"))
 }
 
-pub(crate) fn read_columnar(file: &DataFile, source: &str, sink: &mut dyn FnMut(std::result::Result<RawRecord, ReadProblem>) -> Result<()>) -> Result<()> {
+pub(crate) fn read_columnar(
+    file: &DataFile,
+    source: &str,
+    sink: &mut dyn FnMut(std::result::Result<RawRecord, ReadProblem>) -> Result<()>,
+) -> Result<()> {
     let open = || File::open(&file.path).map_err(|e| DataError::io("open", &file.path, e));
     let mut index = 0u64;
     match file.kind {
         FileKind::Parquet => {
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(open()?)
-                .map_err(|e| arrow_err(file, "not a readable Parquet file", e))?
-                .build()
-                .map_err(|e| arrow_err(file, "cannot read Parquet", e))?;
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(open()?)
+                    .map_err(|e| arrow_err(file, "not a readable Parquet file", e))?
+                    .build()
+                    .map_err(|e| arrow_err(file, "cannot read Parquet", e))?;
             for batch in reader {
                 let batch = batch.map_err(|e| arrow_err(file, "cannot read Parquet rows", e))?;
                 emit_batch(&batch, file, source, &mut index, sink)?;
@@ -108,14 +132,21 @@ pub(crate) fn read_columnar(file: &DataFile, source: &str, sink: &mut dyn FnMut(
             // The Arrow IPC file format starts with "ARROW1"; datasets writes the stream format.
             let mut magic = [0u8; 6];
             let is_file_format = open()?.read_exact(&mut magic).is_ok() && &magic == b"ARROW1";
-            let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>>> = if is_file_format {
-                Box::new(arrow_ipc::reader::FileReader::try_new(open()?, None).map_err(|e| arrow_err(file, "not a readable Arrow file", e))?)
-            } else {
-                Box::new(
-                    arrow_ipc::reader::StreamReader::try_new(std::io::BufReader::new(open()?), None)
+            let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>>> =
+                if is_file_format {
+                    Box::new(
+                        arrow_ipc::reader::FileReader::try_new(open()?, None)
+                            .map_err(|e| arrow_err(file, "not a readable Arrow file", e))?,
+                    )
+                } else {
+                    Box::new(
+                        arrow_ipc::reader::StreamReader::try_new(
+                            std::io::BufReader::new(open()?),
+                            None,
+                        )
                         .map_err(|e| arrow_err(file, "not a readable Arrow stream", e))?,
-                )
-            };
+                    )
+                };
             for batch in batches {
                 let batch = batch.map_err(|e| arrow_err(file, "cannot read Arrow rows", e))?;
                 emit_batch(&batch, file, source, &mut index, sink)?;
@@ -127,5 +158,8 @@ pub(crate) fn read_columnar(file: &DataFile, source: &str, sink: &mut dyn FnMut(
 }
 
 fn unreachable_kind(file: &DataFile) -> Result<()> {
-    Err(DataError::format(&file.path, "internal: a JSON file was sent to the columnar reader"))
+    Err(DataError::format(
+        &file.path,
+        "internal: a JSON file was sent to the columnar reader",
+    ))
 }

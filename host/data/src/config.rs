@@ -68,7 +68,10 @@ impl BadRecords {
         match s {
             "error" => Ok(BadRecords::Error),
             "skip" => Ok(BadRecords::Skip),
-            other => Err(DataError::param("training_bad_records", format!("`{other}`: expected `error` or `skip`"))),
+            other => Err(DataError::param(
+                "training_bad_records",
+                format!("`{other}`: expected `error` or `skip`"),
+            )),
         }
     }
 }
@@ -192,12 +195,21 @@ impl DataConfig {
             problems.push(("training_effective_batch_size", "must be at least 1".into()));
         }
         if !(0.0..1.0).contains(&self.validation_split) || self.validation_split.is_nan() {
-            problems.push(("training_validation_split", format!("{} is not in [0, 1)", self.validation_split)));
+            problems.push((
+                "training_validation_split",
+                format!("{} is not in [0, 1)", self.validation_split),
+            ));
         }
         if self.world_size == 0 {
             problems.push(("world_size", "must be at least 1".into()));
         } else if self.rank >= self.world_size {
-            problems.push(("rank", format!("rank {} is not below world size {}", self.rank, self.world_size)));
+            problems.push((
+                "rank",
+                format!(
+                    "rank {} is not below world size {}",
+                    self.rank, self.world_size
+                ),
+            ));
         }
         if self.num_epochs == 0 {
             problems.push(("training_num_epochs", "must be at least 1".into()));
@@ -220,8 +232,14 @@ impl DataConfig {
             }
             _ => {
                 let first = problems[0].0;
-                let all: Vec<String> = problems.iter().map(|(p, m)| format!("`{p}`: {m}")).collect();
-                Err(DataError::param(first, format!("{} problems:\n  {}", all.len(), all.join("\n  "))))
+                let all: Vec<String> = problems
+                    .iter()
+                    .map(|(p, m)| format!("`{p}`: {m}"))
+                    .collect();
+                Err(DataError::param(
+                    first,
+                    format!("{} problems:\n  {}", all.len(), all.join("\n  ")),
+                ))
             }
         }
     }

@@ -21,7 +21,10 @@ impl std::fmt::Display for RecordLocation {
 pub enum DataError {
     /// A parameter has a value the data pipeline cannot use.
     #[error("parameter `{param}`: {message}")]
-    Param { param: &'static str, message: String },
+    Param {
+        param: &'static str,
+        message: String,
+    },
 
     /// The dataset could not be found or its layout is not one we read.
     #[error("dataset: {message}")]
@@ -42,7 +45,11 @@ pub enum DataError {
 
     /// One record is bad (and the bad-record policy is `error`).
     #[error("{location}, field `{field}`: {message}")]
-    Record { location: RecordLocation, field: String, message: String },
+    Record {
+        location: RecordLocation,
+        field: String,
+        message: String,
+    },
 
     /// The model's tokenizer or chat template could not be loaded or used.
     #[error("tokenizer/template `{path}`: {message}")]
@@ -59,16 +66,28 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io { op, path: path.into(), source }
+        DataError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
     }
     pub(crate) fn param(param: &'static str, message: impl Into<String>) -> Self {
-        DataError::Param { param, message: message.into() }
+        DataError::Param {
+            param,
+            message: message.into(),
+        }
     }
     pub(crate) fn source(message: impl Into<String>) -> Self {
-        DataError::Source { message: message.into() }
+        DataError::Source {
+            message: message.into(),
+        }
     }
     pub(crate) fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        DataError::Format { path: path.into(), message: message.into() }
+        DataError::Format {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 

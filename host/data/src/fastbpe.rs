@@ -18,7 +18,11 @@ use aho_corasick::{AhoCorasick, MatchKind};
 use tokenizers::{Model, NormalizedString, Normalizer, Tokenizer};
 
 /// GPT-2's pre-tokenizer regex (ByteLevel with `use_regex: true`).
-const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const GPT2_REGEX: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
+/// One piece's tokens: (id, byte length) each.
+type PieceTokens = Box<[(u32, u32)]>;
 
 pub(crate) struct FastBpe {
     split: onig::Regex,
@@ -27,7 +31,7 @@ pub(crate) struct FastBpe {
     has_normalizer: bool,
     byte_char: [char; 256],
     /// piece → (id, byte length) per token.
-    cache: RwLock<HashMap<Box<str>, Box<[(u32, u32)]>>>,
+    cache: RwLock<HashMap<Box<str>, PieceTokens>>,
 }
 
 /// GPT-2's bytes→unicode table.
@@ -35,7 +39,8 @@ fn byte_chars() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).unwrap_or('\0')
         } else {
@@ -52,7 +57,9 @@ impl FastBpe {
     pub(crate) fn new(tokenizer_json: &serde_json::Value, tokenizer: &Tokenizer) -> Option<Self> {
         let t = tokenizer_json;
         let model = t.get("model")?;
-        if model.get("type")?.as_str()? != "BPE" || !model.get("dropout").is_none_or(|d| d.is_null()) {
+        if model.get("type")?.as_str()? != "BPE"
+            || !model.get("dropout").is_none_or(|d| d.is_null())
+        {
             return None;
         }
         let has_normalizer = match t.get("normalizer") {
@@ -64,16 +71,27 @@ impl FastBpe {
             },
         };
         let pre = t.get("pre_tokenizer")?;
-        let byte_level_ok = |b: &serde_json::Value| b.get("type").and_then(|x| x.as_str()) == Some("ByteLevel") && b.get("add_prefix_space").and_then(|x| x.as_bool()) == Some(false);
+        let byte_level_ok = |b: &serde_json::Value| {
+            b.get("type").and_then(|x| x.as_str()) == Some("ByteLevel")
+                && b.get("add_prefix_space").and_then(|x| x.as_bool()) == Some(false)
+        };
         let pattern = match pre.get("type")?.as_str()? {
-            "ByteLevel" if byte_level_ok(pre) && pre.get("use_regex")?.as_bool()? => GPT2_REGEX.to_owned(),
+            "ByteLevel" if byte_level_ok(pre) && pre.get("use_regex")?.as_bool()? => {
+                GPT2_REGEX.to_owned()
+            }
             "Sequence" => {
                 let list = pre.get("pretokenizers")?.as_array()?;
-                if list.len() != 2 || !byte_level_ok(&list[1]) || list[1].get("use_regex")?.as_bool()? {
+                if list.len() != 2
+                    || !byte_level_ok(&list[1])
+                    || list[1].get("use_regex")?.as_bool()?
+                {
                     return None;
                 }
                 let split = &list[0];
-                if split.get("type")?.as_str()? != "Split" || split.get("behavior")?.as_str()? != "Isolated" || split.get("invert")?.as_bool()? {
+                if split.get("type")?.as_str()? != "Split"
+                    || split.get("behavior")?.as_str()? != "Isolated"
+                    || split.get("invert")?.as_bool()?
+                {
                     return None;
                 }
                 split.get("pattern")?.get("Regex")?.as_str()?.to_owned()
@@ -85,7 +103,9 @@ impl FastBpe {
         let mut contents = Vec::new();
         let mut added_ids = Vec::new();
         for a in t.get("added_tokens")?.as_array()? {
-            let plain = ["normalized", "lstrip", "rstrip", "single_word"].iter().all(|k| a.get(k).and_then(|v| v.as_bool()) == Some(false));
+            let plain = ["normalized", "lstrip", "rstrip", "single_word"]
+                .iter()
+                .all(|k| a.get(k).and_then(|v| v.as_bool()) == Some(false));
             if !plain {
                 return None;
             }
@@ -102,13 +122,27 @@ impl FastBpe {
                 added_ids.push(id);
             }
         }
-        let added = AhoCorasick::builder().match_kind(MatchKind::LeftmostLongest).build(&contents).ok()?;
-        Some(FastBpe { split, added, added_ids, has_normalizer, byte_char: byte_chars(), cache: RwLock::new(HashMap::new()) })
+        let added = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&contents)
+            .ok()?;
+        Some(FastBpe {
+            split,
+            added,
+            added_ids,
+            has_normalizer,
+            byte_char: byte_chars(),
+            cache: RwLock::new(HashMap::new()),
+        })
     }
 
     /// Ids and byte offsets of `text` without special tokens added; `None` when this text needs
     /// the full pipeline (the normalizer would change it).
-    pub(crate) fn encode(&self, tokenizer: &Tokenizer, text: &str) -> Option<super::tools::IdsAndOffsets> {
+    pub(crate) fn encode(
+        &self,
+        tokenizer: &Tokenizer,
+        text: &str,
+    ) -> Option<super::tools::IdsAndOffsets> {
         let mut ids = Vec::with_capacity(text.len() / 3);
         let mut offsets = Vec::with_capacity(text.len() / 3);
         let mut at = 0;
@@ -122,7 +156,15 @@ impl FastBpe {
         Some((ids, offsets))
     }
 
-    fn encode_segment(&self, tokenizer: &Tokenizer, text: &str, start: usize, end: usize, ids: &mut Vec<u32>, offsets: &mut Vec<(usize, usize)>) -> Option<()> {
+    fn encode_segment(
+        &self,
+        tokenizer: &Tokenizer,
+        text: &str,
+        start: usize,
+        end: usize,
+        ids: &mut Vec<u32>,
+        offsets: &mut Vec<(usize, usize)>,
+    ) -> Option<()> {
         if start == end {
             return Some(());
         }
@@ -156,7 +198,8 @@ impl FastBpe {
             let toks = match cached {
                 Some(t) => t,
                 None => {
-                    let mapped: String = piece.bytes().map(|b| self.byte_char[b as usize]).collect();
+                    let mapped: String =
+                        piece.bytes().map(|b| self.byte_char[b as usize]).collect();
                     let toks: Box<[(u32, u32)]> = tokenizer
                         .get_model()
                         .tokenize(&mapped)

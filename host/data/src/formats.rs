@@ -40,23 +40,45 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 fn object(record: &Value) -> Result<&serde_json::Map<String, Value>, String> {
-    record.as_object().ok_or_else(|| field_err("(record)", format!("expected a JSON object, found {}", type_name(record))))
+    record.as_object().ok_or_else(|| {
+        field_err(
+            "(record)",
+            format!("expected a JSON object, found {}", type_name(record)),
+        )
+    })
 }
 
-fn string_field(obj: &serde_json::Map<String, Value>, field: &str, optional: bool) -> Result<String, String> {
+fn string_field(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+    optional: bool,
+) -> Result<String, String> {
     match obj.get(field) {
         Some(Value::String(s)) => Ok(s.clone()),
         None | Some(Value::Null) if optional => Ok(String::new()),
         None => Err(field_err(field, "missing")),
-        Some(other) => Err(field_err(field, format!("expected a string, found {}", type_name(other)))),
+        Some(other) => Err(field_err(
+            field,
+            format!("expected a string, found {}", type_name(other)),
+        )),
     }
 }
 
 fn chat(obj: &serde_json::Map<String, Value>, field: &str) -> Result<Sample, String> {
     let list = match obj.get(field) {
         Some(Value::Array(l)) => l,
-        None => return Err(field_err(field, "missing (set training_field_messages if the conversation is under another name)")),
-        Some(other) => return Err(field_err(field, format!("expected a list of messages, found {}", type_name(other)))),
+        None => {
+            return Err(field_err(
+                field,
+                "missing (set training_field_messages if the conversation is under another name)",
+            ));
+        }
+        Some(other) => {
+            return Err(field_err(
+                field,
+                format!("expected a list of messages, found {}", type_name(other)),
+            ));
+        }
     };
     if list.is_empty() {
         return Err(field_err(field, "the conversation has no messages"));
@@ -64,20 +86,42 @@ fn chat(obj: &serde_json::Map<String, Value>, field: &str) -> Result<Sample, Str
     let mut messages = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
         let Some(m) = m.as_object() else {
-            return Err(field_err(&format!("{field}[{i}]"), format!("expected a {{role, content}} object, found {}", type_name(m))));
+            return Err(field_err(
+                &format!("{field}[{i}]"),
+                format!(
+                    "expected a {{role, content}} object, found {}",
+                    type_name(m)
+                ),
+            ));
         };
         let role = match m.get("role") {
             Some(Value::String(r)) => r.clone(),
             None => return Err(field_err(&format!("{field}[{i}].role"), "missing")),
-            Some(other) => return Err(field_err(&format!("{field}[{i}].role"), format!("expected a string, found {}", type_name(other)))),
+            Some(other) => {
+                return Err(field_err(
+                    &format!("{field}[{i}].role"),
+                    format!("expected a string, found {}", type_name(other)),
+                ));
+            }
         };
         if !CHAT_ROLES.contains(&role.as_str()) {
-            return Err(field_err(&format!("{field}[{i}].role"), format!("unknown role `{role}`; expected one of {}", CHAT_ROLES.join(", "))));
+            return Err(field_err(
+                &format!("{field}[{i}].role"),
+                format!(
+                    "unknown role `{role}`; expected one of {}",
+                    CHAT_ROLES.join(", ")
+                ),
+            ));
         }
         let content = match m.get("content") {
             Some(Value::String(c)) => c.clone(),
             None => return Err(field_err(&format!("{field}[{i}].content"), "missing")),
-            Some(other) => return Err(field_err(&format!("{field}[{i}].content"), format!("expected a string, found {}", type_name(other)))),
+            Some(other) => {
+                return Err(field_err(
+                    &format!("{field}[{i}].content"),
+                    format!("expected a string, found {}", type_name(other)),
+                ));
+            }
         };
         messages.push(Message { role, content });
     }
@@ -88,20 +132,33 @@ fn tokens(obj: &serde_json::Map<String, Value>) -> Result<Sample, String> {
     let ids = match obj.get("input_ids") {
         Some(Value::Array(a)) => a,
         None => return Err(field_err("input_ids", "missing")),
-        Some(other) => return Err(field_err("input_ids", format!("expected a list of token ids, found {}", type_name(other)))),
+        Some(other) => {
+            return Err(field_err(
+                "input_ids",
+                format!("expected a list of token ids, found {}", type_name(other)),
+            ));
+        }
     };
     let mut input_ids = Vec::with_capacity(ids.len());
     for (i, v) in ids.iter().enumerate() {
         match v.as_u64() {
             Some(id) if id <= u32::MAX as u64 => input_ids.push(id as u32),
-            _ => return Err(field_err(&format!("input_ids[{i}]"), format!("expected a non-negative integer token id, found {v}"))),
+            _ => {
+                return Err(field_err(
+                    &format!("input_ids[{i}]"),
+                    format!("expected a non-negative integer token id, found {v}"),
+                ));
+            }
         }
     }
     let train_mask = match obj.get("labels") {
         None | Some(Value::Null) => None,
         Some(Value::Array(labels)) => {
             if labels.len() != input_ids.len() {
-                return Err(field_err("labels", format!("{} labels for {} input_ids", labels.len(), input_ids.len())));
+                return Err(field_err(
+                    "labels",
+                    format!("{} labels for {} input_ids", labels.len(), input_ids.len()),
+                ));
             }
             let mut mask = Vec::with_capacity(labels.len());
             for (i, (l, id)) in labels.iter().zip(&input_ids).enumerate() {
@@ -111,16 +168,26 @@ fn tokens(obj: &serde_json::Map<String, Value>) -> Result<Sample, String> {
                     _ => {
                         return Err(field_err(
                             &format!("labels[{i}]"),
-                            format!("expected -100 or the token id {id} (labels are unshifted, as in transformers), found {l}"),
+                            format!(
+                                "expected -100 or the token id {id} (labels are unshifted, as in transformers), found {l}"
+                            ),
                         ));
                     }
                 }
             }
             Some(mask)
         }
-        Some(other) => return Err(field_err("labels", format!("expected a list, found {}", type_name(other)))),
+        Some(other) => {
+            return Err(field_err(
+                "labels",
+                format!("expected a list, found {}", type_name(other)),
+            ));
+        }
     };
-    Ok(Sample::Tokens { input_ids, train_mask })
+    Ok(Sample::Tokens {
+        input_ids,
+        train_mask,
+    })
 }
 
 impl BuiltinFormat {
@@ -136,8 +203,13 @@ impl BuiltinFormat {
                 if output.is_empty() {
                     return Err(field_err(&c.field_output, "empty: nothing to train on"));
                 }
-                let prompt = ALPACA_PROMPT.replace("{instruction}", &instruction).replace("{input}", &input);
-                Sample::PromptCompletion { prompt, completion: output }
+                let prompt = ALPACA_PROMPT
+                    .replace("{instruction}", &instruction)
+                    .replace("{input}", &input);
+                Sample::PromptCompletion {
+                    prompt,
+                    completion: output,
+                }
             }
             DatasetType::Passthrough => {
                 let text = string_field(obj, &c.field_text, false)?;
@@ -180,8 +252,18 @@ impl Preprocessor for BuiltinFormat {
         self.cfg.dataset_type.as_str()
     }
 
-    fn process_batch(&mut self, _batch: u64, records: &[RawRecord]) -> Result<Vec<RecordOutcome>, ExtError> {
-        Ok(records.iter().map(|r| RecordOutcome { index: r.index, result: self.one(&r.value) }).collect())
+    fn process_batch(
+        &mut self,
+        _batch: u64,
+        records: &[RawRecord],
+    ) -> Result<Vec<RecordOutcome>, ExtError> {
+        Ok(records
+            .iter()
+            .map(|r| RecordOutcome {
+                index: r.index,
+                result: self.one(&r.value),
+            })
+            .collect())
     }
 }
 

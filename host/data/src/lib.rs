@@ -29,10 +29,14 @@ mod tools;
 
 pub use config::{BadRecords, DataConfig, DatasetType, LongSamplePolicy};
 pub use error::{DataError, RecordLocation, Result};
-pub use formats::{builtin_preprocessor, ALPACA_PROMPT, CHAT_ROLES};
+pub use formats::{ALPACA_PROMPT, CHAT_ROLES, builtin_preprocessor};
 pub use plan::{EpochCounts, EpochPlan, MicroBatch, OptimizerStep, PlanParams, Row};
-pub use prepare::{prepare, DataPlanSummary, DataReport, PreparedData, SkippedRecord, PREPROCESS_BATCH};
-pub use source::{read_records, resolve_dataset, DataFile, DatasetInput, DatasetSource, FileKind, ReadProblem};
+pub use prepare::{
+    DataPlanSummary, DataReport, PREPROCESS_BATCH, PreparedData, SkippedRecord, prepare,
+};
+pub use source::{
+    DataFile, DatasetInput, DatasetSource, FileKind, ReadProblem, read_records, resolve_dataset,
+};
 pub use template::ChatTemplate;
-pub use tokenize::{tokenize_sample, SampleError, TokenizedSample};
+pub use tokenize::{SampleError, TokenizedSample, tokenize_sample};
 pub use tools::{HfTextTools, IdsAndOffsets};

@@ -62,7 +62,10 @@ impl MicroBatch {
         self.rows.iter().map(Row::len).sum()
     }
     pub fn trained_tokens(&self) -> usize {
-        self.rows.iter().map(|r| r.train_mask.iter().filter(|&&m| m).count()).sum()
+        self.rows
+            .iter()
+            .map(|r| r.train_mask.iter().filter(|&&m| m).count())
+            .sum()
     }
 }
 
@@ -178,8 +181,15 @@ pub struct StepLayout {
 
 /// Lays out rows (lists of sample indices) for a set of samples, shared over ranks and cut into
 /// micro-batches.
-pub(crate) fn layout_rows(samples: &[TokenizedSample], ids: &[u32], p: &PlanParams) -> Vec<Vec<Vec<Vec<u32>>>> {
-    let items: Vec<(u32, usize)> = ids.iter().map(|&i| (i, samples[i as usize].len())).collect();
+pub(crate) fn layout_rows(
+    samples: &[TokenizedSample],
+    ids: &[u32],
+    p: &PlanParams,
+) -> Vec<Vec<Vec<Vec<u32>>>> {
+    let items: Vec<(u32, usize)> = ids
+        .iter()
+        .map(|&i| (i, samples[i as usize].len()))
+        .collect();
     let rows: Vec<Vec<u32>> = if p.sample_packing {
         best_fit_decreasing(&items, p.max_seq_len)
     } else {
@@ -192,14 +202,21 @@ pub(crate) fn layout_rows(samples: &[TokenizedSample], ids: &[u32], p: &PlanPara
     let mut load = vec![0usize; p.world_size];
     let mut per_rank: Vec<Vec<usize>> = vec![Vec::new(); p.world_size];
     for r in order {
-        let (rank, _) = load.iter().enumerate().min_by_key(|&(i, l)| (*l, i)).expect("world_size >= 1");
+        let (rank, _) = load
+            .iter()
+            .enumerate()
+            .min_by_key(|&(i, l)| (*l, i))
+            .expect("world_size >= 1");
         load[rank] += row_len(&rows[r]);
         per_rank[rank].push(r);
     }
     per_rank
         .into_iter()
         .map(|rank_rows| {
-            let items: Vec<(u32, usize)> = rank_rows.iter().map(|&r| (r as u32, row_len(&rows[r]))).collect();
+            let items: Vec<(u32, usize)> = rank_rows
+                .iter()
+                .map(|&r| (r as u32, row_len(&rows[r])))
+                .collect();
             best_fit_decreasing(&items, p.max_tokens_per_gpu)
                 .into_iter()
                 .map(|mb| mb.into_iter().map(|r| rows[r as usize].clone()).collect())
@@ -215,7 +232,10 @@ pub fn epoch_layout(samples: &[TokenizedSample], epoch: usize, p: &PlanParams) -
         .chunks(p.effective_batch_size.max(1))
         .map(|chunk| StepLayout {
             samples: chunk.len(),
-            trained_tokens: chunk.iter().map(|&i| samples[i as usize].trained_tokens() as u64).sum(),
+            trained_tokens: chunk
+                .iter()
+                .map(|&i| samples[i as usize].trained_tokens() as u64)
+                .sum(),
             ranks: layout_rows(samples, chunk, p),
         })
         .collect()
@@ -261,8 +281,20 @@ pub struct EpochCounts {
     pub trained_tokens: u64,
 }
 
-pub(crate) fn count_epoch(layout: &[StepLayout], samples: &[TokenizedSample], epoch: usize) -> EpochCounts {
-    let mut c = EpochCounts { epoch, optimizer_steps: layout.len(), rows: 0, micro_batches: 0, max_micro_batches_per_step: 0, tokens: 0, trained_tokens: 0 };
+pub(crate) fn count_epoch(
+    layout: &[StepLayout],
+    samples: &[TokenizedSample],
+    epoch: usize,
+) -> EpochCounts {
+    let mut c = EpochCounts {
+        epoch,
+        optimizer_steps: layout.len(),
+        rows: 0,
+        micro_batches: 0,
+        max_micro_batches_per_step: 0,
+        tokens: 0,
+        trained_tokens: 0,
+    };
     for step in layout {
         c.trained_tokens += step.trained_tokens;
         for rank in &step.ranks {
@@ -270,7 +302,11 @@ pub(crate) fn count_epoch(layout: &[StepLayout], samples: &[TokenizedSample], ep
             c.max_micro_batches_per_step = c.max_micro_batches_per_step.max(rank.len());
             for mb in rank {
                 c.rows += mb.len();
-                c.tokens += mb.iter().flatten().map(|&i| samples[i as usize].len() as u64).sum::<u64>();
+                c.tokens += mb
+                    .iter()
+                    .flatten()
+                    .map(|&i| samples[i as usize].len() as u64)
+                    .sum::<u64>();
             }
         }
     }

@@ -13,8 +13,8 @@ use crate::config::{BadRecords, DataConfig, LongSamplePolicy};
 use crate::error::{DataError, RecordLocation, Result};
 use crate::formats::{sample_field, split_field_error};
 use crate::plan::{EpochCounts, EpochPlan, MicroBatch, OptimizerStep, PlanParams};
-use crate::source::{read_records, DataFile, DatasetSource};
-use crate::tokenize::{tokenize_sample, TokenizedSample};
+use crate::source::{DataFile, DatasetSource, read_records};
+use crate::tokenize::{TokenizedSample, tokenize_sample};
 use crate::tools::HfTextTools;
 use crate::{cache, plan};
 
@@ -89,7 +89,11 @@ impl std::fmt::Display for DataPlanSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let r = &self.report;
         writeln!(f, "dataset: {}", r.origin)?;
-        writeln!(f, "records: {}  samples: {}  train: {}  validation: {} ({})", r.records, r.samples, r.train_samples, r.validation_samples, r.validation_from)?;
+        writeln!(
+            f,
+            "records: {}  samples: {}  train: {}  validation: {} ({})",
+            r.records, r.samples, r.train_samples, r.validation_samples, r.validation_from
+        )?;
         if r.dropped.is_empty() {
             writeln!(f, "dropped: none")?;
         } else {
@@ -97,10 +101,18 @@ impl std::fmt::Display for DataPlanSummary {
             writeln!(f, "dropped: {}", d.join(" "))?;
         }
         if r.truncated > 0 {
-            writeln!(f, "truncated to {} tokens: {}", self.max_seq_len, r.truncated)?;
+            writeln!(
+                f,
+                "truncated to {} tokens: {}",
+                self.max_seq_len, r.truncated
+            )?;
         }
         for s in r.listed.iter().take(10) {
-            writeln!(f, "  {} record {}, field `{}`: {}", s.source, s.index, s.field, s.message)?;
+            writeln!(
+                f,
+                "  {} record {}, field `{}`: {}",
+                s.source, s.index, s.field, s.message
+            )?;
         }
         writeln!(
             f,
@@ -110,20 +122,39 @@ impl std::fmt::Display for DataPlanSummary {
         writeln!(
             f,
             "packing: {}  max_seq_len: {}  max_tokens_per_gpu: {}  effective_batch_size: {}  world_size: {}",
-            self.sample_packing, self.max_seq_len, self.max_tokens_per_gpu, self.effective_batch_size, self.world_size
+            self.sample_packing,
+            self.max_seq_len,
+            self.max_tokens_per_gpu,
+            self.effective_batch_size,
+            self.world_size
         )?;
         for e in &self.epochs {
             writeln!(
                 f,
                 "epoch {}: {} optimizer steps, {} rows, {} micro-batches (at most {} per step per GPU), {} tokens, {} trained",
-                e.epoch, e.optimizer_steps, e.rows, e.micro_batches, e.max_micro_batches_per_step, e.tokens, e.trained_tokens
+                e.epoch,
+                e.optimizer_steps,
+                e.rows,
+                e.micro_batches,
+                e.max_micro_batches_per_step,
+                e.tokens,
+                e.trained_tokens
             )?;
         }
-        write!(f, "validation: {} rows in {} micro-batches", self.validation_rows, self.validation_micro_batches)
+        write!(
+            f,
+            "validation: {} rows in {} micro-batches",
+            self.validation_rows, self.validation_micro_batches
+        )
     }
 }
 
-fn cache_key(cfg: &DataConfig, source: &DatasetSource, preprocessor: &str, tools: &HfTextTools) -> Result<String> {
+fn cache_key(
+    cfg: &DataConfig,
+    source: &DatasetSource,
+    preprocessor: &str,
+    tools: &HfTextTools,
+) -> Result<String> {
     let mut h = Sha256::new();
     h.update(b"lora-data cache v1\0");
     // Only the parameters that change the tokenized samples.
@@ -143,8 +174,10 @@ fn cache_key(cfg: &DataConfig, source: &DatasetSource, preprocessor: &str, tools
             h.update(split.as_bytes());
             h.update(f.path.to_string_lossy().as_bytes());
             // Streamed: a large dataset is hashed without holding it in memory.
-            let mut file = std::fs::File::open(&f.path).map_err(|e| DataError::io("open", &f.path, e))?;
-            let len = std::io::copy(&mut file, &mut h).map_err(|e| DataError::io("read", &f.path, e))?;
+            let mut file =
+                std::fs::File::open(&f.path).map_err(|e| DataError::io("open", &f.path, e))?;
+            let len =
+                std::io::copy(&mut file, &mut h).map_err(|e| DataError::io("read", &f.path, e))?;
             h.update(len.to_le_bytes());
         }
     }
@@ -159,24 +192,51 @@ struct Collector<'a> {
 }
 
 impl Collector<'_> {
-    fn bad(&mut self, location: RecordLocation, field: String, message: String, reason: &str) -> Result<()> {
+    fn bad(
+        &mut self,
+        location: RecordLocation,
+        field: String,
+        message: String,
+        reason: &str,
+    ) -> Result<()> {
         if self.cfg.bad_records == BadRecords::Error && reason == "bad_record" {
-            return Err(DataError::Record { location, field, message });
+            return Err(DataError::Record {
+                location,
+                field,
+                message,
+            });
         }
         *self.report.dropped.entry(reason.to_owned()).or_default() += 1;
         if self.report.listed.len() < LISTED_BAD_RECORDS {
-            self.report.listed.push(SkippedRecord { source: location.source, index: location.index, field, message });
+            self.report.listed.push(SkippedRecord {
+                source: location.source,
+                index: location.index,
+                field,
+                message,
+            });
         }
         Ok(())
     }
 
     /// Runs one batch of records through the preprocessor and the tokenizer.
-    fn flush(&mut self, pre: &mut dyn Preprocessor, batch_no: &mut u64, records: &mut Vec<RawRecord>) -> Result<()> {
+    fn flush(
+        &mut self,
+        pre: &mut dyn Preprocessor,
+        batch_no: &mut u64,
+        records: &mut Vec<RawRecord>,
+    ) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
-        let outcomes = pre.process_batch(*batch_no, records).map_err(|e| e.with_batch(*batch_no))?;
-        if outcomes.len() != records.len() || outcomes.iter().zip(records.iter()).any(|(o, r)| o.index != r.index) {
+        let outcomes = pre
+            .process_batch(*batch_no, records)
+            .map_err(|e| e.with_batch(*batch_no))?;
+        if outcomes.len() != records.len()
+            || outcomes
+                .iter()
+                .zip(records.iter())
+                .any(|(o, r)| o.index != r.index)
+        {
             return Err(ExtError::new(
                 pre.name(),
                 "process_batch",
@@ -190,7 +250,10 @@ impl Collector<'_> {
         let field = sample_field(self.cfg).to_owned();
         let mut jobs = Vec::new();
         for (o, r) in outcomes.into_iter().zip(records.iter()) {
-            let location = RecordLocation { source: r.source.clone(), index: r.index };
+            let location = RecordLocation {
+                source: r.source.clone(),
+                index: r.index,
+            };
             match o.result {
                 Ok(samples) => {
                     if samples.is_empty() {
@@ -210,18 +273,27 @@ impl Collector<'_> {
         self.report.samples += jobs.len() as u64;
         let tools = self.tools;
         let train_on_inputs = self.cfg.train_on_inputs;
-        let results: Vec<_> = jobs.par_iter().map(|(_, s)| tokenize_sample(tools, s, train_on_inputs, &field)).collect();
+        let results: Vec<_> = jobs
+            .par_iter()
+            .map(|(_, s)| tokenize_sample(tools, s, train_on_inputs, &field))
+            .collect();
         for ((location, _), res) in jobs.into_iter().zip(results) {
             match res {
                 Ok(mut t) => {
                     if t.len() > self.cfg.max_seq_len {
-                        let msg = format!("{} tokens, longer than training_max_seq_len {}", t.len(), self.cfg.max_seq_len);
+                        let msg = format!(
+                            "{} tokens, longer than training_max_seq_len {}",
+                            t.len(),
+                            self.cfg.max_seq_len
+                        );
                         match self.cfg.long_sample_policy {
                             LongSamplePolicy::Error => {
                                 return Err(DataError::Record {
                                     location,
                                     field,
-                                    message: format!("{msg} (training_long_sample_policy=error; use drop or truncate)"),
+                                    message: format!(
+                                        "{msg} (training_long_sample_policy=error; use drop or truncate)"
+                                    ),
                                 });
                             }
                             LongSamplePolicy::Drop => {
@@ -233,7 +305,12 @@ impl Collector<'_> {
                                 t.train_mask.truncate(self.cfg.max_seq_len);
                                 self.report.truncated += 1;
                                 if !t.train_mask.iter().any(|&m| m) {
-                                    self.bad(location, field.clone(), format!("{msg}; no trained token is left after truncation"), "too_long")?;
+                                    self.bad(
+                                        location,
+                                        field.clone(),
+                                        format!("{msg}; no trained token is left after truncation"),
+                                        "too_long",
+                                    )?;
                                     continue;
                                 }
                             }
@@ -247,7 +324,12 @@ impl Collector<'_> {
         Ok(())
     }
 
-    fn read_split(&mut self, files: &[DataFile], pre: &mut dyn Preprocessor, batch_no: &mut u64) -> Result<Vec<TokenizedSample>> {
+    fn read_split(
+        &mut self,
+        files: &[DataFile],
+        pre: &mut dyn Preprocessor,
+        batch_no: &mut u64,
+    ) -> Result<Vec<TokenizedSample>> {
         let mut records = Vec::with_capacity(PREPROCESS_BATCH);
         for file in files {
             read_records(file, &mut |rec| {
@@ -270,28 +352,59 @@ impl Collector<'_> {
 }
 
 /// Reads, preprocesses, tokenizes and masks the whole dataset (or loads it from the cache).
-pub fn prepare(cfg: &DataConfig, source: &DatasetSource, preprocessor: &mut dyn Preprocessor, tools: &HfTextTools) -> Result<PreparedData> {
+pub fn prepare(
+    cfg: &DataConfig,
+    source: &DatasetSource,
+    preprocessor: &mut dyn Preprocessor,
+    tools: &HfTextTools,
+) -> Result<PreparedData> {
     cfg.validate()?;
     let key = cache_key(cfg, source, preprocessor.name(), tools)?;
     if let Some(dir) = &cfg.cache_dir {
         let entry = cache::entry_dir(dir, &key);
         if let Some((train, validation, report)) = cache::load(&entry)? {
-            let mut report: DataReport = serde_json::from_value(report)
-                .map_err(|e| DataError::format(entry.join("report.json"), format!("corrupt cache report: {e}")))?;
+            let mut report: DataReport = serde_json::from_value(report).map_err(|e| {
+                DataError::format(
+                    entry.join("report.json"),
+                    format!("corrupt cache report: {e}"),
+                )
+            })?;
             report.from_cache = true;
-            return Ok(PreparedData { config: cfg.clone(), train, validation, report });
+            return Ok(PreparedData {
+                config: cfg.clone(),
+                train,
+                validation,
+                report,
+            });
         }
     }
-    let mut c = Collector { cfg, tools, report: DataReport { origin: source.origin.clone(), cache_key: key.clone(), ..Default::default() }, out: Vec::new() };
+    let mut c = Collector {
+        cfg,
+        tools,
+        report: DataReport {
+            origin: source.origin.clone(),
+            cache_key: key.clone(),
+            ..Default::default()
+        },
+        out: Vec::new(),
+    };
     let mut batch_no = 0u64;
     let mut train = c.read_split(&source.train, preprocessor, &mut batch_no)?;
     let mut validation = c.read_split(&source.validation, preprocessor, &mut batch_no)?;
     let mut report = c.report;
-    report.validation_from = if !validation.is_empty() { "split".into() } else { "none".into() };
+    report.validation_from = if !validation.is_empty() {
+        "split".into()
+    } else {
+        "none".into()
+    };
     if validation.is_empty() && cfg.validation_split > 0.0 && train.len() > 1 {
-        let n_val = ((train.len() as f64 * cfg.validation_split).round() as usize).clamp(1, train.len() - 1);
+        let n_val = ((train.len() as f64 * cfg.validation_split).round() as usize)
+            .clamp(1, train.len() - 1);
         let mut held = vec![false; train.len()];
-        for &i in plan::shuffled(train.len(), cfg.seed ^ VALIDATION_STREAM).iter().take(n_val) {
+        for &i in plan::shuffled(train.len(), cfg.seed ^ VALIDATION_STREAM)
+            .iter()
+            .take(n_val)
+        {
             held[i as usize] = true;
         }
         let (v, t): (Vec<_>, Vec<_>) = train.into_iter().zip(held).partition(|(_, h)| *h);
@@ -303,10 +416,20 @@ pub fn prepare(cfg: &DataConfig, source: &DatasetSource, preprocessor: &mut dyn 
         let why = if report.records == 0 {
             "no records in the training files".to_owned()
         } else {
-            let d: Vec<String> = report.dropped.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("all {} records were left out ({})", report.records, d.join(", "))
+            let d: Vec<String> = report
+                .dropped
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!(
+                "all {} records were left out ({})",
+                report.records,
+                d.join(", ")
+            )
         };
-        return Err(DataError::Empty { message: format!("nothing to train on in {}: {why}", source.origin) });
+        return Err(DataError::Empty {
+            message: format!("nothing to train on in {}: {why}", source.origin),
+        });
     }
     report.train_samples = train.len();
     report.validation_samples = validation.len();
@@ -316,7 +439,12 @@ pub fn prepare(cfg: &DataConfig, source: &DatasetSource, preprocessor: &mut dyn 
         let value = serde_json::to_value(&report).unwrap_or_default();
         cache::store(&cache::entry_dir(dir, &key), &train, &validation, &value)?;
     }
-    Ok(PreparedData { config: cfg.clone(), train, validation, report })
+    Ok(PreparedData {
+        config: cfg.clone(),
+        train,
+        validation,
+        report,
+    })
 }
 
 impl PreparedData {
@@ -335,7 +463,9 @@ impl PreparedData {
 
     /// Optimizer steps per epoch (the same for every epoch and rank).
     pub fn steps_per_epoch(&self) -> usize {
-        self.train.len().div_ceil(self.config.effective_batch_size.max(1))
+        self.train
+            .len()
+            .div_ceil(self.config.effective_batch_size.max(1))
     }
 
     /// This rank's plan for `epoch` (0-based).
@@ -344,7 +474,10 @@ impl PreparedData {
         let steps = plan::epoch_layout(&self.train, epoch, &p)
             .into_iter()
             .map(|step| OptimizerStep {
-                micro_batches: step.ranks[p.rank].iter().map(|mb| plan::materialize(&self.train, mb)).collect(),
+                micro_batches: step.ranks[p.rank]
+                    .iter()
+                    .map(|mb| plan::materialize(&self.train, mb))
+                    .collect(),
                 samples: step.samples,
                 trained_tokens: step.trained_tokens,
             })
@@ -357,11 +490,17 @@ impl PreparedData {
     pub fn eval_batches(&self) -> Vec<MicroBatch> {
         let p = self.plan_params();
         let ids: Vec<u32> = (0..self.validation.len() as u32).collect();
-        plan::layout_rows(&self.validation, &ids, &p)[p.rank].iter().map(|mb| plan::materialize(&self.validation, mb)).collect()
+        plan::layout_rows(&self.validation, &ids, &p)[p.rank]
+            .iter()
+            .map(|mb| plan::materialize(&self.validation, mb))
+            .collect()
     }
 
     pub fn validation_trained_tokens(&self) -> u64 {
-        self.validation.iter().map(|s| s.trained_tokens() as u64).sum()
+        self.validation
+            .iter()
+            .map(|s| s.trained_tokens() as u64)
+            .sum()
     }
 
     /// The `--dry-run` data plan.
@@ -372,8 +511,17 @@ impl PreparedData {
             .collect();
         let ids: Vec<u32> = (0..self.validation.len() as u32).collect();
         let val = plan::layout_rows(&self.validation, &ids, &p);
-        let longest = self.train.iter().map(TokenizedSample::len).max().unwrap_or(0);
-        let mean = if self.train.is_empty() { 0.0 } else { self.report.train_tokens as f64 / self.train.len() as f64 };
+        let longest = self
+            .train
+            .iter()
+            .map(TokenizedSample::len)
+            .max()
+            .unwrap_or(0);
+        let mean = if self.train.is_empty() {
+            0.0
+        } else {
+            self.report.train_tokens as f64 / self.train.len() as f64
+        };
         DataPlanSummary {
             report: self.report.clone(),
             max_seq_len: p.max_seq_len,

@@ -58,12 +58,18 @@ impl DatasetSource {
     /// A single file or folder given directly.
     pub fn from_path(path: &Path) -> Result<Self> {
         let (train, validation) = files_of(path)?;
-        Ok(DatasetSource { train, validation, origin: path.display().to_string() })
+        Ok(DatasetSource {
+            train,
+            validation,
+            origin: path.display().to_string(),
+        })
     }
 }
 
 fn non_empty_dir(p: &Path) -> bool {
-    std::fs::read_dir(p).map(|mut d| d.next().is_some()).unwrap_or(false)
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
 }
 
 /// Resolves `input` in the reference's order.
@@ -72,7 +78,10 @@ pub fn resolve_dataset(input: &DatasetInput) -> Result<DatasetSource> {
         let reuse = pvc.join("dataset").join("train");
         if non_empty_dir(&reuse) {
             let mut s = DatasetSource::from_path(&reuse)?;
-            s.origin = format!("{} (reused: an existing non-empty <pvc_path>/dataset/train comes first, as in the reference)", reuse.display());
+            s.origin = format!(
+                "{} (reused: an existing non-empty <pvc_path>/dataset/train comes first, as in the reference)",
+                reuse.display()
+            );
             return Ok(s);
         }
     }
@@ -84,11 +93,15 @@ pub fn resolve_dataset(input: &DatasetInput) -> Result<DatasetSource> {
     for key in ["pvc_path", "pvc_dir"] {
         if let Some(v) = input.metadata.get(key) {
             let Some(s) = v.as_str() else {
-                return Err(DataError::source(format!("dataset artifact metadata `{key}` must be a string path, found {v}")));
+                return Err(DataError::source(format!(
+                    "dataset artifact metadata `{key}` must be a string path, found {v}"
+                )));
             };
             let p = PathBuf::from(s);
             if !p.exists() {
-                return Err(DataError::source(format!("dataset artifact metadata `{key}` points to `{s}`, which does not exist")));
+                return Err(DataError::source(format!(
+                    "dataset artifact metadata `{key}` points to `{s}`, which does not exist"
+                )));
             }
             let mut src = DatasetSource::from_path(&p)?;
             src.origin = format!("{s} (artifact metadata `{key}`)");
@@ -102,7 +115,10 @@ pub fn resolve_dataset(input: &DatasetInput) -> Result<DatasetSource> {
         )));
     }
     match &input.artifact_path {
-        Some(p) => Err(DataError::source(format!("the dataset artifact path `{}` does not exist", p.display()))),
+        Some(p) => Err(DataError::source(format!(
+            "the dataset artifact path `{}` does not exist",
+            p.display()
+        ))),
         None => Err(DataError::source(
             "no dataset: give a dataset artifact (file or folder), artifact metadata `pvc_path`/`pvc_dir`, or put the data in <pvc_path>/dataset/train",
         )),
@@ -131,30 +147,47 @@ const HF_METADATA: &[&str] = &["dataset_info.json", "state.json", "dataset_dict.
 fn split_files(path: &Path) -> Result<Vec<DataFile>> {
     if path.is_file() {
         return match kind_of(path) {
-            Some(kind) => Ok(vec![DataFile { path: path.to_owned(), kind }]),
-            None => Err(DataError::format(path, "unknown dataset file type; expected .jsonl, .json, .parquet or .arrow")),
+            Some(kind) => Ok(vec![DataFile {
+                path: path.to_owned(),
+                kind,
+            }]),
+            None => Err(DataError::format(
+                path,
+                "unknown dataset file type; expected .jsonl, .json, .parquet or .arrow",
+            )),
         };
     }
     // A `datasets.save_to_disk` folder lists its Arrow files, in order, in state.json.
     let state = path.join("state.json");
     if state.is_file() {
         let bytes = std::fs::read(&state).map_err(|e| DataError::io("read", &state, e))?;
-        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| DataError::format(&state, format!("not valid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| DataError::format(&state, format!("not valid JSON: {e}")))?;
         let files = v
             .get("_data_files")
             .and_then(|f| f.as_array())
-            .ok_or_else(|| DataError::format(&state, "no `_data_files` list (is this a datasets.save_to_disk folder?)"))?;
+            .ok_or_else(|| {
+                DataError::format(
+                    &state,
+                    "no `_data_files` list (is this a datasets.save_to_disk folder?)",
+                )
+            })?;
         let mut out = Vec::new();
         for f in files {
-            let name = f
-                .get("filename")
-                .and_then(|n| n.as_str())
-                .ok_or_else(|| DataError::format(&state, "a `_data_files` entry has no `filename`"))?;
+            let name = f.get("filename").and_then(|n| n.as_str()).ok_or_else(|| {
+                DataError::format(&state, "a `_data_files` entry has no `filename`")
+            })?;
             let p = path.join(name);
             if !p.is_file() {
-                return Err(DataError::format(&state, format!("lists `{name}`, which is not in {}", path.display())));
+                return Err(DataError::format(
+                    &state,
+                    format!("lists `{name}`, which is not in {}", path.display()),
+                ));
             }
-            out.push(DataFile { path: p, kind: FileKind::Arrow });
+            out.push(DataFile {
+                path: p,
+                kind: FileKind::Arrow,
+            });
         }
         return Ok(out);
     }
@@ -179,14 +212,23 @@ fn split_files(path: &Path) -> Result<Vec<DataFile>> {
 /// `DatasetDict` or a split layout) takes `validation` (else `test`) as the validation split.
 fn files_of(path: &Path) -> Result<(Vec<DataFile>, Vec<DataFile>)> {
     if !path.exists() {
-        return Err(DataError::source(format!("`{}` does not exist", path.display())));
+        return Err(DataError::source(format!(
+            "`{}` does not exist",
+            path.display()
+        )));
     }
     let (train, validation) = if path.is_dir() && path.join("train").is_dir() {
-        let val = ["validation", "test"].iter().map(|s| path.join(s)).find(|p| p.is_dir());
-        (split_files(&path.join("train"))?, match val {
-            Some(v) => split_files(&v)?,
-            None => Vec::new(),
-        })
+        let val = ["validation", "test"]
+            .iter()
+            .map(|s| path.join(s))
+            .find(|p| p.is_dir());
+        (
+            split_files(&path.join("train"))?,
+            match val {
+                Some(v) => split_files(&v)?,
+                None => Vec::new(),
+            },
+        )
     } else {
         (split_files(path)?, Vec::new())
     };
@@ -209,26 +251,39 @@ pub struct ReadProblem {
 
 /// Streams the records of `file` into `sink`: `Ok(record)` or a per-record read problem.
 /// File-level failures (cannot open, not a JSON array, corrupt Parquet) are errors.
-pub fn read_records(file: &DataFile, sink: &mut dyn FnMut(std::result::Result<RawRecord, ReadProblem>) -> Result<()>) -> Result<()> {
+pub fn read_records(
+    file: &DataFile,
+    sink: &mut dyn FnMut(std::result::Result<RawRecord, ReadProblem>) -> Result<()>,
+) -> Result<()> {
     let source = file.path.display().to_string();
     match file.kind {
         FileKind::Jsonl => {
-            let f = std::fs::File::open(&file.path).map_err(|e| DataError::io("open", &file.path, e))?;
+            let f = std::fs::File::open(&file.path)
+                .map_err(|e| DataError::io("open", &file.path, e))?;
             let mut reader = std::io::BufReader::with_capacity(1 << 20, f);
             let mut line = Vec::new();
             let mut index = 0u64;
             loop {
                 line.clear();
-                let n = reader.read_until(b'\n', &mut line).map_err(|e| DataError::io("read", &file.path, e))?;
+                let n = reader
+                    .read_until(b'\n', &mut line)
+                    .map_err(|e| DataError::io("read", &file.path, e))?;
                 if n == 0 {
                     break;
                 }
                 index += 1;
-                let location = RecordLocation { source: source.clone(), index };
+                let location = RecordLocation {
+                    source: source.clone(),
+                    index,
+                };
                 let text = match std::str::from_utf8(&line) {
                     Ok(t) => t,
                     Err(e) => {
-                        sink(Err(ReadProblem { location, field: "(line)".into(), message: format!("not valid UTF-8 at byte {}", e.valid_up_to()) }))?;
+                        sink(Err(ReadProblem {
+                            location,
+                            field: "(line)".into(),
+                            message: format!("not valid UTF-8 at byte {}", e.valid_up_to()),
+                        }))?;
                         continue;
                     }
                 };
@@ -236,23 +291,47 @@ pub fn read_records(file: &DataFile, sink: &mut dyn FnMut(std::result::Result<Ra
                     continue;
                 }
                 match serde_json::from_str::<serde_json::Value>(text) {
-                    Ok(value) => sink(Ok(RawRecord { index, source: source.clone(), value }))?,
-                    Err(e) => sink(Err(ReadProblem { location, field: "(line)".into(), message: format!("invalid JSON: {e}") }))?,
+                    Ok(value) => sink(Ok(RawRecord {
+                        index,
+                        source: source.clone(),
+                        value,
+                    }))?,
+                    Err(e) => sink(Err(ReadProblem {
+                        location,
+                        field: "(line)".into(),
+                        message: format!("invalid JSON: {e}"),
+                    }))?,
                 }
             }
             Ok(())
         }
         FileKind::Json => {
-            let bytes = std::fs::read(&file.path).map_err(|e| DataError::io("read", &file.path, e))?;
-            let text = std::str::from_utf8(&bytes).map_err(|e| DataError::format(&file.path, format!("not valid UTF-8 at byte {}", e.valid_up_to())))?;
-            let value: serde_json::Value = serde_json::from_str(text).map_err(|e| DataError::format(&file.path, format!("invalid JSON: {e}")))?;
+            let bytes =
+                std::fs::read(&file.path).map_err(|e| DataError::io("read", &file.path, e))?;
+            let text = std::str::from_utf8(&bytes).map_err(|e| {
+                DataError::format(
+                    &file.path,
+                    format!("not valid UTF-8 at byte {}", e.valid_up_to()),
+                )
+            })?;
+            let value: serde_json::Value = serde_json::from_str(text)
+                .map_err(|e| DataError::format(&file.path, format!("invalid JSON: {e}")))?;
             let items = match value {
                 serde_json::Value::Array(items) => items,
                 // A JSON file with one object per line under a .json name (as pandas writes with lines=True).
-                _ => return Err(DataError::format(&file.path, "expected a JSON array of records (for one record per line use .jsonl)")),
+                _ => {
+                    return Err(DataError::format(
+                        &file.path,
+                        "expected a JSON array of records (for one record per line use .jsonl)",
+                    ));
+                }
             };
             for (i, value) in items.into_iter().enumerate() {
-                sink(Ok(RawRecord { index: i as u64 + 1, source: source.clone(), value }))?;
+                sink(Ok(RawRecord {
+                    index: i as u64 + 1,
+                    source: source.clone(),
+                    value,
+                }))?;
             }
             Ok(())
         }

@@ -19,7 +19,11 @@ const NAME: &str = "chat_template";
 
 impl ChatTemplate {
     /// Compiles `source`; `bos_token`/`eos_token` are offered to the template as transformers does.
-    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self, String> {
+    pub fn new(
+        source: &str,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Self, String> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -28,7 +32,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.to_owned()).map_err(|e| format!("chat template does not compile: {e:#}"))?;
+        env.add_template_owned(NAME, source.to_owned())
+            .map_err(|e| format!("chat template does not compile: {e:#}"))?;
         Ok(ChatTemplate {
             env,
             bos_token: bos_token.unwrap_or_default().to_owned(),
@@ -37,11 +42,20 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` (each a `{role, content}` mapping, as transformers passes them).
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
         let tmpl = self.env.get_template(NAME).map_err(|e| e.to_string())?;
         let msgs: Vec<Value> = messages
             .iter()
-            .map(|m| Value::from_iter([("role", Value::from(m.role.as_str())), ("content", Value::from(m.content.as_str()))]))
+            .map(|m| {
+                Value::from_iter([
+                    ("role", Value::from(m.role.as_str())),
+                    ("content", Value::from(m.content.as_str())),
+                ])
+            })
             .collect();
         let ctx = Value::from_iter([
             ("messages", Value::from(msgs)),
@@ -76,8 +90,29 @@ fn strftime_now(format: String) -> Result<Value, Error> {
 
 /// Formats a Unix time (UTC) with the common strftime codes.
 pub(crate) fn strftime(unix_secs: i64, format: &str) -> String {
-    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
     let days = unix_secs.div_euclid(86_400);
     let rem = unix_secs.rem_euclid(86_400);
     let (h, mi, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
@@ -139,19 +174,41 @@ fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, Error
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let (item_sep, key_sep) = match &separators {
         Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
-        Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair")),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be a pair",
+            ));
+        }
         None if indent.is_some() => (",".to_owned(), ": ".to_owned()),
         None => (", ".to_owned(), ": ".to_owned()),
     };
     let mut out = String::new();
-    write_py_json(&json, indent, 0, &item_sep, &key_sep, sort_keys.unwrap_or(false), &mut out);
+    write_py_json(
+        &json,
+        indent,
+        0,
+        &item_sep,
+        &key_sep,
+        sort_keys.unwrap_or(false),
+        &mut out,
+    );
     Ok(Value::from_safe_string(out))
 }
 
-fn write_py_json(v: &serde_json::Value, indent: Option<usize>, level: usize, item_sep: &str, key_sep: &str, sort: bool, out: &mut String) {
+fn write_py_json(
+    v: &serde_json::Value,
+    indent: Option<usize>,
+    level: usize,
+    item_sep: &str,
+    key_sep: &str,
+    sort: bool,
+    out: &mut String,
+) {
     use serde_json::Value as J;
     let newline = |out: &mut String, level: usize| {
         if let Some(n) = indent {
@@ -230,23 +287,35 @@ mod tests {
     #[test]
     fn strftime_formats_a_known_date() {
         // 2024-07-26 13:05:09 UTC, a Friday.
-        assert_eq!(strftime(1_721_999_109, "%d %b %Y %H:%M:%S %A"), "26 Jul 2024 13:05:09 Friday");
+        assert_eq!(
+            strftime(1_721_999_109, "%d %b %Y %H:%M:%S %A"),
+            "26 Jul 2024 13:05:09 Friday"
+        );
         assert_eq!(strftime(0, "%Y-%m-%d %a"), "1970-01-01 Thu");
     }
 
     #[test]
     fn tojson_matches_python_json_dumps() {
-        let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}", None, None).unwrap();
+        let t =
+            ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}", None, None).unwrap();
         let tmpl = t.env.get_template(NAME).unwrap();
         let out = tmpl
             .render(minijinja::context! { x => serde_json::json!({"name": "f<é>", "args": [1, "a\"b"]}) })
             .unwrap();
-        assert_eq!(out, "{\"name\": \"f<é>\", \"args\": [1, \"a\\\"b\"]}|{\n  \"name\": \"f<é>\",\n  \"args\": [\n    1,\n    \"a\\\"b\"\n  ]\n}");
+        assert_eq!(
+            out,
+            "{\"name\": \"f<é>\", \"args\": [1, \"a\\\"b\"]}|{\n  \"name\": \"f<é>\",\n  \"args\": [\n    1,\n    \"a\\\"b\"\n  ]\n}"
+        );
     }
 
     #[test]
     fn raise_exception_message_reaches_the_caller() {
-        let t = ChatTemplate::new("{{ raise_exception('Conversation roles must alternate') }}", None, None).unwrap();
+        let t = ChatTemplate::new(
+            "{{ raise_exception('Conversation roles must alternate') }}",
+            None,
+            None,
+        )
+        .unwrap();
         let err = t.render(&[], false).unwrap_err();
         assert!(err.contains("Conversation roles must alternate"), "{err}");
     }

@@ -50,7 +50,10 @@ pub struct SampleError {
 }
 
 fn err(field: &str, message: impl Into<String>) -> SampleError {
-    SampleError { field: field.to_owned(), message: message.into() }
+    SampleError {
+        field: field.to_owned(),
+        message: message.into(),
+    }
 }
 
 /// Byte spans `[start, end)` of `text` that are trained → per-token mask via the tokens' offsets.
@@ -62,24 +65,47 @@ fn mask_from_spans(offsets: &[(usize, usize)], spans: &[(usize, usize)]) -> Vec<
 }
 
 /// Tokenizes one sample. `field` names the record field the sample came from, for messages.
-pub fn tokenize_sample(tools: &HfTextTools, sample: &Sample, train_on_inputs: bool, field: &str) -> Result<TokenizedSample, SampleError> {
+pub fn tokenize_sample(
+    tools: &HfTextTools,
+    sample: &Sample,
+    train_on_inputs: bool,
+    field: &str,
+) -> Result<TokenizedSample, SampleError> {
     let mut out = match sample {
         Sample::Chat { messages } => tokenize_chat(tools, messages, train_on_inputs, field)?,
-        Sample::PromptCompletion { prompt, completion } => tokenize_prompt_completion(tools, prompt, completion, train_on_inputs, field)?,
+        Sample::PromptCompletion { prompt, completion } => {
+            tokenize_prompt_completion(tools, prompt, completion, train_on_inputs, field)?
+        }
         Sample::Text { text } => tokenize_prompt_completion(tools, "", text, true, field)?,
-        Sample::Tokens { input_ids, train_mask } => {
+        Sample::Tokens {
+            input_ids,
+            train_mask,
+        } => {
             let vocab = tools.vocab_size();
-            if let Some((i, id)) = input_ids.iter().enumerate().find(|(_, id)| **id as usize >= vocab) {
-                return Err(err(field, format!("token {i} has id {id}, outside the tokenizer's vocabulary of {vocab}")));
+            if let Some((i, id)) = input_ids
+                .iter()
+                .enumerate()
+                .find(|(_, id)| **id as usize >= vocab)
+            {
+                return Err(err(
+                    field,
+                    format!("token {i} has id {id}, outside the tokenizer's vocabulary of {vocab}"),
+                ));
             }
             let mask = match train_mask {
                 Some(m) if m.len() != input_ids.len() => {
-                    return Err(err(field, format!("{} mask entries for {} tokens", m.len(), input_ids.len())));
+                    return Err(err(
+                        field,
+                        format!("{} mask entries for {} tokens", m.len(), input_ids.len()),
+                    ));
                 }
                 Some(m) if !train_on_inputs => m.clone(),
                 _ => vec![true; input_ids.len()],
             };
-            TokenizedSample { input_ids: input_ids.clone(), train_mask: mask }
+            TokenizedSample {
+                input_ids: input_ids.clone(),
+                train_mask: mask,
+            }
         }
     };
     if out.input_ids.is_empty() {
@@ -95,23 +121,40 @@ pub fn tokenize_sample(tools: &HfTextTools, sample: &Sample, train_on_inputs: bo
     Ok(out)
 }
 
-fn tokenize_chat(tools: &HfTextTools, messages: &[Message], train_on_inputs: bool, field: &str) -> Result<TokenizedSample, SampleError> {
+fn tokenize_chat(
+    tools: &HfTextTools,
+    messages: &[Message],
+    train_on_inputs: bool,
+    field: &str,
+) -> Result<TokenizedSample, SampleError> {
     let full = tools.render(messages, false).map_err(|m| err(field, m))?;
-    let (ids, offsets) = tools.encode_with_offsets(&full, false).map_err(|m| err(field, m))?;
+    let (ids, offsets) = tools
+        .encode_with_offsets(&full, false)
+        .map_err(|m| err(field, m))?;
     if train_on_inputs {
         let n = ids.len();
-        return Ok(TokenizedSample { input_ids: ids, train_mask: vec![true; n] });
+        return Ok(TokenizedSample {
+            input_ids: ids,
+            train_mask: vec![true; n],
+        });
     }
     let mut spans = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         if m.role != "assistant" {
             continue;
         }
-        let prefix = tools.render(&messages[..i], true).map_err(|e| err(field, format!("rendering the prompt before message {i}: {e}")))?;
+        let prefix = tools.render(&messages[..i], true).map_err(|e| {
+            err(
+                field,
+                format!("rendering the prompt before message {i}: {e}"),
+            )
+        })?;
         if !full.starts_with(&prefix) {
             return Err(err(
                 field,
-                format!("the chat template renders the conversation before assistant message {i} differently from the whole conversation, so its trained span cannot be found"),
+                format!(
+                    "the chat template renders the conversation before assistant message {i} differently from the whole conversation, so its trained span cannot be found"
+                ),
             ));
         }
         let start = prefix.len();
@@ -132,19 +175,33 @@ fn tokenize_chat(tools: &HfTextTools, messages: &[Message], train_on_inputs: boo
         spans.push((start, end));
     }
     let mask = mask_from_spans(&offsets, &spans);
-    Ok(TokenizedSample { input_ids: ids, train_mask: mask })
+    Ok(TokenizedSample {
+        input_ids: ids,
+        train_mask: mask,
+    })
 }
 
-fn tokenize_prompt_completion(tools: &HfTextTools, prompt: &str, completion: &str, train_on_inputs: bool, field: &str) -> Result<TokenizedSample, SampleError> {
+fn tokenize_prompt_completion(
+    tools: &HfTextTools,
+    prompt: &str,
+    completion: &str,
+    train_on_inputs: bool,
+    field: &str,
+) -> Result<TokenizedSample, SampleError> {
     let mut text = String::with_capacity(prompt.len() + completion.len());
     text.push_str(prompt);
     text.push_str(completion);
-    let (mut ids, offsets) = tools.encode_with_offsets(&text, true).map_err(|m| err(field, m))?;
+    let (mut ids, offsets) = tools
+        .encode_with_offsets(&text, true)
+        .map_err(|m| err(field, m))?;
     let mut mask = if train_on_inputs {
         vec![true; ids.len()]
     } else {
         // Special tokens the post-processor adds (BOS) carry empty offsets: not trained.
-        offsets.iter().map(|&(s, e)| e > s && e > prompt.len()).collect()
+        offsets
+            .iter()
+            .map(|&(s, e)| e > s && e > prompt.len())
+            .collect()
     };
     if let Some(eos) = tools.eos_id()
         && ids.last() != Some(&eos)
@@ -152,5 +209,8 @@ fn tokenize_prompt_completion(tools: &HfTextTools, prompt: &str, completion: &st
         ids.push(eos);
         mask.push(true);
     }
-    Ok(TokenizedSample { input_ids: ids, train_mask: mask })
+    Ok(TokenizedSample {
+        input_ids: ids,
+        train_mask: mask,
+    })
 }

@@ -13,7 +13,16 @@ use crate::template::ChatTemplate;
 
 /// Strings that end a turn in the chat templates we know; the trained span of an assistant turn
 /// ends with the first of these (or the tokenizer's EOS) after its content.
-const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>"];
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|end_of_text|>",
+];
 
 /// Token ids and, per token, its byte range in the encoded text.
 pub type IdsAndOffsets = (Vec<u32>, Vec<(usize, usize)>);
@@ -34,7 +43,9 @@ pub struct HfTextTools {
 fn special_token_string(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
         serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_owned),
+        serde_json::Value::Object(o) => {
+            o.get("content").and_then(|c| c.as_str()).map(str::to_owned)
+        }
         _ => None,
     }
 }
@@ -53,37 +64,59 @@ impl HfTextTools {
     }
 
     /// Loads from explicit files; `chat_template` overrides the config's template.
-    pub fn from_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>, chat_template: Option<&Path>) -> Result<Self> {
-        let tok_err = |path: &Path, message: String| DataError::Tokenizer { path: path.to_owned(), message };
-        let tok_bytes = std::fs::read(tokenizer_json).map_err(|e| DataError::io("read tokenizer", tokenizer_json, e))?;
-        let mut tokenizer = Tokenizer::from_bytes(&tok_bytes).map_err(|e| tok_err(tokenizer_json, format!("not a tokenizer.json: {e}")))?;
-        let tok_value: serde_json::Value = serde_json::from_slice(&tok_bytes).map_err(|e| tok_err(tokenizer_json, format!("not valid JSON: {e}")))?;
+    pub fn from_files(
+        tokenizer_json: &Path,
+        tokenizer_config: Option<&Path>,
+        chat_template: Option<&Path>,
+    ) -> Result<Self> {
+        let tok_err = |path: &Path, message: String| DataError::Tokenizer {
+            path: path.to_owned(),
+            message,
+        };
+        let tok_bytes = std::fs::read(tokenizer_json)
+            .map_err(|e| DataError::io("read tokenizer", tokenizer_json, e))?;
+        let mut tokenizer = Tokenizer::from_bytes(&tok_bytes)
+            .map_err(|e| tok_err(tokenizer_json, format!("not a tokenizer.json: {e}")))?;
+        let tok_value: serde_json::Value = serde_json::from_slice(&tok_bytes)
+            .map_err(|e| tok_err(tokenizer_json, format!("not valid JSON: {e}")))?;
         let mut hasher = Sha256::new();
         hasher.update(&tok_bytes);
 
         let mut config = serde_json::Map::new();
         if let Some(p) = tokenizer_config {
-            let bytes = std::fs::read(p).map_err(|e| DataError::io("read tokenizer config", p, e))?;
+            let bytes =
+                std::fs::read(p).map_err(|e| DataError::io("read tokenizer config", p, e))?;
             hasher.update(&bytes);
-            config = serde_json::from_slice(&bytes).map_err(|e| tok_err(p, format!("not valid JSON: {e}")))?;
+            config = serde_json::from_slice(&bytes)
+                .map_err(|e| tok_err(p, format!("not valid JSON: {e}")))?;
         }
         let config_path = tokenizer_config.unwrap_or(tokenizer_json);
 
         // Tokens that tokenizer_config.json declares and tokenizer.json lacks are added, as
         // transformers does when it loads `added_tokens_decoder`.
         if let Some(serde_json::Value::Object(added)) = config.get("added_tokens_decoder") {
-            let mut entries: Vec<(u32, &serde_json::Value)> =
-                added.iter().filter_map(|(k, v)| k.parse::<u32>().ok().map(|id| (id, v))).collect();
+            let mut entries: Vec<(u32, &serde_json::Value)> = added
+                .iter()
+                .filter_map(|(k, v)| k.parse::<u32>().ok().map(|id| (id, v)))
+                .collect();
             entries.sort_by_key(|e| e.0);
             for (id, v) in entries {
-                let Some(content) = v.get("content").and_then(|c| c.as_str()) else { continue };
+                let Some(content) = v.get("content").and_then(|c| c.as_str()) else {
+                    continue;
+                };
                 if tokenizer.token_to_id(content).is_some() {
                     continue;
                 }
                 let special = v.get("special").and_then(|s| s.as_bool()).unwrap_or(true);
                 tokenizer.add_special_tokens(&[AddedToken::from(content.to_owned(), special)]);
                 if tokenizer.token_to_id(content) != Some(id) {
-                    return Err(tok_err(config_path, format!("added token `{content}` would get id {:?}, the config says {id}", tokenizer.token_to_id(content))));
+                    return Err(tok_err(
+                        config_path,
+                        format!(
+                            "added token `{content}` would get id {:?}, the config says {id}",
+                            tokenizer.token_to_id(content)
+                        ),
+                    ));
                 }
             }
         }
@@ -91,12 +124,20 @@ impl HfTextTools {
         let bos_token = special_token_string(config.get("bos_token"));
         let eos_token = special_token_string(config.get("eos_token"));
         let eos_id = match &eos_token {
-            Some(t) => Some(tokenizer.token_to_id(t).ok_or_else(|| tok_err(config_path, format!("eos_token `{t}` is not in the vocabulary")))?),
+            Some(t) => Some(tokenizer.token_to_id(t).ok_or_else(|| {
+                tok_err(
+                    config_path,
+                    format!("eos_token `{t}` is not in the vocabulary"),
+                )
+            })?),
             None => None,
         };
 
         let template_source = match chat_template {
-            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| DataError::io("read chat template", p, e))?),
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| DataError::io("read chat template", p, e))?,
+            ),
             None => match config.get("chat_template") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
                 Some(serde_json::Value::Array(named)) => named
@@ -112,7 +153,10 @@ impl HfTextTools {
             Some(src) => {
                 hasher.update(src.as_bytes());
                 let template_path = chat_template.unwrap_or(config_path);
-                Some(ChatTemplate::new(src, bos_token.as_deref(), eos_token.as_deref()).map_err(|m| tok_err(template_path, m))?)
+                Some(
+                    ChatTemplate::new(src, bos_token.as_deref(), eos_token.as_deref())
+                        .map_err(|m| tok_err(template_path, m))?,
+                )
             }
             None => None,
         };
@@ -127,7 +171,11 @@ impl HfTextTools {
         {
             end_of_turn.push(e.clone());
         }
-        let fast = if std::env::var_os("LORA_DATA_NO_FAST_BPE").is_some() { None } else { crate::fastbpe::FastBpe::new(&tok_value, &tokenizer) };
+        let fast = if std::env::var_os("LORA_DATA_NO_FAST_BPE").is_some() {
+            None
+        } else {
+            crate::fastbpe::FastBpe::new(&tok_value, &tokenizer)
+        };
         Ok(HfTextTools {
             fast,
             tokenizer,
@@ -181,7 +229,11 @@ impl HfTextTools {
     }
 
     /// Token ids with their byte offsets `(start, end)` into `text`.
-    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<IdsAndOffsets, String> {
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<IdsAndOffsets, String> {
         if !add_special_tokens
             && let Some(fast) = &self.fast
             && let Some(out) = fast.encode(&self.tokenizer, text)
@@ -192,13 +244,24 @@ impl HfTextTools {
     }
 
     /// `encode_with_offsets` through the full `tokenizers` pipeline only.
-    pub fn encode_with_offsets_slow(&self, text: &str, add_special_tokens: bool) -> Result<IdsAndOffsets, String> {
-        let enc = self.tokenizer.encode(text, add_special_tokens).map_err(|e| format!("tokenizer failed: {e}"))?;
+    pub fn encode_with_offsets_slow(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<IdsAndOffsets, String> {
+        let enc = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| format!("tokenizer failed: {e}"))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// Renders with the chat template; an error when the model has none.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
         match &self.template {
             Some(t) => t.render(messages, add_generation_prompt),
             None => Err(format!(
@@ -211,12 +274,19 @@ impl HfTextTools {
 
 impl TextTools for HfTextTools {
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
-        self.encode_with_offsets(text, add_special_tokens).map(|(ids, _)| ids)
+        self.encode_with_offsets(text, add_special_tokens)
+            .map(|(ids, _)| ids)
     }
     fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, String> {
-        self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| format!("decode failed: {e}"))
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| format!("decode failed: {e}"))
     }
-    fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
+    fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
         self.render(messages, add_generation_prompt)
     }
 }

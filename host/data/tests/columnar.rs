@@ -3,7 +3,9 @@
 
 mod common;
 
-use lora_data::{builtin_preprocessor, prepare, read_records, DataConfig, DataFile, DatasetSource, FileKind};
+use lora_data::{
+    DataConfig, DataFile, DatasetSource, FileKind, builtin_preprocessor, prepare, read_records,
+};
 
 fn datasets() -> std::path::PathBuf {
     common::fixtures().join("datasets")
@@ -21,8 +23,14 @@ fn records(file: &DataFile) -> Vec<serde_json::Value> {
 
 #[test]
 fn parquet_rows_equal_the_jsonl_records() {
-    let jsonl = records(&DataFile { path: datasets().join("chat.jsonl"), kind: FileKind::Jsonl });
-    let parquet = records(&DataFile { path: datasets().join("chat.snappy.parquet"), kind: FileKind::Parquet });
+    let jsonl = records(&DataFile {
+        path: datasets().join("chat.jsonl"),
+        kind: FileKind::Jsonl,
+    });
+    let parquet = records(&DataFile {
+        path: datasets().join("chat.snappy.parquet"),
+        kind: FileKind::Parquet,
+    });
     assert_eq!(jsonl.len(), 12);
     assert_eq!(parquet, jsonl);
 }
@@ -32,14 +40,24 @@ fn a_save_to_disk_dataset_dict_gives_train_and_validation() {
     let src = DatasetSource::from_path(&datasets().join("hf_dict")).unwrap();
     assert_eq!(src.train.len(), 1);
     assert_eq!(src.train[0].kind, FileKind::Arrow);
-    let jsonl = records(&DataFile { path: datasets().join("chat.jsonl"), kind: FileKind::Jsonl });
+    let jsonl = records(&DataFile {
+        path: datasets().join("chat.jsonl"),
+        kind: FileKind::Jsonl,
+    });
     assert_eq!(records(&src.train[0]), jsonl[..9].to_vec());
     assert_eq!(records(&src.validation[0]), jsonl[9..].to_vec());
     let cfg = DataConfig::default();
     let tools = common::tools("smollm2");
     let mut pre = builtin_preprocessor(&cfg);
     let p = prepare(&cfg, &src, &mut *pre, &tools).unwrap();
-    assert_eq!((p.train.len(), p.validation.len(), p.report.validation_from.as_str()), (9, 3, "split"));
+    assert_eq!(
+        (
+            p.train.len(),
+            p.validation.len(),
+            p.report.validation_from.as_str()
+        ),
+        (9, 3, "split")
+    );
 }
 
 #[test]
@@ -48,6 +66,11 @@ fn an_unsupported_codec_is_a_clear_error_naming_the_file() {
     let cfg = DataConfig::default();
     let tools = common::tools("smollm2");
     let mut pre = builtin_preprocessor(&cfg);
-    let err = prepare(&cfg, &src, &mut *pre, &tools).unwrap_err().to_string();
-    assert!(err.contains("chat.zstd.parquet") && err.contains("Snappy"), "{err}");
+    let err = prepare(&cfg, &src, &mut *pre, &tools)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("chat.zstd.parquet") && err.contains("Snappy"),
+        "{err}"
+    );
 }

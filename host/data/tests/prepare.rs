@@ -5,10 +5,16 @@ mod common;
 
 use std::path::Path;
 
-use lora_data::{builtin_preprocessor, prepare, resolve_dataset, DataConfig, DatasetInput, DatasetSource, DatasetType, PreparedData};
+use lora_data::{
+    DataConfig, DatasetInput, DatasetSource, DatasetType, PreparedData, builtin_preprocessor,
+    prepare, resolve_dataset,
+};
 
 fn conv(i: usize) -> String {
-    format!(r#"{{"messages": [{{"role": "user", "content": "question {i}?"}}, {{"role": "assistant", "content": "answer number {i}, with {} words"}}]}}"#, "some ".repeat(i % 7))
+    format!(
+        r#"{{"messages": [{{"role": "user", "content": "question {i}?"}}, {{"role": "assistant", "content": "answer number {i}, with {} words"}}]}}"#,
+        "some ".repeat(i % 7)
+    )
 }
 
 fn write_jsonl(path: &Path, n: usize) {
@@ -29,18 +35,31 @@ fn the_cache_is_written_then_reused_and_keyed_by_parameters() {
     let data = dir.path().join("train.jsonl");
     write_jsonl(&data, 50);
     let cache = dir.path().join("cache");
-    let cfg = DataConfig { cache_dir: Some(cache.clone()), ..DataConfig::default() };
+    let cfg = DataConfig {
+        cache_dir: Some(cache.clone()),
+        ..DataConfig::default()
+    };
     let src = DatasetSource::from_path(&data).unwrap();
     let first = run(&cfg, &src);
     assert!(!first.report.from_cache);
-    let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(entries.len(), 1, "one complete entry, no temp folder left: {entries:?}");
+    let entries: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        entries.len(),
+        1,
+        "one complete entry, no temp folder left: {entries:?}"
+    );
     let second = run(&cfg, &src);
     assert!(second.report.from_cache);
     assert_eq!(second.train, first.train);
     assert_eq!(second.report.cache_key, first.report.cache_key);
     // Another parameter that changes the samples: another entry.
-    let cfg2 = DataConfig { train_on_inputs: true, ..cfg.clone() };
+    let cfg2 = DataConfig {
+        train_on_inputs: true,
+        ..cfg.clone()
+    };
     let third = run(&cfg2, &src);
     assert!(!third.report.from_cache);
     assert_ne!(third.report.cache_key, first.report.cache_key);
@@ -60,7 +79,12 @@ fn a_validation_split_folder_is_used() {
     let p = run(&DataConfig::default(), &src);
     assert_eq!((p.train.len(), p.validation.len()), (20, 5));
     assert_eq!(p.report.validation_from, "split");
-    let eval: usize = p.eval_batches().iter().flat_map(|m| &m.rows).map(|r| r.sample_ids.len()).sum();
+    let eval: usize = p
+        .eval_batches()
+        .iter()
+        .flat_map(|m| &m.rows)
+        .map(|r| r.sample_ids.len())
+        .sum();
     assert_eq!(eval, 5);
 }
 
@@ -70,7 +94,10 @@ fn a_held_out_fraction_is_seeded_and_disjoint() {
     let data = dir.path().join("d.jsonl");
     write_jsonl(&data, 100);
     let src = DatasetSource::from_path(&data).unwrap();
-    let cfg = DataConfig { validation_split: 0.1, ..DataConfig::default() };
+    let cfg = DataConfig {
+        validation_split: 0.1,
+        ..DataConfig::default()
+    };
     let a = run(&cfg, &src);
     let b = run(&cfg, &src);
     assert_eq!((a.train.len(), a.validation.len()), (90, 10));
@@ -87,7 +114,11 @@ fn resolution_follows_the_reference_order() {
     let pvc = dir.path().join("pvc");
     let artifact = dir.path().join("artifact.jsonl");
     write_jsonl(&artifact, 3);
-    let mut input = DatasetInput { artifact_path: Some(artifact.clone()), pvc_path: Some(pvc.clone()), ..Default::default() };
+    let mut input = DatasetInput {
+        artifact_path: Some(artifact.clone()),
+        pvc_path: Some(pvc.clone()),
+        ..Default::default()
+    };
     assert_eq!(resolve_dataset(&input).unwrap().train[0].path, artifact);
     // An existing non-empty <pvc_path>/dataset/train comes first.
     write_jsonl(&pvc.join("dataset/train/train.jsonl"), 2);
@@ -95,13 +126,32 @@ fn resolution_follows_the_reference_order() {
     assert_eq!(s.train[0].path, pvc.join("dataset/train/train.jsonl"));
     assert!(s.origin.contains("reused"));
     // Metadata pvc_path when there is no artifact path.
-    input = DatasetInput { metadata: serde_json::json!({"pvc_path": artifact.to_str().unwrap()}).as_object().unwrap().clone(), ..Default::default() };
+    input = DatasetInput {
+        metadata: serde_json::json!({"pvc_path": artifact.to_str().unwrap()})
+            .as_object()
+            .unwrap()
+            .clone(),
+        ..Default::default()
+    };
     assert_eq!(resolve_dataset(&input).unwrap().train[0].path, artifact);
     // A remote artifact_path is refused with what to do instead.
-    input = DatasetInput { metadata: serde_json::json!({"artifact_path": "s3://bucket/data.jsonl"}).as_object().unwrap().clone(), ..Default::default() };
+    input = DatasetInput {
+        metadata: serde_json::json!({"artifact_path": "s3://bucket/data.jsonl"})
+            .as_object()
+            .unwrap()
+            .clone(),
+        ..Default::default()
+    };
     let err = resolve_dataset(&input).unwrap_err().to_string();
-    assert!(err.contains("artifact_path") && err.contains("s3://bucket/data.jsonl") && err.contains("does not download"), "{err}");
-    let err = resolve_dataset(&DatasetInput::default()).unwrap_err().to_string();
+    assert!(
+        err.contains("artifact_path")
+            && err.contains("s3://bucket/data.jsonl")
+            && err.contains("does not download"),
+        "{err}"
+    );
+    let err = resolve_dataset(&DatasetInput::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no dataset"), "{err}");
 }
 
@@ -111,15 +161,34 @@ fn dry_run_summary_counts_match_the_plan() {
     let data = dir.path().join("d.jsonl");
     write_jsonl(&data, 40);
     let src = DatasetSource::from_path(&data).unwrap();
-    let cfg = DataConfig { effective_batch_size: 8, max_seq_len: 64, max_tokens_per_gpu: 128, num_epochs: 2, ..DataConfig::default() };
+    let cfg = DataConfig {
+        effective_batch_size: 8,
+        max_seq_len: 64,
+        max_tokens_per_gpu: 128,
+        num_epochs: 2,
+        ..DataConfig::default()
+    };
     let p = run(&cfg, &src);
     let s = p.summary();
     assert_eq!(s.epochs.len(), 2);
     for (e, counts) in s.epochs.iter().enumerate() {
         let plan = p.epoch_plan(e);
         assert_eq!(counts.optimizer_steps, plan.steps.len());
-        assert_eq!(counts.micro_batches, plan.steps.iter().map(|st| st.micro_batches.len()).sum::<usize>());
-        assert_eq!(counts.rows, plan.steps.iter().flat_map(|st| &st.micro_batches).map(|m| m.rows.len()).sum::<usize>());
+        assert_eq!(
+            counts.micro_batches,
+            plan.steps
+                .iter()
+                .map(|st| st.micro_batches.len())
+                .sum::<usize>()
+        );
+        assert_eq!(
+            counts.rows,
+            plan.steps
+                .iter()
+                .flat_map(|st| &st.micro_batches)
+                .map(|m| m.rows.len())
+                .sum::<usize>()
+        );
         assert_eq!(counts.trained_tokens, p.report.train_trained_tokens);
     }
     assert_eq!(s.report.records, 40);
@@ -134,13 +203,30 @@ fn alpaca_records_are_laid_out_and_end_with_eos() {
     use lora_api::TextTools;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("a.jsonl");
-    std::fs::write(&data, "{\"instruction\": \"Say hi\", \"input\": \"\", \"output\": \"Hi!\"}\n").unwrap();
-    let cfg = DataConfig { dataset_type: DatasetType::Alpaca, ..DataConfig::default() };
+    std::fs::write(
+        &data,
+        "{\"instruction\": \"Say hi\", \"input\": \"\", \"output\": \"Hi!\"}\n",
+    )
+    .unwrap();
+    let cfg = DataConfig {
+        dataset_type: DatasetType::Alpaca,
+        ..DataConfig::default()
+    };
     let p = run(&cfg, &DatasetSource::from_path(&data).unwrap());
     let tools = common::tools("smollm2");
     let s = &p.train[0];
     let text = tools.decode(&s.input_ids, false).unwrap();
-    assert!(text.starts_with("Below is an instruction") && text.ends_with("### Response:\nHi!<|im_end|>"), "{text:?}");
-    let trained: Vec<u32> = s.input_ids.iter().zip(&s.train_mask).filter(|(_, m)| **m).map(|(i, _)| *i).collect();
+    assert!(
+        text.starts_with("Below is an instruction")
+            && text.ends_with("### Response:\nHi!<|im_end|>"),
+        "{text:?}"
+    );
+    let trained: Vec<u32> = s
+        .input_ids
+        .iter()
+        .zip(&s.train_mask)
+        .filter(|(_, m)| **m)
+        .map(|(i, _)| *i)
+        .collect();
     assert_eq!(tools.decode(&trained, false).unwrap(), "Hi!<|im_end|>");
 }

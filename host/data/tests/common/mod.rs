@@ -24,6 +24,10 @@ pub fn tools(style: &str) -> HfTextTools {
         other => panic!("unknown style {other}"),
     };
     let tmpl = tmpl.map(|t| fx.join(t));
-    HfTextTools::from_files(&fx.join(tok).join("tokenizer.json"), Some(&fx.join(cfg).join("tokenizer_config.json")), tmpl.as_deref())
-        .unwrap_or_else(|e| panic!("loading {style}: {e}"))
+    HfTextTools::from_files(
+        &fx.join(tok).join("tokenizer.json"),
+        Some(&fx.join(cfg).join("tokenizer_config.json")),
+        tmpl.as_deref(),
+    )
+    .unwrap_or_else(|e| panic!("loading {style}: {e}"))
 }
