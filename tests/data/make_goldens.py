@@ -9,6 +9,8 @@ CONVERSATIONS, records what `transformers` produces:
     assistant turn is trained from the end of `apply_chat_template(messages[:i],
     add_generation_prompt=True)` to the end of the first end-of-turn token after its content;
     token 0 is never trained. Spans come from HF's rendering and HF's offsets.
+For SmolLM2 the masks are also asserted equal to transformers' own
+`return_assistant_tokens_mask` on the same template with `{% generation %}` markers.
 Plus prompt/completion samples (alpaca layout): ids of prompt+completion with special tokens,
 EOS appended, completion + EOS trained.
 
@@ -113,12 +115,36 @@ def pc_case(tok, prompt, completion):
     return {"prompt": prompt, "completion": completion, "input_ids": ids, "train_mask": mask}
 
 
+# SmolLM2's template with transformers' generation markers around each assistant answer and its
+# end-of-turn token: `return_assistant_tokens_mask` is then HF's own assistant mask, an
+# independent check of the prefix-render rule above.
+SMOLLM2_MARKED = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def check_against_generation_markers(tok, template, cases):
+    for c in cases:
+        out = tok.apply_chat_template(c["messages"], chat_template=SMOLLM2_MARKED, tokenize=True,
+                                      return_dict=True, return_assistant_tokens_mask=True)
+        assert out["input_ids"] == c["input_ids"], "marked template renders differently"
+        hf = [bool(m) for m in out["assistant_masks"]]
+        hf[0] = False
+        assert hf == c["train_mask"], f"assistant mask differs from HF's generation-marker mask: {c['messages']}"
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     for style in STYLES:
         tok, template = load(style)
         cases = [chat_case(tok, template, m) for m in CONVERSATIONS]
         pcs = [pc_case(tok, p, c) for p, c in PROMPT_COMPLETIONS]
+        if style == "smollm2":
+            check_against_generation_markers(tok, template, cases)
         out = {"style": style, "vocab_size": len(tok), "eos_token": tok.eos_token, "chat": cases, "prompt_completion": pcs}
         with open(os.path.join(OUT, f"{style}.json"), "w") as f:
             json.dump(out, f, ensure_ascii=False, indent=1)
