@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{BadRecords, DataConfig, LongSamplePolicy};
+use crate::config::{BadRecords, DataConfig, DatasetType, LongSamplePolicy};
 use crate::error::{DataError, RecordLocation, Result};
 use crate::formats::{sample_field, split_field_error};
 use crate::plan::{EpochCounts, EpochPlan, MicroBatch, OptimizerStep, PlanParams};
@@ -36,6 +36,7 @@ pub struct SkippedRecord {
 
 /// What preparation kept and dropped, and why.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DataReport {
     /// Where the dataset came from.
     pub origin: String,
@@ -58,6 +59,8 @@ pub struct DataReport {
     /// True when this came from the processed-data cache.
     pub from_cache: bool,
     pub cache_key: String,
+    /// What the processed-data cache did: `reused`, `written`, `off …`, `not used: …`.
+    pub cache: String,
 }
 
 /// The tokenized dataset, ready to be planned.
@@ -89,6 +92,9 @@ impl std::fmt::Display for DataPlanSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let r = &self.report;
         writeln!(f, "dataset: {}", r.origin)?;
+        if !r.cache.is_empty() {
+            writeln!(f, "processed-data cache: {}", r.cache)?;
+        }
         writeln!(
             f,
             "records: {}  samples: {}  train: {}  validation: {} ({})",
@@ -360,7 +366,23 @@ pub fn prepare(
 ) -> Result<PreparedData> {
     cfg.validate()?;
     let key = cache_key(cfg, source, preprocessor.name(), tools)?;
-    if let Some(dir) = &cfg.cache_dir {
+    // A plugin preprocessor is known here only by its name, not by its code: its output is not
+    // cached, or a changed plugin with the same name would silently reuse stale samples.
+    let builtin = DatasetType::parse(preprocessor.name()).is_ok();
+    let cache_dir = if builtin {
+        cfg.cache_dir.as_ref()
+    } else {
+        None
+    };
+    let cache_note = match (&cfg.cache_dir, builtin) {
+        (None, _) => "off (no training_data_output_dir)".to_owned(),
+        (Some(_), false) => format!(
+            "not used: preprocessor `{}` is a plugin (its code is not part of the cache key)",
+            preprocessor.name()
+        ),
+        (Some(_), true) => "written".to_owned(),
+    };
+    if let Some(dir) = cache_dir {
         let entry = cache::entry_dir(dir, &key);
         if let Some((train, validation, report)) = cache::load(&entry)? {
             let mut report: DataReport = serde_json::from_value(report).map_err(|e| {
@@ -370,6 +392,7 @@ pub fn prepare(
                 )
             })?;
             report.from_cache = true;
+            report.cache = "reused".to_owned();
             return Ok(PreparedData {
                 config: cfg.clone(),
                 train,
@@ -384,6 +407,7 @@ pub fn prepare(
         report: DataReport {
             origin: source.origin.clone(),
             cache_key: key.clone(),
+            cache: cache_note,
             ..Default::default()
         },
         out: Vec::new(),
@@ -435,7 +459,7 @@ pub fn prepare(
     report.validation_samples = validation.len();
     report.train_tokens = train.iter().map(|s| s.len() as u64).sum();
     report.train_trained_tokens = train.iter().map(|s| s.trained_tokens() as u64).sum();
-    if let Some(dir) = &cfg.cache_dir {
+    if let Some(dir) = cache_dir {
         let value = serde_json::to_value(&report).unwrap_or_default();
         cache::store(&cache::entry_dir(dir, &key), &train, &validation, &value)?;
     }

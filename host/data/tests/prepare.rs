@@ -230,3 +230,44 @@ fn alpaca_records_are_laid_out_and_end_with_eos() {
         .collect();
     assert_eq!(tools.decode(&trained, false).unwrap(), "Hi!<|im_end|>");
 }
+
+/// A stand-in for a plugin: the built-in format under a plugin's name.
+struct NamedPlugin(Box<dyn lora_api::Preprocessor>);
+
+impl lora_api::Preprocessor for NamedPlugin {
+    fn name(&self) -> &str {
+        "plugin:renamed"
+    }
+    fn process_batch(
+        &mut self,
+        batch: u64,
+        records: &[lora_api::RawRecord],
+    ) -> Result<Vec<lora_api::RecordOutcome>, lora_api::ExtError> {
+        self.0.process_batch(batch, records)
+    }
+}
+
+#[test]
+fn a_plugin_preprocessors_output_is_not_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.jsonl");
+    write_jsonl(&data, 5);
+    let cache = dir.path().join("cache");
+    let cfg = DataConfig {
+        cache_dir: Some(cache.clone()),
+        ..DataConfig::default()
+    };
+    let src = DatasetSource::from_path(&data).unwrap();
+    let tools = common::tools("smollm2");
+    for _ in 0..2 {
+        let mut pre = NamedPlugin(builtin_preprocessor(&cfg));
+        let p = prepare(&cfg, &src, &mut pre, &tools).unwrap();
+        assert!(!p.report.from_cache);
+        assert!(
+            p.report.cache.contains("plugin:renamed"),
+            "{}",
+            p.report.cache
+        );
+    }
+    assert!(!cache.exists() || std::fs::read_dir(&cache).unwrap().next().is_none());
+}
