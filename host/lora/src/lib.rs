@@ -2,6 +2,7 @@
 pub mod schedule;
 pub mod hub;
 pub mod cli;
+pub mod tools;
 pub mod component;
 pub mod dry_run;
 pub mod kfp;
