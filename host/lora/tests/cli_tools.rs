@@ -16,7 +16,10 @@ fn temp_dir(name: &str) -> PathBuf {
 /// Runs `lora args...` in `dir`, with the plugin cache inside `dir` (never the home directory).
 fn lora(dir: &Path, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lora"));
-    cmd.current_dir(dir).args(args).env("XDG_CACHE_HOME", dir.join("cache")).env_remove("RAYON_NUM_THREADS");
+    cmd.current_dir(dir)
+        .args(args)
+        .env("XDG_CACHE_HOME", dir.join("cache"))
+        .env_remove("RAYON_NUM_THREADS");
     for (k, _) in std::env::vars() {
         if k.starts_with("LORA_") {
             cmd.env_remove(k);
@@ -26,14 +29,24 @@ fn lora(dir: &Path, args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// Bad input and failures end with a message and an exit code, never a panic or a signal.
 fn assert_clean_failure(o: &Output, code: i32, needle: &str) {
     let (out, err) = text(o);
-    assert_eq!(o.status.code(), Some(code), "stdout:\n{out}\nstderr:\n{err}");
-    assert!(err.contains(needle), "expected `{needle}` in stderr:\n{err}");
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout:\n{out}\nstderr:\n{err}"
+    );
+    assert!(
+        err.contains(needle),
+        "expected `{needle}` in stderr:\n{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -42,12 +55,25 @@ fn assert_clean_failure(o: &Output, code: i32, needle: &str) {
 fn script_numbers(out: &str) -> (f64, f64) {
     let at = out.find("tokens/s").expect("no tokens/s");
     let before = out[..at].trim_end();
-    let num: String = before.chars().rev().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ',').collect();
-    let tps: f64 = num.chars().rev().filter(|c| *c != ',').collect::<String>().parse().unwrap();
+    let num: String = before
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ',')
+        .collect();
+    let tps: f64 = num
+        .chars()
+        .rev()
+        .filter(|c| *c != ',')
+        .collect::<String>()
+        .parse()
+        .unwrap();
     let peak = out.find("peak").expect("no peak");
     let rest = &out[peak..];
     let start = rest.find(|c: char| c.is_ascii_digit()).unwrap();
-    let mem: String = rest[start..].chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let mem: String = rest[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
     let unit = rest[start + mem.len()..].trim_start();
     assert!(unit.starts_with("GiB") || unit.starts_with("MiB"), "{rest}");
     (tps, mem.parse().unwrap())
@@ -59,16 +85,42 @@ fn help_lists_every_subcommand() {
     let o = lora(&dir, &["--help"]);
     let (help, _) = text(&o);
     assert!(o.status.success());
-    for cmd in ["train", "kfp", "component", "params", "selftest", "bench", "plugin"] {
-        assert!(help.lines().any(|l| l.trim_start().starts_with(&format!("{cmd} "))), "{cmd} missing:\n{help}");
+    for cmd in [
+        "train",
+        "kfp",
+        "component",
+        "params",
+        "selftest",
+        "bench",
+        "plugin",
+    ] {
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{cmd} "))),
+            "{cmd} missing:\n{help}"
+        );
     }
     let (plugin_help, _) = text(&lora(&dir, &["plugin", "--help"]));
     for cmd in ["inspect", "check"] {
-        assert!(plugin_help.lines().any(|l| l.trim_start().starts_with(&format!("{cmd} "))), "{cmd}:\n{plugin_help}");
+        assert!(
+            plugin_help
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{cmd} "))),
+            "{cmd}:\n{plugin_help}"
+        );
     }
     // tests/gpu/run.sh passes --rows/--seq only when the help shows --rows.
     let (bench_help, _) = text(&lora(&dir, &["bench", "--help"]));
-    for flag in ["--device", "--shape", "--rows", "--seq-len", "--steps", "--lora-r", "smollm2-135m", "qwen2.5-1.5b"] {
+    for flag in [
+        "--device",
+        "--shape",
+        "--rows",
+        "--seq-len",
+        "--steps",
+        "--lora-r",
+        "smollm2-135m",
+        "qwen2.5-1.5b",
+    ] {
         assert!(bench_help.contains(flag), "{flag}:\n{bench_help}");
     }
 }
@@ -80,23 +132,34 @@ fn selftest_cpu_passes_and_prints_the_table() {
     let (out, err) = text(&o);
     assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
     let mut lines = out.lines();
-    assert_eq!(lines.next(), Some("selftest on cpu against float64 formulas (seed 7)"));
+    assert_eq!(
+        lines.next(),
+        Some("selftest on cpu against float64 formulas (seed 7)")
+    );
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["op", "shape", "max", "abs", "max", "rel", "pass"]);
     let rows: Vec<&str> = out.lines().filter(|l| l.contains("  ok")).collect();
     assert!(rows.len() > 40, "only {} rows:\n{out}", rows.len());
     assert!(!out.contains("FAIL"), "{out}");
     let last = out.lines().last().unwrap();
-    assert_eq!(last, format!("{n} of {n} checks passed", n = out.lines().count() - 3));
+    assert_eq!(
+        last,
+        format!("{n} of {n} checks passed", n = out.lines().count() - 3)
+    );
     for op in ["gemm", "rmsnorm", "rope", "attention", "swiglu", "adamw"] {
-        assert!(rows.iter().any(|r| r.starts_with(op)), "no {op} row:\n{out}");
+        assert!(
+            rows.iter().any(|r| r.starts_with(op)),
+            "no {op} row:\n{out}"
+        );
     }
 }
 
 #[test]
 fn selftest_cuda_fails_cleanly_without_a_gpu() {
     if lora_engine::cuda::available() {
-        eprintln!("a GPU is present: `lora selftest --device cuda` is exercised by tests/gpu/run.sh instead");
+        eprintln!(
+            "a GPU is present: `lora selftest --device cuda` is exercised by tests/gpu/run.sh instead"
+        );
         return;
     }
     let dir = temp_dir("selftest-cuda");
@@ -107,19 +170,46 @@ fn selftest_cuda_fails_cleanly_without_a_gpu() {
         assert!(out.is_empty(), "{out}");
         assert!(err.contains("hint: a GPU needs the NVIDIA driver"), "{err}");
     }
-    let o = lora(&dir, &["bench", "--device", "cuda", "--shape", "smollm2-135m"]);
+    let o = lora(
+        &dir,
+        &["bench", "--device", "cuda", "--shape", "smollm2-135m"],
+    );
     assert_clean_failure(&o, 1, "no CUDA driver found");
     let o = lora(&dir, &["selftest", "--device", "tpu"]);
     assert_clean_failure(&o, 2, "--device: expected cpu, cuda or cuda:N, got `tpu`");
 }
 
-const TINY: [&str; 12] =
-    ["--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2", "--vocab", "256"];
+const TINY: [&str; 12] = [
+    "--layers",
+    "2",
+    "--hidden",
+    "64",
+    "--intermediate",
+    "128",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--vocab",
+    "256",
+];
 
 #[test]
 fn bench_with_a_tiny_explicit_shape_prints_numbers() {
     let dir = temp_dir("bench");
-    let mut args = vec!["bench", "--device", "cpu", "--rows", "2", "--seq-len", "32", "--steps", "2", "--lora-r", "4"];
+    let mut args = vec![
+        "bench",
+        "--device",
+        "cpu",
+        "--rows",
+        "2",
+        "--seq-len",
+        "32",
+        "--steps",
+        "2",
+        "--lora-r",
+        "4",
+    ];
     args.extend(TINY);
     let o = lora(&dir, &args);
     let (out, err) = text(&o);
@@ -127,12 +217,32 @@ fn bench_with_a_tiny_explicit_shape_prints_numbers() {
     let (tps, peak) = script_numbers(&out);
     assert!(tps > 0.0 && peak > 0.0, "{out}");
     assert!(out.contains("peak memory (host RSS): "), "{out}");
-    assert!(out.contains("batch: 2 rows x 32 tokens = 64 tokens per step"), "{out}");
-    assert!(out.contains("2 layers, hidden 64, mlp 128, heads 4/2 kv, vocab 256, tied) on cpu"), "{out}");
-    assert_eq!(out.lines().find(|l| l.starts_with("step seconds:")).unwrap().matches(',').count(), 1, "{out}");
+    assert!(
+        out.contains("batch: 2 rows x 32 tokens = 64 tokens per step"),
+        "{out}"
+    );
+    assert!(
+        out.contains("2 layers, hidden 64, mlp 128, heads 4/2 kv, vocab 256, tied) on cpu"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines()
+            .find(|l| l.starts_with("step seconds:"))
+            .unwrap()
+            .matches(',')
+            .count(),
+        1,
+        "{out}"
+    );
 
     // The same run as JSON: every flag reached the engine.
-    args.extend(["--json", "--docs-per-row", "2", "--target-modules", "q_proj,down_proj"]);
+    args.extend([
+        "--json",
+        "--docs-per-row",
+        "2",
+        "--target-modules",
+        "q_proj,down_proj",
+    ]);
     let o = lora(&dir, &args);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
@@ -153,7 +263,11 @@ fn bench_with_a_tiny_explicit_shape_prints_numbers() {
 fn bench_refuses_bad_shapes_and_values_by_name() {
     let dir = temp_dir("bench-bad");
     let o = lora(&dir, &["bench", "--layers", "2"]);
-    assert_clean_failure(&o, 2, "missing: --hidden --intermediate --heads --kv-heads --vocab");
+    assert_clean_failure(
+        &o,
+        2,
+        "missing: --hidden --intermediate --heads --kv-heads --vocab",
+    );
     let o = lora(&dir, &["bench", "--shape", "gpt-5"]);
     assert_clean_failure(&o, 2, "gpt-5");
     let o = lora(&dir, &["bench", "--shape", "smollm2-135m", "--rows", "0"]);
@@ -169,7 +283,10 @@ fn bench_refuses_bad_shapes_and_values_by_name() {
 /// the plugin runtime's tests share (`LORA_PLUGINS_WASM_TARGET` overrides it).
 fn example_plugin(package: &str, artifact: &str) -> PathBuf {
     static LOCK: OnceLock<std::sync::Mutex<()>> = OnceLock::new();
-    let _guard = LOCK.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = LOCK
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let target = std::env::var_os("LORA_PLUGINS_WASM_TARGET")
         .map(PathBuf::from)
@@ -177,14 +294,26 @@ fn example_plugin(package: &str, artifact: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(repo.join("plugins"))
-        .args(["build", "--quiet", "--target", "wasm32-wasip2", "-p", package])
+        .args([
+            "build",
+            "--quiet",
+            "--target",
+            "wasm32-wasip2",
+            "-p",
+            package,
+        ])
         .env("CARGO_TARGET_DIR", &target)
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .status()
         .expect("cannot run cargo to build the example plugin");
-    assert!(status.success(), "building plugins/{package} for wasm32-wasip2 failed");
-    target.join("wasm32-wasip2/debug").join(format!("{artifact}.wasm"))
+    assert!(
+        status.success(),
+        "building plugins/{package} for wasm32-wasip2 failed"
+    );
+    target
+        .join("wasm32-wasip2/debug")
+        .join(format!("{artifact}.wasm"))
 }
 
 #[test]
@@ -199,7 +328,16 @@ fn plugin_inspect_and_check_an_example_scheduler() {
     assert!(out.contains("kind:        scheduler"), "{out}");
     assert!(out.contains("api version: 0.1.0"), "{out}");
     assert!(out.contains("filesystem: none"), "{out}");
-    let o = lora(&dir, &["plugin", "inspect", file, "--plugin-config", r#"{"scheduler": {"memory_mib": 64, "settings": {"schedule": "plateau"}}}"#]);
+    let o = lora(
+        &dir,
+        &[
+            "plugin",
+            "inspect",
+            file,
+            "--plugin-config",
+            r#"{"scheduler": {"memory_mib": 64, "settings": {"schedule": "plateau"}}}"#,
+        ],
+    );
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("limits:      memory 64 MiB"), "{out}");
@@ -210,11 +348,20 @@ fn plugin_inspect_and_check_an_example_scheduler() {
     let o = lora(&dir, &["plugin", "check", file]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
-    assert_eq!(out.lines().next(), Some(format!("scheduler plugin {file}:").as_str()));
+    assert_eq!(
+        out.lines().next(),
+        Some(format!("scheduler plugin {file}:").as_str())
+    );
     let lrs: Vec<f64> = out
         .lines()
         .skip(1)
-        .map(|l| l.split("learning rate ").nth(1).unwrap_or_else(|| panic!("{l}")).parse().unwrap())
+        .map(|l| {
+            l.split("learning rate ")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{l}"))
+                .parse()
+                .unwrap()
+        })
         .collect();
     assert_eq!(lrs.len(), 100);
     for (step, lr) in lrs.iter().enumerate() {
@@ -231,15 +378,34 @@ fn plugin_inspect_and_check_an_example_scheduler() {
     let o = lora(&dir, &["plugin", "check", file, "--input", "losses.jsonl"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
-    assert!(out.contains("step 2: learning rate") && out.contains("loss 1.5"), "{out}");
+    assert!(
+        out.contains("step 2: learning rate") && out.contains("loss 1.5"),
+        "{out}"
+    );
     assert_eq!(out.lines().count(), 4, "{out}");
 
     // The plugin's own refusal of a setting: the run would fail, so check fails (exit 1).
-    std::fs::write(dir.join("cfg.json"), r#"{"schedules": {"settings": {"schedule": "bogus"}}}"#).unwrap();
-    let o = lora(&dir, &["plugin", "check", file, "--plugin-config", "@cfg.json"]);
+    std::fs::write(
+        dir.join("cfg.json"),
+        r#"{"schedules": {"settings": {"schedule": "bogus"}}}"#,
+    )
+    .unwrap();
+    let o = lora(
+        &dir,
+        &["plugin", "check", file, "--plugin-config", "@cfg.json"],
+    );
     assert_clean_failure(&o, 1, "bogus");
     // A config key that names no plugin is bad input.
-    let o = lora(&dir, &["plugin", "check", file, "--plugin-config", r#"{"csv_reporter": {}}"#]);
+    let o = lora(
+        &dir,
+        &[
+            "plugin",
+            "check",
+            file,
+            "--plugin-config",
+            r#"{"csv_reporter": {}}"#,
+        ],
+    );
     assert_clean_failure(&o, 2, "training_plugin_config");
 }
 
@@ -257,12 +423,19 @@ fn plugin_commands_name_a_missing_or_corrupt_file() {
     for file in ["corrupt.wasm", "notes.wasm"] {
         for cmd in ["inspect", "check"] {
             let o = lora(&dir, &["plugin", cmd, file]);
-            assert_clean_failure(&o, 2, &format!("{file} is not a valid WebAssembly component"));
+            assert_clean_failure(
+                &o,
+                2,
+                &format!("{file} is not a valid WebAssembly component"),
+            );
         }
     }
     let o = lora(&dir, &["plugin", "inspect", "."]);
     assert_clean_failure(&o, 2, "plugin file . is not a file");
-    let o = lora(&dir, &["plugin", "check", "corrupt.wasm", "--input", "nope.jsonl"]);
+    let o = lora(
+        &dir,
+        &["plugin", "check", "corrupt.wasm", "--input", "nope.jsonl"],
+    );
     assert_clean_failure(&o, 2, "--input nope.jsonl: cannot read it");
     let o = lora(&dir, &["plugin"]);
     assert_eq!(o.status.code(), Some(2));
@@ -290,8 +463,14 @@ fn plugin_check_runs_an_example_preprocessor_on_sample_records() {
     assert!(o.status.success(), "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], format!("preprocessor plugin {file}:"));
-    assert!(lines[1].starts_with("record 1: ") && lines[1].contains("[EMAIL]"), "{out}");
-    assert!(!out.contains("ann@example.com"), "the address was not redacted:\n{out}");
+    assert!(
+        lines[1].starts_with("record 1: ") && lines[1].contains("[EMAIL]"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("ann@example.com"),
+        "the address was not redacted:\n{out}"
+    );
     assert_eq!(lines[2], "record 2: dropped");
     assert!(lines[3].starts_with("record 3: error: "), "{out}");
     assert_eq!(lines[4], "3 records, 1 record errors");

@@ -51,7 +51,8 @@ pub(super) fn command() -> Command {
         )
         .arg(Arg::new("untied").long("untied").action(ArgAction::SetTrue).help("Untied output head (presets and explicit shapes are tied otherwise)"));
     for (flag, field) in SIZES {
-        cmd = cmd.arg(count(flag, "N", field).help_heading("Explicit shape (all six without --shape)"));
+        cmd = cmd
+            .arg(count(flag, "N", field).help_heading("Explicit shape (all six without --shape)"));
     }
     cmd.arg(count("rows", "N", "Rows of the packed batch [default: 4]").help_heading("Batch and steps"))
         .arg(count("seq_len", "L", "Tokens per row [default: 512]").long("seq-len").alias("seq").help_heading("Batch and steps"))
@@ -107,8 +108,17 @@ fn model_config(m: &ArgMatches) -> Result<(String, ModelConfig), ToolError> {
         Some(name) => Some(preset(name).map_err(|e| ToolError::input(e, HINT))?),
         None => None,
     };
-    let given: Vec<(&str, usize)> = SIZES.iter().filter_map(|(flag, _)| num(m, flag).map(|v| (*flag, v))).collect();
-    let get = |flag: &str, from_base: Option<usize>| given.iter().find(|(f, _)| *f == flag).map(|&(_, v)| v).or(from_base);
+    let given: Vec<(&str, usize)> = SIZES
+        .iter()
+        .filter_map(|(flag, _)| num(m, flag).map(|v| (*flag, v)))
+        .collect();
+    let get = |flag: &str, from_base: Option<usize>| {
+        given
+            .iter()
+            .find(|(f, _)| *f == flag)
+            .map(|&(_, v)| v)
+            .or(from_base)
+    };
     let b = base.as_ref();
     let sizes: Vec<Option<usize>> = vec![
         get("layers", b.map(|c| c.num_hidden_layers)),
@@ -118,8 +128,12 @@ fn model_config(m: &ArgMatches) -> Result<(String, ModelConfig), ToolError> {
         get("kv-heads", b.map(|c| c.num_key_value_heads)),
         get("vocab", b.map(|c| c.vocab_size)),
     ];
-    let missing: Vec<String> =
-        SIZES.iter().zip(&sizes).filter(|(_, v)| v.is_none()).map(|((flag, _), _)| format!("--{flag}")).collect();
+    let missing: Vec<String> = SIZES
+        .iter()
+        .zip(&sizes)
+        .filter(|(_, v)| v.is_none())
+        .map(|((flag, _), _)| format!("--{flag}"))
+        .collect();
     if !missing.is_empty() {
         return Err(ToolError::input(
             anyhow::anyhow!(
@@ -133,10 +147,16 @@ fn model_config(m: &ArgMatches) -> Result<(String, ModelConfig), ToolError> {
     }
     let [layers, hidden, mlp, heads, kv, vocab] = [0, 1, 2, 3, 4, 5].map(|i| sizes[i].unwrap_or(1));
     if hidden % heads != 0 {
-        return Err(ToolError::input(anyhow::anyhow!("bench: --hidden {hidden} is not a multiple of --heads {heads}"), HINT));
+        return Err(ToolError::input(
+            anyhow::anyhow!("bench: --hidden {hidden} is not a multiple of --heads {heads}"),
+            HINT,
+        ));
     }
     if heads % kv != 0 {
-        return Err(ToolError::input(anyhow::anyhow!("bench: --heads {heads} is not a multiple of --kv-heads {kv}"), HINT));
+        return Err(ToolError::input(
+            anyhow::anyhow!("bench: --heads {heads} is not a multiple of --kv-heads {kv}"),
+            HINT,
+        ));
     }
     let tied = !m.get_flag("untied");
     let arch = match m.get_one::<String>("arch").map(String::as_str) {
@@ -161,11 +181,22 @@ fn model_config(m: &ArgMatches) -> Result<(String, ModelConfig), ToolError> {
             attention_scale: shaped.attention_scale,
             ..p
         },
-        None => ModelConfig { arch, qkv_bias: arch == Arch::Qwen2, ..shaped },
+        None => ModelConfig {
+            arch,
+            qkv_bias: arch == Arch::Qwen2,
+            ..shaped
+        },
     };
     let name = match (preset_name, given.is_empty()) {
         (Some(p), true) => p.clone(),
-        (Some(p), false) => format!("{p} with {}", given.iter().map(|(f, v)| format!("{f} {v}")).collect::<Vec<_>>().join(", ")),
+        (Some(p), false) => format!(
+            "{p} with {}",
+            given
+                .iter()
+                .map(|(f, v)| format!("{f} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         (None, _) => "explicit".to_string(),
     };
     Ok((name, cfg))
@@ -181,7 +212,11 @@ fn options(m: &ArgMatches, cfg: ModelConfig) -> Result<BenchOptions, ToolError> 
     o.recompute = m.get_flag("recompute");
     if o.docs_per_row > o.row_len {
         return Err(ToolError::input(
-            anyhow::anyhow!("bench: --docs-per-row {} is more than --seq-len {} tokens", o.docs_per_row, o.row_len),
+            anyhow::anyhow!(
+                "bench: --docs-per-row {} is more than --seq-len {} tokens",
+                o.docs_per_row,
+                o.row_len
+            ),
             HINT,
         ));
     }
@@ -199,17 +234,31 @@ fn options(m: &ArgMatches, cfg: ModelConfig) -> Result<BenchOptions, ToolError> 
     }
     let a = &mut o.adapter;
     a.r = num(m, "lora_r").unwrap_or(a.r);
-    a.lora_alpha = m.get_one::<f32>("lora_alpha").copied().unwrap_or(2.0 * a.r as f32);
+    a.lora_alpha = m
+        .get_one::<f32>("lora_alpha")
+        .copied()
+        .unwrap_or(2.0 * a.r as f32);
     if let Some(&p) = m.get_one::<f32>("lora_dropout") {
         if !(0.0..1.0).contains(&p) {
-            return Err(ToolError::input(anyhow::anyhow!("bench: --lora-dropout {p} is not in [0, 1)"), HINT));
+            return Err(ToolError::input(
+                anyhow::anyhow!("bench: --lora-dropout {p} is not in [0, 1)"),
+                HINT,
+            ));
         }
         a.lora_dropout = p;
     }
     if let Some(t) = m.get_one::<String>("target_modules") {
-        a.target_modules = t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-        a.resolve_targets()
-            .map_err(|e| ToolError::input(anyhow::Error::new(e).context("bench: --target-modules"), HINT))?;
+        a.target_modules = t
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        a.resolve_targets().map_err(|e| {
+            ToolError::input(
+                anyhow::Error::new(e).context("bench: --target-modules"),
+                HINT,
+            )
+        })?;
     }
     a.use_rslora = m.get_flag("rslora");
     a.use_dora = m.get_flag("dora");
@@ -237,14 +286,28 @@ impl ModelFlops {
 
 /// FLOPs of one step over documents of `doc_lens` tokens with `trainable_params` adapter
 /// parameters. Recomputed activations are not counted (model FLOPs, not hardware FLOPs).
-pub fn model_flops_per_step(cfg: &ModelConfig, doc_lens: &[u32], trainable_params: usize) -> ModelFlops {
-    let (h, hd, mlp) = (cfg.hidden_size as f64, cfg.head_dim as f64, cfg.intermediate_size as f64);
-    let (heads, kv) = (cfg.num_attention_heads as f64, cfg.num_key_value_heads as f64);
+pub fn model_flops_per_step(
+    cfg: &ModelConfig,
+    doc_lens: &[u32],
+    trainable_params: usize,
+) -> ModelFlops {
+    let (h, hd, mlp) = (
+        cfg.hidden_size as f64,
+        cfg.head_dim as f64,
+        cfg.intermediate_size as f64,
+    );
+    let (heads, kv) = (
+        cfg.num_attention_heads as f64,
+        cfg.num_key_value_heads as f64,
+    );
     let per_layer = h * heads * hd * 2.0 + h * kv * hd * 2.0 + 3.0 * h * mlp;
     let linear = cfg.num_hidden_layers as f64 * per_layer + h * cfg.vocab_size as f64;
     let tokens: f64 = doc_lens.iter().map(|&l| l as f64).sum();
     // Sum over positions i of (i + 1) keys = L (L + 1) / 2 per document.
-    let ctx: f64 = doc_lens.iter().map(|&l| l as f64 * (l as f64 + 1.0) / 2.0).sum();
+    let ctx: f64 = doc_lens
+        .iter()
+        .map(|&l| l as f64 * (l as f64 + 1.0) / 2.0)
+        .sum();
     ModelFlops {
         base: 4.0 * linear * tokens,
         adapter: 6.0 * trainable_params as f64 * tokens,
@@ -283,15 +346,23 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     let (backend, gpu) = open(device).map_err(|e| {
-        ToolError::failed(anyhow::Error::new(e).context(format!("bench: cannot open {device}")), device_hint(device))
+        ToolError::failed(
+            anyhow::Error::new(e).context(format!("bench: cannot open {device}")),
+            device_hint(device),
+        )
     })?;
     let r = lora_engine::bench::run(&opts, backend).map_err(|e| {
-        ToolError::failed(anyhow::Error::new(e).context(format!("bench: the {shape} run on {device} failed")), "")
+        ToolError::failed(
+            anyhow::Error::new(e).context(format!("bench: the {shape} run on {device} failed")),
+            "",
+        )
     })?;
     let docs = bench_batch(1, opts.rows, opts.row_len, opts.docs_per_row).seq_lens;
     let flops = model_flops_per_step(&opts.cfg, &docs, r.trainable_params);
     let achieved_tflops = flops.total() * r.tokens_per_sec / r.tokens_per_step.max(1) as f64 / 1e12;
-    let mfu = gpu.as_ref().and_then(|(_, peak)| peak.map(|p| achieved_tflops / p));
+    let mfu = gpu
+        .as_ref()
+        .and_then(|(_, peak)| peak.map(|p| achieved_tflops / p));
     if m.get_flag("json") {
         let v = serde_json::json!({
             "shape": shape,
@@ -309,7 +380,18 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
         });
         println!("{v}");
     } else {
-        print!("{}", text_report(&shape, device, &opts, &r, gpu.as_ref(), achieved_tflops, mfu));
+        print!(
+            "{}",
+            text_report(
+                &shape,
+                device,
+                &opts,
+                &r,
+                gpu.as_ref(),
+                achieved_tflops,
+                mfu
+            )
+        );
     }
     Ok(())
 }
@@ -351,15 +433,24 @@ fn text_report(
     }
     match (gpu, mfu) {
         (Some((name, Some(peak))), Some(mfu)) => {
-            s += &format!("MFU: {:.1}% ({achieved_tflops:.1} model TFLOP/s of {peak} dense bf16 on {name})\n", mfu * 100.0)
+            s += &format!(
+                "MFU: {:.1}% ({achieved_tflops:.1} model TFLOP/s of {peak} dense bf16 on {name})\n",
+                mfu * 100.0
+            )
         }
         (Some((name, None)), _) => {
-            s += &format!("MFU: not computed ({name} is not in the peak table); {achieved_tflops:.1} model TFLOP/s\n")
+            s += &format!(
+                "MFU: not computed ({name} is not in the peak table); {achieved_tflops:.1} model TFLOP/s\n"
+            )
         }
         _ => s += &format!("model TFLOP/s: {achieved_tflops:.3}\n"),
     }
     let times: Vec<String> = r.step_seconds.iter().map(|t| format!("{t:.3}")).collect();
-    s += &format!("step seconds: {} (after {} warmup)\n", times.join(", "), o.warmup);
+    s += &format!(
+        "step seconds: {} (after {} warmup)\n",
+        times.join(", "),
+        o.warmup
+    );
     s += &format!(
         "shape: {shape} ({:?}, {} layers, hidden {}, mlp {}, heads {}/{} kv, vocab {}, {}) on {on}\n",
         c.arch,
@@ -369,7 +460,11 @@ fn text_report(
         c.num_attention_heads,
         c.num_key_value_heads,
         c.vocab_size,
-        if c.tie_word_embeddings { "tied" } else { "untied" }
+        if c.tie_word_embeddings {
+            "tied"
+        } else {
+            "untied"
+        }
     );
     s += &format!(
         "batch: {} rows x {} tokens = {} tokens per step, {} document(s) per row{}\n",
@@ -377,12 +472,26 @@ fn text_report(
         o.row_len,
         r.tokens_per_step,
         o.docs_per_row,
-        if o.recompute { ", activations recomputed" } else { "" }
+        if o.recompute {
+            ", activations recomputed"
+        } else {
+            ""
+        }
     );
-    let targets = if a.target_modules.is_empty() { "all seven projections".to_string() } else { a.target_modules.join(",") };
+    let targets = if a.target_modules.is_empty() {
+        "all seven projections".to_string()
+    } else {
+        a.target_modules.join(",")
+    };
     s += &format!(
         "adapter: {} r {} alpha {} dropout {} on {targets}\n",
-        if a.use_dora { "DoRA" } else if a.use_rslora { "rsLoRA" } else { "LoRA" },
+        if a.use_dora {
+            "DoRA"
+        } else if a.use_rslora {
+            "rsLoRA"
+        } else {
+            "LoRA"
+        },
         a.r,
         a.lora_alpha,
         a.lora_dropout
@@ -426,40 +535,91 @@ mod tests {
 
     #[test]
     fn explicit_sizes_override_a_preset_and_a_partial_shape_names_what_is_missing() {
-        let (name, c) = model_config(&matches(&["--shape", "qwen2.5-0.5b", "--layers", "2"])).unwrap();
+        let (name, c) =
+            model_config(&matches(&["--shape", "qwen2.5-0.5b", "--layers", "2"])).unwrap();
         assert_eq!(name, "qwen2.5-0.5b with layers 2");
-        assert_eq!((c.num_hidden_layers, c.hidden_size, c.vocab_size), (2, 896, 151_936));
+        assert_eq!(
+            (c.num_hidden_layers, c.hidden_size, c.vocab_size),
+            (2, 896, 151_936)
+        );
         assert!(c.qkv_bias, "a qwen preset keeps its q/k/v bias");
         assert_eq!(c.rope_theta, 1_000_000.0);
 
         let e = model_config(&matches(&["--layers", "2", "--hidden", "64"])).unwrap_err();
         assert_eq!(e.exit_code(), 2);
-        assert!(e.to_string().contains("missing: --intermediate --heads --kv-heads --vocab"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("missing: --intermediate --heads --kv-heads --vocab"),
+            "{e}"
+        );
 
-        let e = model_config(&matches(&["--layers", "1", "--hidden", "60", "--intermediate", "8", "--heads", "8", "--kv-heads", "2", "--vocab", "9"]))
-            .unwrap_err();
-        assert!(e.to_string().contains("--hidden 60 is not a multiple of --heads 8"), "{e}");
+        let e = model_config(&matches(&[
+            "--layers",
+            "1",
+            "--hidden",
+            "60",
+            "--intermediate",
+            "8",
+            "--heads",
+            "8",
+            "--kv-heads",
+            "2",
+            "--vocab",
+            "9",
+        ]))
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--hidden 60 is not a multiple of --heads 8"),
+            "{e}"
+        );
     }
 
     #[test]
     fn batch_and_adapter_flags_are_honoured_or_refused() {
         let cfg = preset("smollm2-135m").unwrap();
         let o = options(
-            &matches(&["--rows", "2", "--seq", "64", "--docs-per-row", "3", "--r", "4", "--rslora", "--target-modules", "q_proj,v_proj"]),
+            &matches(&[
+                "--rows",
+                "2",
+                "--seq",
+                "64",
+                "--docs-per-row",
+                "3",
+                "--r",
+                "4",
+                "--rslora",
+                "--target-modules",
+                "q_proj,v_proj",
+            ]),
             cfg.clone(),
         )
         .unwrap();
-        assert_eq!((o.rows, o.row_len, o.docs_per_row, o.adapter.r), (2, 64, 3, 4));
+        assert_eq!(
+            (o.rows, o.row_len, o.docs_per_row, o.adapter.r),
+            (2, 64, 3, 4)
+        );
         assert_eq!(o.adapter.lora_alpha, 8.0);
         assert!(o.adapter.use_rslora && !o.adapter.use_dora);
         assert_eq!(o.adapter.target_modules, ["q_proj", "v_proj"]);
 
-        let e = options(&matches(&["--target-modules", "q_proj,lm_head"]), cfg.clone()).unwrap_err();
+        let e = options(
+            &matches(&["--target-modules", "q_proj,lm_head"]),
+            cfg.clone(),
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("--target-modules"), "{e:#}");
         let e = options(&matches(&["--seq-len", "9000"]), cfg.clone()).unwrap_err();
-        assert!(e.to_string().contains("max_position_embeddings 8192"), "{e}");
+        assert!(
+            e.to_string().contains("max_position_embeddings 8192"),
+            "{e}"
+        );
         let e = options(&matches(&["--lora-dropout", "1"]), cfg).unwrap_err();
         assert!(e.to_string().contains("--lora-dropout"), "{e}");
-        assert!(command().try_get_matches_from(["bench", "--rows", "0"]).is_err());
+        assert!(
+            command()
+                .try_get_matches_from(["bench", "--rows", "0"])
+                .is_err()
+        );
     }
 }

@@ -30,7 +30,10 @@ pub fn run(name: &str, m: &ArgMatches) -> Result<(), ToolError> {
         "selftest" => selftest::run(m),
         "bench" => bench::run(m),
         "plugin" => plugin::run(m),
-        other => Err(ToolError::input(anyhow::anyhow!("`{other}` is not a tool command ({})", NAMES.join(", ")), "")),
+        other => Err(ToolError::input(
+            anyhow::anyhow!("`{other}` is not a tool command ({})", NAMES.join(", ")),
+            "",
+        )),
     }
 }
 
@@ -46,12 +49,20 @@ pub struct ToolError {
 impl ToolError {
     /// The user asked for something impossible (a missing file, a bad flag value): exit 2.
     pub fn input(source: impl Into<anyhow::Error>, hint: &'static str) -> Self {
-        ToolError { source: source.into(), bad_input: true, hint }
+        ToolError {
+            source: source.into(),
+            bad_input: true,
+            hint,
+        }
     }
 
     /// The command ran and failed (a failing check, no GPU, a plugin trap): exit 1.
     pub fn failed(source: impl Into<anyhow::Error>, hint: &'static str) -> Self {
-        ToolError { source: source.into(), bad_input: false, hint }
+        ToolError {
+            source: source.into(),
+            bad_input: false,
+            hint,
+        }
     }
 
     pub fn exit_code(&self) -> u8 {
@@ -114,7 +125,10 @@ mod tests {
 
     #[test]
     fn names_are_the_commands() {
-        let names: Vec<String> = commands().iter().map(|c| c.get_name().to_string()).collect();
+        let names: Vec<String> = commands()
+            .iter()
+            .map(|c| c.get_name().to_string())
+            .collect();
         assert_eq!(names, NAMES);
     }
 

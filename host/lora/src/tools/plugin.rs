@@ -71,7 +71,10 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
                 Some(dir) => {
                     let tools = lora_data::HfTextTools::from_dir(dir).map_err(|e| {
                         ToolError::input(
-                            anyhow::Error::new(e).context(format!("--model {}: cannot load its tokenizer", dir.display())),
+                            anyhow::Error::new(e).context(format!(
+                                "--model {}: cannot load its tokenizer",
+                                dir.display()
+                            )),
                             "hint: --model takes a Hugging Face model folder with tokenizer.json",
                         )
                     })?;
@@ -82,22 +85,32 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
             let input = m.get_one::<PathBuf>("input");
             if let Some(path) = input {
                 std::fs::File::open(path).map_err(|e| {
-                    ToolError::input(anyhow::Error::new(e).context(format!("--input {}: cannot read it", path.display())), HINT)
+                    ToolError::input(
+                        anyhow::Error::new(e)
+                            .context(format!("--input {}: cannot read it", path.display())),
+                        HINT,
+                    )
                 })?;
             }
-            let report = lora_plugins::check(&file, input.map(PathBuf::as_path), &config, tools).map_err(plugin_error)?;
+            let report = lora_plugins::check(&file, input.map(PathBuf::as_path), &config, tools)
+                .map_err(plugin_error)?;
             println!("{} plugin {}:", report.kind.as_str(), file.display());
             print!("{report}");
             Ok(())
         }
-        _ => Err(ToolError::input(anyhow::anyhow!("plugin: expected `inspect` or `check`"), HINT)),
+        _ => Err(ToolError::input(
+            anyhow::anyhow!("plugin: expected `inspect` or `check`"),
+            HINT,
+        )),
     }
 }
 
 #[cfg(not(feature = "plugins"))]
 pub(super) fn run(_: &ArgMatches) -> Result<(), ToolError> {
     Err(ToolError::failed(
-        anyhow::anyhow!("this lora binary was built without WebAssembly plugin support (cargo feature `plugins`)"),
+        anyhow::anyhow!(
+            "this lora binary was built without WebAssembly plugin support (cargo feature `plugins`)"
+        ),
         "hint: build with default features to inspect and check plugins",
     ))
 }
@@ -111,7 +124,10 @@ fn file(m: &ArgMatches) -> Result<PathBuf, ToolError> {
     // The runtime names an unreadable file too; checking here gives the clearer "no such file".
     match std::fs::metadata(&file) {
         Ok(meta) if meta.is_file() => Ok(file),
-        Ok(_) => Err(ToolError::input(anyhow::anyhow!("plugin file {} is not a file", file.display()), HINT)),
+        Ok(_) => Err(ToolError::input(
+            anyhow::anyhow!("plugin file {} is not a file", file.display()),
+            HINT,
+        )),
         Err(e) => Err(ToolError::input(
             anyhow::Error::new(e).context(format!("cannot read plugin file {}", file.display())),
             HINT,
@@ -126,7 +142,11 @@ fn config(m: &ArgMatches) -> Result<String, ToolError> {
         None => Ok(String::new()),
         Some(v) => match v.strip_prefix('@') {
             Some(path) => std::fs::read_to_string(path).map_err(|e| {
-                ToolError::input(anyhow::Error::new(e).context(format!("--plugin-config @{path}: cannot read it")), HINT)
+                ToolError::input(
+                    anyhow::Error::new(e)
+                        .context(format!("--plugin-config @{path}: cannot read it")),
+                    HINT,
+                )
             }),
             None => Ok(v.clone()),
         },
@@ -143,10 +163,14 @@ fn plugin_error(e: lora_plugins::PluginError) -> ToolError {
             e,
             "hint: the plugin trapped, hit a limit or returned an error; its log lines (above) and the call named in the error say where",
         ),
-        E::ApiVersion { .. } => ToolError::input(e, "hint: rebuild the plugin against a lora-plugin SDK version this lora supports"),
-        E::Config { .. } | E::Grant { .. } => {
-            ToolError::input(e, "hint: --plugin-config takes a JSON object keyed by plugin kind or file stem")
-        }
+        E::ApiVersion { .. } => ToolError::input(
+            e,
+            "hint: rebuild the plugin against a lora-plugin SDK version this lora supports",
+        ),
+        E::Config { .. } | E::Grant { .. } => ToolError::input(
+            e,
+            "hint: --plugin-config takes a JSON object keyed by plugin kind or file stem",
+        ),
         _ => ToolError::input(e, HINT),
     }
 }

@@ -22,7 +22,10 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
     let device = parse_device(m.get_one::<String>("device").map_or("cpu", String::as_str))?;
     let seed = m.get_one::<u64>("seed").copied();
     let report = lora_engine::selftest::run(device, seed).map_err(|e| {
-        ToolError::failed(anyhow::Error::new(e).context(format!("selftest on {device} could not start")), device_hint(device))
+        ToolError::failed(
+            anyhow::Error::new(e).context(format!("selftest on {device} could not start")),
+            device_hint(device),
+        )
     })?;
     println!("{report}");
     if report.passed() {
