@@ -364,20 +364,25 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
         .as_ref()
         .and_then(|(_, peak)| peak.map(|p| achieved_tflops / p));
     if m.get_flag("json") {
-        let v = serde_json::json!({
+        // The engine's BenchResult fields at the top level (what tests/gpu/run.sh reads), then
+        // what this command adds.
+        let mut v = serde_json::to_value(&r).unwrap_or_default();
+        let extra = serde_json::json!({
             "shape": shape,
             "device": device.to_string(),
-            "gpu": gpu.as_ref().map(|g| &g.0),
+            "gpu": gpu.as_ref().map(|g| g.0.clone()),
             "rows": opts.rows,
             "seq_len": opts.row_len,
             "docs_per_row": opts.docs_per_row,
             "lora_r": opts.adapter.r,
             "recompute": opts.recompute,
-            "result": r,
             "model_flops_per_step": flops,
             "model_tflops_per_sec": achieved_tflops,
             "mfu": mfu,
         });
+        if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+            v.extend(extra);
+        }
         println!("{v}");
     } else {
         print!(
