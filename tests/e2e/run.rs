@@ -328,7 +328,7 @@ fn wasm_scheduler_and_reporter_plugins_drive_a_run() {
     let wasm = build_guest_plugins(&["schedules", "csv-reporter"]);
     let base = temp_dir("plugins-base");
     let model = tiny_model(&base, DType::F32);
-    let args = [SMALL, &["--training-num-epochs", "2", "--training-lr-scheduler", "cosine", "--training-lr-warmup-steps", "2"]].concat();
+    let args = [SMALL, &["--training-num-epochs", "2", "--training-lr-scheduler", "cosine"]].concat();
     let native = temp_dir("plugins-native");
     run_ok(train_cmd(&native, &model, &capitals(), &args));
 

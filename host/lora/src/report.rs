@@ -29,6 +29,10 @@ pub struct History {
     pub trained_tokens: u64,
     /// Seconds spent training in earlier (interrupted) attempts of this run.
     pub prior_runtime_s: f64,
+    /// Steps since the last logged row: (loss sum, steps, tokens, trained tokens, seconds), so a resume in the
+    /// middle of a logging interval logs the same averages as an uninterrupted run.
+    #[serde(default)]
+    pub pending_log: (f64, u64, u64, u64, f64),
 }
 
 impl History {

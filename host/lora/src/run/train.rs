@@ -164,8 +164,8 @@ impl Run<'_> {
         report_all(&mut self.progress, &mut self.reporters, |r| r.on_start(&info))?;
         let started = Instant::now();
         let mut train_secs = 0.0f64;
-        let (mut log_loss, mut log_steps, mut log_tokens, mut log_secs) = (0.0f64, 0u64, 0u64, 0.0f64);
-        let mut last_eval_step = None;
+        let (mut log_loss, mut log_steps, mut log_tokens, mut log_trained, mut log_secs) = history.pending_log;
+        let mut last_eval_step = history.evals.last().map(|e| e.step);
         let mut checkpoint_secs = 0.0f64;
         let logging = p.logging_steps.max(1);
 
@@ -202,7 +202,8 @@ impl Run<'_> {
                     pos = Position { step: pos.step, epoch: pos.epoch + 1, step_in_epoch: 0 };
                 }
                 let step = pos.step;
-                (log_loss, log_steps, log_tokens, log_secs) = (log_loss + loss, log_steps + 1, log_tokens + tokens, log_secs + secs);
+                (log_loss, log_steps, log_tokens, log_trained, log_secs) =
+                    (log_loss + loss, log_steps + 1, log_tokens + tokens, log_trained + trained, log_secs + secs);
                 self.progress.tick(step, loss, tokens as f64 / secs.max(1e-9));
                 if step % logging == 0 || step == self.total_steps {
                     let m = StepMetrics {
@@ -213,13 +214,13 @@ impl Run<'_> {
                         grad_norm: o.grad_norm,
                         learning_rate: lr,
                         tokens: log_tokens,
-                        trained_tokens: trained,
+                        trained_tokens: log_trained,
                         tokens_per_second: log_tokens as f64 / log_secs.max(1e-9),
                         elapsed_s: history.prior_runtime_s + started.elapsed().as_secs_f64(),
                     };
                     history.steps.push(m.clone());
                     report_all(&mut self.progress, &mut self.reporters, |r| r.on_step(&m))?;
-                    (log_loss, log_steps, log_tokens, log_secs) = (0.0, 0, 0, 0.0);
+                    (log_loss, log_steps, log_tokens, log_trained, log_secs) = (0.0, 0, 0, 0, 0.0);
                 }
                 if p.eval_steps > 0 && step % p.eval_steps == 0 {
                     if let Some(e) = self.evaluate(step)? {
@@ -232,6 +233,7 @@ impl Run<'_> {
                 let want_save = (p.save_steps > 0 && step % p.save_steps == 0) || (p.checkpoint_at_epoch && epoch_end);
                 if want_save && step < self.total_steps {
                     let mut h = history.clone();
+                    h.pending_log = (log_loss, log_steps, log_tokens, log_trained, log_secs);
                     h.prior_runtime_s += started.elapsed().as_secs_f64();
                     checkpoint_secs += self.save(pos, &h)?;
                 }
