@@ -351,3 +351,33 @@ fn wasm_scheduler_and_reporter_plugins_drive_a_run() {
     let csv = std::fs::read_to_string(csv_dir.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 6, "header + one row per step:\n{csv}");
 }
+
+/// `training_base_model` as a hub id: downloaded from a hub on loopback (`HF_ENDPOINT`) into the
+/// standard cache under `HF_HOME`, trained on, and named in the adapter config; a second run
+/// reuses the cache (no file downloads), and `HF_HUB_OFFLINE=1` works from the cache alone.
+#[test]
+fn a_hub_model_id_is_downloaded_into_the_hf_cache_and_reused() {
+    let work = temp_dir("hub");
+    let model = tiny_model(&work.join("served"), DType::F32);
+    let hub = fake_hub::serve("lora-test/tiny-llama", &model);
+    let args = [SMALL, &["--training-num-epochs", "1"]].concat();
+    let run = |offline: bool, endpoint: &str| {
+        let mut c = train_cmd(&work, std::path::Path::new("lora-test/tiny-llama"), &capitals(), &args);
+        c.env("HF_ENDPOINT", endpoint).env("HF_HUB_OFFLINE", if offline { "1" } else { "0" }).env_remove("HF_HUB_CACHE");
+        run_ok(c)
+    };
+    run(false, &hub.endpoint);
+    let downloaded = hub.downloads.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(downloaded, 6, "config, tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json + the LFS weights");
+    let snapshot = work.join("hf/hub/models--lora-test--tiny-llama/snapshots").join(fake_hub::COMMIT);
+    assert!(snapshot.join("model.safetensors").is_file() && snapshot.join("chat_template.jinja").is_file());
+    let cfg: Value = serde_json::from_slice(&std::fs::read(work.join("out/model/adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["base_model_name_or_path"], "lora-test/tiny-llama");
+    let first = adapter_bytes(&work);
+    // Same run again: cache reuse (the run itself resumes as complete).
+    run(false, &hub.endpoint);
+    assert_eq!(hub.downloads.load(std::sync::atomic::Ordering::SeqCst), downloaded, "files downloaded again");
+    // Offline, with an endpoint nobody listens on.
+    run(true, "http://127.0.0.1:9");
+    assert!(adapter_bytes(&work) == first);
+}

@@ -152,6 +152,7 @@ impl Run<'_> {
         let p = self.params;
         let (mut pos, mut history) = self.resume()?;
         let start_step = pos.step;
+        let start_tokens = history.tokens;
         let info = RunInfo {
             run_id: self.manifest.run_id(),
             params: Value::Object(p.params_as_used()),
@@ -257,7 +258,7 @@ impl Run<'_> {
             "lora: {} steps in {:.1}s of optimizer steps ({:.0} tokens/s in steps), {:.2}s writing checkpoints",
             pos.step - start_step,
             train_secs,
-            history.tokens as f64 / history.prior_runtime_s.max(1e-9),
+            (history.tokens - start_tokens) as f64 / train_secs.max(1e-9),
             checkpoint_secs
         );
         Ok(Finished { history, summary })
