@@ -381,3 +381,35 @@ fn a_hub_model_id_is_downloaded_into_the_hf_cache_and_reused() {
     run(true, "http://127.0.0.1:9");
     assert!(adapter_bytes(&work) == first);
 }
+
+/// A WASM preprocessor (support tickets → redacted chat samples) feeds the run through the same
+/// `Preprocessor` trait as the built-in formats; the run manifest records the plugin by hash. A
+/// plugin that traps fails the run with exit 1, naming the plugin and the call.
+#[cfg(feature = "plugins")]
+#[test]
+fn a_wasm_preprocessor_feeds_the_run_and_a_trapping_one_fails_it_by_name() {
+    let wasm = build_guest_plugins(&["ticket-redactor", "hostile-preprocessor"]);
+    let base = temp_dir("prep-base");
+    let model = tiny_model(&base, DType::F32);
+    let tickets = repo_root().join("examples/data/tickets.jsonl");
+    let work = temp_dir("prep");
+    let plugin = format!("preprocessor={}", wasm.join("ticket_redactor.wasm").display());
+    let args = [&["--training-effective-batch-size", "4", "--training-num-epochs", "1", "--training-plugins"], &[plugin.as_str()][..]].concat();
+    let out = run_ok(train_cmd(&work, &model, &tickets, &args));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // 8 tickets, one without an agent reply (dropped by the plugin): 7 samples, 2 steps.
+    assert!(stderr.contains("8 records → 7 training samples"), "{stderr}");
+    let manifest: Value = serde_json::from_slice(&std::fs::read(work.join("out/model/run_manifest.json")).unwrap()).unwrap();
+    assert!(manifest["plugins"].as_object().unwrap().keys().any(|k| k.starts_with("preprocessor=")), "{manifest}");
+
+    let hostile = temp_dir("prep-hostile");
+    let plugin = format!("preprocessor={}", wasm.join("hostile_preprocessor.wasm").display());
+    let config = r#"{"preprocessor": {"settings": {"attack": "panic"}}}"#;
+    let args = [&["--training-effective-batch-size", "4", "--training-plugins"], &[plugin.as_str(), "--training-plugin-config", config][..]].concat();
+    let out = train_cmd(&hostile, &model, &tickets, &args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("hostile_preprocessor") || stderr.contains("hostile-preprocessor"), "names the plugin: {stderr}");
+    assert!(stderr.contains("process_batch") || stderr.contains("process-batch"), "names the call: {stderr}");
+    assert!(!hostile.join("out/model").exists(), "no output after a failed run");
+}
