@@ -133,11 +133,17 @@ impl Manifest {
     pub const FORMAT: &'static str = "lora-run-manifest/1";
 
     /// What decides the trained adapter, as JSON: everything except [`NOT_IN_RESUME_KEY`]
-    /// parameters.
+    /// parameters and the names the inputs were given by (a model folder or dataset moved to
+    /// another path is the same input: its content hashes decide).
     pub fn resume_view(&self) -> Value {
         let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
         if let Some(params) = v.get_mut("params").and_then(Value::as_object_mut) {
             params.retain(|k, _| !NOT_IN_RESUME_KEY.contains(&k.as_str()));
+        }
+        for input in ["model", "dataset"] {
+            if let Some(o) = v.get_mut(input).and_then(Value::as_object_mut) {
+                o.remove("name");
+            }
         }
         v
     }
@@ -207,6 +213,9 @@ mod tests {
     #[test]
     fn the_resume_key_ignores_where_and_how_often_things_are_written() {
         assert_eq!(manifest(2e-4, 500).resume_key(), manifest(2e-4, 10).resume_key());
+        let mut moved = manifest(2e-4, 500);
+        moved.model.name = "/elsewhere/m".into();
+        assert_eq!(moved.resume_key(), manifest(2e-4, 500).resume_key(), "the content decides, not the folder name");
         assert_ne!(manifest(2e-4, 500).resume_key(), manifest(1e-4, 500).resume_key());
     }
 

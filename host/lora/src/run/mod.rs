@@ -270,8 +270,14 @@ fn pick_device(name: &str) -> Result<Device> {
 fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data::DatasetSource, device: Device) -> Result<Manifest> {
     let model_files = manifest::hash_dir(&model.dir, manifest::is_model_file)?;
     let mut dataset_files = std::collections::BTreeMap::new();
-    for f in source.train.iter().chain(&source.validation) {
-        dataset_files.insert(f.path.display().to_string(), manifest::sha256_file(&f.path)?);
+    // Keyed by split, position and file name (not the full path: a KFP artifact's path changes
+    // between attempts; the content decides).
+    let splits = [("train", &source.train), ("validation", &source.validation)];
+    for (split, files) in splits {
+        for (i, f) in files.iter().enumerate() {
+            let name = f.path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            dataset_files.insert(format!("{split}[{i}] {name}"), manifest::sha256_file(&f.path)?);
+        }
     }
     let mut plugins = std::collections::BTreeMap::new();
     for spec in &p.plugins {
