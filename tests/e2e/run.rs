@@ -413,3 +413,14 @@ fn a_wasm_preprocessor_feeds_the_run_and_a_trapping_one_fails_it_by_name() {
     assert!(stderr.contains("process_batch") || stderr.contains("process-batch"), "names the call: {stderr}");
     assert!(!hostile.join("out/model").exists(), "no output after a failed run");
 }
+
+/// `training_checkpoint_at_epoch`: a checkpoint at each epoch end (here without step checkpoints).
+#[test]
+fn checkpoint_at_epoch_saves_at_each_epoch_end() {
+    let work = temp_dir("at-epoch");
+    let model = tiny_model(&work.join("base"), DType::F32);
+    let args = [SMALL, &["--training-num-epochs", "3", "--training-save-steps", "1000", "--training-checkpoint-at-epoch", "true", "--training-save-total-limit", "5"]].concat();
+    run_ok(train_cmd(&work, &model, &capitals(), &args));
+    let steps: Vec<u64> = lora::checkpoint::list(&work.join("pvc/checkpoints")).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, vec![3, 6, 9], "epoch ends of 3 steps each (the last is also the final checkpoint)");
+}

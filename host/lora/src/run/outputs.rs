@@ -172,6 +172,17 @@ pub fn merge_weight(w: &mut [f32], a: &[f32], b: &[f32], mag: Option<&[f32]>, (o
 
 /// Writes the merged model's weights into `out_dir` (same names and dtypes as the base).
 pub fn write_merged_weights(base_dir: &Path, out_dir: &Path, adapter: &[NamedTensor], cfg: &AdapterConfig) -> Result<()> {
+    write_merged_weights_sharded(base_dir, out_dir, adapter, cfg, MAX_SHARD_BYTES)
+}
+
+/// [`write_merged_weights`] with an explicit shard size (tests use a small one).
+pub fn write_merged_weights_sharded(
+    base_dir: &Path,
+    out_dir: &Path,
+    adapter: &[NamedTensor],
+    cfg: &AdapterConfig,
+    max_shard_bytes: u64,
+) -> Result<()> {
     let entries = base_entries(base_dir)?;
     let by_name: HashMap<&str, &NamedTensor> = adapter.iter().map(|t| (t.name.as_str(), t)).collect();
     let scale = cfg.scaling();
@@ -192,7 +203,7 @@ pub fn write_merged_weights(base_dir: &Path, out_dir: &Path, adapter: &[NamedTen
     let total: u64 = entries.values().map(|e| e.end - e.start).sum();
     for (name, e) in &entries {
         let n = e.end - e.start;
-        if size + n > MAX_SHARD_BYTES && !shards.last().unwrap().is_empty() {
+        if size + n > max_shard_bytes && !shards.last().unwrap().is_empty() {
             shards.push(Vec::new());
             size = 0;
         }
@@ -335,6 +346,43 @@ mod tests {
         let mut w = vec![3.0, 4.0, 0.0, 0.0, 0.0, 2.0];
         merge_weight(&mut w, &[0.0; 3], &[0.0; 2], Some(&[10.0, 1.0]), (2, 3, 1), 1.0);
         assert_eq!(w, vec![6.0, 8.0, 0.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn large_models_are_sharded_with_an_index_and_read_back_the_same() {
+        let dir = std::env::temp_dir().join(format!("lora-shard-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (base, single, sharded) = (dir.join("base"), dir.join("single"), dir.join("sharded"));
+        for d in [&single, &sharded] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let cfg = lora_engine::ModelConfig::tiny_llama(512);
+        lora_engine::testing::write_random_model(&base, &cfg, lora_engine::DType::BF16, 3).unwrap();
+        let (r, d, q) = (4usize, 64usize, 64usize);
+        let prefix = "base_model.model.model.layers.1.self_attn.q_proj";
+        let adapter = vec![
+            NamedTensor { name: format!("{prefix}.lora_A.weight"), shape: vec![r, d], data: (0..r * d).map(|i| (i % 7) as f32 * 0.01).collect() },
+            NamedTensor { name: format!("{prefix}.lora_B.weight"), shape: vec![q, r], data: (0..q * r).map(|i| (i % 5) as f32 * -0.02).collect() },
+        ];
+        let acfg = AdapterConfig { r, ..AdapterConfig::default() };
+        write_merged_weights(&base, &single, &adapter, &acfg).unwrap();
+        write_merged_weights_sharded(&base, &sharded, &adapter, &acfg, 40_000).unwrap();
+        assert!(single.join("model.safetensors").is_file() && !single.join("model.safetensors.index.json").exists());
+        let index: Value = serde_json::from_slice(&fs::read(sharded.join("model.safetensors.index.json")).unwrap()).unwrap();
+        let shards: std::collections::BTreeSet<&str> = index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+        assert!(shards.len() > 2, "{shards:?}");
+        assert!(shards.iter().all(|s| s.starts_with("model-") && s.ends_with(".safetensors")));
+        let (a, b) = (base_entries(&single).unwrap(), base_entries(&sharded).unwrap());
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (name, e) in &a {
+            assert_eq!(read_bytes(e).unwrap(), read_bytes(&b[name]).unwrap(), "{name}");
+        }
+        // The adapted weight changed, the others are the base's bytes.
+        let orig = base_entries(&base).unwrap();
+        let q_name = "model.layers.1.self_attn.q_proj.weight";
+        assert_ne!(read_bytes(&orig[q_name]).unwrap(), read_bytes(&a[q_name]).unwrap());
+        assert_eq!(read_bytes(&orig["model.layers.0.self_attn.q_proj.weight"]).unwrap(), read_bytes(&a["model.layers.0.self_attn.q_proj.weight"]).unwrap());
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
