@@ -111,7 +111,7 @@ fn panel(id: &str, title: &str, series: &[Series], (w, height): (f64, f64), x_ma
     if from_zero && y_lo > 0.0 {
         y_lo = 0.0;
     }
-    let x_lo = finite.iter().map(|p| p.0).fold(f64::INFINITY, f64::min).min(1.0).max(0.0);
+    let x_lo = finite.iter().map(|p| p.0).fold(f64::INFINITY, f64::min).clamp(0.0, 1.0);
     let x_hi = x_max.max(x_lo + 1.0);
     let (pw, ph) = (W - PAD_L - PAD_R, height - PAD_T - PAD_B);
     let sx = |x: f64| PAD_L + (x - x_lo) / (x_hi - x_lo) * pw;
@@ -196,7 +196,7 @@ fn thousands(v: u64) -> String {
     let s = v.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

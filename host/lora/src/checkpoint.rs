@@ -93,7 +93,7 @@ pub fn encode_safetensors(tensors: &[NamedTensor], metadata: &BTreeMap<String, S
         offset += bytes;
     }
     let mut head = Value::Object(header).to_string().into_bytes();
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + head.len() + offset);

@@ -182,7 +182,7 @@ impl BuiltinScheduler {
             "cosine_with_restarts" => Kind::CosineWithRestarts { num_cycles: s.float("num_cycles", Some(1.0))? },
             "polynomial" => {
                 let lr_end = s.float("lr_end", Some(1e-7))?;
-                if !(ctx.base_lr > lr_end) {
+                if ctx.base_lr <= lr_end {
                     return Err(s.bad(
                         "lr_end",
                         format!("must be smaller than the learning rate ({})", ctx.base_lr),

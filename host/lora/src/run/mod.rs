@@ -138,7 +138,7 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     let chart_meta = ChartMeta {
         model: model.name.clone(),
         settings: vec![
-            ("lr".into(), format!("{} {}, warmup {}", p.learning_rate, p.lr_scheduler, p.lr_warmup_steps)),
+            ("lr".into(), format!("{:e} {}, warmup {}", p.learning_rate, p.lr_scheduler, p.lr_warmup_steps)),
             ("LoRA".into(), format!("r {}, alpha {}, dropout {}", p.lora_r, p.lora_alpha, p.lora_dropout)),
             ("batch".into(), p.effective_batch_size.to_string()),
             ("max_seq_len".into(), p.max_seq_len.to_string()),

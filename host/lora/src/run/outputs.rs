@@ -226,7 +226,7 @@ pub fn write_merged_weights_sharded(
             weight_map.insert((*name).clone(), json!(file_name));
         }
         let mut head = Value::Object(header).to_string().into_bytes();
-        while head.len() % 8 != 0 {
+        while !head.len().is_multiple_of(8) {
             head.push(b' ');
         }
         let mut f = std::io::BufWriter::new(fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?);
