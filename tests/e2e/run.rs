@@ -411,6 +411,7 @@ fn a_wasm_preprocessor_feeds_the_run_and_a_trapping_one_fails_it_by_name() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("hostile_preprocessor") || stderr.contains("hostile-preprocessor"), "names the plugin: {stderr}");
     assert!(stderr.contains("process_batch") || stderr.contains("process-batch"), "names the call: {stderr}");
+    assert!(stderr.contains("hint: an extension failed"), "the hint says what to fix, not just to run again: {stderr}");
     assert!(!hostile.join("out/model").exists(), "no output after a failed run");
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::adapter::peft_prefix;
+use crate::adapter::{AdapterConfig, peft_prefix};
 use crate::cpu::sgemm;
 use crate::error::{EngineError, Result};
 use crate::model::Module;
@@ -15,6 +15,35 @@ use crate::weights::{OutTensor, WeightFiles, write_safetensors};
 
 /// Largest merged shard, as transformers' `max_shard_size="5GB"`.
 pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+/// `adapter_config.json` as PEFT writes it (REFERENCE.md §4): the one definition both the engine's
+/// own export and the run's outputs and checkpoints use. `lora_alpha` is written as an integer when
+/// it is one, as PEFT does for the component's integer parameter.
+pub fn peft_config<S: AsRef<str>>(cfg: &AdapterConfig, targets: &[S], base_model_name_or_path: &str) -> serde_json::Value {
+    let alpha = if cfg.lora_alpha.fract() == 0.0 { json!(cfg.lora_alpha as i64) } else { json!(cfg.lora_alpha) };
+    let targets: Vec<&str> = targets.iter().map(|t| t.as_ref()).collect();
+    json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.r,
+        "lora_alpha": alpha,
+        "lora_dropout": cfg.lora_dropout as f64,
+        "target_modules": targets,
+        "bias": "none",
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "fan_in_fan_out": false,
+        "init_lora_weights": true,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null,
+    })
+}
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
@@ -29,27 +58,7 @@ impl Trainer {
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
         let cfg = &self.adapters.cfg;
         let targets: Vec<&str> = cfg.resolve_targets()?.iter().map(|m| m.name()).collect();
-        let config = json!({
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model_name_or_path,
-            "r": cfg.r,
-            "lora_alpha": cfg.lora_alpha,
-            "lora_dropout": cfg.lora_dropout,
-            "target_modules": targets,
-            "bias": "none",
-            "use_rslora": cfg.use_rslora,
-            "use_dora": cfg.use_dora,
-            "fan_in_fan_out": false,
-            "init_lora_weights": true,
-            "inference_mode": true,
-            "modules_to_save": null,
-            "layers_to_transform": null,
-            "layers_pattern": null,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "revision": null
-        });
+        let config = peft_config(cfg, &targets, base_model_name_or_path);
         let tensors: Vec<OutTensor> = self
             .adapter_tensors()?
             .into_iter()

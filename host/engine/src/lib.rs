@@ -37,7 +37,7 @@ pub mod config;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
-mod export;
+pub mod export;
 pub mod selftest;
 mod layer;
 pub mod model;

@@ -73,6 +73,11 @@ impl CliError {
             CliError::Input(_) => {
                 "hint: `--dry-run` shows how every input path and parameter was resolved"
             }
+            // An extension (a plugin or a built-in preprocessor/scheduler/reporter) failing is not
+            // fixed by running again: say what is.
+            CliError::Run(e) if extension_failed(e) => {
+                "hint: an extension failed (named above); fix its input or settings, or remove it from training_plugins; outputs already written are kept, and once fixed, running again resumes from the newest complete checkpoint"
+            }
             CliError::Run(_) => {
                 "hint: the run stopped; with training_resume=auto (the default) running the same command again resumes from the newest complete checkpoint"
             }
@@ -80,6 +85,16 @@ impl CliError {
             CliError::Tool(e) => e.hint(),
         }
     }
+}
+
+/// Whether a run failed because an extension (plugin or built-in) did, directly or through the
+/// data pipeline (whose `DataError::Extension` is transparent, so the `ExtError` is not a link of
+/// its own in the chain).
+fn extension_failed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<lora_api::ExtError>().is_some()
+            || matches!(c.downcast_ref::<lora_data::DataError>(), Some(lora_data::DataError::Extension(_)))
+    })
 }
 
 fn param_help(d: &lora_params::ParamDef) -> String {

@@ -21,31 +21,7 @@ use crate::checkpoint::encode_safetensors;
 /// transformers' shard size for `save_pretrained` as the issue asks: shard above 5 GB.
 pub const MAX_SHARD_BYTES: u64 = 5_000_000_000;
 
-/// `adapter_config.json` as PEFT writes it (REFERENCE.md §4).
-pub fn peft_config(cfg: &AdapterConfig, targets: &[String], base_model: &str) -> Value {
-    let alpha = if cfg.lora_alpha.fract() == 0.0 { json!(cfg.lora_alpha as i64) } else { json!(cfg.lora_alpha) };
-    json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": cfg.r,
-        "lora_alpha": alpha,
-        "lora_dropout": cfg.lora_dropout as f64,
-        "target_modules": targets,
-        "bias": "none",
-        "use_rslora": cfg.use_rslora,
-        "use_dora": cfg.use_dora,
-        "fan_in_fan_out": false,
-        "init_lora_weights": true,
-        "inference_mode": true,
-        "modules_to_save": null,
-        "layers_to_transform": null,
-        "layers_pattern": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "revision": null,
-    })
-}
+pub use lora_engine::export::peft_config;
 
 /// Writes `adapter_config.json` + `adapter_model.safetensors` (f32, PEFT keys) into `dir`.
 pub fn write_adapter(dir: &Path, tensors: &[NamedTensor], config: &Value) -> Result<()> {
@@ -387,7 +363,7 @@ mod tests {
 
     #[test]
     fn peft_config_has_the_fields_peft_and_vllm_read() {
-        let c = peft_config(&AdapterConfig::default(), &["q_proj".into(), "v_proj".into()], "Qwen/Qwen2.5-1.5B-Instruct");
+        let c = peft_config(&AdapterConfig::default(), &["q_proj", "v_proj"], "Qwen/Qwen2.5-1.5B-Instruct");
         assert_eq!(c["peft_type"], "LORA");
         assert_eq!(c["task_type"], "CAUSAL_LM");
         assert_eq!(c["lora_alpha"], 32);
