@@ -302,21 +302,8 @@ fn kfp_run_writes_the_outputs_and_the_executor_output() {
 /// folder of the `.wasm` files (`LORA_PLUGINS_WASM_TARGET` overrides the target dir).
 #[cfg(feature = "plugins")]
 fn build_guest_plugins(packages: &[&str]) -> std::path::PathBuf {
-    let target = std::env::var_os("LORA_PLUGINS_WASM_TARGET")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugins-wasm"));
-    for p in packages {
-        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(repo_root().join("plugins"))
-            .args(["build", "--quiet", "--target", "wasm32-wasip2", "-p", p])
-            .env("CARGO_TARGET_DIR", &target)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .status()
-            .unwrap();
-        assert!(status.success(), "building guest plugin {p}");
-    }
-    target.join("wasm32-wasip2/debug")
+    let target = lora_plugins::testing::guest_target_dir(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")));
+    lora_plugins::testing::build_guest_plugins(&repo_root(), &target, packages, false).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A WASM scheduler and a WASM reporter stand in for the built-ins through the same traits: the

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lora-tools-{}-{name}", std::process::id()));
@@ -281,41 +280,16 @@ fn bench_refuses_bad_shapes_and_values_by_name() {
 
 /// Builds `plugins/<package>` for wasm32-wasip2 once per test binary, in the guest target dir
 /// the plugin runtime's tests share (`LORA_PLUGINS_WASM_TARGET` overrides it).
+#[cfg(feature = "plugins")]
 fn example_plugin(package: &str, artifact: &str) -> PathBuf {
-    static LOCK: OnceLock<std::sync::Mutex<()>> = OnceLock::new();
-    let _guard = LOCK
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = std::env::var_os("LORA_PLUGINS_WASM_TARGET")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugins-wasm"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(repo.join("plugins"))
-        .args([
-            "build",
-            "--quiet",
-            "--target",
-            "wasm32-wasip2",
-            "-p",
-            package,
-        ])
-        .env("CARGO_TARGET_DIR", &target)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .status()
-        .expect("cannot run cargo to build the example plugin");
-    assert!(
-        status.success(),
-        "building plugins/{package} for wasm32-wasip2 failed"
-    );
-    target
-        .join("wasm32-wasip2/debug")
+    let target = lora_plugins::testing::guest_target_dir(Path::new(env!("CARGO_TARGET_TMPDIR")));
+    lora_plugins::testing::build_guest_plugins(&repo, &target, &[package], false)
+        .unwrap_or_else(|e| panic!("{e}"))
         .join(format!("{artifact}.wasm"))
 }
 
+#[cfg(feature = "plugins")]
 #[test]
 fn plugin_inspect_and_check_an_example_scheduler() {
     let dir = temp_dir("plugin");
@@ -441,6 +415,7 @@ fn plugin_commands_name_a_missing_or_corrupt_file() {
     assert_eq!(o.status.code(), Some(2));
 }
 
+#[cfg(feature = "plugins")]
 #[test]
 fn plugin_check_runs_an_example_preprocessor_on_sample_records() {
     let dir = temp_dir("plugin-pre");

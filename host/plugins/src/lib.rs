@@ -25,6 +25,8 @@ mod preprocessor;
 mod reporter;
 mod sandbox;
 mod scheduler;
+#[doc(hidden)]
+pub mod testing;
 
 pub use cache::{CacheOutcome, default_cache_dir};
 pub use check::{CheckReport, NoTextTools, check};

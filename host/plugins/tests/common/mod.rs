@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use lora_api::{Message, TextTools};
@@ -26,35 +25,13 @@ pub const PLUGINS: &[(&str, &str)] = &[
 pub fn plugin_dir(profile: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = std::env::var_os("LORA_PLUGINS_WASM_TARGET")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugins-wasm"));
+    let target = lora_plugins::testing::guest_target_dir(Path::new(env!("CARGO_TARGET_TMPDIR")));
     let built = BUILT.get_or_init(Default::default);
     let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    let release = profile == "release";
     if !built.iter().any(|p| p == profile) {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        for (package, _) in PLUGINS {
-            let mut cmd = Command::new(&cargo);
-            cmd.current_dir(repo.join("plugins"))
-                .args([
-                    "build",
-                    "--quiet",
-                    "--target",
-                    "wasm32-wasip2",
-                    "-p",
-                    package,
-                ])
-                .env("CARGO_TARGET_DIR", &target)
-                .env_remove("RUSTFLAGS")
-                .env_remove("CARGO_ENCODED_RUSTFLAGS");
-            if profile == "release" {
-                cmd.arg("--release");
-            }
-            let status = cmd
-                .status()
-                .expect("cannot run cargo to build the guest plugins");
-            assert!(status.success(), "building guest plugin {package} failed");
-        }
+        let packages: Vec<&str> = PLUGINS.iter().map(|(package, _)| *package).collect();
+        lora_plugins::testing::build_guest_plugins(&repo, &target, &packages, release).unwrap_or_else(|e| panic!("{e}"));
         built.push(profile.to_string());
     }
     target.join("wasm32-wasip2").join(profile)
