@@ -11,17 +11,9 @@ use std::f64::consts::PI;
 
 use lora_api::{ExtError, ScheduleContext, Scheduler};
 
-/// The schedule names accepted by `training_lr_scheduler`.
-pub const SCHEDULER_NAMES: &[&str] = &[
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-    "warmup_stable_decay",
-];
+/// The schedule names accepted by `training_lr_scheduler`: the parameter validation's own list,
+/// so the two cannot drift apart.
+pub const SCHEDULER_NAMES: &[&str] = &lora_params::SCHEDULERS;
 
 /// A schedule could not be built from the run's parameters.
 #[derive(Debug, thiserror::Error, PartialEq)]
