@@ -332,11 +332,31 @@ fn wasm_scheduler_and_reporter_plugins_drive_a_run() {
     };
     let (a, b) = (lrs(&native), lrs(&work));
     assert_eq!(a.len(), 6);
-    for (x, y) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 1e-12 * x.abs().max(1e-12), "native cosine {a:?} vs WASM {b:?}");
-    }
+    assert_eq!(a, b, "native cosine vs WASM cosine, value for value");
     let csv = std::fs::read_to_string(csv_dir.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 6, "header + one row per step:\n{csv}");
+}
+
+/// The built-in `cosine` schedule and the example WASM scheduler's `cosine` give the same bits at
+/// every step, for run shapes from one step to thousands, with and without warmup.
+#[cfg(feature = "plugins")]
+#[test]
+fn builtin_and_wasm_cosine_schedules_are_bit_identical() {
+    use lora_api::{ScheduleContext, Scheduler};
+    let wasm = build_guest_plugins(&["schedules"]).join("schedules.wasm");
+    let opts = lora_plugins::PluginOptions { cache_dir: None, ..Default::default() };
+    let mut compared = 0;
+    for (warmup, total) in [(0, 1), (1, 1), (3, 10), (10, 1000), (0, 37), (64, 5000), (7, 7)] {
+        let ctx = ScheduleContext { base_lr: 3e-4, warmup_steps: warmup, total_steps: total, num_epochs: 1, steps_per_epoch: total, settings: Default::default() };
+        let mut builtin = lora::schedule::BuiltinScheduler::new("cosine", &ctx).unwrap();
+        let mut plugin = lora_plugins::load_scheduler(&wasm, &opts, ctx.clone()).unwrap();
+        for step in 0..total + 2 {
+            let (a, b) = (builtin.learning_rate(step).unwrap(), plugin.learning_rate(step).unwrap());
+            assert_eq!(a.to_bits(), b.to_bits(), "warmup {warmup}, total {total}, step {step}: built-in {a:e}, WASM {b:e}");
+            compared += 1;
+        }
+    }
+    assert!(compared > 6000);
 }
 
 /// `training_base_model` as a hub id: downloaded from a hub on loopback (`HF_ENDPOINT`) into the

@@ -1,7 +1,13 @@
 //! Built-in learning-rate schedules, value for value the ones `transformers.get_scheduler` makes
 //! (`transformers/optimization.py`, 5.17): each is `base_lr * lambda(step)` with the same float
-//! arithmetic, so a golden file written by transformers compares exactly
+//! arithmetic, so a golden file written by transformers compares value for value
 //! (`tests/e2e/make_scheduler_goldens.py`).
+//!
+//! Transcendental functions come from the `libm` crate (a port of musl's libm), not from the
+//! platform's C library: the rates are then the same bits on every host, and the same bits as a
+//! WASM scheduler plugin computes with `lora_plugin::math` (this same crate). Python's
+//! `math.cos` is glibc's, which differs from musl's in the last bit for a few arguments; the
+//! golden test allows that one ulp and counts it.
 //!
 //! Extra settings come from `training_lr_scheduler_kwargs` (a JSON object); a key the chosen
 //! schedule does not take is refused by name, as `get_scheduler` would raise a `TypeError`.
@@ -10,6 +16,7 @@ use std::collections::BTreeMap;
 use std::f64::consts::PI;
 
 use lora_api::{ExtError, ScheduleContext, Scheduler};
+use libm::cos;
 
 /// The schedule names accepted by `training_lr_scheduler`: the parameter validation's own list,
 /// so the two cannot drift apart.
@@ -240,7 +247,7 @@ impl BuiltinScheduler {
                     return warm_factor;
                 }
                 let progress = (step - warmup) as f64 / ((total - warmup).max(1) as f64);
-                f64::max(0.0, 0.5 * (1.0 + (PI * num_cycles * 2.0 * progress).cos()))
+                f64::max(0.0, 0.5 * (1.0 + cos(PI * num_cycles * 2.0 * progress)))
             }
             Kind::CosineWithRestarts { num_cycles } => {
                 if warming {
@@ -250,7 +257,7 @@ impl BuiltinScheduler {
                 if progress >= 1.0 {
                     return 0.0;
                 }
-                f64::max(0.0, 0.5 * (1.0 + (PI * py_mod(num_cycles * progress, 1.0)).cos()))
+                f64::max(0.0, 0.5 * (1.0 + cos(PI * py_mod(num_cycles * progress, 1.0))))
             }
             Kind::Polynomial { lr_end, power } => {
                 let lr_init = self.base_lr;
@@ -262,7 +269,7 @@ impl BuiltinScheduler {
                     let lr_range = lr_init - lr_end;
                     let decay_steps = (total - warmup) as f64;
                     let pct_remaining = 1.0 - (step - warmup) as f64 / decay_steps;
-                    let decay = lr_range * pct_remaining.powf(*power) + lr_end;
+                    let decay = lr_range * libm::pow(pct_remaining, *power) + lr_end;
                     decay / lr_init
                 }
             }
@@ -278,7 +285,7 @@ impl BuiltinScheduler {
                     let progress = warm_factor;
                     let f = match wshape {
                         Shape::Linear => progress,
-                        Shape::Cosine => 0.5 * (1.0 - (PI * progress).cos()),
+                        Shape::Cosine => 0.5 * (1.0 - cos(PI * progress)),
                         Shape::OneMinusSqrt => 1.0 - (1.0 - progress).sqrt(),
                     };
                     return f64::max(0.0, f * (1.0 - min_lr_ratio) + min_lr_ratio);
@@ -290,7 +297,7 @@ impl BuiltinScheduler {
                     let progress = (step - warmup - num_stable_steps) as f64 / ((*num_decay_steps).max(1) as f64);
                     let f = match decay {
                         Shape::Linear => 1.0 - progress,
-                        Shape::Cosine => 0.5 * (1.0 + (PI * num_cycles * 2.0 * progress).cos()),
+                        Shape::Cosine => 0.5 * (1.0 + cos(PI * num_cycles * 2.0 * progress)),
                         Shape::OneMinusSqrt => 1.0 - progress.sqrt(),
                     };
                     return f64::max(0.0, f * (1.0 - min_lr_ratio) + min_lr_ratio);
@@ -368,8 +375,11 @@ mod tests {
     }
 }
 
-/// Golden test: every schedule against `transformers.get_scheduler`, bit for bit
-/// (`tests/e2e/golden/schedulers.json`, written by `tests/e2e/make_scheduler_goldens.py`).
+/// Golden test: every schedule against `transformers.get_scheduler`
+/// (`tests/e2e/golden/schedulers.json`, written by `tests/e2e/make_scheduler_goldens.py`): bit for
+/// bit, except where glibc's `cos` (Python) and musl's (ours) round the last bit differently. Those
+/// may differ by what one ulp of the cosine moves the rate (`base_lr * EPSILON`), only in schedules
+/// that take a cosine, and there must be few of them.
 #[cfg(test)]
 mod golden {
     use super::*;
@@ -380,6 +390,7 @@ mod golden {
         let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let base_lr = doc["base_lr"].as_f64().unwrap();
         let mut failures = Vec::new();
+        let (mut values, mut one_ulp) = (0usize, 0usize);
         let cases = doc["cases"].as_array().unwrap();
         for case in cases {
             let name = case["name"].as_str().unwrap();
@@ -395,12 +406,24 @@ mod golden {
             for (step, bits) in case["lr_bits"].as_array().unwrap().iter().enumerate() {
                 let want = f64::from_bits(u64::from_str_radix(bits.as_str().unwrap(), 16).unwrap());
                 let got = s.learning_rate(step as u64).unwrap();
-                if got.to_bits() != want.to_bits() {
-                    failures.push(format!("{name} {} step {step}: ours {got:e}, transformers {want:e}", case["kwargs"]));
+                values += 1;
+                if got.to_bits() == want.to_bits() {
+                    continue;
+                }
+                // One ulp of a cosine in [-1, 1] is at most EPSILON / 2; the schedule halves it and
+                // scales by the base rate, so that is all a different last bit of `cos` can move it.
+                let takes_cos = name.contains("cosine") || name == "warmup_stable_decay";
+                if takes_cos && (got - want).abs() <= base_lr * f64::EPSILON {
+                    one_ulp += 1;
+                } else {
+                    let ulps = got.to_bits().abs_diff(want.to_bits());
+                    failures.push(format!("{name} {} step {step}: ours {got:e}, transformers {want:e} ({ulps} ulp)", case["kwargs"]));
                 }
             }
         }
+        eprintln!("{values} rates: {} bit-identical to transformers, {one_ulp} apart by one ulp of `cos` (musl vs glibc)", values - one_ulp - failures.len());
         assert!(cases.len() >= 20);
         assert!(failures.is_empty(), "{} mismatches, first: {:#?}", failures.len(), &failures[..failures.len().min(10)]);
+        assert!(one_ulp * 20 <= values, "{one_ulp} of {values} rates differ: more than libm rounding explains");
     }
 }

@@ -133,14 +133,13 @@ fn native_cosine(base: f64, warmup: u64, total: u64, step: u64) -> f64 {
         step as f64 / warmup.max(1) as f64
     } else {
         let progress = (step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
-        f64::max(0.0, 0.5 * (1.0 + (PI * 0.5 * 2.0 * progress).cos()))
+        f64::max(0.0, 0.5 * (1.0 + libm::cos(PI * 0.5 * 2.0 * progress)))
     };
     base * factor
 }
 
-/// `a` and `b` agree to within 1e-15 of the peak learning rate. Bit-identity is not possible for
-/// formulas with `cos`: the guest's `f64::cos` is Rust's libm (musl-derived), the host's is
-/// glibc's, and they differ in the last bits for a few percent of arguments.
+/// `a` and `b` agree to within 1e-15 of the peak learning rate (for formulas this file writes in
+/// a different order of operations than the plugin does).
 fn assert_close(a: f64, b: f64, peak: f64, what: &str) {
     assert!(
         (a - b).abs() <= 1e-15 * peak,
@@ -153,33 +152,21 @@ fn assert_close(a: f64, b: f64, peak: f64, what: &str) {
 #[test]
 fn wasm_cosine_equals_native_cosine() {
     let (opts, _) = options();
-    let mut identical = 0;
     let mut steps = 0;
-    for (warmup, total) in [(10, 1000), (0, 37), (5, 5), (3, 1)] {
+    for (warmup, total) in [(10, 1000), (0, 37), (5, 5), (3, 1), (100, 4321), (0, 1)] {
         let mut s = load_scheduler(&plugin("schedules"), &opts, ctx(warmup, total, &[])).unwrap();
         for step in 0..total + 3 {
             let wasm = s.learning_rate(step).unwrap();
             let native = native_cosine(2e-4, warmup, total, step);
-            assert_close(
-                wasm,
-                native,
-                2e-4,
-                &format!("warmup {warmup}, total {total}, step {step}"),
+            assert_eq!(
+                wasm.to_bits(),
+                native.to_bits(),
+                "warmup {warmup}, total {total}, step {step}: WASM {wasm:e} vs native {native:e}"
             );
-            if step < warmup {
-                assert_eq!(wasm, native, "warmup steps (no cos) must be bit-identical");
-            }
-            identical += (wasm == native) as usize;
             steps += 1;
         }
     }
-    eprintln!(
-        "{identical} of {steps} learning rates bit-identical; the rest within 1e-15 of the peak"
-    );
-    assert!(
-        identical * 10 >= steps * 9,
-        "only {identical} of {steps} bit-identical"
-    );
+    assert!(steps > 5000);
 }
 
 #[test]

@@ -11,6 +11,7 @@
 
 use std::f64::consts::PI;
 
+use lora_plugin::math::cos;
 use lora_plugin::scheduler::{ScheduleContext, Scheduler};
 
 enum Schedules {
@@ -42,7 +43,7 @@ struct Plateau {
 }
 
 fn anneal_cos(start: f64, end: f64, pct: f64) -> f64 {
-    end + (start - end) / 2.0 * ((PI * pct).cos() + 1.0)
+    end + (start - end) / 2.0 * (cos(PI * pct) + 1.0)
 }
 
 impl Scheduler for Schedules {
@@ -120,7 +121,7 @@ impl Scheduler for Schedules {
                 } else {
                     let progress =
                         (step - *warmup) as f64 / (total.saturating_sub(*warmup)).max(1) as f64;
-                    f64::max(0.0, 0.5 * (1.0 + (PI * 0.5 * 2.0 * progress).cos()))
+                    f64::max(0.0, 0.5 * (1.0 + cos(PI * 0.5 * 2.0 * progress)))
                 };
                 *base * factor
             }

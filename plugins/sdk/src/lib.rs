@@ -34,6 +34,14 @@ compile_error!(
 mod settings;
 pub use settings::Settings;
 
+/// `cos`, `exp`, `pow`, `log`, … exactly as lora's built-in schedules compute them: the `libm`
+/// crate (musl's libm in Rust), the same bits on every host. Use these rather than `f64::cos` in a
+/// scheduler that must reproduce a built-in schedule bit for bit; `f64::cos` in a guest is
+/// wasi-libc's copy of the same code today, but that is the toolchain's choice, not a promise.
+pub mod math {
+    pub use libm::*;
+}
+
 #[cfg(feature = "preprocessor")]
 pub mod preprocessor;
 #[cfg(feature = "reporter")]
