@@ -11,6 +11,12 @@ pub struct RawRecord {
     /// The file or split the record came from, for messages (`train.jsonl`, `data-00000.arrow`).
     pub source: String,
     pub value: serde_json::Value,
+    /// The record's JSON text exactly as the source held it (a JSONL line), when the reader kept
+    /// it: only for preprocessors that ask ([`Preprocessor::wants_json_text`]) and only from
+    /// sources that have text. A WASM plugin is handed this text instead of `value` written out
+    /// again; `None` means "serialize `value`".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<String>,
 }
 
 /// One chat message.
@@ -34,7 +40,10 @@ pub enum Sample {
     Text { text: String },
     /// Already tokenized; `train_mask[i]` says whether token `i` is a training target
     /// (all trained when absent).
-    Tokens { input_ids: Vec<u32>, train_mask: Option<Vec<bool>> },
+    Tokens {
+        input_ids: Vec<u32>,
+        train_mask: Option<Vec<bool>>,
+    },
 }
 
 /// What a preprocessor made of one input record.
@@ -55,7 +64,18 @@ pub trait Preprocessor: Send {
 
     /// Process one batch. `batch` is the 0-based batch number, for error messages.
     /// An `Err` here is fatal for the run (a trap, a limit, a contract violation).
-    fn process_batch(&mut self, batch: u64, records: &[RawRecord]) -> Result<Vec<RecordOutcome>, ExtError>;
+    fn process_batch(
+        &mut self,
+        batch: u64,
+        records: &[RawRecord],
+    ) -> Result<Vec<RecordOutcome>, ExtError>;
+
+    /// Whether readers should keep each record's source text in [`RawRecord::json`]. Built-ins
+    /// work on the parsed `value` and say no; a WASM plugin takes JSON text and says yes, so the
+    /// line read from a JSONL file crosses into the sandbox as it is.
+    fn wants_json_text(&self) -> bool {
+        false
+    }
 }
 
 /// The run's tokenizer and chat template, offered to preprocessors (WASM plugins import them as
@@ -65,5 +85,9 @@ pub trait TextTools: Send + Sync {
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String>;
     fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, String>;
     /// Render `messages` with the model's chat template.
-    fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String>;
+    fn apply_chat_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, String>;
 }

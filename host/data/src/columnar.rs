@@ -92,6 +92,7 @@ fn emit_batch(
             index: *next_index,
             source: source.to_owned(),
             value: Value::Object(obj),
+            json: None,
         }))?;
     }
     Ok(())

@@ -35,7 +35,8 @@ pub use prepare::{
     DataPlanSummary, DataReport, PREPROCESS_BATCH, PreparedData, SkippedRecord, prepare,
 };
 pub use source::{
-    DataFile, DatasetInput, DatasetSource, FileKind, ReadProblem, read_records, resolve_dataset,
+    DataFile, DatasetInput, DatasetSource, FileKind, ReadProblem, read_records,
+    read_records_keeping_text, resolve_dataset,
 };
 pub use template::ChatTemplate;
 pub use tokenize::{SampleError, TokenizedSample, tokenize_sample};

@@ -13,7 +13,7 @@ use crate::config::{BadRecords, DataConfig, DatasetType, LongSamplePolicy};
 use crate::error::{DataError, RecordLocation, Result};
 use crate::formats::{sample_field, split_field_error};
 use crate::plan::{EpochCounts, EpochPlan, MicroBatch, OptimizerStep, PlanParams};
-use crate::source::{DataFile, DatasetSource, read_records};
+use crate::source::{DataFile, DatasetSource, read_records_keeping_text};
 use crate::tokenize::{TokenizedSample, tokenize_sample};
 use crate::tools::HfTextTools;
 use crate::{cache, plan};
@@ -337,8 +337,9 @@ impl Collector<'_> {
         batch_no: &mut u64,
     ) -> Result<Vec<TokenizedSample>> {
         let mut records = Vec::with_capacity(PREPROCESS_BATCH);
+        let keep_text = pre.wants_json_text();
         for file in files {
-            read_records(file, &mut |rec| {
+            read_records_keeping_text(file, keep_text, &mut |rec| {
                 self.report.records += 1;
                 match rec {
                     Ok(r) => {

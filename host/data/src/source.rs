@@ -255,6 +255,16 @@ pub fn read_records(
     file: &DataFile,
     sink: &mut dyn FnMut(std::result::Result<RawRecord, ReadProblem>) -> Result<()>,
 ) -> Result<()> {
+    read_records_keeping_text(file, false, sink)
+}
+
+/// [`read_records`], and with `keep_text` each JSONL record also carries its line
+/// ([`RawRecord::json`], without the line break) for a preprocessor that takes JSON text.
+pub fn read_records_keeping_text(
+    file: &DataFile,
+    keep_text: bool,
+    sink: &mut dyn FnMut(std::result::Result<RawRecord, ReadProblem>) -> Result<()>,
+) -> Result<()> {
     let source = file.path.display().to_string();
     match file.kind {
         FileKind::Jsonl => {
@@ -295,6 +305,7 @@ pub fn read_records(
                         index,
                         source: source.clone(),
                         value,
+                        json: keep_text.then(|| text.trim_end().to_owned()),
                     }))?,
                     Err(e) => sink(Err(ReadProblem {
                         location,
@@ -331,6 +342,7 @@ pub fn read_records(
                     index: i as u64 + 1,
                     source: source.clone(),
                     value,
+                    json: None,
                 }))?;
             }
             Ok(())

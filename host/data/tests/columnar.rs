@@ -5,6 +5,7 @@ mod common;
 
 use lora_data::{
     DataConfig, DataFile, DatasetSource, FileKind, builtin_preprocessor, prepare, read_records,
+    read_records_keeping_text,
 };
 
 fn datasets() -> std::path::PathBuf {
@@ -33,6 +34,34 @@ fn parquet_rows_equal_the_jsonl_records() {
     });
     assert_eq!(jsonl.len(), 12);
     assert_eq!(parquet, jsonl);
+}
+
+/// A preprocessor that takes JSON text gets each JSONL line as it is in the file (no line break);
+/// columnar sources have no text, and readers keep none unless asked.
+#[test]
+fn jsonl_lines_are_kept_verbatim_only_when_asked() {
+    let path = datasets().join("chat.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.trim_end().to_string())
+        .collect();
+    let texts = |file: &DataFile, keep: bool| {
+        let mut out = Vec::new();
+        read_records_keeping_text(file, keep, &mut |r| {
+            out.push(r.expect("readable record").json);
+            Ok(())
+        })
+        .unwrap();
+        out
+    };
+    let jsonl = DataFile { path, kind: FileKind::Jsonl };
+    let kept: Vec<String> = texts(&jsonl, true).into_iter().map(|t| t.expect("text kept")).collect();
+    assert_eq!(kept, lines);
+    assert!(texts(&jsonl, false).iter().all(Option::is_none));
+    let parquet = DataFile { path: datasets().join("chat.snappy.parquet"), kind: FileKind::Parquet };
+    assert!(texts(&parquet, true).iter().all(Option::is_none));
 }
 
 #[test]

@@ -239,6 +239,7 @@ pub(crate) fn read_jsonl(path: &Path) -> Result<Vec<RawRecord>, PluginError> {
                 index: i as u64 + 1,
                 source: source.clone(),
                 value,
+                json: Some(l.trim_end().to_owned()),
             })
         })
         .collect()

@@ -66,6 +66,11 @@ impl lora_api::Preprocessor for WasmPreprocessor {
         &self.sandbox.name
     }
 
+    /// The guest takes JSON text: a JSONL line crosses as it was read, not parsed and rewritten.
+    fn wants_json_text(&self) -> bool {
+        true
+    }
+
     fn process_batch(
         &mut self,
         batch: u64,
@@ -77,7 +82,7 @@ impl lora_api::Preprocessor for WasmPreprocessor {
             .map(|r| wit::exports::lora::plugin::preprocess::RawRecord {
                 index: r.index,
                 source: r.source.clone(),
-                json: r.value.to_string(),
+                json: r.json.clone().unwrap_or_else(|| r.value.to_string()),
             })
             .collect();
         let Self { sandbox, bindings } = self;

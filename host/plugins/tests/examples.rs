@@ -17,6 +17,7 @@ fn ticket(index: u64, value: serde_json::Value) -> RawRecord {
         index,
         source: "tickets.jsonl".into(),
         value,
+        json: None,
     }
 }
 
@@ -91,6 +92,34 @@ fn ticket_redactor_redacts_before_anything_reaches_the_tokenizer() {
             "unredacted text reached the tokenizer: {text}"
         );
     }
+}
+
+/// Protects: a record's source text (a JSONL line, as the reader kept it) is what the guest gets,
+/// not the parsed value written out again; without text, the value is serialized.
+#[test]
+fn the_guest_gets_the_records_source_text_when_the_reader_kept_it() {
+    let (opts, _) = options();
+    let mut p = load_preprocessor(
+        &plugin("ticket_redactor"),
+        &opts,
+        Arc::new(RecordingTools::default()),
+    )
+    .unwrap();
+    assert!(p.wants_json_text(), "a WASM preprocessor asks readers for the text");
+    let line = r#"{ "messages" : [ {"from":"customer","body":"from the line"}, {"from":"agent","body":"ok"} ] }"#;
+    let mut with_text = ticket(7, json!({"messages": [{"from": "customer", "body": "from the value"}, {"from": "agent", "body": "ok"}]}));
+    with_text.json = Some(line.to_string());
+    let without_text = ticket(8, with_text.value.clone());
+    let out = p.process_batch(0, &[with_text, without_text]).unwrap();
+    let first_user = |i: usize| match &out[i].result {
+        Ok(samples) => match &samples[0] {
+            Sample::Chat { messages } => messages[0].content.clone(),
+            other => panic!("not chat: {other:?}"),
+        },
+        Err(e) => panic!("record failed: {e}"),
+    };
+    assert_eq!(first_user(0), "from the line");
+    assert_eq!(first_user(1), "from the value");
 }
 
 #[test]

@@ -20,6 +20,7 @@ fn records(n: u64) -> Vec<RawRecord> {
             index,
             source: "data.jsonl".into(),
             value: json!({"text": "hi"}),
+            json: None,
         })
         .collect()
 }

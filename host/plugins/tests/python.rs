@@ -27,6 +27,7 @@ fn python_preprocessor_runs_behind_the_same_trait() {
         index,
         source: "alpaca.jsonl".into(),
         value,
+        json: None,
     };
     let out = p
         .process_batch(
