@@ -337,6 +337,41 @@ fn wasm_scheduler_and_reporter_plugins_drive_a_run() {
     assert_eq!(csv.lines().count(), 1 + 6, "header + one row per step:\n{csv}");
 }
 
+/// A reporter granted one host (`grants.http`) reports a whole run over real HTTP: one `step`
+/// event per optimizer step with the same numbers as `training_metrics.jsonl`, between `start`
+/// (with the resolved parameters) and `finish`.
+#[cfg(feature = "plugins")]
+#[test]
+fn a_webhook_reporter_reports_a_run_over_http() {
+    let wasm = build_guest_plugins(&["webhook-reporter"]);
+    let server = lora_plugins::testing::HttpEndpoint::start(200).unwrap();
+    let base = temp_dir("webhook-base");
+    let model = tiny_model(&base, DType::F32);
+    let work = temp_dir("webhook-run");
+    let plugins = format!("reporter={}", wasm.join("webhook_reporter.wasm").display());
+    let config = serde_json::json!({"reporter": {
+        "settings": {"url": format!("{}/lora", server.origin())},
+        "grants": {"http": [server.origin()]}}})
+    .to_string();
+    let args = [SMALL, &["--training-num-epochs", "2", "--training-plugins", &plugins, "--training-plugin-config", &config]].concat();
+    run_ok(train_cmd(&work, &model, &capitals(), &args));
+
+    let got: Vec<Value> = server.requests().iter().map(|q| q.json()).collect();
+    let events: Vec<&str> = got.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(events.first(), Some(&"start"), "{events:?}");
+    assert_eq!(events.last(), Some(&"finish"), "{events:?}");
+    assert_eq!(got[0]["params"]["training_num_epochs"], 2, "{}", got[0]);
+    let steps: Vec<&Value> = got.iter().filter(|e| e["event"] == "step").collect();
+    let metrics: Vec<Value> = jsonl(&work.join("pvc/checkpoints/training_metrics.jsonl")).into_iter().filter(|r| r.get("learning_rate").is_some()).collect();
+    assert_eq!(steps.len(), 6);
+    assert_eq!(steps.len(), metrics.len());
+    for (e, m) in steps.iter().zip(&metrics) {
+        assert_eq!(e["step"], m["step"]);
+        assert_eq!(e["learning_rate"].as_f64(), m["learning_rate"].as_f64());
+        assert_eq!(e["loss"].as_f64(), m["loss"].as_f64());
+    }
+}
+
 /// The built-in `cosine` schedule and the example WASM scheduler's `cosine` give the same bits at
 /// every step, for run shapes from one step to thousands, with and without warmup.
 #[cfg(feature = "plugins")]

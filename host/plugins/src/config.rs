@@ -21,7 +21,8 @@
 //! - `settings`: string, number or boolean values, given to the plugin as strings.
 //! - `grants.dir` (reporters only): a host directory the plugin may read and write, seen as
 //!   `/out`. `grants.env`: host variables passed by name. `grants.clocks`: real clocks
-//!   (otherwise they read 0). `grants.http`: refused (wasi:http is not in this build).
+//!   (otherwise they read 0). `grants.http` (reporters only): the hosts it may send `wasi:http`
+//!   requests to, `[http://|https://]host[:port]` or `*.domain` (see [`crate::http`]).
 //! - `memory_mib` (default 512), `deadline_ms` per call (default 30000), `max_output_mib`
 //!   per call (default 64).
 //!
@@ -207,6 +208,12 @@ impl PluginSet {
                     spec.path.display()
                 )));
             }
+            if !spec.options.grants.http.is_empty() && spec.kind != PluginKind::Reporter {
+                return Err(cfg_err(format!(
+                    "{}: `grants.http` is for reporters only",
+                    spec.path.display()
+                )));
+            }
             spec.options.seed = plugin_seed(seed, spec.options.name.as_deref().unwrap_or_default());
         }
         Ok(set)
@@ -298,11 +305,8 @@ fn apply(key: &str, e: &Entry, o: &mut PluginOptions) -> Result<(), PluginError>
             o.grants.clocks = c;
         }
         if let Some(http) = &g.http {
-            if !http.is_empty() {
-                return Err(cfg_err(format!(
-                    "`{key}.grants.http`: wasi:http is not supported by this lora build"
-                )));
-            }
+            crate::http::parse_allow_list(http)
+                .map_err(|m| cfg_err(format!("`{key}.grants.http`: {m}")))?;
             o.grants.http = http.clone();
         }
     }

@@ -96,7 +96,15 @@ impl fmt::Display for Inspection {
             )?,
             None => writeln!(f, "  filesystem: none")?,
         }
-        writeln!(f, "  network:    none")?;
+        if o.grants.http.is_empty() {
+            writeln!(f, "  network:    none")?;
+        } else {
+            writeln!(
+                f,
+                "  network:    wasi:http to {} only (no sockets)",
+                o.grants.http.join(", ")
+            )?;
+        }
         if o.grants.env.is_empty() {
             writeln!(f, "  env:        none")?;
         } else {

@@ -20,6 +20,7 @@ mod cache;
 mod check;
 mod config;
 mod error;
+pub mod http;
 mod inspect;
 mod preprocessor;
 mod reporter;

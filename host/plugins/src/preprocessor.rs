@@ -37,7 +37,7 @@ impl WasmPreprocessor {
         text_tools: Option<Arc<dyn TextTools>>,
     ) -> Result<Self, PluginError> {
         let prepared = sandbox::prepare(path, PluginKind::Preprocessor, options)?;
-        let mut linker = sandbox::base_linker()?;
+        let mut linker = sandbox::base_linker(PluginKind::Preprocessor)?;
         wit::Preprocessor::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut sandbox = Sandbox::new(

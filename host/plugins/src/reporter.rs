@@ -29,7 +29,7 @@ pub fn load_reporter(
 impl WasmReporter {
     pub fn load(path: &Path, options: &PluginOptions) -> Result<Self, PluginError> {
         let prepared = sandbox::prepare(path, PluginKind::Reporter, options)?;
-        let mut linker = sandbox::base_linker()?;
+        let mut linker = sandbox::base_linker(PluginKind::Reporter)?;
         wit::Reporter::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut sandbox = Sandbox::new(&prepared.name, PluginKind::Reporter, options, None)?;
@@ -57,8 +57,14 @@ impl WasmReporter {
         ) -> wasmtime::Result<Result<(), String>>,
     ) -> Result<(), ExtError> {
         let Self { sandbox, bindings } = self;
-        let r = sandbox.call(call, step, |store| f(bindings.lora_plugin_report(), store))?;
-        r.map_err(|m| {
+        let r = sandbox.call(call, step, |store| f(bindings.lora_plugin_report(), store));
+        let denied = sandbox.store.data().http_policy.take_denied();
+        r?.map_err(|m| {
+            let m = if denied.is_empty() {
+                m
+            } else {
+                format!("{m}; lora denied the request to {}", denied.join("; "))
+            };
             let e = ExtError::failed(&sandbox.name, call, m);
             match step {
                 Some(s) => e.with_batch(s),

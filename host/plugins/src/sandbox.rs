@@ -15,9 +15,11 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{
     FsPerms, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
 };
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::bindings::v0_1_0 as wit;
 use crate::cache::{self, EPOCH_TICK, Loaded};
+use crate::http::{HttpPolicy, parse_allow_list};
 use crate::{GUEST_OUTPUT_DIR, PluginError, PluginKind, SUPPORTED_API_VERSIONS};
 
 /// What a plugin may touch beyond its own memory. Everything is off by default.
@@ -29,7 +31,8 @@ pub struct Grants {
     pub env: Vec<String>,
     /// The real wall and monotonic clocks; without this grant both read 0.
     pub clocks: bool,
-    /// Hosts for `wasi:http`. Not supported by this build: a non-empty list is refused.
+    /// Hosts a reporter may send `wasi:http` requests to: `[http://|https://]host[:port]`, a
+    /// leading `*.` for subdomains (see [`crate::http`]). Empty: no requests at all.
     pub http: Vec<String>,
 }
 
@@ -190,6 +193,8 @@ impl ResourceLimiter for Limiter {
 pub(crate) struct State {
     wasi: WasiCtx,
     table: ResourceTable,
+    http: WasiHttpCtx,
+    pub(crate) http_policy: HttpPolicy,
     pub(crate) limiter: Limiter,
     pub(crate) text_tools: Option<Arc<dyn TextTools>>,
     name: String,
@@ -202,6 +207,16 @@ impl WasiView for State {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for State {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_policy,
         }
     }
 }
@@ -356,21 +371,30 @@ pub(crate) fn imports(component: &Component) -> Result<Vec<String>, PluginError>
 }
 
 /// Refuses imports lora does not provide to this kind, with a message naming them.
-fn check_imports(path: &Path, kind: PluginKind, component: &Component) -> Result<(), PluginError> {
+fn check_imports(
+    path: &Path,
+    kind: PluginKind,
+    component: &Component,
+    grants: &Grants,
+) -> Result<(), PluginError> {
     for import in imports(component)? {
         let iface = import.split('@').next().unwrap_or(&import);
         let ok = match iface {
             "lora:plugin/types" | "lora:plugin/host" => true,
             "lora:plugin/text-tools" => kind == PluginKind::Preprocessor,
-            i if i.starts_with("wasi:http/") => false,
+            i if i.starts_with("wasi:http/") => {
+                kind == PluginKind::Reporter && !grants.http.is_empty()
+            }
             i if i.starts_with("wasi:") => true,
             _ => false,
         };
         if !ok {
             let hint = if iface == "lora:plugin/text-tools" {
                 "only preprocessors get the tokenizer"
+            } else if iface.starts_with("wasi:http/") && kind == PluginKind::Reporter {
+                "the reporter sends HTTP requests: list the hosts it may reach in `grants.http` of training_plugin_config"
             } else if iface.starts_with("wasi:http/") {
-                "wasi:http is not supported by this build"
+                "only reporters may use wasi:http"
             } else {
                 "a plugin may import lora:plugin/host, the preprocessor's lora:plugin/text-tools and WASI 0.2"
             };
@@ -414,7 +438,7 @@ pub(crate) fn prepare(
             found: kind.as_str(),
         });
     }
-    check_imports(path, kind, &loaded.component)?;
+    check_imports(path, kind, &loaded.component, &options.grants)?;
     Ok(Prepared {
         loaded,
         name: options.plugin_name(path),
@@ -447,12 +471,13 @@ impl Sandbox {
             message,
         };
         let g = &options.grants;
-        if !g.http.is_empty() {
+        if !g.http.is_empty() && kind != PluginKind::Reporter {
             return Err(grant_err(
                 "http",
-                "wasi:http is not supported by this lora build; remove the grant".into(),
+                format!("only reporters may be granted wasi:http, not a {kind}"),
             ));
         }
+        let allowed = parse_allow_list(&g.http).map_err(|m| grant_err("http", m))?;
         let mut b = WasiCtxBuilder::new();
         let stderr = MemoryOutputPipe::new(1 << 20);
         b.stderr(stderr.clone());
@@ -499,6 +524,14 @@ impl Sandbox {
         let state = State {
             wasi: b.build(),
             table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            http_policy: HttpPolicy::new(
+                allowed,
+                &g.http,
+                options.limits.deadline,
+                name,
+                options.log.clone(),
+            ),
             limiter: Limiter {
                 cap: options.limits.memory_bytes.min(usize::MAX as u64) as usize,
                 used: 0,
@@ -636,10 +669,16 @@ impl Sandbox {
     }
 }
 
-/// A linker with WASI 0.2 (sync) and the `lora:plugin/host` import.
-pub(crate) fn base_linker() -> Result<wasmtime::component::Linker<State>, PluginError> {
+/// A linker with WASI 0.2 (sync), and `wasi:http` for a reporter (whose requests the
+/// [`HttpPolicy`] allows only to granted hosts; a component importing it without a grant is
+/// refused before it gets here).
+pub(crate) fn base_linker(kind: PluginKind) -> Result<wasmtime::component::Linker<State>, PluginError> {
     let mut linker = wasmtime::component::Linker::new(cache::engine()?);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
         .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+    if kind == PluginKind::Reporter {
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
+            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+    }
     Ok(linker)
 }

@@ -33,7 +33,7 @@ impl WasmScheduler {
         context: ScheduleContext,
     ) -> Result<Self, PluginError> {
         let prepared = sandbox::prepare(path, PluginKind::Scheduler, options)?;
-        let mut linker = sandbox::base_linker()?;
+        let mut linker = sandbox::base_linker(PluginKind::Scheduler)?;
         wit::Scheduler::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut sandbox = Sandbox::new(&prepared.name, PluginKind::Scheduler, options, None)?;

@@ -38,3 +38,126 @@ pub fn build_guest_plugins(repo: &Path, target: &Path, packages: &[&str], releas
     }
     Ok(target.join("wasm32-wasip2").join(if release { "release" } else { "debug" }))
 }
+
+/// One request an [`HttpEndpoint`] received.
+#[derive(Debug, Clone)]
+pub struct ReceivedRequest {
+    pub method: String,
+    pub path: String,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl ReceivedRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A real HTTP/1.1 server on a loopback port, in a background thread, for reporters that send
+/// requests: it records each request and answers `status` (or never answers, with `silent`).
+pub struct HttpEndpoint {
+    pub port: u16,
+    pub received: std::sync::Arc<Mutex<Vec<ReceivedRequest>>>,
+}
+
+impl HttpEndpoint {
+    /// Answers every request with `status` and a short body.
+    pub fn start(status: u16) -> std::io::Result<HttpEndpoint> {
+        Self::spawn(Some(status))
+    }
+
+    /// Accepts connections and reads requests but never answers.
+    pub fn silent() -> std::io::Result<HttpEndpoint> {
+        Self::spawn(None)
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn origin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn requests(&self) -> Vec<ReceivedRequest> {
+        self.received.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn spawn(status: Option<u16>) -> std::io::Result<HttpEndpoint> {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let received: std::sync::Arc<Mutex<Vec<ReceivedRequest>>> = Default::default();
+        let sink = received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let sink = sink.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(match stream.try_clone() {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    });
+                    let mut writer = stream;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut parts = line.split_whitespace();
+                        let (method, path) = (
+                            parts.next().unwrap_or("").to_string(),
+                            parts.next().unwrap_or("").to_string(),
+                        );
+                        let mut headers = Vec::new();
+                        loop {
+                            let mut h = String::new();
+                            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let h = h.trim_end();
+                            if h.is_empty() {
+                                break;
+                            }
+                            if let Some((k, v)) = h.split_once(':') {
+                                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                            }
+                        }
+                        let len = headers
+                            .iter()
+                            .find(|(k, _)| k == "content-length")
+                            .and_then(|(_, v)| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        let mut body = vec![0; len];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        sink.lock().unwrap_or_else(|e| e.into_inner()).push(ReceivedRequest {
+                            method,
+                            path,
+                            headers,
+                            body,
+                        });
+                        let Some(status) = status else {
+                            // Hold the connection open without answering.
+                            std::thread::sleep(std::time::Duration::from_secs(120));
+                            return;
+                        };
+                        let reply = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: 8\r\n\r\nreceived"
+                        );
+                        if writer.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(HttpEndpoint { port, received })
+    }
+}

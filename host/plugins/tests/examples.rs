@@ -6,7 +6,11 @@ use std::collections::BTreeMap;
 use std::f64::consts::PI;
 use std::sync::Arc;
 
-use lora_api::{RawRecord, RunInfo, Sample, ScheduleContext, StepMetrics};
+use lora_api::{
+    CheckpointInfo, EvalMetrics, RawRecord, RunInfo, RunSummary, Sample, ScheduleContext,
+    StepMetrics,
+};
+use lora_plugins::testing::HttpEndpoint;
 use lora_plugins::{PluginSet, load_preprocessor, load_reporter, load_scheduler};
 use serde_json::json;
 
@@ -341,6 +345,133 @@ fn csv_reporter_without_a_grant_fails_clearly() {
     );
 }
 
+fn summary() -> RunSummary {
+    RunSummary {
+        total_steps: 3,
+        epochs: 1.0,
+        train_loss: 2.0,
+        final_loss: 1.0,
+        min_loss: 1.0,
+        final_eval_loss: Some(1.5),
+        final_perplexity: Some(1.5f64.exp()),
+        tokens: 300,
+        trained_tokens: 180,
+        tokens_per_second: 1000.0,
+        peak_memory_bytes: 1 << 30,
+        train_runtime: 3.0,
+    }
+}
+
+fn webhook(url: &str, http: &[String], extra: &[(&str, &str)]) -> lora_plugins::PluginOptions {
+    let (mut opts, _) = options();
+    opts.settings = BTreeMap::from([("url".to_string(), url.to_string())]);
+    opts.settings
+        .extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    opts.grants.http = http.to_vec();
+    opts
+}
+
+/// Protects: a reporter granted one host reaches it over real HTTP, with every event of a run,
+/// and with a token it was granted through the environment.
+#[test]
+fn webhook_reporter_posts_every_event_to_its_granted_host() {
+    let server = HttpEndpoint::start(200).unwrap();
+    let var = "LORA_TEST_WEBHOOK_TOKEN_7f3a";
+    // SAFETY: a variable no other test reads or writes.
+    unsafe { std::env::set_var(var, "s3cret") };
+    let mut opts = webhook(
+        &format!("{}/hooks/lora?team=ml", server.origin()),
+        &[server.origin()],
+        &[("bearer_token_env", var)],
+    );
+    opts.grants.env = vec![var.to_string()];
+    let mut r = load_reporter(&plugin("webhook_reporter"), &opts).unwrap();
+    r.on_start(&run_info()).unwrap();
+    for s in 1..=3 {
+        r.on_step(&step(s)).unwrap();
+    }
+    r.on_eval(&EvalMetrics { step: 3, epoch: 0.3, eval_loss: 1.5, perplexity: 1.5f64.exp(), eval_tokens: 40 })
+        .unwrap();
+    r.on_checkpoint(&CheckpointInfo { step: 3, epoch: 0.3, path: "/pvc/checkpoint-3".into() })
+        .unwrap();
+    r.on_finish(&summary()).unwrap();
+
+    let got = server.requests();
+    let events: Vec<String> = got.iter().map(|q| q.json()["event"].as_str().unwrap_or("?").to_string()).collect();
+    assert_eq!(events, ["start", "step", "step", "step", "eval", "checkpoint", "finish"]);
+    for q in &got {
+        assert_eq!((q.method.as_str(), q.path.as_str()), ("POST", "/hooks/lora?team=ml"));
+        assert_eq!(q.header("content-type"), Some("application/json"));
+        assert_eq!(q.header("authorization"), Some("Bearer s3cret"));
+        assert_eq!(q.json()["run_id"], "r1");
+    }
+    assert_eq!(got[0].json()["params"]["training_lora_r"], 16);
+    assert_eq!(got[2].json()["step"], 2);
+    assert_eq!(got[2].json()["loss"], 1.5);
+    assert_eq!(got[5].json()["path"], "/pvc/checkpoint-3");
+    assert_eq!(got[6].json()["final_eval_loss"], 1.5);
+}
+
+/// Protects: a request to a host outside the grant never leaves the host process; the call fails
+/// naming the plugin, the call and the denied host. With `on_error=warn` the run goes on.
+#[test]
+fn webhook_requests_outside_the_grant_are_denied_and_named() {
+    let server = HttpEndpoint::start(200).unwrap();
+    let other = HttpEndpoint::start(200).unwrap();
+    let opts = webhook(&server.origin(), &[other.origin()], &[]);
+    let mut r = load_reporter(&plugin("webhook_reporter"), &opts).unwrap();
+    let err = r.on_start(&run_info()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("plugin:webhook_reporter") && text.contains("on_start"), "{text}");
+    assert!(
+        text.contains(&format!("lora denied the request to http://127.0.0.1:{}: not in `grants.http` ({})", server.port, other.origin()))
+            && text.contains("grants.http"),
+        "{text}"
+    );
+    assert!(server.requests().is_empty() && other.requests().is_empty());
+
+    let (_, logs) = options();
+    let mut opts = webhook(&server.origin(), &[other.origin()], &[("on_error", "warn")]);
+    let sink = logs.clone();
+    opts.log = Arc::new(move |p, l, m| sink.lock().unwrap().push(format!("[{p}] {l:?}: {m}")));
+    let mut r = load_reporter(&plugin("webhook_reporter"), &opts).unwrap();
+    r.on_start(&run_info()).unwrap();
+    r.on_step(&step(1)).unwrap();
+    let logs = logs.lock().unwrap();
+    assert!(logs.iter().any(|l| l.contains("Warn") && l.contains("denied a request")), "{logs:?}");
+    assert!(server.requests().is_empty());
+}
+
+/// Protects: a reporter that imports wasi:http is refused at load without a grant (saying which
+/// grant), and a grant for another kind of plugin is refused.
+#[test]
+fn wasi_http_needs_a_grant_and_a_reporter() {
+    let opts = webhook("http://127.0.0.1:9/", &[], &[]);
+    let err = load_reporter(&plugin("webhook_reporter"), &opts).err().unwrap().to_string();
+    assert!(err.contains("wasi:http") && err.contains("grants.http"), "{err}");
+
+    let (mut opts, _) = options();
+    opts.grants.http = vec!["127.0.0.1:9".into()];
+    let err = load_scheduler(&plugin("schedules"), &opts, ctx(0, 10, &[])).err().unwrap().to_string();
+    assert!(err.contains("only reporters may be granted wasi:http"), "{err}");
+}
+
+/// Protects: a server that accepts but never answers cannot hold the run past the plugin's
+/// per-call deadline.
+#[test]
+fn a_silent_server_is_cut_off_at_the_deadline() {
+    let server = HttpEndpoint::silent().unwrap();
+    let mut opts = webhook(&server.origin(), &[server.origin()], &[]);
+    opts.limits.deadline = std::time::Duration::from_millis(800);
+    let mut r = load_reporter(&plugin("webhook_reporter"), &opts).unwrap();
+    let t = std::time::Instant::now();
+    let err = r.on_start(&run_info()).unwrap_err();
+    let took = t.elapsed();
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+    assert!(err.to_string().contains("plugin:webhook_reporter") && err.to_string().contains("no response within the deadline"), "{err}");
+    assert_eq!(server.requests().len(), 1, "the request reached the server");
+}
+
 /// The run's parameters, end to end: names, config keyed by kind and by stem, grants, seeds.
 #[test]
 fn plugin_set_from_params_loads_every_kind() {
@@ -443,7 +574,13 @@ fn plugin_parameters_are_refused_with_the_parameter_named() {
             format!("scheduler={}", sched.display()),
             r#"{"scheduler": {"grants": {"http": ["api.wandb.ai"]}}}"#,
             "training_plugin_config",
-            "wasi:http",
+            "`grants.http` is for reporters only",
+        ),
+        (
+            format!("reporter={}", plugin("csv_reporter").display()),
+            r#"{"reporter": {"grants": {"http": ["https://metrics.internal/api"]}}}"#,
+            "training_plugin_config",
+            "`reporter.grants.http`: entry 1 `https://metrics.internal/api`: give a host",
         ),
         (
             format!("scheduler={}", sched.display()),

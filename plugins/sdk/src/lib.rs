@@ -48,6 +48,13 @@ pub mod preprocessor;
 pub mod reporter;
 #[cfg(feature = "scheduler")]
 pub mod scheduler;
+#[cfg(feature = "http")]
+pub mod http;
+
+#[cfg(all(feature = "http", not(feature = "reporter")))]
+compile_error!(
+    "lora-plugin: the `http` feature is for reporters (only a reporter may be granted wasi:http)"
+);
 
 /// The version of the WIT package `lora:plugin` this SDK builds against.
 pub const API_VERSION: &str = "0.1.0";

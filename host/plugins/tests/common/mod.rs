@@ -14,6 +14,7 @@ pub const PLUGINS: &[(&str, &str)] = &[
     ("ticket-redactor", "ticket_redactor"),
     ("schedules", "schedules"),
     ("csv-reporter", "csv_reporter"),
+    ("webhook-reporter", "webhook_reporter"),
     ("hostile-preprocessor", "hostile_preprocessor"),
     ("hostile-reporter", "hostile_reporter"),
     ("hostile-newer-api", "hostile_newer_api"),
