@@ -38,6 +38,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod export;
+pub mod merge;
 pub mod selftest;
 mod layer;
 pub mod model;
