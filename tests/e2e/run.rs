@@ -337,6 +337,47 @@ fn wasm_scheduler_and_reporter_plugins_drive_a_run() {
     assert_eq!(csv.lines().count(), 1 + 6, "header + one row per step:\n{csv}");
 }
 
+/// Bad input found during a run (not by parameter validation) exits 2 with the input hint and
+/// names what and where: a folder that is not a model, a corrupt weights file, a malformed
+/// record. Nothing is left in the output folder.
+#[test]
+fn bad_input_found_while_running_exits_2_naming_it() {
+    let base = temp_dir("badinput-base");
+    let model = tiny_model(&base, DType::F32);
+    let fail = |work: &std::path::Path, model: &std::path::Path, data: &std::path::Path, needles: &[&str]| {
+        let out = train_cmd(work, model, data, SMALL).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("hint: `--dry-run`"), "{stderr}");
+        for n in needles {
+            assert!(stderr.contains(n), "missing `{n}` in: {stderr}");
+        }
+        assert!(!work.join("out/model/model.safetensors").exists());
+    };
+    let not_a_model = temp_dir("badinput-nomodel");
+    std::fs::create_dir_all(not_a_model.join("m")).unwrap();
+    fail(&not_a_model, &not_a_model.join("m"), &capitals(), &["has no config.json"]);
+
+    let corrupt = temp_dir("badinput-corrupt");
+    let broken = corrupt.join("m");
+    std::fs::create_dir_all(&broken).unwrap();
+    for e in std::fs::read_dir(&model).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), broken.join(e.file_name())).unwrap();
+    }
+    let weights = broken.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    fail(&corrupt, &broken, &capitals(), &["model.safetensors"]);
+
+    let bad_data = temp_dir("badinput-data");
+    let data = bad_data.join("d.jsonl");
+    let good = std::fs::read_to_string(capitals()).unwrap();
+    std::fs::write(&data, format!("{}{{\"messages\": [oops\n", good)).unwrap();
+    let line = good.lines().count() + 1;
+    fail(&bad_data, &model, &data, &["d.jsonl", &line.to_string(), "invalid JSON"]);
+}
+
 /// A reporter granted one host (`grants.http`) reports a whole run over real HTTP: one `step`
 /// event per optimizer step with the same numbers as `training_metrics.jsonl`, between `start`
 /// (with the resolved parameters) and `finish`.

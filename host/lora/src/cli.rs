@@ -87,6 +87,51 @@ impl CliError {
     }
 }
 
+/// Whether a run failed on its input rather than while running: the model named is not a model
+/// (missing folder, no config, unsupported or corrupt weights), the dataset is unreadable as data
+/// (format, a bad record under the `error` policy, nothing left), or a plugin named cannot be
+/// loaded as configured. Those exit 2 with the input hint; running again would not help.
+fn input_failed(e: &anyhow::Error) -> bool {
+    use crate::hub::HubError as H;
+    use lora_data::DataError as D;
+    use lora_engine::EngineError as E;
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<H>(),
+            Some(H::Oci(_) | H::NotAModel(_) | H::NoConfig(_) | H::OfflineNotCached { .. } | H::NoSafetensors { .. })
+        ) || matches!(
+            c.downcast_ref::<D>(),
+            Some(D::Param { .. } | D::Source { .. } | D::Format { .. } | D::Record { .. } | D::Empty { .. } | D::Tokenizer { .. })
+        ) || matches!(
+            c.downcast_ref::<E>(),
+            Some(E::Config { .. } | E::Unsupported(_) | E::Weights { .. } | E::WeightsFile { .. } | E::Adapter(_))
+        ) || plugin_input_failed(c)
+    })
+}
+
+#[cfg(feature = "plugins")]
+fn plugin_input_failed(c: &(dyn std::error::Error + 'static)) -> bool {
+    use lora_plugins::PluginError as P;
+    matches!(
+        c.downcast_ref::<P>(),
+        Some(
+            P::Config { .. }
+                | P::Read { .. }
+                | P::Compile { .. }
+                | P::NotAPlugin { .. }
+                | P::ApiVersion { .. }
+                | P::WrongKind { .. }
+                | P::UnsupportedImport { .. }
+                | P::Grant { .. }
+        )
+    )
+}
+
+#[cfg(not(feature = "plugins"))]
+fn plugin_input_failed(_: &(dyn std::error::Error + 'static)) -> bool {
+    false
+}
+
 /// Whether a run failed because an extension (plugin or built-in) did, directly or through the
 /// data pipeline (whose `DataError::Extension` is transparent, so the `ExtError` is not a link of
 /// its own in the chain).
@@ -333,7 +378,7 @@ fn finish(
             )
         })?;
     }
-    let outcome = execute(&request).map_err(CliError::Run)?;
+    let outcome = execute(&request).map_err(|e| if input_failed(&e) { CliError::Input(e) } else { CliError::Run(e) })?;
     if let Some(input) = &request.kfp {
         crate::kfp::write_executor_output(input, &outcome)?;
     }
