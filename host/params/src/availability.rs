@@ -70,17 +70,17 @@ pub static UNAVAILABLE: &[Unavailable] = &[
     Unavailable {
         param: "training_wandb_project",
         requested: |p| p.training_wandb_project.is_some(),
-        reason: "no Weights & Biases reporter is built (no network reporter); use a reporter plugin (training_plugins=reporter=...)",
+        reason: "no built-in Weights & Biases reporter; use a reporter plugin granted wasi:http to your tracking server (training_plugins=reporter=..., grants.http in training_plugin_config; plugins/webhook-reporter shows how)",
     },
     Unavailable {
         param: "training_wandb_entity",
         requested: |p| p.training_wandb_entity.is_some(),
-        reason: "no Weights & Biases reporter is built (no network reporter); use a reporter plugin (training_plugins=reporter=...)",
+        reason: "no built-in Weights & Biases reporter; use a reporter plugin granted wasi:http to your tracking server (training_plugins=reporter=..., grants.http in training_plugin_config; plugins/webhook-reporter shows how)",
     },
     Unavailable {
         param: "training_wandb_run_name",
         requested: |p| p.training_wandb_run_name.is_some(),
-        reason: "no Weights & Biases reporter is built (no network reporter); use a reporter plugin (training_plugins=reporter=...)",
+        reason: "no built-in Weights & Biases reporter; use a reporter plugin granted wasi:http to your tracking server (training_plugins=reporter=..., grants.http in training_plugin_config; plugins/webhook-reporter shows how)",
     },
     Unavailable {
         param: "training_tensorboard_log_dir",

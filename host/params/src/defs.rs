@@ -207,11 +207,11 @@ define_params! {
     training_save_total_limit: Option<i64> = None, Reference,
         "Keep at most N step checkpoints (resolved: 3).";
     training_wandb_project: Option<String> = None, Reference,
-        "Weights & Biases project. NOT BUILT: no network reporter; use a reporter plugin.";
+        "Weights & Biases project. NOT BUILT: use a reporter plugin granted wasi:http (grants.http).";
     training_wandb_entity: Option<String> = None, Reference,
-        "Weights & Biases entity. NOT BUILT: no network reporter; use a reporter plugin.";
+        "Weights & Biases entity. NOT BUILT: use a reporter plugin granted wasi:http (grants.http).";
     training_wandb_run_name: Option<String> = None, Reference,
-        "Weights & Biases run name. NOT BUILT: no network reporter; use a reporter plugin.";
+        "Weights & Biases run name. NOT BUILT: use a reporter plugin granted wasi:http (grants.http).";
     training_tensorboard_log_dir: Option<String> = None, Reference,
         "TensorBoard log directory. NOT BUILT: use a reporter plugin.";
     training_dataset_type: Option<String> = None, Reference,

@@ -642,7 +642,25 @@ fn inspect_shows_kind_version_imports_and_grants() {
     assert!(
         text.contains("kind:        preprocessor")
             && text.contains("filesystem: none")
-            && text.contains("memory 128 MiB"),
+            && text.contains("memory 128 MiB")
+            && text.contains("network:    none"),
+        "{text}"
+    );
+
+    // A reporter that imports wasi:http shows it, and what it would be allowed to reach.
+    let i = lora_plugins::inspect(
+        &plugin("webhook_reporter"),
+        r#"{"reporter": {"grants": {"http": ["https://metrics.internal"]}}}"#,
+    )
+    .unwrap();
+    assert!(
+        i.imports.iter().any(|n| n.starts_with("wasi:http/outgoing-handler@0.2")),
+        "{:?}",
+        i.imports
+    );
+    let text = i.to_string();
+    assert!(
+        text.contains("network:    wasi:http to https://metrics.internal only (no sockets)"),
         "{text}"
     );
 }
