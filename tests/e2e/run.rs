@@ -413,6 +413,52 @@ fn a_webhook_reporter_reports_a_run_over_http() {
     }
 }
 
+/// A reporter that fails mid-run (its endpoint starts answering 500 at step 4) stops the run
+/// with exit 1, naming the plugin, the call and the step; the checkpoints written before stay
+/// complete, and once the endpoint is back the same command resumes and finishes with the same
+/// adapter bytes as a run that was never interrupted.
+#[cfg(feature = "plugins")]
+#[test]
+fn a_failing_reporter_stops_the_run_without_harming_checkpoints() {
+    let wasm = build_guest_plugins(&["webhook-reporter"]);
+    let server = lora_plugins::testing::HttpEndpoint::start(200).unwrap();
+    let base = temp_dir("failrep-base");
+    let model = tiny_model(&base, DType::F32);
+    let plugins = format!("reporter={}", wasm.join("webhook_reporter.wasm").display());
+    let config = serde_json::json!({"reporter": {
+        "settings": {"url": server.origin(), "events": "start,step,finish"},
+        "grants": {"http": [server.origin()]}}})
+    .to_string();
+    let args = [SMALL, &["--training-num-epochs", "2", "--training-save-steps", "1", "--training-plugins", &plugins, "--training-plugin-config", &config]].concat();
+
+    let reference = temp_dir("failrep-ref");
+    run_ok(train_cmd(&reference, &model, &capitals(), &args));
+
+    let work = temp_dir("failrep-work");
+    let before = server.requests().len();
+    server.answer_from(before + 4, 500); // start, steps 1-3 delivered; step 4 refused
+    let out = train_cmd(&work, &model, &capitals(), &args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for needle in ["plugin:webhook_reporter", "on_step", "HTTP 500", "step 4"] {
+        assert!(stderr.contains(needle), "missing `{needle}`: {stderr}");
+    }
+    let checkpoints = work.join("pvc/checkpoints");
+    let mut saved: Vec<String> = std::fs::read_dir(&checkpoints).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("checkpoint-")).collect();
+    saved.sort();
+    assert!(saved.iter().any(|n| n == "checkpoint-3"), "{saved:?}");
+    for c in &saved {
+        let adapter = checkpoints.join(c).join("adapter_model.safetensors");
+        assert!(adapter.is_file(), "{c} is complete");
+    }
+    assert!(!work.join("out/model/model.safetensors").exists(), "no merged model from a failed run");
+
+    server.answer_from(server.requests().len(), 200);
+    let out = run_ok(train_cmd(&work, &model, &capitals(), &args));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from"));
+    assert!(adapter_bytes(&work) == adapter_bytes(&reference), "the resumed run's adapter differs");
+}
+
 /// The built-in `cosine` schedule and the example WASM scheduler's `cosine` give the same bits at
 /// every step, for run shapes from one step to thousands, with and without warmup.
 #[cfg(feature = "plugins")]

@@ -63,9 +63,12 @@ impl ReceivedRequest {
 
 /// A real HTTP/1.1 server on a loopback port, in a background thread, for reporters that send
 /// requests: it records each request and answers `status` (or never answers, with `silent`).
+/// [`HttpEndpoint::answer_from`] changes the answer from the n-th request on.
 pub struct HttpEndpoint {
     pub port: u16,
     pub received: std::sync::Arc<Mutex<Vec<ReceivedRequest>>>,
+    /// (from request number, status) pairs, the last matching one wins; status 0 = no answer.
+    answers: std::sync::Arc<Mutex<Vec<(usize, u16)>>>,
 }
 
 impl HttpEndpoint {
@@ -88,16 +91,28 @@ impl HttpEndpoint {
         self.received.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// From the `n`-th request on (0-based, counting every request received so far), answer
+    /// `status` instead.
+    pub fn answer_from(&self, n: usize, status: u16) {
+        self.answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((n, status));
+    }
+
     fn spawn(status: Option<u16>) -> std::io::Result<HttpEndpoint> {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         let received: std::sync::Arc<Mutex<Vec<ReceivedRequest>>> = Default::default();
+        let answers = std::sync::Arc::new(Mutex::new(vec![(0, status.unwrap_or(0))]));
         let sink = received.clone();
+        let policy = answers.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let sink = sink.clone();
+                let policy = policy.clone();
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(match stream.try_clone() {
                         Ok(s) => s,
@@ -137,13 +152,24 @@ impl HttpEndpoint {
                         if reader.read_exact(&mut body).is_err() {
                             return;
                         }
-                        sink.lock().unwrap_or_else(|e| e.into_inner()).push(ReceivedRequest {
-                            method,
-                            path,
-                            headers,
-                            body,
-                        });
-                        let Some(status) = status else {
+                        let number = {
+                            let mut got = sink.lock().unwrap_or_else(|e| e.into_inner());
+                            got.push(ReceivedRequest {
+                                method,
+                                path,
+                                headers,
+                                body,
+                            });
+                            got.len() - 1
+                        };
+                        let status = policy
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .iter()
+                            .rev()
+                            .find(|(from, _)| number >= *from)
+                            .map_or(0, |(_, s)| *s);
+                        let Some(status) = Some(status).filter(|s| *s != 0) else {
                             // Hold the connection open without answering.
                             std::thread::sleep(std::time::Duration::from_secs(120));
                             return;
@@ -158,6 +184,10 @@ impl HttpEndpoint {
                 });
             }
         });
-        Ok(HttpEndpoint { port, received })
+        Ok(HttpEndpoint {
+            port,
+            received,
+            answers,
+        })
     }
 }

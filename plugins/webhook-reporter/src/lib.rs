@@ -51,7 +51,8 @@ impl WebhookReporter {
             .map(|a| ("authorization", a))
             .into_iter()
             .collect();
-        let sent = http::post_json(&self.url, &headers, &fields.to_string()).and_then(|r| r.ok());
+        let sent = http::post_json(&self.url, &headers, &fields.to_string())
+            .and_then(|r| r.ok().map_err(|e| format!("POST {}: {e}", self.url)));
         match sent {
             Ok(_) => Ok(()),
             Err(e) if !self.fail_on_error => {
