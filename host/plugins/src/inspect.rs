@@ -96,7 +96,13 @@ impl fmt::Display for Inspection {
             )?,
             None => writeln!(f, "  filesystem: none")?,
         }
-        if o.grants.http.is_empty() {
+        let imports_http = self.imports.iter().any(|i| i.starts_with("wasi:http/"));
+        if o.grants.http.is_empty() && imports_http {
+            writeln!(
+                f,
+                "  network:    none; it imports wasi:http, so it is refused unless `grants.http` lists its hosts"
+            )?;
+        } else if o.grants.http.is_empty() {
             writeln!(f, "  network:    none")?;
         } else {
             writeln!(

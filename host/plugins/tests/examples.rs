@@ -648,6 +648,8 @@ fn inspect_shows_kind_version_imports_and_grants() {
     );
 
     // A reporter that imports wasi:http shows it, and what it would be allowed to reach.
+    let text = lora_plugins::inspect(&plugin("webhook_reporter"), "").unwrap().to_string();
+    assert!(text.contains("it imports wasi:http, so it is refused unless `grants.http`"), "{text}");
     let i = lora_plugins::inspect(
         &plugin("webhook_reporter"),
         r#"{"reporter": {"grants": {"http": ["https://metrics.internal"]}}}"#,
