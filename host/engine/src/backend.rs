@@ -300,6 +300,12 @@ pub trait Backend: Send + Sync {
     fn peak_memory_bytes(&self) -> Option<u64> {
         None
     }
+    /// Bytes that can still be allocated for this backend's buffers, if known: the device's free
+    /// memory on a GPU; on CPU the smaller of the kernel's `MemAvailable` and what the process's
+    /// cgroup (a Kubernetes pod's memory limit) has left.
+    fn available_memory_bytes(&self) -> Option<u64> {
+        None
+    }
 
     // ---- dense linear algebra ----
     /// `c[m,n] = alpha * op(a) @ op(b) (+ c)`; see [`Gemm`]. `a`, `b` may be base weights

@@ -112,6 +112,37 @@ impl Trainer {
         Ok(Trainer { model, adapters, optim, step: 0, micro: 0, dropout_seed: splitmix64(seed ^ 0x6472_6f70), recompute: false })
     }
 
+    /// Estimated peak bytes a forward + backward of a micro-batch of `tokens` tokens allocates
+    /// beyond the weights, adapters and optimizer state, with or without `recompute`. Counted
+    /// from the buffers each layer keeps for its backward (normed inputs, q/k/v, attention output
+    /// and log-sum-exp, the MLP's gate/up/hidden, LoRA's `x·Aᵀ` and DoRA's combined output), the
+    /// layer inputs, and one layer's worth of backward workspace. Within a few percent of the
+    /// measured peak on CPU (smollm2-135m shape, 2048 tokens: 2,085 MiB estimated, ~2,100 MiB
+    /// measured; with recompute 280 vs ~310 MiB).
+    pub fn activation_bytes(&self, tokens: usize, recompute: bool) -> u64 {
+        let c = &self.model.cfg;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let cfg = &self.adapters.cfg;
+        let targets = cfg.resolve_targets().unwrap_or_default();
+        let lora: usize = targets
+            .iter()
+            .map(|m| cfg.r + if cfg.use_dora { m.dims(c).0 } else { 0 })
+            .sum();
+        let qk_norm = if c.qk_norm { q + kv + 2 * c.num_attention_heads } else { 0 };
+        // Per token, one layer's saved activations (floats).
+        let layer = 3 * h + 2 * q + 2 * kv + c.num_attention_heads + 2 + 3 * i + lora + qk_norm;
+        let layers = c.num_hidden_layers;
+        // Kept between forward and backward, plus one layer's backward workspace and the
+        // residual-stream gradients.
+        let per_token = if recompute {
+            layers * h + 2 * layer + 3 * h
+        } else {
+            layers * (layer + h) + layer + 3 * h
+        };
+        (per_token * tokens) as u64 * self.model.backend.activation_dtype().size() as u64
+    }
+
     fn be(&self) -> &dyn Backend {
         self.model.backend.as_ref()
     }

@@ -100,8 +100,13 @@ fn four_accumulated_micro_batches_equal_one_batch() {
 }
 
 fn train_steps(dir: &Path, steps: usize) -> Vec<NamedTensor> {
-    let adapter = AdapterConfig { lora_dropout: 0.1, use_rslora: true, ..AdapterConfig::default() };
+    train_steps_with(dir, steps, false, false)
+}
+
+fn train_steps_with(dir: &Path, steps: usize, recompute: bool, dora: bool) -> Vec<NamedTensor> {
+    let adapter = AdapterConfig { lora_dropout: 0.1, use_rslora: true, use_dora: dora, ..AdapterConfig::default() };
     let mut tr = trainer(dir, adapter);
+    tr.recompute = recompute;
     let docs: Vec<_> = (0..6).map(|i| doc(i, 100 + 13 * i as usize)).collect();
     for _ in 0..steps {
         let b = batch(&docs);
@@ -129,6 +134,26 @@ fn training_is_bit_identical_run_to_run_and_across_thread_counts() {
     assert_eq!(one, run(1), "two runs on 1 thread differ");
     assert_eq!(one, run(2), "1 thread and 2 threads differ");
     assert_eq!(one, run(3), "1 thread and 3 threads differ");
+}
+
+/// The run switches recompute on when activations would not fit, so it must not change the
+/// result: same adapter bits with and without it (dropout on, LoRA and DoRA), and the memory
+/// estimate the run plans with is smaller with it (2 layers here; the saving grows with depth).
+#[test]
+fn recompute_changes_memory_not_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    tiny_dir(tmp.path(), DType::F32);
+    for dora in [false, true] {
+        assert_eq!(
+            bits(&train_steps_with(tmp.path(), 2, false, dora)),
+            bits(&train_steps_with(tmp.path(), 2, true, dora)),
+            "recompute changed the adapter (dora {dora})"
+        );
+    }
+    let tr = trainer(tmp.path(), AdapterConfig::default());
+    let (kept, recomputed) = (tr.activation_bytes(4096, false), tr.activation_bytes(4096, true));
+    assert!(recomputed < kept, "{recomputed} vs {kept}");
+    assert_eq!(tr.activation_bytes(8192, false), 2 * kept, "linear in tokens");
 }
 
 /// With dropout and DoRA, the analytic gradient equals a finite difference of the loss under the

@@ -77,6 +77,28 @@ impl CpuBackend {
     }
 }
 
+/// What a CPU run can still allocate: `MemAvailable` from `/proc/meminfo`, capped by the cgroup's
+/// limit minus its usage (v2 `memory.max`/`memory.current` or v1 `limit_in_bytes`/
+/// `usage_in_bytes`), since a container sees the host's meminfo but is killed at its own limit.
+pub(crate) fn available_memory(meminfo: Option<&str>, cgroup: Option<(String, String)>) -> Option<u64> {
+    let host = meminfo.and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    let limited = cgroup.and_then(|(max, current)| {
+        let max = max.trim().parse::<u64>().ok()?; // "max" (no limit) does not parse
+        let current = current.trim().parse::<u64>().ok()?;
+        // v1 reports "no limit" as a huge number.
+        (max < 1 << 60).then(|| max.saturating_sub(current))
+    });
+    match (host, limited) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
@@ -89,6 +111,19 @@ impl Backend for CpuBackend {
     }
     fn base_weight_dtype(&self, _file_dtype: DType) -> DType {
         DType::F32
+    }
+    fn available_memory_bytes(&self) -> Option<u64> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+        let cgroup = |path: &str| std::fs::read_to_string(path).ok();
+        available_memory(
+            meminfo.as_deref(),
+            cgroup("/sys/fs/cgroup/memory.max")
+                .zip(cgroup("/sys/fs/cgroup/memory.current"))
+                .or_else(|| {
+                    cgroup("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+                        .zip(cgroup("/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+                }),
+        )
     }
 
     fn zeros(&self, len: usize, dtype: DType) -> Result<Buf> {
@@ -532,4 +567,22 @@ fn check_cu(op: &'static str, a: &Attn, cu: &[u32]) -> Result<()> {
         return Err(shape_err(op, format!("cu_seqlens must rise from 0 to {} tokens", a.tokens)));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::available_memory;
+
+    #[test]
+    fn available_memory_is_the_smaller_of_meminfo_and_the_cgroup_room() {
+        let meminfo = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(available_memory(Some(meminfo), None), Some(20_000_000 * 1024));
+        let pod = Some(("8589934592\n".to_string(), "1073741824\n".to_string()));
+        assert_eq!(available_memory(Some(meminfo), pod), Some(7 << 30));
+        let unlimited = Some(("max\n".to_string(), "1073741824\n".to_string()));
+        assert_eq!(available_memory(Some(meminfo), unlimited), Some(20_000_000 * 1024));
+        let v1_unlimited = Some(("9223372036854771712".to_string(), "5".to_string()));
+        assert_eq!(available_memory(Some(meminfo), v1_unlimited), Some(20_000_000 * 1024));
+        assert_eq!(available_memory(None, None), None);
+    }
 }

@@ -189,6 +189,11 @@ impl Backend for CudaBackend {
         Some(self.peak())
     }
 
+    fn available_memory_bytes(&self) -> Option<u64> {
+        self.ctx.bind_to_thread().ok()?;
+        self.ctx.mem_get_info().ok().map(|(free, _total)| free as u64)
+    }
+
     fn gemm(&self, g: Gemm, a: &Buf, b: &Buf, c: &mut Buf) -> Result<()> {
         let op = "gemm";
         check_len(op, "a", a, g.m * g.k)?;
