@@ -337,6 +337,29 @@ fn wasm_scheduler_and_reporter_plugins_drive_a_run() {
     assert_eq!(csv.lines().count(), 1 + 6, "header + one row per step:\n{csv}");
 }
 
+/// Gradient checkpointing (recomputing activations in backward) changes memory, never results:
+/// the adapter bytes are the same with it on and off, and the run logs its memory plan.
+#[test]
+fn gradient_checkpointing_changes_memory_not_the_adapter() {
+    let base = temp_dir("gc-base");
+    let model = tiny_model(&base, DType::F32);
+    let run = |setting: &str| {
+        let work = temp_dir(&format!("gc-{setting}"));
+        let args = [SMALL, &["--training-lora-dropout", "0.1", "--training-gradient-checkpointing", setting]].concat();
+        let out = run_ok(train_cmd(&work, &model, &capitals(), &args));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (adapter_bytes(&work), stderr)
+    };
+    let (on, log_on) = run("true");
+    let (off, log_off) = run("false");
+    let (_, log_auto) = run("auto");
+    assert!(on == off, "the adapter depends on gradient checkpointing");
+    assert!(log_on.contains("gradient checkpointing on (training_gradient_checkpointing=true)"), "{log_on}");
+    assert!(log_off.contains("gradient checkpointing off (training_gradient_checkpointing=false)"), "{log_off}");
+    // A tiny model fits anywhere: auto keeps the activations.
+    assert!(log_auto.contains("tokens: activations ~") && log_auto.contains("gradient checkpointing off (training_gradient_checkpointing=auto)"), "{log_auto}");
+}
+
 /// Bad input found during a run (not by parameter validation) exits 2 with the input hint and
 /// names what and where: a folder that is not a model, a corrupt weights file, a malformed
 /// record. Nothing is left in the output folder.

@@ -510,6 +510,23 @@ impl PreparedData {
         EpochPlan { epoch, steps }
     }
 
+    /// The most tokens any of this rank's training micro-batches holds in epochs `0..epochs`:
+    /// what one forward + backward's activations are sized by. Computed from the layouts (sample
+    /// indices), without building the batches.
+    pub fn largest_micro_batch_tokens(&self, epochs: usize) -> usize {
+        let p = self.plan_params();
+        let mut largest = 0;
+        for epoch in 0..epochs.max(1) {
+            for step in plan::epoch_layout(&self.train, epoch, &p) {
+                for mb in &step.ranks[p.rank] {
+                    let tokens = mb.iter().flatten().map(|&i| self.train[i as usize].len()).sum();
+                    largest = largest.max(tokens);
+                }
+            }
+        }
+        largest
+    }
+
     /// This rank's evaluation micro-batches (the whole validation set, packed the same way);
     /// `trained_tokens` over all ranks is `validation_trained_tokens()`.
     pub fn eval_batches(&self) -> Vec<MicroBatch> {

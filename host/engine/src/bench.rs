@@ -68,6 +68,8 @@ pub struct BenchResult {
     pub rss_after_load_bytes: Option<u64>,
     /// Peak device memory, if the backend tracks it.
     pub peak_device_bytes: Option<u64>,
+    /// [`Trainer::activation_bytes`] for this batch: what a run's memory plan would assume.
+    pub estimated_activation_bytes: u64,
     pub base_params: usize,
     pub trainable_params: usize,
     pub final_loss: f64,
@@ -113,6 +115,7 @@ pub fn run(opts: &BenchOptions, backend: Arc<dyn Backend>) -> Result<BenchResult
     tr.recompute = opts.recompute;
     let trainable_params = tr.adapters.params().map(|p| p.shape.iter().product::<usize>()).sum();
     let batch = bench_batch(c.vocab_size, opts.rows, opts.row_len, opts.docs_per_row);
+    let estimated_activation_bytes = tr.activation_bytes(batch.input_ids.len(), opts.recompute);
     let mut times = Vec::new();
     let mut loss = 0.0;
     for i in 0..opts.warmup + opts.steps {
@@ -135,6 +138,7 @@ pub fn run(opts: &BenchOptions, backend: Arc<dyn Backend>) -> Result<BenchResult
         peak_rss_bytes: proc_status_bytes("VmHWM:"),
         rss_after_load_bytes,
         peak_device_bytes: backend.peak_memory_bytes(),
+        estimated_activation_bytes,
         base_params,
         trainable_params,
         final_loss: loss,

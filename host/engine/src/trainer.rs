@@ -116,9 +116,9 @@ impl Trainer {
     /// beyond the weights, adapters and optimizer state, with or without `recompute`. Counted
     /// from the buffers each layer keeps for its backward (normed inputs, q/k/v, attention output
     /// and log-sum-exp, the MLP's gate/up/hidden, LoRA's `x·Aᵀ` and DoRA's combined output), the
-    /// layer inputs, and one layer's worth of backward workspace. Within a few percent of the
-    /// measured peak on CPU (smollm2-135m shape, 2048 tokens: 2,085 MiB estimated, ~2,100 MiB
-    /// measured; with recompute 280 vs ~310 MiB).
+    /// layer inputs, and backward workspace. Slightly above the measured peak on CPU
+    /// (`lora bench --shape smollm2-135m --rows 4 --seq-len 512`: 2.10 GiB estimated, 2.07 GiB
+    /// measured; with `--recompute` 336 vs 315 MiB).
     pub fn activation_bytes(&self, tokens: usize, recompute: bool) -> u64 {
         let c = &self.model.cfg;
         let (h, i) = (c.hidden_size, c.intermediate_size);
@@ -133,12 +133,12 @@ impl Trainer {
         // Per token, one layer's saved activations (floats).
         let layer = 3 * h + 2 * q + 2 * kv + c.num_attention_heads + 2 + 3 * i + lora + qk_norm;
         let layers = c.num_hidden_layers;
-        // Kept between forward and backward, plus one layer's backward workspace and the
-        // residual-stream gradients.
+        // Kept between forward and backward, plus backward workspace (a layer's gradients and
+        // the loss chunk, counted as two layers' activations) and the residual-stream gradients.
         let per_token = if recompute {
-            layers * h + 2 * layer + 3 * h
+            layers * h + 3 * layer + 3 * h
         } else {
-            layers * (layer + h) + layer + 3 * h
+            layers * (layer + h) + 2 * layer + 3 * h
         };
         (per_token * tokens) as u64 * self.model.backend.activation_dtype().size() as u64
     }

@@ -28,6 +28,7 @@ pub const NOT_IN_RESUME_KEY: &[&str] = &[
     "training_eval_steps",
     "training_envs",
     "training_resume",
+    "training_gradient_checkpointing",
     "training_data_output_dir",
     "training_resource_cpu_per_worker",
     "training_resource_gpu_per_worker",

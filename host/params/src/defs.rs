@@ -247,6 +247,8 @@ define_params! {
         "ADDITION. auto (CUDA when present, else CPU), cpu or cuda.";
     training_resume: String = "auto".into(), Addition,
         "ADDITION. auto: resume from the newest complete checkpoint with the same run manifest; never: start fresh.";
+    training_gradient_checkpointing: String = "auto".into(), Addition,
+        "ADDITION. Recompute each layer's activations in backward: auto (when the largest micro-batch's activations would not fit the free memory), true or false. Results are identical either way.";
     training_plugins: String = String::new(), Addition,
         "ADDITION. WASM plugins as kind=path,...: preprocessor=a.wasm,scheduler=b.wasm,reporter=c.wasm (several reporters allowed).";
     training_plugin_config: String = String::new(), Addition,

@@ -34,6 +34,7 @@ pub const BAD_RECORDS: [&str; 2] = ["error", "skip"];
 pub const LONG_SAMPLE_POLICIES: [&str; 3] = ["drop", "truncate", "error"];
 pub const DEVICES: [&str; 3] = ["auto", "cpu", "cuda"];
 pub const RESUME: [&str; 2] = ["auto", "never"];
+pub const GRADIENT_CHECKPOINTING: [&str; 3] = ["auto", "true", "false"];
 
 /// training_hub's LoRA init seed, used when `training_seed` is unset.
 pub const DEFAULT_SEED: u64 = 3407;
@@ -102,6 +103,8 @@ pub struct ResolvedParams {
     pub max_grad_norm: f64,
     pub device: String,
     pub resume: String,
+    /// `auto`, `true` or `false`.
+    pub gradient_checkpointing: String,
     pub plugins: Vec<PluginSpec>,
     pub plugin_config: Map<String, Value>,
     pub kubernetes_config: Option<Map<String, Value>>,
@@ -488,6 +491,11 @@ pub fn resolve(
     }
     let device = c.one_of("training_device", &p.training_device, &DEVICES);
     let resume = c.one_of("training_resume", &p.training_resume, &RESUME);
+    let gradient_checkpointing = c.one_of(
+        "training_gradient_checkpointing",
+        &p.training_gradient_checkpointing,
+        &GRADIENT_CHECKPOINTING,
+    );
     let plugins = parse_plugins(&p.training_plugins).unwrap_or_else(|e| {
         c.err("training_plugins", e);
         Vec::new()
@@ -616,6 +624,7 @@ pub fn resolve(
         max_grad_norm: p.training_max_grad_norm,
         device,
         resume,
+        gradient_checkpointing,
         plugins,
         plugin_config,
         kubernetes_config: p.kubernetes_config.clone(),

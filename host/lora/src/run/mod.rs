@@ -81,12 +81,25 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     };
     let targets: Vec<String> = adapter_cfg.resolve_targets()?.iter().map(|m| m.name().to_string()).collect();
     let optim = OptimConfig { weight_decay: p.weight_decay, max_grad_norm: p.max_grad_norm, ..OptimConfig::default() };
-    let trainer = Trainer::new(loaded, adapter_cfg.clone(), optim, p.seed)?;
+    let mut trainer = Trainer::new(loaded, adapter_cfg.clone(), optim, p.seed)?;
 
     // Plan and schedule.
     let steps_per_epoch = prepared.steps_per_epoch() as u64;
     let planned = steps_per_epoch * p.num_epochs;
     let total_steps = p.max_steps.map_or(planned, |m| m.min(planned));
+    let epochs_run = total_steps.div_ceil(steps_per_epoch.max(1)) as usize;
+    let largest = prepared.largest_micro_batch_tokens(epochs_run);
+    let plan = MemoryPlan {
+        tokens: largest,
+        kept: trainer.activation_bytes(largest, false),
+        recomputed: trainer.activation_bytes(largest, true),
+        available: trainer.model.backend().available_memory_bytes(),
+    };
+    let (recompute, lines) = plan.decide(&p.gradient_checkpointing);
+    trainer.recompute = recompute;
+    for line in lines {
+        eprintln!("{line}");
+    }
     let ctx = ScheduleContext {
         base_lr: p.learning_rate,
         warmup_steps: p.lr_warmup_steps,
@@ -231,6 +244,61 @@ fn plugin_set(p: &ResolvedParams) -> Result<Option<plugins::PluginSet>> {
     bail!("training_plugins: this lora binary was built without plugin support (cargo feature `plugins`); rebuild with default features")
 }
 
+/// What one forward + backward of the largest micro-batch needs, and what the device has left:
+/// the input of `training_gradient_checkpointing`.
+#[derive(Debug, Clone, Copy)]
+struct MemoryPlan {
+    tokens: usize,
+    /// Estimated activation bytes keeping every layer's activations, and recomputing them.
+    kept: u64,
+    recomputed: u64,
+    /// Free memory after loading the model (None: the backend cannot tell).
+    available: Option<u64>,
+}
+
+/// Part of the free memory activations may take: the rest is for allocator slack, the data
+/// pipeline's buffers and estimate error.
+const ACTIVATION_SHARE: f64 = 0.85;
+
+impl MemoryPlan {
+    /// Whether to recompute, and the log lines (a warning when even the chosen plan does not fit).
+    fn decide(&self, setting: &str) -> (bool, Vec<String>) {
+        let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+        let budget = self.available.map(|a| (a as f64 * ACTIVATION_SHARE) as u64);
+        let recompute = match (setting, budget) {
+            ("true", _) => true,
+            ("false", _) | (_, None) => false,
+            (_, Some(b)) => self.kept > b,
+        };
+        let need = if recompute { self.recomputed } else { self.kept };
+        let free = self.available.map_or("unknown free memory".to_string(), |a| format!("{} free", gib(a)));
+        let mut lines = vec![format!(
+            "lora: largest micro-batch {} tokens: activations ~{} kept, ~{} recomputed, {free}; gradient checkpointing {} (training_gradient_checkpointing={setting})",
+            self.tokens,
+            gib(self.kept),
+            gib(self.recomputed),
+            if recompute { "on" } else { "off" },
+        )];
+        if let Some(b) = budget
+            && need > b
+        {
+            let per_token = (self.recomputed / self.tokens.max(1) as u64).max(1);
+            let fits = b / per_token;
+            let advice = if recompute {
+                format!("lower training_max_tokens_per_gpu to about {fits}")
+            } else {
+                "set training_gradient_checkpointing=auto or true, or lower training_max_tokens_per_gpu".to_string()
+            };
+            lines.push(format!(
+                "lora: warning: the activations (~{}) may not fit in {} of free memory: the run may run out of memory; {advice}",
+                gib(need),
+                gib(self.available.unwrap_or(0)),
+            ));
+        }
+        (recompute, lines)
+    }
+}
+
 fn log_data(prepared: &PreparedData) {
     let r = &prepared.report;
     let dropped: Vec<String> = r.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -340,3 +408,36 @@ pub fn checkpoints_dir(req: &RunRequest) -> PathBuf {
 }
 
 pub use checkpoint::list as list_checkpoints;
+
+#[cfg(test)]
+mod tests {
+    use super::MemoryPlan;
+
+    const GIB: u64 = 1 << 30;
+
+    fn plan(kept: u64, recomputed: u64, available: Option<u64>) -> MemoryPlan {
+        MemoryPlan { tokens: 32_000, kept, recomputed, available }
+    }
+
+    #[test]
+    fn auto_recomputes_only_when_the_activations_would_not_fit() {
+        let (on, lines) = plan(10 * GIB, 2 * GIB, Some(40 * GIB)).decide("auto");
+        assert!(!on && lines.len() == 1 && lines[0].contains("gradient checkpointing off"), "{lines:?}");
+        let (on, lines) = plan(60 * GIB, 8 * GIB, Some(40 * GIB)).decide("auto");
+        assert!(on && lines.len() == 1 && lines[0].contains("~60.00 GiB kept, ~8.00 GiB recomputed, 40.00 GiB free"), "{lines:?}");
+        // Unknown free memory: keep activations (as before planning existed).
+        assert!(!plan(60 * GIB, 8 * GIB, None).decide("auto").0);
+    }
+
+    #[test]
+    fn a_plan_that_cannot_fit_warns_with_a_token_budget_that_would() {
+        // 8 GiB recomputed for 32000 tokens = 268435 bytes/token; 0.85 * 4 GiB fits 13600 tokens.
+        let (on, lines) = plan(60 * GIB, 8 * GIB, Some(4 * GIB)).decide("auto");
+        assert!(on);
+        assert!(lines[1].contains("warning") && lines[1].contains("training_max_tokens_per_gpu to about 13600"), "{lines:?}");
+        let (on, lines) = plan(60 * GIB, 8 * GIB, Some(40 * GIB)).decide("false");
+        assert!(!on && lines[1].contains("set training_gradient_checkpointing=auto or true"), "{lines:?}");
+        let (on, lines) = plan(1, 1, Some(40 * GIB)).decide("true");
+        assert!(on && lines.len() == 1);
+    }
+}

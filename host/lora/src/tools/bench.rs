@@ -426,6 +426,7 @@ fn text_report(
                 s += &format!(" (host RSS {})", gib(h));
             }
             s += "\n";
+            s += &format!("activations: estimated {} (the run's memory plan)\n", gib(r.estimated_activation_bytes));
         }
         (None, Some(h)) => {
             s += &format!("peak memory (host RSS): {}", gib(h));
@@ -433,6 +434,13 @@ fn text_report(
                 s += &format!(" (after building the model: {})", gib(l));
             }
             s += "\n";
+            if let Some(l) = r.rss_after_load_bytes {
+                s += &format!(
+                    "activations: estimated {} (the run's memory plan), measured {} (peak - after building the model)\n",
+                    gib(r.estimated_activation_bytes),
+                    gib(h.saturating_sub(l))
+                );
+            }
         }
         (None, None) => s += "peak memory: not measured here (no /proc)\n",
     }
