@@ -12,7 +12,9 @@ root=$(pwd)
 
 py="${LORA_INTEROP_PYTHON:-}"
 if [ -z "$py" ]; then
-    if [ -x "$root/.venv-interop/bin/python" ]; then
+    # A venv is reused only once its install finished (an interrupted pip, e.g. a full disk,
+    # leaves a venv without torch; it is installed again rather than failing every later run).
+    if [ -f "$root/.venv-interop/.installed" ]; then
         py="$root/.venv-interop/bin/python"
     elif [ "${LORA_INTEROP:-1}" = "0" ]; then
         echo "skipped: LORA_INTEROP=0 (unset it to install torch+transformers+peft into .venv-interop and run the interop check)"
@@ -20,6 +22,8 @@ if [ -z "$py" ]; then
     else
         python3 -m venv "$root/.venv-interop"
         "$root/.venv-interop/bin/pip" install -q "torch==2.11.*" "transformers==5.17.*" "peft==0.21.2" safetensors numpy
+        "$root/.venv-interop/bin/python" -c "import torch, transformers, peft"
+        touch "$root/.venv-interop/.installed"
         py="$root/.venv-interop/bin/python"
     fi
 fi
