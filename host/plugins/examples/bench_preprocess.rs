@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use lora_api::{Message, RawRecord, RecordOutcome, Sample, TextTools};
+use lora_api::{Message, Preprocessor, RawRecord, RecordOutcome, Sample, TextTools};
 use lora_plugins::{PluginOptions, precompile};
 use serde_json::{Value, json};
 
@@ -96,6 +96,20 @@ fn read(lines: &[String], keep_text: bool) -> Vec<RawRecord> {
         .collect()
 }
 
+/// All `records` through the plugin in batches of `batch`: the outcomes and the seconds taken.
+fn through_wasm(
+    wasm: &mut dyn Preprocessor,
+    records: &[RawRecord],
+    batch: usize,
+) -> Result<(Vec<RecordOutcome>, f64), lora_api::ExtError> {
+    let t = Instant::now();
+    let mut out = Vec::with_capacity(records.len());
+    for (b, chunk) in records.chunks(batch).enumerate() {
+        out.extend(wasm.process_batch(b as u64, chunk)?);
+    }
+    Ok((out, t.elapsed().as_secs_f64()))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let path = PathBuf::from(
@@ -133,7 +147,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // written out again, as lora did before readers kept the text.
     // Best times: read (native), preprocess (native), read (wasm), preprocess (wasm), wasm from values.
     let mut best = [f64::INFINITY; 5];
-    let mut json_bytes = 0;
+    let json_bytes: usize = lines.iter().map(String::len).sum();
     for _round in 0..3 {
         let t = Instant::now();
         let records = read(&lines, false);
@@ -151,22 +165,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let with_text = read(&lines, wasm.wants_json_text());
         best[2] = best[2].min(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let mut wasm_out: Vec<RecordOutcome> = Vec::with_capacity(records.len());
-        for (b, chunk) in with_text.chunks(batch).enumerate() {
-            wasm_out.extend(wasm.process_batch(b as u64, chunk)?);
-        }
-        best[3] = best[3].min(t.elapsed().as_secs_f64());
+        let (wasm_out, secs) = through_wasm(wasm.as_mut(), &with_text, batch)?;
+        best[3] = best[3].min(secs);
         assert_eq!(native_out, wasm_out, "native and WASM outputs differ");
 
-        let t = Instant::now();
-        let mut from_values: Vec<RecordOutcome> = Vec::with_capacity(records.len());
-        for (b, chunk) in records.chunks(batch).enumerate() {
-            from_values.extend(wasm.process_batch(b as u64, chunk)?);
-        }
-        best[4] = best[4].min(t.elapsed().as_secs_f64());
+        let (from_values, secs) = through_wasm(wasm.as_mut(), &records, batch)?;
+        best[4] = best[4].min(secs);
         assert_eq!(native_out, from_values, "native and WASM (from values) outputs differ");
-        json_bytes = lines.iter().map(String::len).sum::<usize>();
     }
     let [read_native, native_s, read_wasm, wasm_s, values_s] = best;
     let rate = |s: f64| n as f64 / s;

@@ -74,12 +74,12 @@ pub struct HttpEndpoint {
 impl HttpEndpoint {
     /// Answers every request with `status` and a short body.
     pub fn start(status: u16) -> std::io::Result<HttpEndpoint> {
-        Self::spawn(Some(status))
+        Self::spawn(status)
     }
 
     /// Accepts connections and reads requests but never answers.
     pub fn silent() -> std::io::Result<HttpEndpoint> {
-        Self::spawn(None)
+        Self::spawn(0)
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -100,12 +100,13 @@ impl HttpEndpoint {
             .push((n, status));
     }
 
-    fn spawn(status: Option<u16>) -> std::io::Result<HttpEndpoint> {
+    /// `status` 0: never answer.
+    fn spawn(status: u16) -> std::io::Result<HttpEndpoint> {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         let received: std::sync::Arc<Mutex<Vec<ReceivedRequest>>> = Default::default();
-        let answers = std::sync::Arc::new(Mutex::new(vec![(0, status.unwrap_or(0))]));
+        let answers = std::sync::Arc::new(Mutex::new(vec![(0, status)]));
         let sink = received.clone();
         let policy = answers.clone();
         std::thread::spawn(move || {
@@ -169,11 +170,11 @@ impl HttpEndpoint {
                             .rev()
                             .find(|(from, _)| number >= *from)
                             .map_or(0, |(_, s)| *s);
-                        let Some(status) = Some(status).filter(|s| *s != 0) else {
+                        if status == 0 {
                             // Hold the connection open without answering.
                             std::thread::sleep(std::time::Duration::from_secs(120));
                             return;
-                        };
+                        }
                         let reply = format!(
                             "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: 8\r\n\r\nreceived"
                         );
