@@ -223,7 +223,7 @@ fn write_interop_fixture() {
         let cfg: Value = serde_json::from_slice(&std::fs::read(work.join("out/model/adapter/adapter_config.json")).unwrap()).unwrap();
         let acfg = AdapterConfig {
             r: cfg["r"].as_u64().unwrap() as usize,
-            lora_alpha: cfg["lora_alpha"].as_f64().unwrap() as f32,
+            lora_alpha: cfg["lora_alpha"].as_f64().unwrap(),
             use_rslora: cfg["use_rslora"].as_bool().unwrap(),
             use_dora: cfg["use_dora"].as_bool().unwrap(),
             ..AdapterConfig::default()

@@ -222,7 +222,7 @@ impl Trainer {
             pos: p.pos,
             cu: p.cu,
             inv_freq: p.inv_freq,
-            dropout: if train { self.adapters.cfg.lora_dropout } else { 0.0 },
+            dropout: if train { self.adapters.cfg.dropout_f32() } else { 0.0 },
             seed_base: splitmix64(self.dropout_seed ^ self.micro),
             scale: self.adapters.scale,
             act: self.model.backend.activation_dtype(),

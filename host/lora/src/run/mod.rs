@@ -72,8 +72,8 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
         .with_context(|| format!("loading the base model from {}", model.dir.display()))?;
     let adapter_cfg = AdapterConfig {
         r: p.lora_r as usize,
-        lora_alpha: p.lora_alpha as f32,
-        lora_dropout: p.lora_dropout as f32,
+        lora_alpha: p.lora_alpha as f64,
+        lora_dropout: p.lora_dropout,
         target_modules: p.lora_target_modules.clone(),
         use_rslora: p.use_rslora,
         use_dora: p.use_dora,
