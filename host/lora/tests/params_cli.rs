@@ -1,21 +1,34 @@
 //! The `lora` binary's parameter commands, run for real in a temp dir: help, schema, dry runs,
 //! exit codes and messages.
 
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
 fn lora(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, OsStr::new(*v))).collect();
+    lora_os(dir, args, &env)
+}
+
+/// [`lora`] with environment values that need not be UTF-8.
+fn lora_os(dir: &Path, args: &[&str], env: &[(&str, &OsStr)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lora"));
     cmd.current_dir(dir).args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("LORA_") {
+    for (k, _) in std::env::vars_os() {
+        if k.as_bytes().starts_with(b"LORA_") {
             cmd.env_remove(k);
         }
     }
     cmd.envs(env.iter().copied());
     cmd.output().unwrap()
+}
+
+/// `caf\xe9`: "café" in latin-1, not valid UTF-8.
+fn latin1() -> OsString {
+    OsStr::from_bytes(b"caf\xe9").to_owned()
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -384,4 +397,67 @@ fn dry_run_checks_a_local_model_path_and_hides_secret_env_values() {
         json!({"HF_TOKEN": "<hidden>", "HF_HOME": "/c"})
     );
     assert_eq!(plan["inputs"]["base_model"]["kind"], json!("local"));
+}
+
+/// Issue 11 item 9: one latin-1 byte in any environment variable made `lora` panic (exit 101),
+/// even in a variable it never reads. Such a variable is ignored.
+#[test]
+fn a_non_utf8_variable_lora_does_not_read_is_ignored() {
+    let dir = temp_dir("env-latin1");
+    std::fs::write(dir.join("data.jsonl"), "{\"messages\": []}\n").unwrap();
+    let args = ["train", "--dry-run", "--dataset", "data.jsonl"];
+    let out = lora_os(&dir, &args, &[("SOME_VAR", &latin1())]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let plan: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(plan["parameters"]["training_lora_r"]["value"], 16);
+    for cmd in [&["params", "--markdown"][..], &["component"][..]] {
+        let out = lora_os(&dir, cmd, &[("SOME_VAR", &latin1())]);
+        assert_eq!(out.status.code(), Some(0), "{cmd:?}: {}", text(&out).1);
+    }
+}
+
+/// Issue 11 item 9: a non-UTF-8 value of a variable lora reads (a parameter's `LORA_*`, the
+/// Hugging Face cache's `HF_HOME`) is a bad input naming it (exit 2), all of them at once.
+#[test]
+fn a_non_utf8_value_of_a_variable_lora_reads_is_a_bad_input_naming_it() {
+    let dir = temp_dir("env-latin1-read");
+    std::fs::write(dir.join("data.jsonl"), "{\"messages\": []}\n").unwrap();
+    let args = ["train", "--dry-run", "--dataset", "data.jsonl"];
+    for var in ["LORA_TRAINING_LORA_R", "HF_HOME"] {
+        let out = lora_os(&dir, &args, &[(var, &latin1())]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
+        assert!(stdout.is_empty(), "{stdout}");
+        assert!(stderr.contains(&format!("{var}=\"caf\u{FFFD}\"")) && stderr.contains("not valid UTF-8"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let out = lora_os(&dir, &args, &[("LORA_TRAINING_LORA_R", &latin1()), ("HF_HOME", &latin1()), ("SOME_VAR", &latin1())]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("LORA_TRAINING_LORA_R=") && stderr.contains("HF_HOME=") && !stderr.contains("SOME_VAR"), "{stderr}");
+}
+
+/// Issue 11 item 14: an unknown or bad `training_lr_scheduler_kwargs` entry failed the run after
+/// loading the model and data (exit 1, "rerun resumes"); now a parameter problem, exit 2, before
+/// anything (here in a dry run, which loads nothing).
+#[test]
+fn bad_scheduler_kwargs_are_parameter_problems() {
+    let dir = temp_dir("kwargs");
+    std::fs::write(dir.join("data.jsonl"), "{\"messages\": []}\n").unwrap();
+    for (kwargs, scheduler, needles) in [
+        (r#"{"num_cycle": 2}"#, "cosine", &["training_lr_scheduler_kwargs = \"{\\\"num_cycle\\\": 2}\" (from command line", "`num_cycle` is not a setting of the `cosine` schedule (it takes: num_cycles)"][..]),
+        (r#"{"power": 2}"#, "linear", &["`power` is not a setting of the `linear` schedule (it takes: nothing)"][..]),
+        (r#"{"lr_end": "soon"}"#, "polynomial", &["`lr_end` = \"soon\" for `polynomial`: expected a finite number"][..]),
+    ] {
+        let out = lora(&dir, &["train", "--dry-run", "--dataset", "data.jsonl", "--training-lr-scheduler", scheduler, "--training-lr-scheduler-kwargs", kwargs], &[]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stdout.is_empty() && stderr.contains("1 parameter problem:") && stderr.contains("hint: `lora train --help`"), "{stderr}");
+        for n in needles {
+            assert!(stderr.contains(n), "missing `{n}` in {stderr}");
+        }
+    }
+    let out = lora(&dir, &["train", "--dry-run", "--dataset", "data.jsonl", "--training-lr-scheduler", "cosine", "--training-lr-scheduler-kwargs", r#"{"num_cycles": 2}"#], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
 }

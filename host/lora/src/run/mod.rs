@@ -100,18 +100,7 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     for line in lines {
         eprintln!("{line}");
     }
-    let ctx = ScheduleContext {
-        base_lr: p.learning_rate,
-        warmup_steps: p.lr_warmup_steps,
-        total_steps,
-        num_epochs: p.num_epochs,
-        steps_per_epoch,
-        settings: p
-            .lr_scheduler_kwargs
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())))
-            .collect(),
-    };
+    let ctx = schedule_context(p, total_steps, steps_per_epoch);
     let scheduler: Box<dyn Scheduler> = match plugins.as_ref().map(|s| s.load_scheduler(ctx.clone())).transpose()?.flatten() {
         Some(s) => s,
         None => Box::new(BuiltinScheduler::new(&p.lr_scheduler, &ctx)?),
@@ -174,6 +163,51 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     model_metadata.insert("lora_r".into(), json!(p.lora_r));
     model_metadata.insert("lora_alpha".into(), json!(p.lora_alpha));
     Ok(RunOutcome { output: OUTPUT.into(), metrics, model_metadata })
+}
+
+/// What the scheduler is given: the run's shape and `training_lr_scheduler_kwargs` as settings
+/// (strings as they are, other JSON values in their JSON spelling).
+fn schedule_context(p: &ResolvedParams, total_steps: u64, steps_per_epoch: u64) -> ScheduleContext {
+    ScheduleContext {
+        base_lr: p.learning_rate,
+        warmup_steps: p.lr_warmup_steps,
+        total_steps,
+        num_epochs: p.num_epochs,
+        steps_per_epoch,
+        settings: p
+            .lr_scheduler_kwargs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())))
+            .collect(),
+    }
+}
+
+/// Builds the built-in schedule a run will use (unless a scheduler plugin is named, which judges
+/// its own settings) before anything is loaded, so an unknown or bad
+/// `training_lr_scheduler_kwargs` entry is a parameter problem (exit 2), not a failed run. The
+/// settings do not depend on the run's length (only defaults do), so a placeholder length is used.
+pub fn check_schedule(p: &ResolvedParams) -> Result<(), lora_params::ParamErrors> {
+    if p.plugins.iter().any(|s| s.kind == "scheduler") {
+        return Ok(());
+    }
+    let ctx = schedule_context(p, p.lr_warmup_steps + 1, 1);
+    BuiltinScheduler::new(&p.lr_scheduler, &ctx).map(|_| ()).map_err(|e| {
+        let param = match e {
+            crate::schedule::ScheduleError::UnknownSchedule(_) => "training_lr_scheduler",
+            _ => "training_lr_scheduler_kwargs",
+        };
+        let text = e.to_string();
+        lora_params::ParamErrors(vec![lora_params::ParamError {
+            param: param.into(),
+            value: match p.params.get(param) {
+                Some(Value::String(s)) => format!("{s:?}"),
+                Some(v) => v.to_string(),
+                None => String::new(),
+            },
+            source: p.sources.get(param).cloned().unwrap_or(lora_params::Source::Default),
+            message: text.strip_prefix(&format!("{param}: ")).unwrap_or(&text).to_string(),
+        }])
+    })
 }
 
 fn data_config(p: &ResolvedParams, cache_dir: &Path) -> Result<DataConfig> {
