@@ -334,8 +334,10 @@ impl Trainer {
     /// Clips the accumulated gradients by global norm, applies AdamW with learning rate `lr`,
     /// and zeroes the gradients.
     pub fn optimizer_step(&mut self, lr: f64) -> Result<OptimStats> {
-        if !lr.is_finite() || lr < 0.0 {
-            return Err(EngineError::Optim(format!("learning rate {lr} must be finite and non-negative")));
+        // The update runs in f32: a rate finite in f64 but not in f32 (1e300) would turn every
+        // adapter value into inf/NaN.
+        if !lr.is_finite() || lr < 0.0 || !(lr as f32).is_finite() {
+            return Err(EngineError::Optim(format!("learning rate {lr:e} must be non-negative and finite in f32 (at most {:e})", f32::MAX)));
         }
         let be = self.model.backend.clone();
         let grads: Vec<&Buf> = self.adapters.params().map(|p| &p.grad).collect();
