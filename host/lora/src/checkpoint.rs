@@ -433,6 +433,7 @@ mod tests {
             dataset: Inputs::default(),
             plugins: BTreeMap::new(),
             params,
+            notes: Vec::new(),
         }
     }
 

@@ -107,8 +107,11 @@ impl CliError {
                 "hint: an extension failed (named above); fix its input or settings, or remove it from training_plugins; outputs of earlier runs are kept, and once fixed, running the same command again resumes from {}",
                 s.checkpoint.display()
             ),
+            CliError::Run(e) if other_run(e) => {
+                "hint: the workspace's checkpoints belong to another run; the error above says how to start fresh or how to resume".into()
+            }
             CliError::Run(_) => {
-                "hint: the run stopped before writing a checkpoint; once what is named above is fixed, running the same command again starts from the beginning".into()
+                "hint: the run stopped with no checkpoint of it to resume from; once what is named above is fixed, running the same command again starts from the beginning".into()
             }
             CliError::Stopped(s) => format!(
                 "hint: the run stopped; running the same command again resumes from {} (training_resume=auto)",
@@ -138,7 +141,10 @@ fn input_failed(e: &anyhow::Error) -> bool {
         ) || matches!(
             c.downcast_ref::<E>(),
             Some(E::Config { .. } | E::Unsupported(_) | E::Weights { .. } | E::WeightsFile { .. } | E::Adapter(_))
-        ) || plugin_input_failed(c)
+        ) || c.downcast_ref::<crate::request::ModelInputError>().is_some()
+            || c.downcast_ref::<crate::run::outputs::OutputPathErrors>().is_some()
+            || matches!(c.downcast_ref::<crate::run::outputs::LockError>(), Some(crate::run::outputs::LockError::Held { .. }))
+            || plugin_input_failed(c)
     })
 }
 
@@ -467,16 +473,21 @@ fn finish(
     Ok(())
 }
 
+/// Whether a run stopped because the workspace's newest checkpoint belongs to a different run.
+fn other_run(e: &anyhow::Error) -> bool {
+    use crate::checkpoint::CheckpointError as C;
+    e.chain().any(|c| matches!(c.downcast_ref::<C>(), Some(C::Mismatch { .. })))
+}
+
 /// What a failed run is: bad input (exit 2), or a failure that a rerun resumes after when
 /// `training_resume=auto` finds a complete checkpoint of this same run, or one it does not.
 fn run_failed(request: &RunRequest, e: anyhow::Error) -> CliError {
     if input_failed(&e) {
         return CliError::Input(e);
     }
-    let other_run = e.chain().any(|c| matches!(c.downcast_ref::<crate::checkpoint::CheckpointError>(), Some(crate::checkpoint::CheckpointError::Mismatch { .. })));
     let newest = crate::checkpoint::list(&request.workspace().checkpoints).pop();
     match newest {
-        Some((_, checkpoint)) if request.params.resume == "auto" && !other_run => CliError::Stopped(Stopped { error: e, checkpoint }),
+        Some((_, checkpoint)) if request.params.resume == "auto" && !other_run(&e) => CliError::Stopped(Stopped { error: e, checkpoint }),
         _ => CliError::Run(e),
     }
 }

@@ -37,7 +37,8 @@ fn base_model(req: &RunRequest) -> anyhow::Result<Value> {
     let m = &req.params.base_model;
     let p = PathBuf::from(m);
     Ok(if p.is_dir() {
-        json!({ "kind": "local", "path": p, "has_config_json": p.join("config.json").is_file() })
+        let warnings = if p.join("config.json").is_file() { crate::request::check_model_dir(&p, &req.params)? } else { Vec::new() };
+        json!({ "kind": "local", "path": p, "has_config_json": p.join("config.json").is_file(), "warnings": warnings })
     } else if m.starts_with("oci://") {
         json!({ "kind": "oci", "image": m })
     } else if m.starts_with(['/', '.', '~']) || m.matches('/').count() > 1 {
@@ -68,6 +69,7 @@ fn shown(k: &str, v: String) -> Value {
 pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow::Result<Value> {
     let dataset = req.dataset_source()?;
     let base_model = base_model(req)?;
+    crate::run::outputs::check_paths(req)?;
     let envs: Map<String, Value> = process_env(req, env)
         .into_iter()
         .map(|(k, v)| {

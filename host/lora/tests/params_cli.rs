@@ -461,3 +461,76 @@ fn bad_scheduler_kwargs_are_parameter_problems() {
     let out = lora(&dir, &["train", "--dry-run", "--dataset", "data.jsonl", "--training-lr-scheduler", "cosine", "--training-lr-scheduler-kwargs", r#"{"num_cycles": 2}"#], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
 }
+
+/// Issue 11 item 10: every output path is checked before anything runs, in a dry run and a real
+/// one alike; an existing file where a folder goes is refused (it was silently moved aside and
+/// deleted), so is a folder where a file goes, a parent that is a file, and an output folder that
+/// holds the dataset. Every problem is named at once and nothing is created or changed.
+#[test]
+fn output_paths_are_checked_before_anything_runs() {
+    let dir = temp_dir("outpaths");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("data/d.jsonl"), "{\"messages\": []}\n").unwrap();
+    std::fs::write(dir.join("taken"), "keep me").unwrap();
+    std::fs::create_dir_all(dir.join("metrics_dir")).unwrap();
+    let before: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let cases: [(&[&str], &str); 5] = [
+        (&["--output-model", "taken"], "output_model taken: is an existing file, and a folder goes here"),
+        (&["--output-metrics", "metrics_dir"], "output_metrics metrics_dir: is an existing folder, and a file goes here"),
+        (&["--output-loss-chart", "taken/chart.html"], "output_loss_chart taken/chart.html: taken is not a folder"),
+        (&["--output-model", "data"], "output_model data: holds the dataset"),
+        (&["--output-metrics", "out/m.json", "--output-loss-chart", "out/m.json"], "output_loss_chart out/m.json: is the same path as output_metrics"),
+    ];
+    for (flags, needle) in cases {
+        for dry in [true, false] {
+            let mut args = vec!["train", "--dataset", "data/d.jsonl", "--pvc-path", "ws"];
+            if dry {
+                args.push("--dry-run");
+            }
+            args.extend_from_slice(flags);
+            let out = lora(&dir, &args, &[]);
+            let (stdout, stderr) = text(&out);
+            assert_eq!(out.status.code(), Some(2), "{flags:?} dry={dry}: {stderr}");
+            assert!(stdout.is_empty() && stderr.contains(needle), "{flags:?} dry={dry}: missing `{needle}` in {stderr}");
+            assert!(stderr.contains("hint: `--dry-run`"), "{stderr}");
+        }
+    }
+    // All at once.
+    let out = lora(&dir, &["train", "--dry-run", "--dataset", "data/d.jsonl", "--output-model", "taken", "--output-metrics", "metrics_dir"], &[]);
+    assert!(text(&out).1.contains("2 output path problems:"), "{}", text(&out).1);
+    // Nothing was created, renamed or changed.
+    let after: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(before, after);
+    assert_eq!(std::fs::read_to_string(dir.join("taken")).unwrap(), "keep me");
+}
+
+/// Issue 11 item 10: a folder the run cannot write to is found before anything runs. As root
+/// (who may write anywhere) the run is started as `nobody`.
+#[test]
+fn an_unwritable_output_folder_is_refused_before_anything_runs() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let dir = temp_dir("unwritable");
+    std::fs::write(dir.join("d.jsonl"), "{\"messages\": []}\n").unwrap();
+    let locked = dir.join("locked");
+    std::fs::create_dir_all(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(dir.join("ws")).unwrap();
+    std::fs::set_permissions(dir.join("ws"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let root = std::fs::metadata(dir.join("d.jsonl")).unwrap().uid() == 0;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lora"));
+    cmd.current_dir(&dir)
+        .args(["train", "--dry-run", "--dataset", "d.jsonl", "--pvc-path", "ws", "--output-model", "locked/model", "--output-metrics", "locked/m.json"])
+        .env_remove("HF_HOME");
+    if root {
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for name in ["output_model locked/model", "output_metrics locked/m.json"] {
+        assert!(stderr.contains(&format!("{name}: locked is not writable")), "missing {name}: {stderr}");
+    }
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+}

@@ -38,10 +38,16 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     let p = &req.params;
     let ws = req.workspace();
     let run_started = Instant::now();
+    outputs::check_paths(req)?;
+    let _lock = outputs::WorkspaceLock::acquire(&req.pvc_path)?;
 
     // Model and tokenizer.
     let model = hub::resolve_model(&p.base_model, &HubOptions::from_env())?;
     eprintln!("lora: base model {} ({})", model.name, model.dir.display());
+    let model_notes = crate::request::check_model_dir(&model.dir, p)?;
+    for note in &model_notes {
+        eprintln!("lora: warning: {note}");
+    }
     let tools = Arc::new(
         HfTextTools::from_dir(&model.dir)
             .with_context(|| format!("loading the tokenizer of training_base_model from {}", model.dir.display()))?,
@@ -107,7 +113,7 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     };
 
     // Manifest and reporters.
-    let run_manifest = build_manifest(p, &model, &source, device)?;
+    let run_manifest = build_manifest(p, &model, &source, device, model_notes)?;
     let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(JsonlReporter::new(ws.checkpoints.join("training_metrics.jsonl")))];
     if let Some(set) = &plugins {
         reporters.extend(set.load_reporters()?);
@@ -129,14 +135,14 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     };
     let finished = run.train()?;
 
-    // Outputs.
+    // Outputs: all staged next to their destinations, then published together.
     let adapter = run.trainer.adapter_tensors()?;
-    write_model_outputs(req, &model, &adapter, &adapter_cfg, &adapter_config_json, &run_manifest)?;
+    let mut staging = outputs::Staging::new(&req.outputs.model, finished.summary.total_steps);
+    stage_model_outputs(&mut staging, req, &model, &adapter, &adapter_cfg, &adapter_config_json, &run_manifest)?;
     let summary = &finished.summary;
     let params_json = Value::Object(p.params_as_used());
     let metrics = report::kfp_metrics(summary, &params_json);
-    report::write_atomic(&req.outputs.metrics, serde_json::to_string_pretty(&Value::Object(metrics.clone()))?.as_bytes())
-        .with_context(|| format!("writing output_metrics {}", req.outputs.metrics.display()))?;
+    staging.file("output_metrics", &req.outputs.metrics, serde_json::to_string_pretty(&Value::Object(metrics.clone()))?.as_bytes())?;
     let chart_meta = ChartMeta {
         model: model.name.clone(),
         settings: vec![
@@ -149,8 +155,8 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
         ],
     };
     let html = chart::render(&finished.history, summary, &chart_meta);
-    report::write_atomic(&req.outputs.loss_chart, html.as_bytes())
-        .with_context(|| format!("writing output_loss_chart {}", req.outputs.loss_chart.display()))?;
+    staging.file("output_loss_chart", &req.outputs.loss_chart, html.as_bytes())?;
+    staging.publish()?;
     eprintln!("lora: outputs written in {:.1}s total", run_started.elapsed().as_secs_f64());
 
     let mut model_metadata = Map::new();
@@ -369,7 +375,7 @@ fn pick_device(name: &str) -> Result<Device> {
     }
 }
 
-fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data::DatasetSource, device: Device) -> Result<Manifest> {
+fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data::DatasetSource, device: Device, notes: Vec<String>) -> Result<Manifest> {
     let model_files = manifest::hash_dir(&model.dir, manifest::is_model_file)?;
     let mut dataset_files = std::collections::BTreeMap::new();
     // Keyed by split, position and file name (not the full path: a KFP artifact's path changes
@@ -396,11 +402,14 @@ fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data:
         dataset: Inputs { name: source.origin.clone(), commit: None, files: dataset_files },
         plugins,
         params,
+        notes,
     })
 }
 
-/// `output_model/` (merged model + `adapter/` + manifest) and its copy to `<pvc_path>/final_model`.
-fn write_model_outputs(
+/// Stages `output_model/` (merged model + `adapter/` + manifest) and its copy to
+/// `<pvc_path>/final_model`.
+fn stage_model_outputs(
+    staging: &mut outputs::Staging,
     req: &RunRequest,
     model: &ResolvedModel,
     adapter: &[lora_engine::NamedTensor],
@@ -410,21 +419,17 @@ fn write_model_outputs(
 ) -> Result<()> {
     let t0 = Instant::now();
     let dest = &req.outputs.model;
-    let built: PathBuf = outputs::temp_sibling(dest);
-    let _ = std::fs::remove_dir_all(&built);
-    std::fs::create_dir_all(&built).with_context(|| format!("creating {}", built.display()))?;
+    let built = staging.folder("output_model", dest)?;
     outputs::write_adapter(&built.join("adapter"), adapter, adapter_config_json)?;
     outputs::write_merged_weights(&model.dir, &built, adapter, adapter_cfg)
         .with_context(|| format!("merging the adapter into {}", model.dir.display()))?;
     outputs::copy_model_files(&model.dir, &built)?;
-    std::fs::write(built.join("run_manifest.json"), serde_json::to_vec_pretty(run_manifest)?)?;
-    outputs::replace_dir(&built, dest)?;
+    std::fs::write(built.join("run_manifest.json"), serde_json::to_vec_pretty(run_manifest)?)
+        .with_context(|| format!("writing {}", built.join("run_manifest.json").display()))?;
     let final_model = req.workspace().final_model;
     if final_model != *dest {
-        let copy = outputs::temp_sibling(&final_model);
-        let _ = std::fs::remove_dir_all(&copy);
-        outputs::copy_tree(dest, &copy)?;
-        outputs::replace_dir(&copy, &final_model)?;
+        let copy = staging.folder("<pvc_path>/final_model", &final_model)?;
+        outputs::copy_tree(&built, &copy)?;
     }
     eprintln!(
         "lora: wrote the adapter ({}/adapter), the merged model ({}) and {} in {:.1}s",

@@ -314,6 +314,8 @@ impl Run<'_> {
             }
         }
         // The final state is a checkpoint too: a rerun with the same inputs finds the run done.
+        // (What is pending is this attempt's, not what a resumed checkpoint had pending.)
+        history.pending_log = (log_loss, log_steps, log_tokens, log_trained, log_secs);
         history.prior_runtime_s += clock.elapsed(started, train_secs);
         if last_eval_step != Some(pos.step)
             && let Some(e) = self.evaluate(pos.step)?
