@@ -598,6 +598,27 @@ mod tests {
         let _ = fs::remove_dir_all(&root);
     }
 
+    /// Issue 11 item 12: a loss read back from `trainer_state.json` lost a bit
+    /// (`training_train_loss` 11.173966845301539 became 11.17396684530154 after a resume).
+    #[test]
+    fn floats_in_a_checkpoint_read_back_bit_for_bit() {
+        let root = temp("floats");
+        let m = manifest(2e-4);
+        let mut st = state(1, &m.resume_key());
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        st.history.losses = std::iter::once(11.173966845301539)
+            .chain((0..20_000).map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                f64::from_bits((x >> 12) | 0x4000_0000_0000_0000) // in [2, 4), every mantissa bit random
+            }))
+            .collect();
+        save(&root, &Snapshot { state: &st, adapter: &[], optimizer: &[], adapter_config: b"{}", manifest: &m }, 0).unwrap();
+        let back = find_resumable(&root, &m).unwrap().resume.unwrap().state.history.losses;
+        let differ = st.history.losses.iter().zip(&back).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differ, 0, "{differ} of {} losses changed on the way through JSON", back.len());
+        let _ = fs::remove_dir_all(&root);
+    }
+
     #[test]
     fn damaged_safetensors_are_named() {
         let p = Path::new("x/adapter_model.safetensors");

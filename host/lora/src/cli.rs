@@ -465,7 +465,8 @@ fn finish(
     }
     let outcome = execute(&request).map_err(|e| run_failed(&request, e))?;
     if let Some(input) = &request.kfp {
-        crate::kfp::write_executor_output(input, &outcome)?;
+        // After the outputs: a failure here leaves a complete final checkpoint to rerun from.
+        crate::kfp::write_executor_output(input, &outcome).map_err(|e| run_failed(&request, e.into()))?;
     }
     if !outcome.output.is_empty() {
         eprintln!("{}", outcome.output);

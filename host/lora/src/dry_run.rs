@@ -25,10 +25,11 @@ pub fn process_env(req: &RunRequest, env: &[(String, String)]) -> Vec<(String, S
     out
 }
 
-/// The workspace folders a run creates.
+/// The workspace folders a run creates before it starts (`final_model` only appears, whole, when
+/// the outputs are published).
 pub fn workspace_dirs(req: &RunRequest) -> Vec<PathBuf> {
     let ws = req.workspace();
-    vec![ws.dataset_train, ws.checkpoints, ws.final_model]
+    vec![ws.dataset_train, ws.checkpoints]
 }
 
 /// The base model as a run will look for it: an existing folder, an `oci://` image, or a hub id.
