@@ -474,12 +474,13 @@ fn output_paths_are_checked_before_anything_runs() {
     std::fs::write(dir.join("taken"), "keep me").unwrap();
     std::fs::create_dir_all(dir.join("metrics_dir")).unwrap();
     let before: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--output-model", "taken"], "output_model taken: is an existing file, and a folder goes here"),
         (&["--output-metrics", "metrics_dir"], "output_metrics metrics_dir: is an existing folder, and a file goes here"),
         (&["--output-loss-chart", "taken/chart.html"], "output_loss_chart taken/chart.html: taken is not a folder"),
         (&["--output-model", "data"], "output_model data: holds the dataset"),
         (&["--output-metrics", "out/m.json", "--output-loss-chart", "out/m.json"], "output_loss_chart out/m.json: is the same path as output_metrics"),
+        (&["--output-model", "ws/final_model/m"], "<pvc_path>/final_model ws/final_model: holds output_model"),
     ];
     for (flags, needle) in cases {
         for dry in [true, false] {

@@ -240,23 +240,23 @@ pub fn check_paths(req: &RunRequest) -> Result<(), OutputPathErrors> {
         }
         seen.push((norm, o));
     }
-    // Folders replaced as a whole must not swallow anything else.
+    // Folders replaced as a whole must not swallow anything else (the same folder given for both
+    // `output_model` and `final_model` is one output).
+    let mut guarded: Vec<(&str, PathBuf, Option<Kind>)> = Vec::new();
     let base_model = Path::new(&req.params.base_model);
-    let mut guarded: Vec<(String, PathBuf)> = Vec::new();
     if base_model.is_dir() {
-        guarded.push(("training_base_model".into(), normalized(base_model)));
+        guarded.push(("training_base_model", normalized(base_model), None));
     }
     if let Ok(source) = req.dataset_source()
         && let Some(path) = source.local_path()
     {
-        guarded.push(("the dataset".into(), normalized(path)));
+        guarded.push(("the dataset", normalized(path), None));
     }
-    for (norm, o) in seen.iter().filter(|(_, o)| o.kind != Kind::Folder) {
-        guarded.push((o.name.to_string(), norm.clone()));
-    }
+    guarded.extend(seen.iter().map(|(norm, o)| (o.name, norm.clone(), Some(o.kind))));
     for (norm, o) in seen.iter().filter(|(_, o)| o.kind == Kind::Folder) {
-        for (what, other) in &guarded {
-            if other.starts_with(norm) {
+        for (what, other, kind) in &guarded {
+            let same_output = *what == o.name || (*kind == Some(Kind::Folder) && other == norm);
+            if other.starts_with(norm) && !same_output {
                 let how = if other == norm { "is" } else { "holds" };
                 problems.push(format!(
                     "{} {}: {how} {what} ({}), and this folder is replaced as a whole by the run's output; choose another path",
