@@ -198,15 +198,36 @@ fn a_failed_run_never_replaces_an_earlier_runs_outputs() {
         let args = [args.as_slice(), &["--training-lr-warmup-steps", "0", "--training-save-steps", "1"], extra].concat();
         train_cmd_at(&work, &work.join("pvc2"), &model, &capitals(), &args).output().unwrap()
     };
-    for (lr, needles) in [
-        ("1e39", &["optimizer step 1: the learning rate of step 1 was 1e39, from the built-in `linear` schedule", "must be non-negative and finite in f32"][..]),
-        ("1e38", &["training diverged at step 1: the learning rate of step 1 was 1e38, from the built-in `linear` schedule", "not writing checkpoint-1:", "after step 1; the adapter or its optimizer state is no longer finite"][..]),
-    ] {
-        let out = other(&["--training-learning-rate", lr]);
+    #[cfg_attr(not(feature = "plugins"), allow(unused_mut))]
+    let mut cases: Vec<(Vec<String>, Vec<String>)> = vec![
+        (vec!["1e39".into()], vec!["optimizer step 1: the learning rate of step 1 was 1e39, from the built-in `linear` schedule".into(), "must be non-negative and finite in f32".into()]),
+        (
+            vec!["1e38".into()],
+            vec![
+                "training diverged at step 1: the learning rate of step 1 was 1e38, from the built-in `linear` schedule".into(),
+                "not writing checkpoint-1:".into(),
+                "after step 1; the adapter or its optimizer state is no longer finite".into(),
+            ],
+        ),
+    ];
+    // The same rate from a scheduler plugin names the plugin.
+    #[cfg(feature = "plugins")]
+    {
+        let wasm = super::build_guest_plugins(&["schedules"]).join("schedules.wasm");
+        let config = r#"{"scheduler": {"settings": {"schedule": "cosine"}}}"#;
+        cases.push((
+            vec!["1e38".into(), "--training-plugins".into(), format!("scheduler={}", wasm.display()), "--training-plugin-config".into(), config.into()],
+            vec!["the learning rate of step 1 was 1e38, from the scheduler plugin `".into(), format!("({})", wasm.display()), "not writing checkpoint-1:".into()],
+        ));
+    }
+    for (flags, needles) in &cases {
+        let mut extra = vec!["--training-learning-rate"];
+        extra.extend(flags.iter().map(String::as_str));
+        let out = other(&extra);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         for n in needles {
-            assert!(stderr.contains(n), "missing `{n}`: {stderr}");
+            assert!(stderr.contains(n.as_str()), "missing `{n}`: {stderr}");
         }
         assert!(stderr.contains("with no checkpoint of it to resume from") && !stderr.contains("resumes from"), "{stderr}");
         assert!(lora::checkpoint::list(&work.join("pvc2/checkpoints")).is_empty(), "no checkpoint of a diverged adapter");
