@@ -19,7 +19,7 @@ fn main() {
     o.steps = num("--steps", 3);
     o.warmup = num("--warmup", 1);
     o.adapter.r = num("--r", 16);
-    o.adapter.lora_alpha = 2.0 * o.adapter.r as f32;
+    o.adapter.lora_alpha = 2.0 * o.adapter.r as f64;
     o.recompute = args.iter().any(|a| a == "--recompute");
     if let Some(t) = get("--threads") {
         let n = t.parse().unwrap_or_else(|_| fail("--threads wants a number"));

@@ -7,12 +7,14 @@ use crate::error::{EngineError, Result};
 use crate::model::{Model, Module};
 use crate::rng::{Rng, hash_str};
 
-/// Which modules get an adapter and how. Field names equal PEFT's `LoraConfig`.
+/// Which modules get an adapter and how. Field names equal PEFT's `LoraConfig`; the floats are
+/// kept as given (f64, like PEFT's Python floats), so `adapter_config.json` and checkpoints say
+/// `0.1` for 0.1. The kernels use them as f32 ([`AdapterConfig::scaling`], the dropout rate).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdapterConfig {
     pub r: usize,
-    pub lora_alpha: f32,
-    pub lora_dropout: f32,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
     /// Module names (`q_proj`, …, `down_proj`); empty or `["all-linear"]` = all seven.
     /// The output head is never adapted.
     pub target_modules: Vec<String>,
@@ -63,9 +65,15 @@ impl AdapterConfig {
         Ok(out)
     }
 
-    /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
+    /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA, in f32 as the kernels use it.
     pub fn scaling(&self) -> f32 {
-        if self.use_rslora { self.lora_alpha / (self.r as f32).sqrt() } else { self.lora_alpha / self.r as f32 }
+        let alpha = self.lora_alpha as f32;
+        if self.use_rslora { alpha / (self.r as f32).sqrt() } else { alpha / self.r as f32 }
+    }
+
+    /// The dropout rate as the kernels use it.
+    pub fn dropout_f32(&self) -> f32 {
+        self.lora_dropout as f32
     }
 
     pub fn validate(&self) -> Result<()> {

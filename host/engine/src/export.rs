@@ -15,10 +15,15 @@ use crate::weights::{OutTensor, write_safetensors};
 pub const MAX_SHARD_BYTES: u64 = 5_000_000_000;
 
 /// `adapter_config.json` as PEFT writes it (REFERENCE.md §4): the one definition both the engine's
-/// own export and the run's outputs and checkpoints use. `lora_alpha` is written as an integer when
-/// it is one, as PEFT does for the component's integer parameter.
+/// own export and the run's outputs and checkpoints use. Values are the values given (`0.1` for a
+/// dropout of 0.1, not its f32 widened); `lora_alpha` is written as an integer when it is one, as
+/// PEFT does for the component's integer parameter.
 pub fn peft_config<S: AsRef<str>>(cfg: &AdapterConfig, targets: &[S], base_model_name_or_path: &str) -> serde_json::Value {
-    let alpha = if cfg.lora_alpha.fract() == 0.0 { json!(cfg.lora_alpha as i64) } else { json!(cfg.lora_alpha) };
+    let alpha = if cfg.lora_alpha.fract() == 0.0 && cfg.lora_alpha.abs() < 2f64.powi(53) {
+        json!(cfg.lora_alpha as i64)
+    } else {
+        json!(cfg.lora_alpha)
+    };
     let targets: Vec<&str> = targets.iter().map(|t| t.as_ref()).collect();
     json!({
         "peft_type": "LORA",
@@ -26,7 +31,7 @@ pub fn peft_config<S: AsRef<str>>(cfg: &AdapterConfig, targets: &[S], base_model
         "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.r,
         "lora_alpha": alpha,
-        "lora_dropout": cfg.lora_dropout as f64,
+        "lora_dropout": cfg.lora_dropout,
         "target_modules": targets,
         "bias": "none",
         "use_rslora": cfg.use_rslora,

@@ -222,7 +222,7 @@ impl Trainer {
             pos: p.pos,
             cu: p.cu,
             inv_freq: p.inv_freq,
-            dropout: if train { self.adapters.cfg.lora_dropout } else { 0.0 },
+            dropout: if train { self.adapters.cfg.dropout_f32() } else { 0.0 },
             seed_base: splitmix64(self.dropout_seed ^ self.micro),
             scale: self.adapters.scale,
             act: self.model.backend.activation_dtype(),
@@ -334,8 +334,10 @@ impl Trainer {
     /// Clips the accumulated gradients by global norm, applies AdamW with learning rate `lr`,
     /// and zeroes the gradients.
     pub fn optimizer_step(&mut self, lr: f64) -> Result<OptimStats> {
-        if !lr.is_finite() || lr < 0.0 {
-            return Err(EngineError::Optim(format!("learning rate {lr} must be finite and non-negative")));
+        // The update runs in f32: a rate finite in f64 but not in f32 (1e300) would turn every
+        // adapter value into inf/NaN.
+        if !lr.is_finite() || lr < 0.0 || !(lr as f32).is_finite() {
+            return Err(EngineError::Optim(format!("learning rate {lr:e} must be non-negative and finite in f32 (at most {:e})", f32::MAX)));
         }
         let be = self.model.backend.clone();
         let grads: Vec<&Buf> = self.adapters.params().map(|p| &p.grad).collect();

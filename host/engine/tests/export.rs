@@ -84,6 +84,37 @@ fn peft_adapter_folder_has_peft_names_and_config() {
     assert_eq!(t.len(), 2 * 7 * 3);
 }
 
+/// Issue 11 item 12: the adapter as initialised is PEFT's `init_lora_weights: true` exactly
+/// (every `lora_B` element +0.0, not a tiny number), and `adapter_config.json` holds the values
+/// given (`"lora_dropout": 0.1`, not 0.1 widened from f32), for LoRA and DoRA.
+#[test]
+fn a_fresh_adapter_is_peft_init_exactly_and_its_config_holds_the_values_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    write_random_model(&base, &ModelConfig::tiny_llama(64), DType::F32, 9).unwrap();
+    for use_dora in [false, true] {
+        let adapter = AdapterConfig { lora_dropout: 0.1, lora_alpha: 16.5, r: 4, use_dora, ..AdapterConfig::default() };
+        let tr = Trainer::new(Model::load(&base, &LoadOptions::cpu()).unwrap(), adapter, OptimConfig::default(), 3).unwrap();
+        let out = tmp.path().join(format!("fresh-{use_dora}"));
+        tr.save_peft_adapter(&out, "org/base").unwrap();
+        let text = std::fs::read_to_string(out.join("adapter_config.json")).unwrap();
+        assert!(text.contains("\"lora_dropout\": 0.1,") && text.contains("\"lora_alpha\": 16.5,"), "{text}");
+        let t = common::read_safetensors(&out.join("adapter_model.safetensors"));
+        let (mut b_seen, mut a_seen) = (0, 0);
+        for (name, tensor) in &t {
+            if name.ends_with("lora_B.weight") {
+                b_seen += 1;
+                assert!(tensor.data.iter().all(|v| v.to_bits() == 0), "{name} is not exactly +0.0");
+            } else if name.ends_with("lora_A.weight") {
+                a_seen += 1;
+                let bound = 1.0 / (tensor.shape[1] as f64).sqrt() * (1.0 + 1e-6);
+                assert!(tensor.data.iter().all(|v| v.abs() <= bound) && tensor.data.iter().any(|&v| v != 0.0), "{name}");
+            }
+        }
+        assert_eq!((a_seen, b_seen), (14, 14));
+    }
+}
+
 /// Writes a base model, a trained adapter (PEFT folder), the merged model and our logits into
 /// `$LORA_ENGINE_INTEROP_DIR`, for `tests/engine/check_peft_interop.py` (needs torch + peft):
 /// `LORA_ENGINE_INTEROP_DIR=/tmp/x cargo test -p lora-engine --test export -- --ignored`.

@@ -26,7 +26,7 @@ fn run_case(case: &str) -> Vec<String> {
     };
     let acfg = AdapterConfig {
         r: meta["r"].as_u64().unwrap() as usize,
-        lora_alpha: meta["lora_alpha"].as_f64().unwrap() as f32,
+        lora_alpha: meta["lora_alpha"].as_f64().unwrap(),
         lora_dropout: 0.0,
         target_modules,
         use_rslora: meta["use_rslora"].as_bool().unwrap(),

@@ -27,9 +27,13 @@ pub enum CliError {
     /// Bad input: a missing file, a malformed executor input (exit 2).
     #[error(transparent)]
     Input(anyhow::Error),
-    /// The run failed (exit 1).
+    /// The run failed (exit 1) with no checkpoint a rerun would resume from.
     #[error(transparent)]
     Run(anyhow::Error),
+    /// The run failed (exit 1) after writing a checkpoint that running the same command again
+    /// resumes from.
+    #[error(transparent)]
+    Stopped(Stopped),
     /// `--help`, `--version` or a usage error: clap prints it and picks the exit code
     /// (`main` calls [`clap::Error::exit`]).
     #[error(transparent)]
@@ -37,6 +41,26 @@ pub enum CliError {
     /// A tool command (`selftest`, `bench`, `plugin`) failed; it picks its exit code and hint.
     #[error(transparent)]
     Tool(#[from] crate::tools::ToolError),
+}
+
+/// A failed run and the newest complete checkpoint it left (what a rerun resumes from).
+#[derive(Debug)]
+pub struct Stopped {
+    pub error: anyhow::Error,
+    pub checkpoint: PathBuf,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl std::error::Error for Stopped {
+    /// The rest of the chain (this error's own text is the outermost context's).
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
 }
 
 impl From<ParamErrors> for CliError {
@@ -58,31 +82,43 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Params(_) | CliError::Input(_) => 2,
-            CliError::Run(_) => 1,
+            CliError::Run(_) | CliError::Stopped(_) => 1,
             CliError::Clap(e) => u8::try_from(e.exit_code()).unwrap_or(2),
             CliError::Tool(e) => e.exit_code(),
         }
     }
 
-    /// A hint for the user, printed after the error.
-    pub fn hint(&self) -> &'static str {
+    /// A hint for the user, printed after the error. It promises a resume only when a checkpoint
+    /// to resume from exists ([`CliError::Stopped`]).
+    pub fn hint(&self) -> String {
         match self {
             CliError::Params(_) => {
-                "hint: `lora train --help` lists every parameter with its form and default; `lora train --dry-run ...` checks a set without training"
+                "hint: `lora train --help` lists every parameter with its form and default; `lora train --dry-run ...` checks a set without training".into()
             }
             CliError::Input(_) => {
-                "hint: `--dry-run` shows how every input path and parameter was resolved"
+                "hint: `--dry-run` shows how every input path and parameter was resolved".into()
             }
             // An extension (a plugin or a built-in preprocessor/scheduler/reporter) failing is not
             // fixed by running again: say what is.
             CliError::Run(e) if extension_failed(e) => {
-                "hint: an extension failed (named above); fix its input or settings, or remove it from training_plugins; outputs already written are kept, and once fixed, running again resumes from the newest complete checkpoint"
+                "hint: an extension failed (named above); fix its input or settings, or remove it from training_plugins; outputs of earlier runs are kept, and no checkpoint was written, so once fixed the run starts from the beginning".into()
+            }
+            CliError::Stopped(s) if extension_failed(&s.error) => format!(
+                "hint: an extension failed (named above); fix its input or settings, or remove it from training_plugins; outputs of earlier runs are kept, and once fixed, running the same command again resumes from {}",
+                s.checkpoint.display()
+            ),
+            CliError::Run(e) if other_run(e) => {
+                "hint: the workspace's checkpoints belong to another run; the error above says how to start fresh or how to resume".into()
             }
             CliError::Run(_) => {
-                "hint: the run stopped; with training_resume=auto (the default) running the same command again resumes from the newest complete checkpoint"
+                "hint: the run stopped with no checkpoint of it to resume from; once what is named above is fixed, running the same command again starts from the beginning".into()
             }
-            CliError::Clap(_) => "",
-            CliError::Tool(e) => e.hint(),
+            CliError::Stopped(s) => format!(
+                "hint: the run stopped; running the same command again resumes from {} (training_resume=auto)",
+                s.checkpoint.display()
+            ),
+            CliError::Clap(_) => String::new(),
+            CliError::Tool(e) => e.hint().into(),
         }
     }
 }
@@ -105,7 +141,10 @@ fn input_failed(e: &anyhow::Error) -> bool {
         ) || matches!(
             c.downcast_ref::<E>(),
             Some(E::Config { .. } | E::Unsupported(_) | E::Weights { .. } | E::WeightsFile { .. } | E::Adapter(_))
-        ) || plugin_input_failed(c)
+        ) || c.downcast_ref::<crate::request::ModelInputError>().is_some()
+            || c.downcast_ref::<crate::run::outputs::OutputPathErrors>().is_some()
+            || matches!(c.downcast_ref::<crate::run::outputs::LockError>(), Some(crate::run::outputs::LockError::Held { .. }))
+            || plugin_input_failed(c)
     })
 }
 
@@ -224,13 +263,57 @@ pub fn command() -> Command {
         .subcommands(crate::tools::commands())
 }
 
-/// Runs the command line `args` (including the program name) with environment `env`.
-/// Clap's own outcomes (`--help`, unknown flags) come back as [`CliError::Clap`].
+/// Environment variables lora (or a library it calls) reads, besides every `LORA_*` and `HF_*`
+/// one: the Hugging Face cache and token (`hub::HubOptions::from_env`), the CUDA loader and the
+/// TrainJob rank (engine). A non-UTF-8 value of one of these is a bad input.
+pub const READ_ENV_VARS: &[&str] = &[
+    "HOME",
+    "XDG_CACHE_HOME",
+    "HUGGINGFACE_HUB_CACHE",
+    "HUGGING_FACE_HUB_TOKEN",
+    "TRANSFORMERS_OFFLINE",
+    "CUDA_HOME",
+    "CUDA_VISIBLE_DEVICES",
+    "LOCAL_RANK",
+];
+
+/// Whether lora reads environment variable `name`.
+pub fn reads_env_var(name: &str) -> bool {
+    name.starts_with("LORA_") || name.starts_with("HF_") || READ_ENV_VARS.contains(&name)
+}
+
+/// The environment as text. A variable lora reads ([`reads_env_var`]) must be UTF-8: every one
+/// that is not is named in one error (exit 2). Any other variable that is not UTF-8 (name or
+/// value) is left out: lora never reads it, and must not fail because of it.
+pub fn text_env(env: impl IntoIterator<Item = (OsString, OsString)>) -> Result<Vec<(String, String)>, CliError> {
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for (k, v) in env {
+        let Ok(k) = k.into_string() else { continue };
+        match v.into_string() {
+            Ok(v) => out.push((k, v)),
+            Err(v) if reads_env_var(&k) => bad.push(format!("{k}={:?}", v.to_string_lossy())),
+            Err(_) => {}
+        }
+    }
+    if bad.is_empty() {
+        return Ok(out);
+    }
+    Err(CliError::Input(anyhow::anyhow!(
+        "lora reads these environment variables as text, and their values are not valid UTF-8 (bad bytes shown as U+FFFD): {}; set each to UTF-8 text or unset it",
+        bad.join(", ")
+    )))
+}
+
+/// Runs the command line `args` (including the program name) with environment `env` (as the OS
+/// gives it: [`text_env`] decides what must be text). Clap's own outcomes (`--help`, unknown
+/// flags) come back as [`CliError::Clap`].
 pub fn run(
     args: impl IntoIterator<Item = OsString>,
-    env: Vec<(String, String)>,
+    env: impl IntoIterator<Item = (OsString, OsString)>,
 ) -> Result<(), CliError> {
     let matches = command().try_get_matches_from(args)?;
+    let env = text_env(env)?;
     match matches.subcommand() {
         Some(("train", m)) => train(m, env),
         Some(("kfp", m)) => kfp(m, env),
@@ -283,6 +366,7 @@ fn train(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
         }
     }
     let params = loader.finish()?;
+    crate::run::check_schedule(&params)?;
     let path = |k: &str| m.get_one::<PathBuf>(k).cloned().unwrap_or_default();
     let request = RunRequest {
         kubernetes_config: params
@@ -323,6 +407,7 @@ fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
     );
     // Parameter problems first (all of them), then the executor input's own.
     let params = loader.finish()?;
+    crate::run::check_schedule(&params)?;
     let pvc_path = pvc_path?;
     let (model, metrics, loss_chart) = (outputs.0?, outputs.1?, outputs.2?);
     let dataset = match input.input_artifact("dataset") {
@@ -378,14 +463,34 @@ fn finish(
             )
         })?;
     }
-    let outcome = execute(&request).map_err(|e| if input_failed(&e) { CliError::Input(e) } else { CliError::Run(e) })?;
+    let outcome = execute(&request).map_err(|e| run_failed(&request, e))?;
     if let Some(input) = &request.kfp {
-        crate::kfp::write_executor_output(input, &outcome)?;
+        // After the outputs: a failure here leaves a complete final checkpoint to rerun from.
+        crate::kfp::write_executor_output(input, &outcome).map_err(|e| run_failed(&request, e.into()))?;
     }
     if !outcome.output.is_empty() {
         eprintln!("{}", outcome.output);
     }
     Ok(())
+}
+
+/// Whether a run stopped because the workspace's newest checkpoint belongs to a different run.
+fn other_run(e: &anyhow::Error) -> bool {
+    use crate::checkpoint::CheckpointError as C;
+    e.chain().any(|c| matches!(c.downcast_ref::<C>(), Some(C::Mismatch { .. })))
+}
+
+/// What a failed run is: bad input (exit 2), or a failure that a rerun resumes after when
+/// `training_resume=auto` finds a complete checkpoint of this same run, or one it does not.
+fn run_failed(request: &RunRequest, e: anyhow::Error) -> CliError {
+    if input_failed(&e) {
+        return CliError::Input(e);
+    }
+    let newest = crate::checkpoint::list(&request.workspace().checkpoints).pop();
+    match newest {
+        Some((_, checkpoint)) if request.params.resume == "auto" && !other_run(&e) => CliError::Stopped(Stopped { error: e, checkpoint }),
+        _ => CliError::Run(e),
+    }
 }
 
 /// The hand-off to the training run. When `crate::run` lands, this body becomes

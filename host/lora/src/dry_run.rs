@@ -25,10 +25,11 @@ pub fn process_env(req: &RunRequest, env: &[(String, String)]) -> Vec<(String, S
     out
 }
 
-/// The workspace folders a run creates.
+/// The workspace folders a run creates before it starts (`final_model` only appears, whole, when
+/// the outputs are published).
 pub fn workspace_dirs(req: &RunRequest) -> Vec<PathBuf> {
     let ws = req.workspace();
-    vec![ws.dataset_train, ws.checkpoints, ws.final_model]
+    vec![ws.dataset_train, ws.checkpoints]
 }
 
 /// The base model as a run will look for it: an existing folder, an `oci://` image, or a hub id.
@@ -37,7 +38,8 @@ fn base_model(req: &RunRequest) -> anyhow::Result<Value> {
     let m = &req.params.base_model;
     let p = PathBuf::from(m);
     Ok(if p.is_dir() {
-        json!({ "kind": "local", "path": p, "has_config_json": p.join("config.json").is_file() })
+        let warnings = if p.join("config.json").is_file() { crate::request::check_model_dir(&p, &req.params)? } else { Vec::new() };
+        json!({ "kind": "local", "path": p, "has_config_json": p.join("config.json").is_file(), "warnings": warnings })
     } else if m.starts_with("oci://") {
         json!({ "kind": "oci", "image": m })
     } else if m.starts_with(['/', '.', '~']) || m.matches('/').count() > 1 {
@@ -68,6 +70,7 @@ fn shown(k: &str, v: String) -> Value {
 pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow::Result<Value> {
     let dataset = req.dataset_source()?;
     let base_model = base_model(req)?;
+    crate::run::outputs::check_paths(req)?;
     let envs: Map<String, Value> = process_env(req, env)
         .into_iter()
         .map(|(k, v)| {

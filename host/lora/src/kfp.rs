@@ -262,9 +262,12 @@ pub fn write_executor_output(
     Ok(Some(path))
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder, then renames, so a
-/// reader never sees half a file. Creates the parent folder.
+/// Writes `bytes` to `path` through a temporary file in the same folder (`.<name>.tmp-<pid>`,
+/// created exclusively, synced), then renames, so a reader never sees half a file; then removes
+/// what dead runs left there ([`crate::run::outputs::remove_dead_leftovers`]). Creates the
+/// parent folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KfpError> {
+    use std::io::Write;
     let err = |source| KfpError::Write {
         path: path.to_path_buf(),
         source,
@@ -272,12 +275,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KfpError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        err(e)
-    })
+        return Err(err(e));
+    }
+    crate::run::outputs::remove_dead_leftovers(path);
+    Ok(())
 }

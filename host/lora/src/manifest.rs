@@ -58,6 +58,10 @@ pub struct Manifest {
     pub plugins: BTreeMap<String, String>,
     /// Every parameter as the run uses it (snake_case names).
     pub params: Map<String, Value>,
+    /// Warnings the run was started with (a `training_max_seq_len` relying on RoPE scaling), for
+    /// people; not part of the resume key (they follow from what is).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// A set of input files and their sha256, and where they came from.
@@ -141,6 +145,9 @@ impl Manifest {
         if let Some(params) = v.get_mut("params").and_then(Value::as_object_mut) {
             params.retain(|k, _| !NOT_IN_RESUME_KEY.contains(&k.as_str()));
         }
+        if let Some(o) = v.as_object_mut() {
+            o.remove("notes");
+        }
         for input in ["model", "dataset"] {
             if let Some(o) = v.get_mut(input).and_then(Value::as_object_mut) {
                 o.remove("name");
@@ -208,6 +215,7 @@ mod tests {
             dataset: Inputs::default(),
             plugins: BTreeMap::new(),
             params,
+            notes: Vec::new(),
         }
     }
 

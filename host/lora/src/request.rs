@@ -86,6 +86,16 @@ pub enum DatasetSource {
     Remote { artifact_path: String },
 }
 
+impl DatasetSource {
+    /// The local file or folder the dataset is read from (`None` for a remote one).
+    pub fn local_path(&self) -> Option<&std::path::Path> {
+        match self {
+            DatasetSource::Workspace { path } | DatasetSource::Artifact { path } | DatasetSource::MetadataPath { path, .. } => Some(path),
+            DatasetSource::Remote { .. } => None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
     #[error("the dataset {what} {path} does not exist")]
@@ -198,4 +208,83 @@ impl RunRequest {
         }
         Err(DatasetError::None { workspace: ws })
     }
+}
+
+/// A model folder that cannot be trained on as this run asks, found before anything is loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelInputError {
+    #[error(
+        "training_base_model {dir} has no tokenizer.json: lora reads the model's tokenizer from tokenizer.json \
+         (the file transformers' fast tokenizers save); add it to the folder"
+    )]
+    NoTokenizer { dir: PathBuf },
+    #[error("training_base_model {dir} has no weights: neither model.safetensors nor model.safetensors.index.json")]
+    NoWeights { dir: PathBuf },
+    #[error("training_base_model {dir}: model.safetensors.index.json is not a weights index ({why})")]
+    BadIndex { dir: PathBuf, why: String },
+    #[error("training_base_model {dir}: model.safetensors.index.json lists the shard {shard}, which is not in the folder")]
+    MissingShard { dir: PathBuf, shard: String },
+    #[error(
+        "training_max_seq_len = {max_seq_len} is above the model's max_position_embeddings {max_pos} ({config}){why}; \
+         lower training_max_seq_len to at most {allowed}"
+    )]
+    SeqLen { max_seq_len: u64, max_pos: usize, allowed: usize, config: PathBuf, why: String },
+    #[error(transparent)]
+    Config(#[from] lora_engine::EngineError),
+}
+
+/// Checks a model folder against the run before anything is loaded: the tokenizer and every
+/// weight shard are there, and `training_max_seq_len` fits the model's positions. Returns
+/// warnings to log and record (a `training_max_seq_len` that relies on the model's RoPE scaling).
+///
+/// Sequence length rule: up to `max_position_embeddings` is accepted. Beyond it, a model without
+/// RoPE scaling, or with `llama3` scaling (whose `max_position_embeddings` already is the scaled
+/// window), is refused; with `linear` or `dynamic` scaling by `factor` up to
+/// `max_position_embeddings × factor` is accepted with a warning, and beyond that refused.
+pub fn check_model_dir(dir: &std::path::Path, params: &ResolvedParams) -> Result<Vec<String>, ModelInputError> {
+    let d = || dir.to_path_buf();
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let bad = |why: String| ModelInputError::BadIndex { dir: d(), why };
+        let text = std::fs::read(&index).map_err(|e| bad(e.to_string()))?;
+        let v: Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let mut shards: Vec<&str> = map.values().filter_map(Value::as_str).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        if let Some(shard) = shards.iter().find(|s| !dir.join(s).is_file()) {
+            return Err(ModelInputError::MissingShard { dir: d(), shard: shard.to_string() });
+        }
+    } else if !dir.join("model.safetensors").is_file() {
+        return Err(ModelInputError::NoWeights { dir: d() });
+    }
+    if !dir.join("tokenizer.json").is_file() {
+        return Err(ModelInputError::NoTokenizer { dir: d() });
+    }
+    let cfg = lora_engine::ModelConfig::from_model_dir(dir)?;
+    let (max_pos, want) = (cfg.max_position_embeddings, params.max_seq_len);
+    if want <= max_pos as u64 {
+        return Ok(Vec::new());
+    }
+    let config = dir.join("config.json");
+    let (scaling, factor) = match cfg.rope_scaling {
+        lora_engine::RopeScaling::Linear { factor } => ("linear", factor),
+        lora_engine::RopeScaling::Dynamic { factor } => ("dynamic", factor),
+        lora_engine::RopeScaling::Llama3 { .. } => {
+            let why = ", which its llama3 RoPE scaling already covers".to_string();
+            return Err(ModelInputError::SeqLen { max_seq_len: want, max_pos, allowed: max_pos, config, why });
+        }
+        lora_engine::RopeScaling::None => {
+            let why = " and it has no RoPE scaling: positions past it were never trained".to_string();
+            return Err(ModelInputError::SeqLen { max_seq_len: want, max_pos, allowed: max_pos, config, why });
+        }
+    };
+    let allowed = (max_pos as f64 * factor).floor() as usize;
+    if want > allowed as u64 {
+        let why = format!(", even with its {scaling} RoPE scaling (factor {factor}: {allowed} positions)");
+        return Err(ModelInputError::SeqLen { max_seq_len: want, max_pos, allowed, config, why });
+    }
+    Ok(vec![format!(
+        "training_max_seq_len = {want} is above the model's max_position_embeddings {max_pos}: sequences past it rely on the model's {scaling} RoPE scaling (factor {factor}, up to {allowed} positions)"
+    )])
 }

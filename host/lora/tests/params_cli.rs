@@ -1,21 +1,34 @@
 //! The `lora` binary's parameter commands, run for real in a temp dir: help, schema, dry runs,
 //! exit codes and messages.
 
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
 fn lora(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, OsStr::new(*v))).collect();
+    lora_os(dir, args, &env)
+}
+
+/// [`lora`] with environment values that need not be UTF-8.
+fn lora_os(dir: &Path, args: &[&str], env: &[(&str, &OsStr)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lora"));
     cmd.current_dir(dir).args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("LORA_") {
+    for (k, _) in std::env::vars_os() {
+        if k.as_bytes().starts_with(b"LORA_") {
             cmd.env_remove(k);
         }
     }
     cmd.envs(env.iter().copied());
     cmd.output().unwrap()
+}
+
+/// `caf\xe9`: "café" in latin-1, not valid UTF-8.
+fn latin1() -> OsString {
+    OsStr::from_bytes(b"caf\xe9").to_owned()
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -384,4 +397,141 @@ fn dry_run_checks_a_local_model_path_and_hides_secret_env_values() {
         json!({"HF_TOKEN": "<hidden>", "HF_HOME": "/c"})
     );
     assert_eq!(plan["inputs"]["base_model"]["kind"], json!("local"));
+}
+
+/// Issue 11 item 9: one latin-1 byte in any environment variable made `lora` panic (exit 101),
+/// even in a variable it never reads. Such a variable is ignored.
+#[test]
+fn a_non_utf8_variable_lora_does_not_read_is_ignored() {
+    let dir = temp_dir("env-latin1");
+    std::fs::write(dir.join("data.jsonl"), "{\"messages\": []}\n").unwrap();
+    let args = ["train", "--dry-run", "--dataset", "data.jsonl"];
+    let out = lora_os(&dir, &args, &[("SOME_VAR", &latin1())]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let plan: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(plan["parameters"]["training_lora_r"]["value"], 16);
+    for cmd in [&["params", "--markdown"][..], &["component"][..]] {
+        let out = lora_os(&dir, cmd, &[("SOME_VAR", &latin1())]);
+        assert_eq!(out.status.code(), Some(0), "{cmd:?}: {}", text(&out).1);
+    }
+}
+
+/// Issue 11 item 9: a non-UTF-8 value of a variable lora reads (a parameter's `LORA_*`, the
+/// Hugging Face cache's `HF_HOME`) is a bad input naming it (exit 2), all of them at once.
+#[test]
+fn a_non_utf8_value_of_a_variable_lora_reads_is_a_bad_input_naming_it() {
+    let dir = temp_dir("env-latin1-read");
+    std::fs::write(dir.join("data.jsonl"), "{\"messages\": []}\n").unwrap();
+    let args = ["train", "--dry-run", "--dataset", "data.jsonl"];
+    for var in ["LORA_TRAINING_LORA_R", "HF_HOME"] {
+        let out = lora_os(&dir, &args, &[(var, &latin1())]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
+        assert!(stdout.is_empty(), "{stdout}");
+        assert!(stderr.contains(&format!("{var}=\"caf\u{FFFD}\"")) && stderr.contains("not valid UTF-8"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let out = lora_os(&dir, &args, &[("LORA_TRAINING_LORA_R", &latin1()), ("HF_HOME", &latin1()), ("SOME_VAR", &latin1())]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("LORA_TRAINING_LORA_R=") && stderr.contains("HF_HOME=") && !stderr.contains("SOME_VAR"), "{stderr}");
+}
+
+/// Issue 11 item 14: an unknown or bad `training_lr_scheduler_kwargs` entry failed the run after
+/// loading the model and data (exit 1, "rerun resumes"); now a parameter problem, exit 2, before
+/// anything (here in a dry run, which loads nothing).
+#[test]
+fn bad_scheduler_kwargs_are_parameter_problems() {
+    let dir = temp_dir("kwargs");
+    std::fs::write(dir.join("data.jsonl"), "{\"messages\": []}\n").unwrap();
+    for (kwargs, scheduler, needles) in [
+        (r#"{"num_cycle": 2}"#, "cosine", &["training_lr_scheduler_kwargs = \"{\\\"num_cycle\\\": 2}\" (from command line", "`num_cycle` is not a setting of the `cosine` schedule (it takes: num_cycles)"][..]),
+        (r#"{"power": 2}"#, "linear", &["`power` is not a setting of the `linear` schedule (it takes: nothing)"][..]),
+        (r#"{"lr_end": "soon"}"#, "polynomial", &["`lr_end` = \"soon\" for `polynomial`: expected a finite number"][..]),
+    ] {
+        let out = lora(&dir, &["train", "--dry-run", "--dataset", "data.jsonl", "--training-lr-scheduler", scheduler, "--training-lr-scheduler-kwargs", kwargs], &[]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stdout.is_empty() && stderr.contains("1 parameter problem:") && stderr.contains("hint: `lora train --help`"), "{stderr}");
+        for n in needles {
+            assert!(stderr.contains(n), "missing `{n}` in {stderr}");
+        }
+    }
+    let out = lora(&dir, &["train", "--dry-run", "--dataset", "data.jsonl", "--training-lr-scheduler", "cosine", "--training-lr-scheduler-kwargs", r#"{"num_cycles": 2}"#], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+}
+
+/// Issue 11 item 10: every output path is checked before anything runs, in a dry run and a real
+/// one alike; an existing file where a folder goes is refused (it was silently moved aside and
+/// deleted), so is a folder where a file goes, a parent that is a file, and an output folder that
+/// holds the dataset. Every problem is named at once and nothing is created or changed.
+#[test]
+fn output_paths_are_checked_before_anything_runs() {
+    let dir = temp_dir("outpaths");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("data/d.jsonl"), "{\"messages\": []}\n").unwrap();
+    std::fs::write(dir.join("taken"), "keep me").unwrap();
+    std::fs::create_dir_all(dir.join("metrics_dir")).unwrap();
+    let before: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--output-model", "taken"], "output_model taken: is an existing file, and a folder goes here"),
+        (&["--output-metrics", "metrics_dir"], "output_metrics metrics_dir: is an existing folder, and a file goes here"),
+        (&["--output-loss-chart", "taken/chart.html"], "output_loss_chart taken/chart.html: taken is not a folder"),
+        (&["--output-model", "data"], "output_model data: holds the dataset"),
+        (&["--output-metrics", "out/m.json", "--output-loss-chart", "out/m.json"], "output_loss_chart out/m.json: is the same path as output_metrics"),
+        (&["--output-model", "ws/final_model/m"], "<pvc_path>/final_model ws/final_model: holds output_model"),
+    ];
+    for (flags, needle) in cases {
+        for dry in [true, false] {
+            let mut args = vec!["train", "--dataset", "data/d.jsonl", "--pvc-path", "ws"];
+            if dry {
+                args.push("--dry-run");
+            }
+            args.extend_from_slice(flags);
+            let out = lora(&dir, &args, &[]);
+            let (stdout, stderr) = text(&out);
+            assert_eq!(out.status.code(), Some(2), "{flags:?} dry={dry}: {stderr}");
+            assert!(stdout.is_empty() && stderr.contains(needle), "{flags:?} dry={dry}: missing `{needle}` in {stderr}");
+            assert!(stderr.contains("hint: `--dry-run`"), "{stderr}");
+        }
+    }
+    // All at once.
+    let out = lora(&dir, &["train", "--dry-run", "--dataset", "data/d.jsonl", "--output-model", "taken", "--output-metrics", "metrics_dir"], &[]);
+    assert!(text(&out).1.contains("2 output path problems:"), "{}", text(&out).1);
+    // Nothing was created, renamed or changed.
+    let after: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(before, after);
+    assert_eq!(std::fs::read_to_string(dir.join("taken")).unwrap(), "keep me");
+}
+
+/// Issue 11 item 10: a folder the run cannot write to is found before anything runs. As root
+/// (who may write anywhere) the run is started as `nobody`.
+#[test]
+fn an_unwritable_output_folder_is_refused_before_anything_runs() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let dir = temp_dir("unwritable");
+    std::fs::write(dir.join("d.jsonl"), "{\"messages\": []}\n").unwrap();
+    let locked = dir.join("locked");
+    std::fs::create_dir_all(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(dir.join("ws")).unwrap();
+    std::fs::set_permissions(dir.join("ws"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let root = std::fs::metadata(dir.join("d.jsonl")).unwrap().uid() == 0;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lora"));
+    cmd.current_dir(&dir)
+        .args(["train", "--dry-run", "--dataset", "d.jsonl", "--pvc-path", "ws", "--output-model", "locked/model", "--output-metrics", "locked/m.json"])
+        .env_remove("HF_HOME");
+    if root {
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for name in ["output_model locked/model", "output_metrics locked/m.json"] {
+        assert!(stderr.contains(&format!("{name}: locked is not writable")), "missing {name}: {stderr}");
+    }
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
 }

@@ -126,7 +126,7 @@ define_params! {
     training_max_tokens_per_gpu: i64 = 32000, Reference,
         "Max tokens per GPU (memory cap): micro-batches are packed up to this many tokens.";
     training_max_seq_len: i64 = 8192, Reference,
-        "Max sequence length in tokens.";
+        "Max sequence length in tokens: at most the model's max_position_embeddings (x the factor of a linear or dynamic RoPE scaling).";
     training_learning_rate: Option<f64> = None, Reference,
         "Learning rate (resolved: 2e-4).";
     training_lr_warmup_steps: Option<i64> = None, Reference,
@@ -187,9 +187,9 @@ define_params! {
         "KFP TaskConfig (volumes/env/resources passthrough) as a JSON object. Recorded in the run manifest.";
     // ---- further parameters of the reference's Python signature (issue 2) ----
     training_micro_batch_size: Option<i64> = None, Reference,
-        "Samples per micro-batch (resolved: effective_batch_size // (gradient_accumulation_steps * world_size), at least 1).";
+        "Samples per micro-batch (resolved: effective_batch_size // (gradient_accumulation_steps * world_size), at least 1); micro_batch_size * gradient_accumulation_steps * world_size must equal effective_batch_size.";
     training_gradient_accumulation_steps: Option<i64> = None, Reference,
-        "Micro-batches per optimizer step (resolved: effective_batch_size // (micro_batch_size * world_size) when micro_batch_size is set, else 1).";
+        "Micro-batches per optimizer step (resolved: effective_batch_size // (micro_batch_size * world_size) when micro_batch_size is set, else 1); see training_micro_batch_size.";
     training_flash_attention: Option<bool> = None, Reference,
         "Flash attention. Accepted and recorded: our attention is always memory-efficient (resolved: true).";
     training_bf16: Option<bool> = None, Reference,
@@ -254,5 +254,5 @@ define_params! {
     training_plugin_config: String = String::new(), Addition,
         "ADDITION. JSON object keyed by plugin kind or file stem: each plugin's settings and grants.";
     training_lr_scheduler_kwargs: String = String::new(), Addition,
-        "ADDITION. JSON object of scheduler settings, e.g. {\"num_cycles\":2} (cosine_with_restarts), {\"power\":2} (polynomial).";
+        "ADDITION. JSON object of scheduler settings, e.g. {\"num_cycles\":2} (cosine_with_restarts), {\"power\":2} (polynomial); checked with the parameters unless a scheduler plugin takes them.";
 }

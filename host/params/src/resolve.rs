@@ -420,11 +420,22 @@ pub fn resolve(
         (Some(m), None) => (m, (effective_batch_size / (m * world_size)).max(1)),
         (Some(m), Some(ga)) => (m, ga),
     };
-    if micro_batch_size * gradient_accumulation_steps * world_size != effective_batch_size {
-        notes.push(format!(
-            "micro_batch_size {micro_batch_size} x gradient_accumulation_steps {gradient_accumulation_steps} x world_size {world_size} = {} samples per optimizer step, not training_effective_batch_size {effective_batch_size}",
-            micro_batch_size * gradient_accumulation_steps * world_size
-        ));
+    // The reference's arithmetic derives the unset one of the two; when the product still is not
+    // the effective batch size, the set is contradictory and no run can honour all three.
+    let product = micro_batch_size * gradient_accumulation_steps * world_size;
+    let sizes_valid = p.training_effective_batch_size >= 1
+        && p.training_micro_batch_size.is_none_or(|v| v >= 1)
+        && p.training_gradient_accumulation_steps.is_none_or(|v| v >= 1);
+    if sizes_valid && product != effective_batch_size {
+        let derived = |yes: bool| if yes { " (derived)" } else { "" };
+        c.err(
+            if micro_set.is_some() { "training_micro_batch_size" } else { "training_gradient_accumulation_steps" },
+            format!(
+                "training_micro_batch_size {micro_batch_size}{} x training_gradient_accumulation_steps {gradient_accumulation_steps}{} x world size {world_size} = {product} samples per optimizer step, but training_effective_batch_size is {effective_batch_size}: give values whose product is training_effective_batch_size, or leave training_micro_batch_size and training_gradient_accumulation_steps unset",
+                derived(micro_set.is_none()),
+                derived(micro_set.is_some() && ga_set.is_none()),
+            ),
+        );
     }
 
     let seed = match p.training_seed {

@@ -517,18 +517,37 @@ fn micro_batch_follows_gradient_accumulation() {
         .apply_cli("training_micro_batch_size", "8");
     let r = l.finish().unwrap();
     assert_eq!((r.micro_batch_size, r.gradient_accumulation_steps), (8, 8));
+}
+
+/// Issue 11 item 14: micro batch x accumulation x world size that cannot make the effective batch
+/// size was accepted with a note; now refused, naming all three.
+#[test]
+fn batch_sizes_whose_product_is_not_the_effective_batch_size_are_refused_naming_all_three() {
+    for (set, blamed) in [
+        (vec![("training_effective_batch_size", json!(3)), ("training_gradient_accumulation_steps", json!(4))], "training_gradient_accumulation_steps"),
+        (vec![("training_effective_batch_size", json!(100)), ("training_micro_batch_size", json!(8))], "training_micro_batch_size"),
+        (
+            vec![("training_effective_batch_size", json!(64)), ("training_micro_batch_size", json!(8)), ("training_gradient_accumulation_steps", json!(4))],
+            "training_micro_batch_size",
+        ),
+    ] {
+        let err = refuse(&set);
+        assert!(err.starts_with("1 parameter problem:") && err.contains(&format!("- {blamed} = ")), "{err}");
+        for name in ["training_micro_batch_size", "training_gradient_accumulation_steps", "world size", "training_effective_batch_size"] {
+            assert!(err.contains(name), "{name} not named: {err}");
+        }
+    }
+    let err = refuse(&[("training_effective_batch_size", json!(100)), ("training_micro_batch_size", json!(8))]);
+    assert!(err.contains("training_micro_batch_size 8 x training_gradient_accumulation_steps 12 (derived) x world size 1 = 96 samples"), "{err}");
+    // A product that fits is accepted whichever of the two is given.
     let mut l = Loader::new();
-    l.apply_cli("training_effective_batch_size", "3")
+    l.apply_cli("training_effective_batch_size", "64")
+        .apply_cli("training_micro_batch_size", "16")
         .apply_cli("training_gradient_accumulation_steps", "4");
-    let r = l.finish().unwrap();
-    assert_eq!(r.micro_batch_size, 1, "at least 1");
-    assert!(
-        r.notes
-            .iter()
-            .any(|n| n.contains("not training_effective_batch_size 3")),
-        "{:?}",
-        r.notes
-    );
+    assert_eq!(l.finish().map(|r| (r.micro_batch_size, r.gradient_accumulation_steps)), Ok((16, 4)));
+    // An invalid size is reported once, as itself, not again as a product mismatch.
+    let err = refuse(&[("training_effective_batch_size", json!(64)), ("training_micro_batch_size", json!(0))]);
+    assert!(err.starts_with("1 parameter problem:") && err.contains("must be an integer >= 1"), "{err}");
 }
 
 fn temp_file(name: &str, text: &str) -> std::path::PathBuf {

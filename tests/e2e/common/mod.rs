@@ -58,6 +58,11 @@ pub fn capitals() -> PathBuf {
 /// A `lora train` command line for a run under `work` (outputs in `work/out`, workspace in
 /// `work/pvc`), quiet HF environment, plain logs.
 pub fn train_cmd(work: &Path, model: &Path, dataset: &Path, extra: &[&str]) -> Command {
+    train_cmd_at(work, &work.join("pvc"), model, dataset, extra)
+}
+
+/// [`train_cmd`] with the workspace at `pvc` (outputs still in `work/out`, HF cache in `work/hf`).
+pub fn train_cmd_at(work: &Path, pvc: &Path, model: &Path, dataset: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(BIN);
     c.arg("train")
         .arg("--training-base-model")
@@ -71,12 +76,18 @@ pub fn train_cmd(work: &Path, model: &Path, dataset: &Path, extra: &[&str]) -> C
         .arg("--output-loss-chart")
         .arg(work.join("out/loss_chart.html"))
         .arg("--pvc-path")
-        .arg(work.join("pvc"))
-        .args(["--training-device", "cpu", "--training-max-seq-len", "256", "--training-max-tokens-per-gpu", "1024"])
-        .args(extra)
+        .arg(pvc);
+    // Defaults for a tiny model, unless `extra` sets them.
+    for [flag, value] in [["--training-device", "cpu"], ["--training-max-seq-len", "256"], ["--training-max-tokens-per-gpu", "1024"]] {
+        if !extra.contains(&flag) {
+            c.args([flag, value]);
+        }
+    }
+    c.args(extra)
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_HOME", work.join("hf"))
-        .env_remove("LORA_FAULT_INJECT");
+        .env_remove("LORA_FAULT_INJECT")
+        .env_remove("LORA_TEST_FROZEN_CLOCK");
     c
 }
 

@@ -38,10 +38,16 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     let p = &req.params;
     let ws = req.workspace();
     let run_started = Instant::now();
+    outputs::check_paths(req)?;
+    let _lock = outputs::WorkspaceLock::acquire(&req.pvc_path)?;
 
     // Model and tokenizer.
     let model = hub::resolve_model(&p.base_model, &HubOptions::from_env())?;
     eprintln!("lora: base model {} ({})", model.name, model.dir.display());
+    let model_notes = crate::request::check_model_dir(&model.dir, p)?;
+    for note in &model_notes {
+        eprintln!("lora: warning: {note}");
+    }
     let tools = Arc::new(
         HfTextTools::from_dir(&model.dir)
             .with_context(|| format!("loading the tokenizer of training_base_model from {}", model.dir.display()))?,
@@ -72,8 +78,8 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
         .with_context(|| format!("loading the base model from {}", model.dir.display()))?;
     let adapter_cfg = AdapterConfig {
         r: p.lora_r as usize,
-        lora_alpha: p.lora_alpha as f32,
-        lora_dropout: p.lora_dropout as f32,
+        lora_alpha: p.lora_alpha as f64,
+        lora_dropout: p.lora_dropout,
         target_modules: p.lora_target_modules.clone(),
         use_rslora: p.use_rslora,
         use_dora: p.use_dora,
@@ -100,25 +106,14 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     for line in lines {
         eprintln!("{line}");
     }
-    let ctx = ScheduleContext {
-        base_lr: p.learning_rate,
-        warmup_steps: p.lr_warmup_steps,
-        total_steps,
-        num_epochs: p.num_epochs,
-        steps_per_epoch,
-        settings: p
-            .lr_scheduler_kwargs
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())))
-            .collect(),
-    };
+    let ctx = schedule_context(p, total_steps, steps_per_epoch);
     let scheduler: Box<dyn Scheduler> = match plugins.as_ref().map(|s| s.load_scheduler(ctx.clone())).transpose()?.flatten() {
         Some(s) => s,
         None => Box::new(BuiltinScheduler::new(&p.lr_scheduler, &ctx)?),
     };
 
     // Manifest and reporters.
-    let run_manifest = build_manifest(p, &model, &source, device)?;
+    let run_manifest = build_manifest(p, &model, &source, device, model_notes)?;
     let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(JsonlReporter::new(ws.checkpoints.join("training_metrics.jsonl")))];
     if let Some(set) = &plugins {
         reporters.extend(set.load_reporters()?);
@@ -140,14 +135,14 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     };
     let finished = run.train()?;
 
-    // Outputs.
+    // Outputs: all staged next to their destinations, then published together.
     let adapter = run.trainer.adapter_tensors()?;
-    write_model_outputs(req, &model, &adapter, &adapter_cfg, &adapter_config_json, &run_manifest)?;
+    let mut staging = outputs::Staging::new(&req.outputs.model, finished.summary.total_steps);
+    stage_model_outputs(&mut staging, req, &model, &adapter, &adapter_cfg, &adapter_config_json, &run_manifest)?;
     let summary = &finished.summary;
     let params_json = Value::Object(p.params_as_used());
     let metrics = report::kfp_metrics(summary, &params_json);
-    report::write_atomic(&req.outputs.metrics, serde_json::to_string_pretty(&Value::Object(metrics.clone()))?.as_bytes())
-        .with_context(|| format!("writing output_metrics {}", req.outputs.metrics.display()))?;
+    staging.file("output_metrics", &req.outputs.metrics, serde_json::to_string_pretty(&Value::Object(metrics.clone()))?.as_bytes())?;
     let chart_meta = ChartMeta {
         model: model.name.clone(),
         settings: vec![
@@ -160,8 +155,8 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
         ],
     };
     let html = chart::render(&finished.history, summary, &chart_meta);
-    report::write_atomic(&req.outputs.loss_chart, html.as_bytes())
-        .with_context(|| format!("writing output_loss_chart {}", req.outputs.loss_chart.display()))?;
+    staging.file("output_loss_chart", &req.outputs.loss_chart, html.as_bytes())?;
+    staging.publish()?;
     eprintln!("lora: outputs written in {:.1}s total", run_started.elapsed().as_secs_f64());
 
     let mut model_metadata = Map::new();
@@ -174,6 +169,51 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     model_metadata.insert("lora_r".into(), json!(p.lora_r));
     model_metadata.insert("lora_alpha".into(), json!(p.lora_alpha));
     Ok(RunOutcome { output: OUTPUT.into(), metrics, model_metadata })
+}
+
+/// What the scheduler is given: the run's shape and `training_lr_scheduler_kwargs` as settings
+/// (strings as they are, other JSON values in their JSON spelling).
+fn schedule_context(p: &ResolvedParams, total_steps: u64, steps_per_epoch: u64) -> ScheduleContext {
+    ScheduleContext {
+        base_lr: p.learning_rate,
+        warmup_steps: p.lr_warmup_steps,
+        total_steps,
+        num_epochs: p.num_epochs,
+        steps_per_epoch,
+        settings: p
+            .lr_scheduler_kwargs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().map(String::from).unwrap_or_else(|| v.to_string())))
+            .collect(),
+    }
+}
+
+/// Builds the built-in schedule a run will use (unless a scheduler plugin is named, which judges
+/// its own settings) before anything is loaded, so an unknown or bad
+/// `training_lr_scheduler_kwargs` entry is a parameter problem (exit 2), not a failed run. The
+/// settings do not depend on the run's length (only defaults do), so a placeholder length is used.
+pub fn check_schedule(p: &ResolvedParams) -> Result<(), lora_params::ParamErrors> {
+    if p.plugins.iter().any(|s| s.kind == "scheduler") {
+        return Ok(());
+    }
+    let ctx = schedule_context(p, p.lr_warmup_steps + 1, 1);
+    BuiltinScheduler::new(&p.lr_scheduler, &ctx).map(|_| ()).map_err(|e| {
+        let param = match e {
+            crate::schedule::ScheduleError::UnknownSchedule(_) => "training_lr_scheduler",
+            _ => "training_lr_scheduler_kwargs",
+        };
+        let text = e.to_string();
+        lora_params::ParamErrors(vec![lora_params::ParamError {
+            param: param.into(),
+            value: match p.params.get(param) {
+                Some(Value::String(s)) => format!("{s:?}"),
+                Some(v) => v.to_string(),
+                None => String::new(),
+            },
+            source: p.sources.get(param).cloned().unwrap_or(lora_params::Source::Default),
+            message: text.strip_prefix(&format!("{param}: ")).unwrap_or(&text).to_string(),
+        }])
+    })
 }
 
 fn data_config(p: &ResolvedParams, cache_dir: &Path) -> Result<DataConfig> {
@@ -335,7 +375,7 @@ fn pick_device(name: &str) -> Result<Device> {
     }
 }
 
-fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data::DatasetSource, device: Device) -> Result<Manifest> {
+fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data::DatasetSource, device: Device, notes: Vec<String>) -> Result<Manifest> {
     let model_files = manifest::hash_dir(&model.dir, manifest::is_model_file)?;
     let mut dataset_files = std::collections::BTreeMap::new();
     // Keyed by split, position and file name (not the full path: a KFP artifact's path changes
@@ -362,11 +402,14 @@ fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data:
         dataset: Inputs { name: source.origin.clone(), commit: None, files: dataset_files },
         plugins,
         params,
+        notes,
     })
 }
 
-/// `output_model/` (merged model + `adapter/` + manifest) and its copy to `<pvc_path>/final_model`.
-fn write_model_outputs(
+/// Stages `output_model/` (merged model + `adapter/` + manifest) and its copy to
+/// `<pvc_path>/final_model`.
+fn stage_model_outputs(
+    staging: &mut outputs::Staging,
     req: &RunRequest,
     model: &ResolvedModel,
     adapter: &[lora_engine::NamedTensor],
@@ -376,21 +419,17 @@ fn write_model_outputs(
 ) -> Result<()> {
     let t0 = Instant::now();
     let dest = &req.outputs.model;
-    let built: PathBuf = outputs::temp_sibling(dest);
-    let _ = std::fs::remove_dir_all(&built);
-    std::fs::create_dir_all(&built).with_context(|| format!("creating {}", built.display()))?;
+    let built = staging.folder("output_model", dest)?;
     outputs::write_adapter(&built.join("adapter"), adapter, adapter_config_json)?;
     outputs::write_merged_weights(&model.dir, &built, adapter, adapter_cfg)
         .with_context(|| format!("merging the adapter into {}", model.dir.display()))?;
     outputs::copy_model_files(&model.dir, &built)?;
-    std::fs::write(built.join("run_manifest.json"), serde_json::to_vec_pretty(run_manifest)?)?;
-    outputs::replace_dir(&built, dest)?;
+    std::fs::write(built.join("run_manifest.json"), serde_json::to_vec_pretty(run_manifest)?)
+        .with_context(|| format!("writing {}", built.join("run_manifest.json").display()))?;
     let final_model = req.workspace().final_model;
     if final_model != *dest {
-        let copy = outputs::temp_sibling(&final_model);
-        let _ = std::fs::remove_dir_all(&copy);
-        outputs::copy_tree(dest, &copy)?;
-        outputs::replace_dir(&copy, &final_model)?;
+        let copy = staging.folder("<pvc_path>/final_model", &final_model)?;
+        outputs::copy_tree(&built, &copy)?;
     }
     eprintln!(
         "lora: wrote the adapter ({}/adapter), the merged model ({}) and {} in {:.1}s",

@@ -7,6 +7,11 @@
 //! `training_seed` and advanced per micro-batch (engine state, checkpointed), shuffling from
 //! `training_seed + epoch` (data plan, recomputed). Nothing else is random, so a resumed run
 //! continues bit for bit.
+//!
+//! Timings (step seconds, tokens/s, elapsed and run time) and the peak memory are the only values
+//! an interrupted run cannot reproduce. `LORA_TEST_FROZEN_CLOCK=1` (for the kill tests) makes
+//! every optimizer step last exactly one second by the run's clock and the peak memory 0, so that
+//! every output file of an interrupted run compares byte for byte with an uninterrupted one.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -62,6 +67,32 @@ pub fn peak_memory_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The run's clock (see the module docs for the frozen one).
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    frozen: bool,
+}
+
+impl Clock {
+    fn from_env() -> Self {
+        Clock { frozen: std::env::var_os("LORA_TEST_FROZEN_CLOCK").is_some_and(|v| v == "1") }
+    }
+
+    /// Seconds since `t0` (one optimizer step).
+    fn secs_since(&self, t0: Instant) -> f64 {
+        if self.frozen { 1.0 } else { t0.elapsed().as_secs_f64() }
+    }
+
+    /// Seconds this attempt has run: since `started`, or (frozen) its steps' seconds.
+    fn elapsed(&self, started: Instant, step_secs: f64) -> f64 {
+        if self.frozen { step_secs } else { started.elapsed().as_secs_f64() }
+    }
+
+    fn peak_memory_bytes(&self) -> u64 {
+        if self.frozen { 0 } else { peak_memory_bytes() }
+    }
+}
+
 fn report_all(
     progress: &mut ProgressReporter,
     reporters: &mut [Box<dyn Reporter>],
@@ -98,7 +129,18 @@ impl Run<'_> {
         Ok(Some(EvalMetrics { step, epoch: self.epoch_of(step), eval_loss, perplexity: eval_loss.exp(), eval_tokens: tokens as u64 }))
     }
 
-    fn save(&mut self, pos: Position, history: &History) -> Result<f64> {
+    /// Where a learning rate came from, for errors: the scheduler's name, and the plugin file when
+    /// a scheduler plugin gave it.
+    fn lr_origin(&self, step: u64, lr: f64) -> String {
+        let plugin = self.params.plugins.iter().find(|s| s.kind == "scheduler");
+        let from = match plugin {
+            Some(spec) => format!("the scheduler plugin `{}` ({})", self.scheduler.name(), spec.path.display()),
+            None => format!("the built-in `{}` schedule", self.scheduler.name()),
+        };
+        format!("the learning rate of step {step} was {lr:e}, from {from}")
+    }
+
+    fn save(&mut self, pos: Position, history: &History, last_lr: Option<f64>) -> Result<f64> {
         let t0 = Instant::now();
         let state: TrainerState = self.trainer.save_state()?;
         let (optimizer, adapter): (Vec<_>, Vec<_>) =
@@ -117,14 +159,22 @@ impl Run<'_> {
             history: history.clone(),
         };
         let snap = Snapshot { state: &ck, adapter: &adapter, optimizer: &optimizer, adapter_config: &self.adapter_config, manifest: self.manifest };
-        let dir = checkpoint::save(&self.checkpoints, &snap, self.params.save_total_limit)?;
+        let dir = checkpoint::save(&self.checkpoints, &snap, self.params.save_total_limit).map_err(|e| {
+            let non_finite = matches!(e, checkpoint::CheckpointError::NonFinite { .. });
+            let e = anyhow::Error::new(e);
+            match last_lr {
+                Some(lr) if non_finite => e.context(format!("training diverged at step {}: {}", pos.step, self.lr_origin(pos.step, lr))),
+                _ => e,
+            }
+        })?;
         let secs = t0.elapsed().as_secs_f64();
         let info = CheckpointInfo { step: pos.step, epoch: self.epoch_of(pos.step), path: dir };
         report_all(&mut self.progress, &mut self.reporters, |r| r.on_checkpoint(&info))?;
         Ok(secs)
     }
 
-    /// Restores the newest matching checkpoint (the resume rule in `checkpoint`), or starts fresh.
+    /// Restores the newest intact matching checkpoint (the resume rule in `checkpoint`), or starts
+    /// fresh; prunes checkpoints beyond `training_save_total_limit` an earlier run left.
     fn resume(&mut self) -> Result<(Position, History)> {
         checkpoint::remove_stale_temps(&self.checkpoints);
         let fresh = (Position { step: 0, epoch: 0, step_in_epoch: 0 }, History::default());
@@ -135,8 +185,28 @@ impl Run<'_> {
             }
             return Ok(fresh);
         }
-        let Some(dir) = checkpoint::find_resumable(&self.checkpoints, self.manifest)? else { return Ok(fresh) };
-        let loaded = checkpoint::load(&dir)?;
+        let found = checkpoint::find_resumable(&self.checkpoints, self.manifest)?;
+        for (dir, why) in &found.damaged {
+            eprintln!(
+                "lora: warning: {why}; it is not resumed (set aside as {}.damaged), trying the previous complete checkpoint",
+                dir.display()
+            );
+        }
+        let removed = checkpoint::prune(&self.checkpoints, self.params.save_total_limit)?;
+        if !removed.is_empty() {
+            eprintln!(
+                "lora: removed {} checkpoint(s) beyond training_save_total_limit={} that an earlier run left",
+                removed.len(),
+                self.params.save_total_limit
+            );
+        }
+        let Some(loaded) = found.resume else {
+            if !found.damaged.is_empty() {
+                eprintln!("lora: no intact checkpoint is left: starting from the beginning (the result is the same as an uninterrupted run's)");
+            }
+            return Ok(fresh);
+        };
+        let dir = loaded.path.clone();
         self.trainer
             .load_state(&TrainerState { tensors: loaded.tensors, meta: loaded.state.trainer.clone() })
             .with_context(|| format!("restoring the trainer from {}", dir.display()))?;
@@ -163,7 +233,9 @@ impl Run<'_> {
             world_size: p.world_size as u32,
         };
         report_all(&mut self.progress, &mut self.reporters, |r| r.on_start(&info))?;
+        let clock = Clock::from_env();
         let started = Instant::now();
+        let mut last_lr = None;
         let mut train_secs = 0.0f64;
         let (mut log_loss, mut log_steps, mut log_tokens, mut log_trained, mut log_secs) = history.pending_log;
         let mut last_eval_step = history.evals.last().map(|e| e.step);
@@ -190,8 +262,9 @@ impl Run<'_> {
                     tokens += s.tokens as u64;
                     trained += s.trained_tokens as u64;
                 }
-                let o = self.trainer.optimizer_step(lr)?;
-                let secs = t0.elapsed().as_secs_f64();
+                let o = self.trainer.optimizer_step(lr).with_context(|| format!("optimizer step {}: {}", step_index + 1, self.lr_origin(step_index + 1, lr)))?;
+                last_lr = Some(lr);
+                let secs = clock.secs_since(t0);
                 train_secs += secs;
                 let loss = loss_sum / trained.max(1) as f64;
                 self.scheduler.observe_loss(step_index, loss)?;
@@ -217,7 +290,7 @@ impl Run<'_> {
                         tokens: log_tokens,
                         trained_tokens: log_trained,
                         tokens_per_second: log_tokens as f64 / log_secs.max(1e-9),
-                        elapsed_s: history.prior_runtime_s + started.elapsed().as_secs_f64(),
+                        elapsed_s: history.prior_runtime_s + clock.elapsed(started, train_secs),
                     };
                     history.steps.push(m.clone());
                     report_all(&mut self.progress, &mut self.reporters, |r| r.on_step(&m))?;
@@ -235,13 +308,15 @@ impl Run<'_> {
                 if want_save && step < self.total_steps {
                     let mut h = history.clone();
                     h.pending_log = (log_loss, log_steps, log_tokens, log_trained, log_secs);
-                    h.prior_runtime_s += started.elapsed().as_secs_f64();
-                    checkpoint_secs += self.save(pos, &h)?;
+                    h.prior_runtime_s += clock.elapsed(started, train_secs);
+                    checkpoint_secs += self.save(pos, &h, last_lr)?;
                 }
             }
         }
         // The final state is a checkpoint too: a rerun with the same inputs finds the run done.
-        history.prior_runtime_s += started.elapsed().as_secs_f64();
+        // (What is pending is this attempt's, not what a resumed checkpoint had pending.)
+        history.pending_log = (log_loss, log_steps, log_tokens, log_trained, log_secs);
+        history.prior_runtime_s += clock.elapsed(started, train_secs);
         if last_eval_step != Some(pos.step)
             && let Some(e) = self.evaluate(pos.step)?
         {
@@ -249,9 +324,9 @@ impl Run<'_> {
             report_all(&mut self.progress, &mut self.reporters, |r| r.on_eval(&e))?;
         }
         if pos.step > start_step {
-            checkpoint_secs += self.save(pos, &history)?;
+            checkpoint_secs += self.save(pos, &history, last_lr)?;
         }
-        let mut summary = history.summary(self.epoch_of(pos.step), 0.0, peak_memory_bytes());
+        let mut summary = history.summary(self.epoch_of(pos.step), 0.0, clock.peak_memory_bytes());
         summary.train_runtime = history.prior_runtime_s;
         report_all(&mut self.progress, &mut self.reporters, |r| r.on_finish(&summary))?;
         eprintln!(

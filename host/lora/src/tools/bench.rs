@@ -73,7 +73,7 @@ pub(super) fn command() -> Command {
             Arg::new("lora_alpha")
                 .long("lora-alpha")
                 .value_name("ALPHA")
-                .value_parser(clap::value_parser!(f32))
+                .value_parser(clap::value_parser!(f64))
                 .help("LoRA alpha [default: 2 x rank]")
                 .help_heading("Adapter"),
         )
@@ -81,7 +81,7 @@ pub(super) fn command() -> Command {
             Arg::new("lora_dropout")
                 .long("lora-dropout")
                 .value_name("P")
-                .value_parser(clap::value_parser!(f32))
+                .value_parser(clap::value_parser!(f64))
                 .help("Dropout on the adapter input, 0 <= P < 1 [default: 0]")
                 .help_heading("Adapter"),
         )
@@ -235,10 +235,10 @@ fn options(m: &ArgMatches, cfg: ModelConfig) -> Result<BenchOptions, ToolError> 
     let a = &mut o.adapter;
     a.r = num(m, "lora_r").unwrap_or(a.r);
     a.lora_alpha = m
-        .get_one::<f32>("lora_alpha")
+        .get_one::<f64>("lora_alpha")
         .copied()
-        .unwrap_or(2.0 * a.r as f32);
-    if let Some(&p) = m.get_one::<f32>("lora_dropout") {
+        .unwrap_or(2.0 * a.r as f64);
+    if let Some(&p) = m.get_one::<f64>("lora_dropout") {
         if !(0.0..1.0).contains(&p) {
             return Err(ToolError::input(
                 anyhow::anyhow!("bench: --lora-dropout {p} is not in [0, 1)"),
