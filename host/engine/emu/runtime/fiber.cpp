@@ -2,10 +2,10 @@
 // PROT_NONE guard page below it (a stack overflow is a fault the launch reports, not a silent
 // corruption). Stacks are made once and reused by every block and launch.
 //
-// Context switch: on x86_64 a hand-written switch saves the callee-saved registers, MXCSR and the
-// x87 control word and swaps stack pointers (no system call); elsewhere, or when a launch asks
-// for it (to compare), ucontext's swapcontext, which also saves the signal mask with a system
-// call on every switch.
+// Context switch: on x86_64 a hand-written switch saves the callee-saved registers and swaps stack
+// pointers (no system call; the floating-point control state is shared by every fiber, as kernels
+// cannot change it); elsewhere, or when a launch asks for it (to compare), ucontext's
+// swapcontext, which also saves the signal mask with a system call on every switch.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -47,14 +47,8 @@ lora_emu_switch_x86:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -113,6 +107,7 @@ bool fibers_reserve(unsigned n, std::string& err) {
         g_pool.hi = g_pool.lo + total;
         g_pool.page = page;
         g_pool.fibers.resize(kMaxThreads, nullptr);
+        g_fibers = g_pool.fibers.data();
     }
     for (unsigned i = g_pool.reserved; i < n; ++i) {
         char* lo = (char*)(g_pool.lo + i * per + page);
@@ -128,7 +123,7 @@ bool fibers_reserve(unsigned n, std::string& err) {
     return true;
 }
 
-Fiber* fiber_at(unsigned i) { return g_pool.fibers[i]; }
+Fiber** g_fibers = nullptr;
 
 bool in_fiber_stack_guard(uintptr_t addr) {
     if (addr < g_pool.lo || addr >= g_pool.hi) return false;
@@ -140,8 +135,8 @@ void fiber_prepare(Fiber* f, bool use_ucontext) {
     char* top = f->stack_lo + kFiberStack;
 #if defined(__x86_64__)
     if (!use_ucontext) {
-        // The frame lora_emu_switch_x86 pops: MXCSR/x87 word, r15, r14, r13 (entry), r12 (arg),
-        // rbx, rbp, return address (the start stub); after `ret` the stack is 16-byte aligned.
+        // The frame lora_emu_switch_x86 pops: r15, r14, r13 (entry), r12 (arg), rbx, rbp, return
+        // address (the start stub); after `ret` the stack is 16-byte aligned.
         uint64_t* sp = reinterpret_cast<uint64_t*>(top);
         *--sp = reinterpret_cast<uint64_t>(&lora_emu_fiber_start_x86);
         *--sp = 0;                                           // rbp
@@ -150,7 +145,6 @@ void fiber_prepare(Fiber* f, bool use_ucontext) {
         *--sp = reinterpret_cast<uint64_t>(&fiber_main);     // r13
         *--sp = 0;                                           // r14
         *--sp = 0;                                           // r15
-        *--sp = uint64_t(0x1F80) | (uint64_t(0x037F) << 32);  // default MXCSR, x87 control word
         f->sp = sp;
         return;
     }

@@ -89,7 +89,7 @@ void on_signal(int sig, siginfo_t* si, void* uc) {
 
 void watchdog() {
     for (;;) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
         const uint64_t d = g_deadline.load();
         if (d && g_active && now_ns() > d) {
             g_deadline.store(0);

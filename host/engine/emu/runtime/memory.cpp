@@ -97,13 +97,18 @@ bool check_range_locked(uint64_t owner, uintptr_t addr, size_t bytes, std::strin
 
 void release(const Alloc& a) { munmap((void*)a.map, a.map_len); }
 
+}  // namespace
+
 bool all_ff(uintptr_t lo, uintptr_t hi) {
-    for (uintptr_t p = lo; p < hi; ++p)
-        if (*(const unsigned char*)p != 0xFF) return false;
+    static unsigned char ff[4096];
+    static std::once_flag once;
+    std::call_once(once, [] { memset(ff, 0xFF, sizeof ff); });
+    for (uintptr_t p = lo; p < hi; p += sizeof ff) {
+        const size_t n = std::min<uintptr_t>(sizeof ff, hi - p);
+        if (memcmp((const void*)p, ff, n) != 0) return false;
+    }
     return true;
 }
-
-}  // namespace
 
 std::string describe_address(uintptr_t addr) {
     std::lock_guard<std::mutex> lock(g_mu);

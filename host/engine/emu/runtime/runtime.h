@@ -150,11 +150,13 @@ struct RuntimeScope {
 };
 
 uint64_t rng_next(uint64_t& state);
+bool all_ff(uintptr_t lo, uintptr_t hi);  // every byte of [lo, hi) is 0xFF (the poison)
 uint64_t now_ns();
 
 // fiber.cpp
 bool fibers_reserve(unsigned n, std::string& err);
-Fiber* fiber_at(unsigned i);
+extern Fiber** g_fibers;
+inline Fiber* fiber_at(unsigned i) { return g_fibers[i]; }
 void fiber_prepare(Fiber* f, bool use_ucontext);
 void switch_to_fiber(Fiber* f);
 void switch_to_scheduler(Fiber* f);

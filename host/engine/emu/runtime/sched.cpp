@@ -104,9 +104,43 @@ static bool block_error(const Fiber* f, const std::string& msg) {
 
 Fiber* lane_fiber(unsigned warp, unsigned lane) { return fiber_at(warp * 32 + lane); }
 
+// What the scheduler knows of each warp of the block, as lane bit masks, per-lane slots and the
+// collectives in progress, so an arrival checks its partners without touching their fibers.
+namespace {
+struct Pending {
+    uint64_t sig;      // the collective (kind, mode, operands that must agree, mask)
+    uint32_t mask;     // its lanes
+    uint32_t arrived;  // those waiting in it
+};
+struct WarpState {
+    uint32_t exists;   // the lanes this warp has (a block's last warp may be partial)
+    uint32_t done;     // lanes that exited
+    uint32_t barrier;  // lanes waiting at __syncthreads
+    int npending;
+    Pending pending[32];
+    uint64_t value[32];
+    int32_t b[32];
+    uint64_t result[32];
+};
+WarpState g_warps[kMaxThreads / 32];
+
+// A collective in progress of `w` that waits for `lane`, if any.
+const Pending* waiting_for(const WarpState& w, unsigned lane) {
+    for (int i = 0; i < w.npending; ++i)
+        if ((w.pending[i].mask >> lane) & 1u) return &w.pending[i];
+    return nullptr;
+}
+}  // namespace
+
 static unsigned lanes_in_warp(unsigned warp) {
     const unsigned first = warp * 32;
     return std::min(32u, g_L.nthreads - first);
+}
+
+static uint64_t signature(const WarpOp& op) {
+    const uint64_t packed = uint64_t(op.kind) | (uint64_t(op.mode & 0x1ff) << 3) | (uint64_t(op.c & 0x1fff) << 12) |
+                            (uint64_t(op.bytes & 0xf) << 25);
+    return (uint64_t(op.mask) << 32) | packed;
 }
 
 static const char* op_name(const WarpOp& op) {
@@ -130,21 +164,13 @@ static std::string describe_op(const WarpOp& op) {
     return format("%s at %s:%d (mask 0x%08x)", op_name(op), base_name(op.site.file), op.site.line, op.mask);
 }
 
-// Every lane must execute the same collective with the same mask (and, for shuffles, width).
-static bool compatible(const WarpOp& a, const WarpOp& b) {
-    if (a.kind != b.kind || a.mask != b.mask || a.mode != b.mode) return false;
-    if (a.kind == WarpKind::Shfl) return a.c == b.c && a.bytes == b.bytes && (a.b >> 16) == (b.b >> 16);
-    return true;
-}
-
-// A lane of `f`'s warp that waits in a collective whose mask names `f`, which is about to do
-// something else (`doing`): the collective can never complete.
-static void check_warp_waiters(const Fiber* f, const char* doing) {
-    const unsigned n = lanes_in_warp(f->warp);
-    for (unsigned l = 0; l < n; ++l) {
-        const Fiber* g = lane_fiber(f->warp, l);
-        if (g != f && g->state == State::Warp && ((g->op.mask >> f->lane) & 1u))
-            fail("%s while lane %u of its warp waits for it in %s", doing, l, describe_op(g->op).c_str());
+// A lane of `f`'s warp that waits in a collective whose mask names `f`, which is about to reach
+// __syncthreads at `s`: the collective can never complete.
+static void check_warp_waiters(const Fiber* f, Site s) {
+    if (const Pending* p = waiting_for(g_warps[f->warp], f->lane)) {
+        const unsigned l = (unsigned)__builtin_ctz(p->arrived);
+        fail("reaches __syncthreads at %s:%d while lane %u of its warp waits for it in %s", base_name(s.file), s.line, l,
+             describe_op(lane_fiber(f->warp, l)->op).c_str());
     }
 }
 
@@ -165,19 +191,19 @@ static int barrier(Site s, int mode, int pred) {
     RuntimeScope scope;
     Fiber* f = g_fiber;
     Launch& L = g_L;
-    const std::string at = format("reaches __syncthreads at %s:%d", base_name(s.file), s.line);
-    check_warp_waiters(f, at.c_str());
+    check_warp_waiters(f, s);
     if (L.done > 0) {
         const Fiber* x = first_exited();
-        fail("%s, but thread (%u,%u,%u) has already exited: every thread of the block must reach each "
-             "__syncthreads",
-             at.c_str(), x->view.tid.x, x->view.tid.y, x->view.tid.z);
+        fail("reaches __syncthreads at %s:%d, but thread (%u,%u,%u) has already exited: every thread of the block "
+             "must reach each __syncthreads",
+             base_name(s.file), s.line, x->view.tid.x, x->view.tid.y, x->view.tid.z);
     }
     if (L.at_barrier > 0 && !same_site(L.barrier_site, s))
-        fail("divergent __syncthreads: this thread %s while %u threads wait at %s:%d", at.c_str(), L.at_barrier,
-             base_name(L.barrier_site.file), L.barrier_site.line);
+        fail("divergent __syncthreads: this thread reaches __syncthreads at %s:%d while %u threads wait at %s:%d",
+             base_name(s.file), s.line, L.at_barrier, base_name(L.barrier_site.file), L.barrier_site.line);
     if (L.at_barrier == 0) L.barrier_site = s;
     f->state = State::Barrier;
+    g_warps[f->warp].barrier |= 1u << f->lane;
     f->bar_site = s;
     f->bar_mode = mode;
     f->bar_pred = pred != 0;
@@ -186,6 +212,7 @@ static int barrier(Site s, int mode, int pred) {
         for (unsigned i = 0; i < L.nthreads; ++i) count += fiber_at(i)->bar_pred;
         const int result = mode == 0 ? count : mode == 1 ? (count == (int)L.nthreads) : (count > 0);
         L.at_barrier = 0;
+        for (unsigned w = 0; w * 32 < L.nthreads; ++w) g_warps[w].barrier = 0;
         for (unsigned i = 0; i < L.nthreads; ++i) {
             Fiber* g = fiber_at(i);
             g->bar_result = result;
@@ -211,23 +238,17 @@ void yield_point() {
 
 // ---- warp collectives -----------------------------------------------------------------------------
 
-static void resolve_shfl(Fiber* const lanes[32]) {
-    const WarpOp& op0 = [&]() -> const WarpOp& {
-        for (int l = 0; l < 32; ++l)
-            if (lanes[l]) return lanes[l]->op;
-        __builtin_unreachable();
-    }();
-    const unsigned mask = op0.mask;
-    const int seg = (op0.c >> 8) & 0x1f, clamp = op0.c & 0x1f;
-    const uint64_t poison = op0.bytes >= 8 ? ~0ull : ((1ull << (8 * op0.bytes)) - 1);
-    for (int i = 0; i < 32; ++i) {
-        Fiber* g = lanes[i];
-        if (!g) continue;
-        const int b = g->op.b & 0xffff;
+static void resolve_shfl(WarpState& w, const WarpOp& op) {
+    const unsigned mask = op.mask;
+    const int seg = (op.c >> 8) & 0x1f, clamp = op.c & 0x1f;
+    const uint64_t poison = op.bytes >= 8 ? ~0ull : ((1ull << (8 * op.bytes)) - 1);
+    for (uint32_t o = mask; o; o &= o - 1) {
+        const int i = __builtin_ctz(o);
+        const int b = w.b[i] & 0xffff;
         const int max_lane = (i & seg) | (clamp & ~seg), min_lane = i & seg;
         int j;
         bool in;
-        switch (op0.mode) {
+        switch (op.mode) {
             case SHFL_IDX: j = min_lane | (b & 0x1f & ~seg); in = j <= max_lane; break;
             case SHFL_UP: j = i - b; in = j >= max_lane; break;
             case SHFL_DOWN: j = i + b; in = j <= max_lane; break;
@@ -236,68 +257,76 @@ static void resolve_shfl(Fiber* const lanes[32]) {
         if (!in) j = i;
         // A source lane outside the mask has no defined value: poison (0xFF bytes), as the
         // emulator does for every undefined read.
-        g->op.result = (j >= 0 && j < 32 && ((mask >> j) & 1u)) ? lanes[j]->op.value : poison;
+        w.result[i] = (j >= 0 && j < 32 && ((mask >> j) & 1u)) ? w.value[j] : poison;
     }
 }
 
-static void resolve_vote(Fiber* const lanes[32], int mode, unsigned mask) {
+static void resolve_vote(WarpState& w, int mode, unsigned mask) {
     unsigned ballot = 0;
-    for (int l = 0; l < 32; ++l)
-        if (lanes[l] && lanes[l]->op.value) ballot |= 1u << l;
+    for (uint32_t o = mask; o; o &= o - 1) {
+        const int l = __builtin_ctz(o);
+        if (w.value[l]) ballot |= 1u << l;
+    }
     const unsigned r = mode == 0 ? ballot : mode == 1 ? (ballot != 0) : (ballot == mask);
-    for (int l = 0; l < 32; ++l)
-        if (lanes[l]) lanes[l]->op.result = r;
+    for (uint32_t o = mask; o; o &= o - 1) w.result[__builtin_ctz(o)] = r;
 }
 
 uint64_t warp_collective(Fiber* f) {
     const WarpOp& op = f->op;
-    const unsigned mask = op.mask;
-    const unsigned have = lanes_in_warp(f->warp);
-    if (!((mask >> f->lane) & 1u))
-        fail("%s: the mask does not include the calling lane %u", describe_op(op).c_str(), f->lane);
-    if (have < 32 && (mask >> have) != 0)
+    const uint32_t mask = op.mask, me = 1u << f->lane;
+    WarpState& w = g_warps[f->warp];
+    if (!(mask & me)) fail("%s: the mask does not include the calling lane %u", describe_op(op).c_str(), f->lane);
+    if (mask & ~w.exists)
         fail("%s names lane %d, but this warp has only %u threads (the block has %u)", describe_op(op).c_str(),
-             __builtin_ctz(mask >> have) + (int)have, have, g_L.nthreads);
-    f->state = State::Warp;
-    Fiber* lanes[32] = {};
-    bool all = true;
-    for (unsigned l = 0; l < have; ++l) {
-        if (!((mask >> l) & 1u)) continue;
-        Fiber* g = lane_fiber(f->warp, l);
-        lanes[l] = g;
-        if (g == f) continue;
-        switch (g->state) {
-            case State::Warp:
-                if (!compatible(g->op, op)) {
-                    // Lane l waits in another collective. If that one waits for this lane, neither
-                    // can complete; if not, lane l comes here once its own collective is done.
-                    if ((g->op.mask >> f->lane) & 1u)
-                        fail("%s, but lane %u of the mask is in %s, which waits for this lane: every lane of a "
-                             "mask must execute the same collective",
-                             describe_op(op).c_str(), l, describe_op(g->op).c_str());
-                    all = false;
-                }
-                break;
-            case State::Done: fail("%s names lane %u, which has exited", describe_op(op).c_str(), l);
-            case State::Barrier:
-                fail("%s names lane %u, which waits at __syncthreads at %s:%d", describe_op(op).c_str(), l,
-                     base_name(g->bar_site.file), g->bar_site.line);
-            case State::Runnable: all = false; break;
-        }
+             __builtin_ctz(mask & ~w.exists), lanes_in_warp(f->warp), g_L.nthreads);
+    if (mask & w.done) fail("%s names lane %d, which has exited", describe_op(op).c_str(), __builtin_ctz(mask & w.done));
+    if (mask & w.barrier) {
+        const Fiber* g = lane_fiber(f->warp, (unsigned)__builtin_ctz(mask & w.barrier));
+        fail("%s names lane %u, which waits at __syncthreads at %s:%d", describe_op(op).c_str(), g->lane,
+             base_name(g->bar_site.file), g->bar_site.line);
     }
-    if (all) {
-        switch (op.kind) {
-            case WarpKind::Shfl: resolve_shfl(lanes); break;
-            case WarpKind::Vote: resolve_vote(lanes, op.mode, mask); break;
-            case WarpKind::Syncwarp: break;
-            case WarpKind::Mma: resolve_mma(lanes); break;
-            case WarpKind::Ldmatrix: resolve_ldmatrix(lanes); break;
+    const uint64_t sig = signature(op);
+    Pending* mine = nullptr;
+    for (int i = 0; i < w.npending; ++i) {
+        Pending& p = w.pending[i];
+        if (p.sig == sig) {
+            mine = &p;
+        } else if ((p.mask & me) && (mask & p.arrived)) {
+            // That collective waits for this lane, and this one for a lane waiting in it.
+            const unsigned l = (unsigned)__builtin_ctz(mask & p.arrived);
+            fail("%s, but lane %u of the mask is in %s, which waits for this lane: every lane of a mask must "
+                 "execute the same collective",
+                 describe_op(op).c_str(), l, describe_op(lane_fiber(f->warp, l)->op).c_str());
         }
-        for (unsigned l = 0; l < have; ++l)
-            if (lanes[l]) make_runnable(lanes[l]);
+        // Otherwise its lanes come to this collective once theirs is done.
+    }
+    if (!mine) {
+        mine = &w.pending[w.npending++];
+        *mine = Pending{sig, mask, 0};
+    }
+    f->state = State::Warp;
+    mine->arrived |= me;
+    w.value[f->lane] = op.value;
+    w.b[f->lane] = op.b;
+    if (mine->arrived == mask) {
+        *mine = w.pending[--w.npending];
+        if (op.kind == WarpKind::Shfl || op.kind == WarpKind::Vote || op.kind == WarpKind::Syncwarp) {
+            if (op.kind == WarpKind::Shfl) resolve_shfl(w, op);
+            if (op.kind == WarpKind::Vote) resolve_vote(w, op.mode, mask);
+            for (uint32_t o = mask; o; o &= o - 1) make_runnable(lane_fiber(f->warp, (unsigned)__builtin_ctz(o)));
+        } else {
+            Fiber* lanes[32] = {};
+            for (uint32_t o = mask; o; o &= o - 1) {
+                const unsigned l = (unsigned)__builtin_ctz(o);
+                lanes[l] = lane_fiber(f->warp, l);
+            }
+            if (op.kind == WarpKind::Mma) resolve_mma(lanes);
+            if (op.kind == WarpKind::Ldmatrix) resolve_ldmatrix(lanes);
+            for (uint32_t o = mask; o; o &= o - 1) make_runnable(lanes[__builtin_ctz(o)]);
+        }
     }
     switch_to_scheduler(f);
-    return f->op.result;
+    return w.result[f->lane];
 }
 
 static bool valid_width(int w) { return w >= 1 && w <= 32 && (w & (w - 1)) == 0; }
@@ -305,8 +334,7 @@ static bool valid_width(int w) { return w >= 1 && w <= 32 && (w & (w - 1)) == 0;
 uint64_t shfl(const char* file, int line, int mode, unsigned mask, uint64_t bits, unsigned bytes, int b, int c) {
     RuntimeScope scope;
     Fiber* f = g_fiber;
-    WarpOp& op = f->op;
-    op = WarpOp{};
+    WarpOp& op = f->op;  // (the hot path: only the fields a shuffle uses are set)
     op.kind = WarpKind::Shfl;
     op.mode = mode;
     op.mask = mask;
@@ -324,8 +352,9 @@ unsigned vote(const char* file, int line, int mode, unsigned mask, int pred) {
     RuntimeScope scope;
     Fiber* f = g_fiber;
     WarpOp& op = f->op;
-    op = WarpOp{};
     op.kind = WarpKind::Vote;
+    op.c = 0;
+    op.bytes = 0;
     op.mode = mode;
     op.mask = mask;
     op.site = Site{file, line};
@@ -337,8 +366,9 @@ void syncwarp(const char* file, int line, unsigned mask) {
     RuntimeScope scope;
     Fiber* f = g_fiber;
     WarpOp& op = f->op;
-    op = WarpOp{};
     op.kind = WarpKind::Syncwarp;
+    op.mode = op.c = 0;
+    op.bytes = 0;
     op.mask = mask;
     op.site = Site{file, line};
     warp_collective(f);
@@ -407,11 +437,6 @@ void smem_poison() {
     if (static_smem_bytes()) memset(__start_lora_emu_shared, 0xFF, static_smem_bytes());
 }
 
-static bool all_ff(uintptr_t lo, uintptr_t hi) {
-    for (uintptr_t p = lo; p < hi; ++p)
-        if (*(const unsigned char*)p != 0xFF) return false;
-    return true;
-}
 
 bool smem_check_slack(std::string& err) {
     const DynSmem& d = g_dyn;
@@ -453,17 +478,27 @@ bool in_dynamic_smem_guard(uintptr_t addr, std::string& what) {
 
 // ---- one block ------------------------------------------------------------------------------------
 
+// Puts a round's runnable threads in the launch's order: by thread index (a bitmap, linear time)
+// forward or backward, or a fresh seeded permutation.
 static void order(std::vector<Fiber*>& q) {
-    switch (g_L.schedule) {
-        case SCHED_FORWARD:
-            std::sort(q.begin(), q.end(), [](const Fiber* a, const Fiber* b) { return a->linear < b->linear; });
-            break;
-        case SCHED_REVERSE:
-            std::sort(q.begin(), q.end(), [](const Fiber* a, const Fiber* b) { return a->linear > b->linear; });
-            break;
-        default:
-            for (size_t i = q.size(); i > 1; --i) std::swap(q[i - 1], q[rng_next(g_L.rng) % i]);
-            break;
+    if (g_L.schedule == SCHED_SHUFFLED) {
+        for (size_t i = q.size(); i > 1; --i) std::swap(q[i - 1], q[rng_next(g_L.rng) % i]);
+        return;
+    }
+    uint64_t bits[kMaxThreads / 64] = {};
+    for (const Fiber* f : q) bits[f->linear >> 6] |= 1ull << (f->linear & 63);
+    size_t k = 0;
+    const unsigned words = (g_L.nthreads + 63) / 64;
+    if (g_L.schedule == SCHED_FORWARD) {
+        for (unsigned w = 0; w < words; ++w)
+            for (uint64_t b = bits[w]; b; b &= b - 1) q[k++] = fiber_at(w * 64 + (unsigned)__builtin_ctzll(b));
+    } else {
+        for (unsigned w = words; w-- > 0;)
+            for (uint64_t b = bits[w]; b;) {
+                const unsigned top = 63 - (unsigned)__builtin_clzll(b);
+                q[k++] = fiber_at(w * 64 + top);
+                b &= ~(1ull << top);
+            }
     }
 }
 
@@ -472,11 +507,12 @@ static bool on_exit(Fiber* f) {
     Launch& L = g_L;
     ++L.done;
     land_all(f);  // copies it never waited for still land
-    const unsigned n = lanes_in_warp(f->warp);
-    for (unsigned l = 0; l < n; ++l) {
-        const Fiber* g = lane_fiber(f->warp, l);
-        if (g->state == State::Warp && ((g->op.mask >> f->lane) & 1u))
-            return block_error(f, format("exited while lane %u of its warp waits for it in %s", l, describe_op(g->op).c_str()));
+    WarpState& w = g_warps[f->warp];
+    w.done |= 1u << f->lane;
+    if (const Pending* p = waiting_for(w, f->lane)) {
+        const unsigned l = (unsigned)__builtin_ctz(p->arrived);
+        return block_error(f, format("exited while lane %u of its warp waits for it in %s", l,
+                                     describe_op(lane_fiber(f->warp, l)->op).c_str()));
     }
     if (L.at_barrier > 0)
         return block_error(f, format("exited while %u threads wait at __syncthreads at %s:%d: every thread of the "
@@ -504,6 +540,12 @@ bool run_block(uint3 bid) {
     L.at_barrier = 0;
     L.runq.clear();
     L.next.clear();
+    for (unsigned w = 0; w * 32 < L.nthreads; ++w) {
+        const unsigned have = lanes_in_warp(w);
+        g_warps[w].exists = have == 32 ? 0xffffffffu : ((1u << have) - 1);
+        g_warps[w].done = g_warps[w].barrier = 0;
+        g_warps[w].npending = 0;
+    }
     const unsigned bx = L.block.x, bxy = L.block.x * L.block.y;
     for (unsigned i = 0; i < L.nthreads; ++i) {
         Fiber* f = fiber_at(i);
