@@ -208,10 +208,15 @@ fn kernel_decls(source: &str, file: &str) -> Vec<KernelDecl> {
             "{file}: every __global__ kernel must be declared `extern \"C\" __global__ void <name>(...)` (the \
              launch table finds kernels by that name)"
         );
-        let after = after
+        let mut after = after
             .strip_prefix("void")
             .unwrap_or_else(|| panic!("{file}: a __global__ kernel must return void"))
             .trim_start();
+        // `__launch_bounds__(...)` may sit between the return type and the name.
+        while let Some(rest_lb) = after.strip_prefix("__launch_bounds__") {
+            let close = rest_lb.find(')').unwrap_or_else(|| panic!("{file}: unclosed __launch_bounds__"));
+            after = rest_lb[close + 1..].trim_start();
+        }
         let open = after.find('(').unwrap_or_else(|| panic!("{file}: no parameter list after a kernel name"));
         let name = after[..open].trim().to_string();
         let close = after[open..].find(')').unwrap_or_else(|| panic!("{file}: kernel {name}: unclosed parameter list"));
@@ -259,7 +264,25 @@ fn compile(root: &Path, gen_dir: &Path, generated: &[PathBuf]) -> Result<(), (&'
     let objects = kernels.try_compile_intermediates().map_err(|e| ("compile-failed", explain(&kernels, generated, e)))?;
     let mut rt = base.clone();
     rt.warnings(true).extra_warnings(true).files(&runtime).objects(&objects);
-    rt.try_compile("lora_emu").map_err(|e| ("compile-failed", explain(&rt, &runtime, e)))
+    // Link the C++ runtime library statically where the compiler has it, so the `lora` binary
+    // keeps needing nothing beyond glibc and libgcc; else the shared libstdc++.
+    let static_stdlib = static_libstdcxx(&compiler);
+    if static_stdlib.is_some() {
+        rt.cpp_link_stdlib(None);
+    }
+    rt.try_compile("lora_emu").map_err(|e| ("compile-failed", explain(&rt, &runtime, e)))?;
+    if let Some(dir) = static_stdlib {
+        println!("cargo::rustc-link-search=native={}", dir.display());
+        println!("cargo::rustc-link-lib=static=stdc++");
+    }
+    Ok(())
+}
+
+/// The folder of the compiler's `libstdc++.a`, if it has one (GCC; clang with libstdc++).
+fn static_libstdcxx(compiler: &cc::Tool) -> Option<PathBuf> {
+    let out = compiler.to_command().arg("-print-file-name=libstdc++.a").output().ok()?;
+    let path = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    (path.is_absolute() && path.is_file()).then(|| path.parent().map(Path::to_path_buf)).flatten()
 }
 
 /// The first source that does not compile, with the compiler's own message.

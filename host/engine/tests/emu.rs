@@ -10,6 +10,13 @@ use std::time::Duration;
 use emu_util::{Dev, i32a, ptr};
 use lora_engine::cuda::emu::{ContextSwitch, EmuArg, EmuOptions, Emulator, Schedule, probes};
 
+/// `faults.cu:<line>` of the line of the fault probes holding `marker`.
+fn at(marker: &str) -> String {
+    let src = lora_engine::cuda::emu::FAULT_PROBES.source;
+    let line = src.lines().position(|l| l.contains(marker)).unwrap_or_else(|| panic!("no `{marker}` in faults.cu"));
+    format!("faults.cu:{}", line + 1)
+}
+
 const SCHEDULES: [Schedule; 4] = [Schedule::Forward, Schedule::Reverse, Schedule::Shuffled(1), Schedule::Shuffled(0xfeed)];
 
 fn run_probes(filter: &str) {
@@ -110,7 +117,7 @@ fn threads_at_different_syncthreads_are_an_error_naming_both_lines() {
     assert!(e.contains("backend `emu` op `launch`"), "{e}");
     assert!(e.contains("kernel probe_divergent_barrier, block (0,0,0), thread (32,0,0)"), "{e}");
     assert!(e.contains("divergent __syncthreads"), "{e}");
-    assert!(e.contains("faults.cu:19") && e.contains("faults.cu:22"), "both barrier lines: {e}");
+    assert!(e.contains(&at("divergent barrier A")) && e.contains(&at("divergent barrier B")), "both barrier lines: {e}");
 }
 
 #[test]
@@ -120,7 +127,7 @@ fn a_barrier_some_thread_never_reaches_is_an_error_under_every_order() {
         let out = dev.out(64 * 4);
         let e = dev.try_run("probe_barrier_after_exit", (1, 1, 1), (64, 1, 1), 0, &[ptr(out)]);
         assert!(e.contains("kernel probe_barrier_after_exit, block (0,0,0)"), "{s:?}: {e}");
-        assert!(e.contains("__syncthreads at faults.cu:30"), "{s:?}: {e}");
+        assert!(e.contains(&format!("__syncthreads at {}", at("barrier after exit"))), "{s:?}: {e}");
         assert!(e.contains("exited"), "{s:?}: {e}");
     }
 }
@@ -132,7 +139,7 @@ fn a_shuffle_mask_naming_lanes_that_do_not_take_part_is_an_error() {
         let out = dev.out(64 * 4);
         let e = dev.try_run("probe_shfl_missing_lanes", (1, 1, 1), (64, 1, 1), 0, &[ptr(out)]);
         assert!(e.contains("kernel probe_shfl_missing_lanes, block (0,0,0), thread ("), "{s:?}: {e}");
-        assert!(e.contains("__shfl_xor_sync at faults.cu:37 (mask 0xffffffff)"), "{s:?}: {e}");
+        assert!(e.contains(&format!("__shfl_xor_sync at {} (mask 0xffffffff)", at("half-warp shuffle"))), "{s:?}: {e}");
         assert!(e.contains("exited"), "lanes 16..31 exit without shuffling: {s:?}: {e}");
     }
     let dev = Dev::new(Schedule::Forward);
@@ -234,7 +241,8 @@ fn ldmatrix_from_global_memory_is_an_error() {
     let src = dev.bytes(&[0u8; 256]);
     let out = dev.out(32 * 4);
     let e = dev.try_run("probe_ldmatrix_global", (1, 1, 1), (32, 1, 1), 0, &[ptr(src), ptr(out)]);
-    assert!(e.contains("ldmatrix at faults.cu:") && e.contains("is not in shared memory"), "{e}");
+    // The wrapper in mma.cuh names its caller's line.
+    assert!(e.contains(&format!("ldmatrix at {}", at("ldmatrix_x1(r, src"))) && e.contains("is not in shared memory"), "{e}");
 }
 
 // ---- other faults ------------------------------------------------------------------------------------
@@ -247,7 +255,8 @@ fn an_endless_loop_stops_at_the_time_limit() {
     let t = std::time::Instant::now();
     let e = dev.try_run("probe_spin", (1, 1, 1), (1, 1, 1), 0, &[ptr(flag), ptr(out)]);
     assert!(e.contains("kernel probe_spin, block (0,0,0), thread (0,0,0)") && e.contains("time limit"), "{e}");
-    assert!(t.elapsed() < Duration::from_secs(5), "stopped after {:?}", t.elapsed());
+    // 0.3 s of CPU time; the wall time depends on how busy the machine is.
+    assert!(t.elapsed() < Duration::from_secs(60), "stopped after {:?}", t.elapsed());
     // And the emulator still works afterwards.
     dev.emu.copy_htod(flag, &1i32.to_le_bytes()).unwrap();
     dev.run("probe_spin", (1, 1, 1), (1, 1, 1), 0, &[ptr(flag), ptr(out)]);

@@ -5,7 +5,8 @@
 
 // Thread i writes s[i] and reads s[n - 1 - i] with no barrier in between: the result depends on
 // which thread ran first. With `sync` set, the same kernel with the barrier (always right).
-extern "C" __global__ void probe_race(float* out, int sync) {
+// (Declared with __launch_bounds__ as kernels may be: the launch table must still find it.)
+extern "C" __global__ void __launch_bounds__(1024) probe_race(float* out, int sync) {
     __shared__ float s[1024];
     const int i = threadIdx.x, n = blockDim.x;
     s[i] = (float)(i * 3 + 1);
@@ -16,10 +17,10 @@ extern "C" __global__ void probe_race(float* out, int sync) {
 // Threads below 32 and the others wait at two different __syncthreads.
 extern "C" __global__ void probe_divergent_barrier(float* out) {
     if (threadIdx.x < 32) {
-        __syncthreads();
+        __syncthreads();  // divergent barrier A
         out[threadIdx.x] = 1.0f;
     } else {
-        __syncthreads();
+        __syncthreads();  // divergent barrier B
         out[threadIdx.x] = 2.0f;
     }
 }
@@ -27,14 +28,14 @@ extern "C" __global__ void probe_divergent_barrier(float* out) {
 // Thread 5 returns early; the others then wait at a barrier it never reaches.
 extern "C" __global__ void probe_barrier_after_exit(float* out) {
     if (threadIdx.x == 5) return;
-    __syncthreads();
+    __syncthreads();  // barrier after exit
     out[threadIdx.x] = 1.0f;
 }
 
 // Lanes 0..15 shuffle with a full mask: lanes 16..31 never take part.
 extern "C" __global__ void probe_shfl_missing_lanes(float* out) {
     float v = (float)threadIdx.x;
-    if ((threadIdx.x & 31) < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+    if ((threadIdx.x & 31) < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);  // half-warp shuffle
     out[threadIdx.x] = v;
 }
 

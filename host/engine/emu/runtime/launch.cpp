@@ -10,6 +10,7 @@
 // Launches are serialised process-wide: static __shared__ memory is one section, and one handler
 // state. A watchdog thread interrupts a launch that runs past its time limit.
 #include <pthread.h>
+#include <time.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -87,11 +88,15 @@ void on_signal(int sig, siginfo_t* si, void* uc) {
     chain(sig, si, uc);
 }
 
+// The time limit counts the launching thread's CPU time, so a loaded machine does not stop a
+// launch that is merely slow; an endless loop uses CPU and is stopped.
+std::atomic<clockid_t> g_kernel_clock{CLOCK_THREAD_CPUTIME_ID};
+
 void watchdog() {
     for (;;) {
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
         const uint64_t d = g_deadline.load();
-        if (d && g_active && now_ns() > d) {
+        if (d && g_active && cpu_ns(g_kernel_clock.load()) > d) {
             g_deadline.store(0);
             pthread_kill(g_kernel_thread, kWatchdogSignal);
         }
@@ -147,7 +152,8 @@ std::string describe_fault() {
     const Fiber* who = f.copy ? f.copy_fiber : f.fiber;
     std::string s = where(who) + ": ";
     if (f.sig == kWatchdogSignal)
-        return s + format("ran past the emulator's time limit of %.0f s per launch (an endless loop?)", g_L.time_limit_s);
+        return s + format("ran past the emulator's time limit of %g CPU seconds per launch (an endless loop?)",
+                          g_L.time_limit_s);
     if (f.copy)
         s += format("cp.async issued at %s:%d: ", f.copy->site.file, f.copy->site.line);
     if (f.sig == SIGFPE) {
@@ -258,7 +264,10 @@ int lora_emu_launch(size_t kernel, const uint32_t* grid, const uint32_t* block, 
     L.use_ucontext = true;
 #endif
     L.time_limit_s = opts->time_limit_s;
-    L.deadline_ns = now_ns() + (uint64_t)(opts->time_limit_s * 1e9);
+    clockid_t clock;
+    if (pthread_getcpuclockid(pthread_self(), &clock) != 0) clock = CLOCK_MONOTONIC;
+    g_kernel_clock.store(clock);
+    L.deadline_ns = cpu_ns(CLOCK_THREAD_CPUTIME_ID) + (uint64_t)(opts->time_limit_s * 1e9);
     L.nthreads = (unsigned)threads;
     L.switches = 0;
     L.failed = false;

@@ -121,7 +121,7 @@ struct Launch {
     int schedule;
     uint64_t rng;
     bool use_ucontext;
-    uint64_t deadline_ns;
+    uint64_t deadline_ns;  // of the launching thread's CPU time
     double time_limit_s;
     // The block in progress.
     uint3 bid;
@@ -151,7 +151,7 @@ struct RuntimeScope {
 
 uint64_t rng_next(uint64_t& state);
 bool all_ff(uintptr_t lo, uintptr_t hi);  // every byte of [lo, hi) is 0xFF (the poison)
-uint64_t now_ns();
+uint64_t cpu_ns(clockid_t clock);  // a CPU-time clock in ns (0 if it cannot be read)
 
 // fiber.cpp
 bool fibers_reserve(unsigned n, std::string& err);

@@ -28,7 +28,12 @@
 //!   aligned start; the last < 16 bytes of slack, and the slack before the start, are checked for
 //!   writes after every launch); fresh memory and shared memory at each block start hold 0xFF
 //!   bytes, a NaN in every float type, so a read of memory nothing wrote shows in the result.
-//!   Static `__shared__` arrays are not bounds-checked (they share one section).
+//!   Static `__shared__` arrays are not bounds-checked (they share one section). Guard pages and
+//!   a fault handler rather than AddressSanitizer: they work in every build (ASan would need the
+//!   test binaries built and run under it, and fiber-switch annotations), cost nothing per
+//!   access, and let the launch return an error naming kernel, block, thread and allocation while
+//!   the process goes on. A freed allocation stays mapped without access for a while, so a use
+//!   after free is named too.
 //! - Numerics: the C library's `expf`, `logf`, `sincosf` stand in for CUDA's (within 1-2 ulp); FMA
 //!   contraction is the host compiler's, not NVRTC's `--fmad=true`; bf16/f16 conversions round as
 //!   the device does (NaN becomes 0x7FFF); `mma` sums exactly and rounds once (the hardware may
@@ -110,7 +115,8 @@ pub enum ContextSwitch {
 #[derive(Clone, Debug)]
 pub struct EmuOptions {
     pub schedule: Schedule,
-    /// Wall time one launch may take before it is stopped with an error (an endless loop).
+    /// CPU time one launch may use before it is stopped with an error (an endless loop); CPU
+    /// time, so a busy machine does not stop a launch that is merely slow.
     pub time_limit: Duration,
     /// Emulated device memory this emulator may hold at once; beyond it `alloc` fails.
     pub memory_limit: usize,
@@ -600,6 +606,12 @@ mod tests {
             }
             println!("{:<18} {:>2} kernels {:>7} bytes of PTX", f.file, f.kernels.len(), ptx.len());
         }
+    }
+
+    #[test]
+    fn the_emulator_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Emulator>();
     }
 
     /// With a compiler the emulator is built unless `LORA_EMU=off` asked otherwise, and without
