@@ -24,7 +24,7 @@ __device__ __forceinline__ int doc_of(const u32* cu, int n_docs, int t) {
 extern "C" __global__ void attention_fwd_f32(const float* q, const float* k, const float* v, const u32* cu,
                                              float* out, float* lse, int tokens, int n_docs, int heads,
                                              int kv_heads, int hd, float scale) {
-    extern __shared__ float smem[];
+    DYNAMIC_SMEM(float, smem);
     const int ld = hd + 1;
     float* ks = smem;
     float* vs = ks + ATT_TILE * ld;
@@ -109,7 +109,7 @@ extern "C" __global__ void attention_bwd_delta_f32(const float* out, const float
 extern "C" __global__ void attention_bwd_dq_f32(const float* q, const float* k, const float* v, const u32* cu,
                                                 const float* lse, const float* delta, const float* dout, float* dq,
                                                 int tokens, int n_docs, int heads, int kv_heads, int hd, float scale) {
-    extern __shared__ float smem[];
+    DYNAMIC_SMEM(float, smem);
     const int ld = hd + 1;
     float* ks = smem;
     float* vs = ks + ATT_TILE * ld;
@@ -184,7 +184,7 @@ extern "C" __global__ void attention_bwd_dkv_f32(const float* q, const float* k,
                                                  const float* lse, const float* delta, const float* dout, float* dk,
                                                  float* dv, int tokens, int n_docs, int heads, int kv_heads, int hd,
                                                  float scale) {
-    extern __shared__ float smem[];
+    DYNAMIC_SMEM(float, smem);
     const int ld = hd + 1;
     float* qs = smem;
     float* dos = qs + ATT_TILE * ld;

@@ -11,6 +11,17 @@ typedef unsigned long long u64;
 // -inf without relying on <math.h> macros (NVRTC has no standard headers).
 #define NEG_INF __int_as_float(0xff800000)
 
+// The launch's dynamic shared memory as `T* name` (16-byte aligned): `DYNAMIC_SMEM(float, smem);`.
+// Under NVRTC an `extern __shared__` array; in the CPU emulator (LORA_EMU) its buffer of exactly
+// the launch's size, so both compile this same text.
+#ifdef LORA_EMU
+#define DYNAMIC_SMEM(T, name) T* const name = reinterpret_cast<T*>(lora_emu::dynamic_smem())
+#else
+#define DYNAMIC_SMEM(T, name)                                        \
+    extern __shared__ __align__(16) unsigned char lora_dynamic_smem[]; \
+    T* const name = reinterpret_cast<T*>(lora_dynamic_smem)
+#endif
+
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 

@@ -2,7 +2,8 @@
 //!
 //! Owns: model config and weights (Hugging Face folders, safetensors), the [`Backend`] op set
 //! and its CPU implementation, adapter math (LoRA, rsLoRA, DoRA), the hand-written forward and
-//! backward of the decoder, AdamW with global-norm clipping, and the trainer state.
+//! backward of the decoder, AdamW with global-norm clipping, and the trainer state; the CUDA
+//! kernels and a CPU device emulator that runs them (`cuda::emu`).
 //! Must not: read datasets, tokenize, schedule learning rates, write run outputs other than the
 //! adapter/merged-model tensors it is asked for, print, or exit.
 //!

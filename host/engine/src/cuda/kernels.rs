@@ -1,8 +1,9 @@
 //! The `.cu` sources (one per op family, in `host/engine/kernels/`), embedded in the binary so a
 //! GPU machine needs nothing but the driver, NVRTC and the CUDA headers.
 
-/// Prepended to every family before compiling (bf16 typedefs, warp/block reductions).
-pub const PRELUDE: &str = include_str!("../../kernels/common.cuh");
+/// Prepended to every family before compiling: `common.cuh` (bf16 typedefs, warp/block
+/// reductions, dynamic shared memory), then `mma.cuh` (tensor-core and async-copy wrappers).
+pub const PRELUDE: &str = concat!(include_str!("../../kernels/common.cuh"), "\n", include_str!("../../kernels/mma.cuh"));
 
 /// One op family: its file name and the kernels (`<op>_<dtype>`) it defines.
 pub struct Family {
@@ -78,6 +79,26 @@ pub const FAMILIES: &[Family] = &[
         kernels: &["adamw_f32"],
     },
 ];
+
+/// Probe families: used by no op. Small kernels that run one instruction family (mma.sync,
+/// ldmatrix, cp.async, shuffles, votes, atomics, conversions) on inputs a host computation can
+/// check ([`super::emu::probes`]); the emulator's tests run them, and a GPU can run the same ones.
+pub const PROBES: &[Family] = &[Family {
+    file: "probe.cu",
+    source: include_str!("../../kernels/probe.cu"),
+    kernels: &[
+        "probe_mma_bf16",
+        "probe_mma_f16",
+        "probe_ldmatrix",
+        "probe_tile_mma_bf16",
+        "probe_cp_async",
+        "probe_cp_async_groups",
+        "probe_shfl",
+        "probe_atomics",
+        "probe_convert",
+        "probe_widen",
+    ],
+}];
 
 /// The full source NVRTC compiles for a family: prelude, then the family's file.
 pub fn full_source(f: &Family) -> String {
