@@ -217,6 +217,7 @@ impl Trainer {
         let ctx = Ctx {
             be: self.model.backend.as_ref(),
             cfg: &self.model.cfg,
+            model: &self.model,
             t: p.t,
             attn: p.attn,
             pos: p.pos,

@@ -68,7 +68,7 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
 
     // Engine.
     let device = pick_device(&p.device)?;
-    let loaded = Model::load(&model.dir, &LoadOptions { backend: backend_for(device)? })
+    let loaded = Model::load(&model.dir, &LoadOptions { backend: backend_for(device)?, quant: None })
         .with_context(|| format!("loading the base model from {}", model.dir.display()))?;
     let adapter_cfg = AdapterConfig {
         r: p.lora_r as usize,
