@@ -173,7 +173,8 @@ pub fn read_linear(files: &WeightFiles, prefix: &str, (out_f, in_f): (usize, usi
     }
     let dtype = state.get("dtype").and_then(Value::as_str).and_then(parse_torch_dtype).ok_or_else(|| bad(format!("dtype {:?} is not bfloat16, float16 or float32", state.get("dtype"))))?;
     let quant_map = f32s(files, &format!("{weight}.quant_map"), 16)?;
-    if quant_map.iter().zip(quant_type.code_book()).any(|(a, b)| a.to_bits() != b.to_bits()) {
+    // Equal values (either sign of zero): the kernels decode with their own tables.
+    if quant_map.iter().zip(quant_type.code_book()).any(|(a, b)| a != b) {
         return Err(tensor_err(files, &format!("{weight}.quant_map"), format!("differs from bitsandbytes' {} code book (custom code books are not supported)", quant_type.name())));
     }
     let blocks = n.div_ceil(blocksize);
@@ -269,7 +270,7 @@ pub fn linear_tensors(prefix: &str, q: &QuantTensor, weight_dtype: DType) -> Vec
         QuantTensor::Four(q) => {
             let mut out = vec![
                 (w.clone(), StDtype::U8, vec![q.packed.len(), 1], q.packed.clone()),
-                (format!("{w}.quant_map"), StDtype::F32, vec![16], f32_bytes(q.quant_type.code_book())),
+                (format!("{w}.quant_map"), StDtype::F32, vec![16], f32_bytes(&q.quant_type.stored_code_book())),
             ];
             match &q.absmax {
                 Absmax::Plain(a) => out.push((format!("{w}.absmax"), StDtype::F32, vec![a.len()], f32_bytes(a))),

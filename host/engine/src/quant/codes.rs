@@ -26,7 +26,8 @@ pub const NF4: [f32; 16] = [
 ];
 
 /// FP4 values by code (1 sign, 2 exponent, 1 mantissa bit, bias 2): `[0, 0.0625, 8, 12, 4, 6, 2,
-/// 3]` and their negatives, divided by 12 in f32 as `get_4bit_type("fp4")` does.
+/// 3]` and their negatives, divided by 12 in f32 as `get_4bit_type("fp4")` does; code 8 is -0.0,
+/// as the CUDA kernels decode it (`0 * absmax * -1`).
 pub const FP4: [f32; 16] = {
     const RAW: [f32; 16] = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0];
     let mut out = [0.0f32; 16];

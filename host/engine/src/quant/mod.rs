@@ -69,12 +69,20 @@ impl QuantType {
         }
     }
 
-    /// Values by code.
+    /// Values by code, as the CUDA kernels dequantize them.
     pub fn code_book(self) -> &'static [f32; 16] {
         match self {
             QuantType::Nf4 => &NF4,
             QuantType::Fp4 => &FP4,
         }
+    }
+
+    /// The code book as bitsandbytes stores it (`quant_map`, from `get_4bit_type`): the same
+    /// values, except FP4's code 8, which it stores as +0.0 (its kernels decode code 8 as -0.0).
+    pub fn stored_code_book(self) -> [f32; 16] {
+        let mut c = *self.code_book();
+        c[8] = c[8].abs();
+        c
     }
 
     /// The code of `x` (already divided by its block's absmax).
