@@ -4,6 +4,7 @@
 //! Run: `cargo test -p lora --test e2e`.
 
 mod common;
+mod qlora;
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;

@@ -12,8 +12,8 @@ use crate::backend::{Backend, Buf, DType, Device, HostData};
 use crate::config::ModelConfig;
 use crate::cpu::CpuBackend;
 use crate::error::{EngineError, Result};
-use crate::quant::bnb::{self, BnbConfig};
-use crate::quant::{DEFAULT_BLOCKSIZE, DeviceQuant, Quant4, Quant8, QuantConfig, QuantInfo, QuantSource, QuantTensor, QuantType};
+use crate::quant::bnb;
+use crate::quant::{DeviceQuant, Quant4, Quant8, QuantConfig, QuantInfo, QuantPlan, QuantSource, QuantTensor, QuantType};
 use crate::rng::Rng;
 use crate::weights::WeightFiles;
 
@@ -120,71 +120,6 @@ impl LoadOptions {
     pub fn with_quant(mut self, quant: Option<QuantConfig>) -> Self {
         self.quant = quant;
         self
-    }
-}
-
-/// What loading will do about quantization, decided from the request and the checkpoint.
-#[derive(Debug, Clone, Copy)]
-struct QuantPlan {
-    /// 4-bit code book, double quant, block size; `None` for 8-bit.
-    four: Option<(QuantType, bool, usize)>,
-    compute: DType,
-    source: QuantSource,
-}
-
-impl QuantPlan {
-    fn resolve(req: Option<QuantConfig>, ckpt: Option<&BnbConfig>, dir: &Path, be: &dyn Backend, file_dtype: DType) -> Result<Option<Self>> {
-        let bits = |c: &BnbConfig| if c.load_in_4bit { 4 } else { 8 };
-        let unsupported = |msg: String| EngineError::Unsupported(format!("{}: {msg}", dir.display()));
-        let plan = match (req, ckpt) {
-            (None, None) => return Ok(None),
-            (None, Some(c)) => {
-                let b = bits(c);
-                return Err(unsupported(format!(
-                    "this is a bitsandbytes {b}-bit checkpoint (quantization_config in config.json); load it with training_lora_load_in_{b}bit=true"
-                )));
-            }
-            (Some(QuantConfig::FourBit { .. }), Some(c)) if c.load_in_8bit => {
-                return Err(unsupported("this is a bitsandbytes 8-bit checkpoint: int8 weights are not re-quantized to 4-bit; use training_lora_load_in_8bit=true, or a 16-bit checkpoint".into()));
-            }
-            (Some(QuantConfig::EightBit), Some(c)) if c.load_in_4bit => {
-                return Err(unsupported("this is a bitsandbytes 4-bit checkpoint: use training_lora_load_in_4bit=true, or a 16-bit checkpoint".into()));
-            }
-            (Some(QuantConfig::FourBit { quant_type, double_quant, compute_dtype }), Some(c)) => {
-                if let Some(t) = quant_type.filter(|t| *t != c.quant_type) {
-                    return Err(unsupported(format!(
-                        "bnb_4bit_quant_type={} but this checkpoint stores {} weights (quantization_config); leave it unset or set {}",
-                        t.name(),
-                        c.quant_type.name(),
-                        c.quant_type.name()
-                    )));
-                }
-                if let Some(d) = double_quant.filter(|d| *d != c.double_quant) {
-                    return Err(unsupported(format!(
-                        "bnb_4bit_use_double_quant={d} but this checkpoint's weights are stored {} double quantization; leave it unset or set {}",
-                        if c.double_quant { "with" } else { "without" },
-                        c.double_quant
-                    )));
-                }
-                // The block size is per weight (its quant state); 64 is what transformers writes.
-                QuantPlan {
-                    four: Some((c.quant_type, c.double_quant, DEFAULT_BLOCKSIZE)),
-                    compute: compute_dtype.or(c.compute_dtype).unwrap_or(DType::BF16),
-                    source: QuantSource::Checkpoint,
-                }
-            }
-            (Some(QuantConfig::FourBit { quant_type, double_quant, compute_dtype }), None) => QuantPlan {
-                four: Some((quant_type.unwrap_or(QuantType::Nf4), double_quant.unwrap_or(true), DEFAULT_BLOCKSIZE)),
-                compute: compute_dtype.unwrap_or(DType::BF16),
-                source: QuantSource::QuantizedAtLoad,
-            },
-            (Some(QuantConfig::EightBit), c) => QuantPlan {
-                four: None,
-                compute: be.base_weight_dtype(file_dtype),
-                source: if c.is_some() { QuantSource::Checkpoint } else { QuantSource::QuantizedAtLoad },
-            },
-        };
-        Ok(Some(plan))
     }
 }
 
@@ -332,7 +267,7 @@ impl Model {
         let file_dtype = files.file_dtype();
         let be = opts.backend.clone();
         let ckpt = bnb::read_config(dir)?;
-        let plan = QuantPlan::resolve(opts.quant, ckpt.as_ref(), dir, be.as_ref(), file_dtype)?;
+        let plan = QuantPlan::resolve(opts.quant, ckpt.as_ref(), dir, be.base_weight_dtype(file_dtype))?;
         let wdt = be.base_weight_dtype(file_dtype);
         let dense = |name: &str, shape: &[usize]| -> Result<Buf> {
             let (data, _) = files.get(name, shape)?;
@@ -379,7 +314,7 @@ impl Model {
     pub fn random_with(cfg: ModelConfig, opts: &LoadOptions, seed: u64) -> Result<Self> {
         let be = opts.backend.clone();
         let wdt = be.base_weight_dtype(DType::F32);
-        let plan = QuantPlan::resolve(opts.quant, None, Path::new("(random weights)"), be.as_ref(), DType::F32)?;
+        let plan = QuantPlan::resolve(opts.quant, None, Path::new("(random weights)"), be.base_weight_dtype(DType::F32))?;
         let mut source = |name: &str, shape: &[usize]| -> Result<Buf> {
             let data = random_tensor(name, shape.iter().product(), seed);
             be.upload(HostData::F32(&data), wdt)

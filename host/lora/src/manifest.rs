@@ -58,6 +58,10 @@ pub struct Manifest {
     pub plugins: BTreeMap<String, String>,
     /// Every parameter as the run uses it (snake_case names).
     pub params: Map<String, Value>,
+    /// With 4-bit or 8-bit: how the base projections are held (what the checkpoint or the
+    /// quantization at load gave), their size, and what the merged model is folded into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<Value>,
 }
 
 /// A set of input files and their sha256, and where they came from.
@@ -208,6 +212,7 @@ mod tests {
             dataset: Inputs::default(),
             plugins: BTreeMap::new(),
             params,
+            quantization: None,
         }
     }
 

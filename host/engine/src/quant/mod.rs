@@ -27,8 +27,13 @@
 pub mod bnb;
 mod codes;
 
+use std::path::Path;
+
 use rayon::prelude::*;
 use serde::Serialize;
+use serde_json::{Value, json};
+
+use bnb::BnbConfig;
 
 pub use codes::{DYNAMIC_BITS, FP4, NF4, dynamic_map, quantize_dynamic, quantize_fp4, quantize_nf4};
 
@@ -121,7 +126,7 @@ pub enum QuantSource {
 }
 
 /// What a loaded model holds: recorded in the run manifest and shown in logs.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QuantInfo {
     /// 4 or 8.
     pub bits: u8,
@@ -146,6 +151,28 @@ impl QuantInfo {
         self.linear_bytes as f64 / self.linear_params.max(1) as f64
     }
 
+    /// The manifest's record: settings, source, sizes; for 8-bit what "weight-only" means.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "bits": self.bits,
+            "quant_type": self.quant_type.map(QuantType::name),
+            "double_quant": self.double_quant,
+            "blocksize": self.blocksize,
+            "compute_dtype": self.compute_dtype.torch_name(),
+            "source": self.source,
+            "weight_dtype": self.weight_dtype.torch_name(),
+            "quantized_params": self.linear_params,
+            "quantized_bytes": self.linear_bytes,
+            "bytes_per_quantized_param": (self.bytes_per_param() * 1e4).round() / 1e4,
+        });
+        if self.bits == 8 {
+            v["activations"] = json!(
+                "not quantized: weight-only int8 (the matrix products use the dequantized weight); bitsandbytes' LLM.int8 also quantizes the activations of each product to int8, with outlier columns in fp16"
+            );
+        }
+        v
+    }
+
     /// One line for logs: `4-bit nf4, double quant, blocksize 64, compute bfloat16 (quantized at load)`.
     pub fn describe(&self) -> String {
         let what = match self.quant_type {
@@ -163,6 +190,76 @@ impl QuantInfo {
             QuantSource::Checkpoint => "read from a bitsandbytes checkpoint".to_string(),
         };
         format!("{what} ({source}); {:.3} bytes per quantized parameter", self.bytes_per_param())
+    }
+}
+
+/// What loading will do about quantization, decided from the request and the checkpoint (what
+/// [`crate::Model::load`] applies and a dry run shows).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuantPlan {
+    /// 4-bit code book, double quant, block size; `None` for 8-bit.
+    pub four: Option<(QuantType, bool, usize)>,
+    pub compute: DType,
+    pub source: QuantSource,
+}
+
+impl QuantPlan {
+    /// The plan for request `req` on a model folder `dir` whose config.json has bitsandbytes
+    /// config `ckpt` (if any); `eight_bit_compute` is the backend's base weight dtype. A request
+    /// that does not fit the checkpoint (or a checkpoint without the request) is an error saying
+    /// which setting to change.
+    pub fn resolve(req: Option<QuantConfig>, ckpt: Option<&BnbConfig>, dir: &Path, eight_bit_compute: DType) -> Result<Option<Self>> {
+        let bits = |c: &BnbConfig| if c.load_in_4bit { 4 } else { 8 };
+        let unsupported = |msg: String| EngineError::Unsupported(format!("{}: {msg}", dir.display()));
+        let plan = match (req, ckpt) {
+            (None, None) => return Ok(None),
+            (None, Some(c)) => {
+                let b = bits(c);
+                return Err(unsupported(format!(
+                    "this is a bitsandbytes {b}-bit checkpoint (quantization_config in config.json); load it with training_lora_load_in_{b}bit=true"
+                )));
+            }
+            (Some(QuantConfig::FourBit { .. }), Some(c)) if c.load_in_8bit => {
+                return Err(unsupported("this is a bitsandbytes 8-bit checkpoint: int8 weights are not re-quantized to 4-bit; use training_lora_load_in_8bit=true, or a 16-bit checkpoint".into()));
+            }
+            (Some(QuantConfig::EightBit), Some(c)) if c.load_in_4bit => {
+                return Err(unsupported("this is a bitsandbytes 4-bit checkpoint: use training_lora_load_in_4bit=true, or a 16-bit checkpoint".into()));
+            }
+            (Some(QuantConfig::FourBit { quant_type, double_quant, compute_dtype }), Some(c)) => {
+                if let Some(t) = quant_type.filter(|t| *t != c.quant_type) {
+                    return Err(unsupported(format!(
+                        "bnb_4bit_quant_type={} but this checkpoint stores {} weights (quantization_config); leave it unset or set {}",
+                        t.name(),
+                        c.quant_type.name(),
+                        c.quant_type.name()
+                    )));
+                }
+                if let Some(d) = double_quant.filter(|d| *d != c.double_quant) {
+                    return Err(unsupported(format!(
+                        "bnb_4bit_use_double_quant={d} but this checkpoint's weights are stored {} double quantization; leave it unset or set {}",
+                        if c.double_quant { "with" } else { "without" },
+                        c.double_quant
+                    )));
+                }
+                // The block size is per weight (its quant state); 64 is what transformers writes.
+                QuantPlan {
+                    four: Some((c.quant_type, c.double_quant, DEFAULT_BLOCKSIZE)),
+                    compute: compute_dtype.or(c.compute_dtype).unwrap_or(DType::BF16),
+                    source: QuantSource::Checkpoint,
+                }
+            }
+            (Some(QuantConfig::FourBit { quant_type, double_quant, compute_dtype }), None) => QuantPlan {
+                four: Some((quant_type.unwrap_or(QuantType::Nf4), double_quant.unwrap_or(true), DEFAULT_BLOCKSIZE)),
+                compute: compute_dtype.unwrap_or(DType::BF16),
+                source: QuantSource::QuantizedAtLoad,
+            },
+            (Some(QuantConfig::EightBit), c) => QuantPlan {
+                four: None,
+                compute: eight_bit_compute,
+                source: if c.is_some() { QuantSource::Checkpoint } else { QuantSource::QuantizedAtLoad },
+            },
+        };
+        Ok(Some(plan))
     }
 }
 
@@ -305,16 +402,28 @@ impl Quant4 {
 }
 
 /// `out[i] = round_to(CODE[q_i] * absmax[i / blocksize])` with `q_i` from byte `i / 2` (high
-/// nibble for even `i`).
+/// nibble for even `i`). Each block's 16 possible values are computed once (the same product and
+/// rounding per element), then looked up.
 fn dequant4(quant_type: QuantType, blocksize: usize, byte: impl Fn(usize) -> u8 + Sync, absmax: &[f32], round_to: DType, out: &mut [f32]) {
     let code = quant_type.code_book();
-    out.par_chunks_mut(blocksize).enumerate().for_each(|(b, chunk)| {
-        let scale = absmax[b];
-        let base = b * blocksize;
-        for (j, o) in chunk.iter_mut().enumerate() {
-            let i = base + j;
-            let q = if i % 2 == 0 { byte(i / 2) >> 4 } else { byte(i / 2) & 0x0f };
-            *o = crate::quant::round_to(code[q as usize] * scale, round_to);
+    // Whole blocks per parallel task (enough work to outweigh scheduling).
+    let per_task = blocksize * (4096 / blocksize).max(1);
+    out.par_chunks_mut(per_task).enumerate().for_each(|(t, task)| {
+        for (k, chunk) in task.chunks_mut(blocksize).enumerate() {
+            let base = t * per_task + k * blocksize;
+            let scale = absmax[base / blocksize];
+            let lut = code.map(|c| crate::quant::round_to(c * scale, round_to));
+            let last_byte = (base + chunk.len() - 1) / 2;
+            let mut pairs = chunk.chunks_exact_mut(2);
+            for (j, pair) in pairs.by_ref().enumerate() {
+                let b = byte((base + 2 * j) / 2);
+                pair[0] = lut[(b >> 4) as usize];
+                pair[1] = lut[(b & 0x0f) as usize];
+            }
+            // blocksize is even: only the tensor's last element can be unpaired (a high nibble).
+            if let [last] = pairs.into_remainder() {
+                *last = lut[(byte(last_byte) >> 4) as usize];
+            }
         }
     });
 }
