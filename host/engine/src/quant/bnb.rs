@@ -70,9 +70,9 @@ pub fn read_config(dir: &Path) -> Result<Option<BnbConfig>> {
     if load_in_4bit == load_in_8bit {
         return Err(bad(format!("load_in_4bit = {load_in_4bit} and load_in_8bit = {load_in_8bit}: exactly one must be true")));
     }
-    let quant_type = match q.get("bnb_4bit_quant_type").and_then(Value::as_str).unwrap_or("fp4") {
-        s => QuantType::parse(s).ok_or_else(|| bad(format!("bnb_4bit_quant_type {s:?} is not nf4 or fp4")))?,
-    };
+    // transformers' BitsAndBytesConfig default is fp4.
+    let qt = q.get("bnb_4bit_quant_type").and_then(Value::as_str).unwrap_or("fp4");
+    let quant_type = QuantType::parse(qt).ok_or_else(|| bad(format!("bnb_4bit_quant_type {qt:?} is not nf4 or fp4")))?;
     if let Some(s) = q.get("bnb_4bit_quant_storage").and_then(Value::as_str)
         && load_in_4bit
         && s != "uint8"

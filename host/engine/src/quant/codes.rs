@@ -5,7 +5,9 @@
 //! kernel is followed; `tests/engine/make_quant_goldens.py` states each difference and checks that
 //! every disagreement with bitsandbytes-on-CPU is one of them.
 
-/// NF4 values by code (`bitsandbytes.functional.get_4bit_type("nf4")`, as f32).
+/// NF4 values by code (`bitsandbytes.functional.get_4bit_type("nf4")`, as f32), written as
+/// bitsandbytes writes them.
+#[allow(clippy::excessive_precision)]
 pub const NF4: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,

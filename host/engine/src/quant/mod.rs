@@ -46,7 +46,8 @@ pub const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
 pub const DEFAULT_BLOCKSIZE: usize = 64;
 /// Block size of double quantization's 8-bit absmax codes.
 pub const NESTED_BLOCKSIZE: usize = 256;
-/// `1/127` as bitsandbytes' `int8_vectorwise_dequant` multiplies by it (an f32 scalar).
+/// `1/127` as bitsandbytes' `int8_vectorwise_dequant` writes it (used as an f32 scalar).
+#[allow(clippy::excessive_precision)]
 const INV_127: f32 = 7.874_015_718_698_502e-3;
 
 /// The 4-bit code book.

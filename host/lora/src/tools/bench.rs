@@ -387,7 +387,10 @@ pub fn model_flops_per_step(
 }
 
 /// The backend, with the GPU's name and dense bf16 peak when it is one.
-fn open(device: Device) -> lora_engine::Result<(Arc<dyn Backend>, Option<(String, Option<f64>)>)> {
+/// A GPU's name and its bf16 peak (TFLOP/s), when the bench runs on one.
+type GpuInfo = Option<(String, Option<f64>)>;
+
+fn open(device: Device) -> lora_engine::Result<(Arc<dyn Backend>, GpuInfo)> {
     match device {
         Device::Cpu => Ok((Arc::new(lora_engine::cpu::CpuBackend::new()), None)),
         Device::Cuda(i) => {
