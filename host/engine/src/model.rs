@@ -411,6 +411,15 @@ impl Model {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// Bytes of the reused buffers quantized weights are dequantized into (one per distinct
+    /// projection size, allocated on first use); 0 without quantization.
+    pub fn dequant_scratch_bytes(&self) -> u64 {
+        let mut sizes: Vec<usize> = self.layers.iter().flat_map(|l| &l.linears).filter(|l| matches!(l.w, Weight::Quant(_))).map(|l| l.out_f * l.in_f).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        sizes.iter().sum::<usize>() as u64 * self.dequant.buf_dtype.size() as u64
+    }
+
     /// `lin`'s weight ready for a matrix product (dequantized into a reused buffer if quantized).
     pub(crate) fn weight<'a>(&'a self, lin: &'a Linear) -> Result<WeightRef<'a>> {
         self.dequant.get(self.backend.as_ref(), lin)

@@ -212,6 +212,8 @@ fn bnb_checkpoints_written_by_transformers_load_and_train() {
         assert_eq!(info.bits, if v == "int8" { 8 } else { 4 }, "{v}");
         assert_eq!(info.double_quant, v.ends_with("_dq"), "{v}");
         assert_eq!(info.linear_params, 64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3, "{v}: every projection is quantized");
+        // One f32 buffer per distinct projection size (q/o, k/v, the MLP's), in the memory plan.
+        assert_eq!(model.dequant_scratch_bytes(), (64 * 64 + 32 * 64 + 128 * 64) * 4, "{v}");
         let mut tr = Trainer::new(model, AdapterConfig { r: 4, ..AdapterConfig::default() }, OptimConfig::default(), 1).unwrap();
         let batch = small_batch();
         let n = batch.train_mask.len() as f32 - 2.0;

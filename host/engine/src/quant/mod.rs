@@ -22,7 +22,11 @@
 //! a reused buffer right before its matrix products ([`crate::Backend::dequantize`]), in the
 //! compute dtype: the value is rounded to `bnb_4bit_compute_dtype` as bitsandbytes' forward does
 //! (`dequantize_4bit(..., dtype=compute_dtype)`), and the backward to the input uses the same
-//! dequantized weight, as PEFT does. [`bnb`] reads and writes the checkpoint layout.
+//! dequantized weight, as PEFT does. (bitsandbytes' backward and PEFT's DoRA norm dequantize to
+//! the weight's original dtype first: with the usual bf16 model and bf16 compute that is the same
+//! weight; with a bf16 model and float32 compute theirs is rounded to bf16 where the forward's is
+//! not, while this engine uses the compute-dtype weight throughout.) [`bnb`] reads and writes the
+//! checkpoint layout.
 
 pub mod bnb;
 mod codes;
