@@ -5,10 +5,12 @@
 
 mod common;
 mod outputs;
+mod qlora;
+
 
 use common::*;
 use lora_data::{DataConfig, DatasetSource, HfTextTools};
-use lora_engine::{AdapterConfig, DType, LoadOptions, Model, OptimConfig, Trainer};
+use lora_engine::{AdapterConfig, DType, LoadOptions, Model, OptimConfig, QuantConfig, Trainer};
 use serde_json::Value;
 
 /// 24 Q/A pairs, batch 8: 3 optimizer steps per epoch.
@@ -148,9 +150,9 @@ fn a_changed_input_is_not_resumed_silently() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("removed 1 old checkpoint"));
 }
 
-/// Writes the fixture `tests/e2e/interop.py` checks against transformers + PEFT: a tiny f32
-/// model, a run on it, and our own logits (base + trained adapter, through the engine) for a
-/// fixed prompt. Only when `LORA_INTEROP_DIR` names the folder (the stage script
+/// Writes the fixture `tests/e2e/interop.py` checks against transformers + PEFT (+ bitsandbytes):
+/// a tiny f32 model, a run on it, and our own logits (base + trained adapter, through the engine)
+/// for a fixed prompt; and the same for QLoRA runs on a bf16 model (see below). Only when `LORA_INTEROP_DIR` names the folder (the stage script
 /// `tests/ci.d/40-interop.sh` runs it with `--ignored`).
 #[test]
 #[ignore = "fixture for tests/e2e/interop.py; run by tests/ci.d/40-interop.sh"]
@@ -181,6 +183,28 @@ fn write_interop_fixture() {
         let batch = lora_engine::Batch { train_mask: vec![true; ids.len()], seq_lens: vec![ids.len() as u32], input_ids: ids.clone() };
         let logits = trainer.logits(&batch).unwrap();
         let fixture = serde_json::json!({"input_ids": ids, "vocab": 49152, "logits": logits});
+        std::fs::write(work.join("our_logits.json"), fixture.to_string()).unwrap();
+    }
+    // QLoRA: a bf16 base trained 4-bit (nf4, double quant; compute float32 so PEFT's forward over
+    // the same 4-bit weights is comparable at f32 tolerance), our bitsandbytes checkpoint of the
+    // base for PEFT to load, and our logits over that 4-bit base.
+    let four = QuantConfig::FourBit { quant_type: None, double_quant: None, compute_dtype: Some(DType::F32) };
+    for (variant, extra) in [("qlora", &[][..]), ("qlora_dora", &["--training-lora-use-dora", "true"][..])] {
+        let work = dir.join(variant);
+        let model = learnable_model_in(&work.join("base"), 4.0, DType::BF16);
+        let args = [SMALL, &["--training-num-epochs", "3", "--training-learning-rate", "5e-3", "--training-lora-load-in-4bit", "true", "--training-lora-bnb-4bit-compute-dtype", "float32"], extra].concat();
+        run_ok(train_cmd(&work, &model, &capitals(), &args));
+        lora_engine::quant::bnb::write_checkpoint(&model, &work.join("base4"), &four).unwrap();
+        let adapter_path = work.join("out/model/adapter/adapter_model.safetensors");
+        let adapter = lora::checkpoint::decode_safetensors(&std::fs::read(&adapter_path).unwrap(), &adapter_path).unwrap();
+        let acfg = AdapterConfig { r: 16, lora_alpha: 32.0, use_dora: variant == "qlora_dora", ..AdapterConfig::default() };
+        let base = Model::load(&model, &LoadOptions::cpu().with_quant(Some(four))).unwrap();
+        let mut trainer = Trainer::new(base, acfg, OptimConfig::default(), 1).unwrap();
+        trainer.set_adapter_tensors(&adapter).unwrap();
+        let tools = HfTextTools::from_dir(&model).unwrap();
+        let ids = lora_api::TextTools::encode(&tools, "<|im_start|>user\nWhat is the capital of Peru?<|im_end|>\n<|im_start|>assistant\nThe capital of Peru is Lima.", false).unwrap();
+        let batch = lora_engine::Batch { train_mask: vec![true; ids.len()], seq_lens: vec![ids.len() as u32], input_ids: ids.clone() };
+        let fixture = serde_json::json!({"input_ids": ids, "vocab": 49152, "logits": trainer.logits(&batch).unwrap(), "scale": 2.0});
         std::fs::write(work.join("our_logits.json"), fixture.to_string()).unwrap();
     }
 }

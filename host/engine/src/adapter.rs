@@ -173,7 +173,8 @@ impl Adapters {
                 let b = Param::new(be, format!("{prefix}.lora_B.weight"), vec![out_f, r], &vec![0.0; out_f * r])?;
                 let mag = if cfg.use_dora {
                     let mut p = Param::new(be, format!("{prefix}.lora_magnitude_vector"), vec![out_f], &vec![0.0; out_f])?;
-                    be.dora_weight_norm(&lin.w, &a.value, &b.value, scale, &mut p.value, out_f, in_f, r)?;
+                    let w = model.weight(lin)?;
+                    be.dora_weight_norm(&w, &a.value, &b.value, scale, &mut p.value, out_f, in_f, r)?;
                     Some(p)
                 } else {
                     None

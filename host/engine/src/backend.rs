@@ -21,6 +21,7 @@
 use std::any::Any;
 
 use crate::error::{EngineError, Result};
+use crate::quant::DeviceQuant;
 
 /// Element type of a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -388,6 +389,27 @@ pub trait Backend: Send + Sync {
     // ---- optimizer ----
     /// One AdamW update of `param` from `grad` with moments `m`, `v` (all f32, same length).
     fn adamw(&self, o: AdamW, param: &mut Buf, grad: &Buf, m: &mut Buf, v: &mut Buf) -> Result<()>;
+
+    // ---- quantized base weights ----
+    /// Dequantizes a bitsandbytes 4-bit or 8-bit weight (see [`crate::quant`]) into
+    /// `out [rows * cols]` (a float buffer), each value rounded to `round_to` first: 4-bit
+    /// `CODE[q_i] * absmax[i / blocksize]` with double quant's `absmax_j = MAP[c_j] * nested[j /
+    /// 256] + offset`; 8-bit `(CB * SCB) * (1/127)`, all in f32.
+    fn dequantize(&self, q: &DeviceQuant, round_to: DType, out: &mut Buf) -> Result<()> {
+        let _ = (q, round_to, out);
+        Err(EngineError::Backend {
+            backend: self.name(),
+            op: "dequantize",
+            msg: "quantized base weights (training_lora_load_in_4bit / _8bit) are not supported on this backend yet".into(),
+        })
+    }
+
+    /// The dtype a dequantized weight is held in for the matrix products, given the requested
+    /// compute dtype (its values are rounded to `compute` either way). The CPU keeps f32.
+    fn dequant_dtype(&self, compute: DType) -> DType {
+        let _ = compute;
+        DType::F32
+    }
 }
 
 /// Checks that `buf` has `len` elements; the error names the op and the argument.

@@ -1,5 +1,6 @@
 //! Training-throughput benchmark: a model of a given shape with random weights (no files),
-//! forward + backward + optimizer steps on a packed batch; tokens/s and peak memory.
+//! forward + backward + optimizer steps on a packed batch; tokens/s and peak memory, optionally
+//! with the projections quantized 4-bit or 8-bit.
 //! `tests/bench/peft_cpu_bench.py` runs the same shape and batch in PyTorch + PEFT.
 
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use crate::adapter::AdapterConfig;
 use crate::backend::Backend;
 use crate::config::{Arch, ModelConfig};
 use crate::error::{EngineError, Result};
-use crate::model::Model;
+use crate::model::{LoadOptions, Model, Module};
+use crate::quant::QuantConfig;
 use crate::trainer::{Batch, OptimConfig, Trainer};
 
 /// Shape presets: `smollm2-135m`, `qwen2.5-0.5b`, `qwen2.5-1.5b`.
@@ -46,11 +48,13 @@ pub struct BenchOptions {
     pub adapter: AdapterConfig,
     /// Recompute each layer's activations in backward instead of keeping them.
     pub recompute: bool,
+    /// Hold the projections 4-bit or 8-bit.
+    pub quant: Option<QuantConfig>,
 }
 
 impl BenchOptions {
     pub fn new(cfg: ModelConfig) -> Self {
-        BenchOptions { cfg, rows: 4, row_len: 512, docs_per_row: 1, steps: 3, warmup: 1, adapter: AdapterConfig::default(), recompute: false }
+        BenchOptions { cfg, rows: 4, row_len: 512, docs_per_row: 1, steps: 3, warmup: 1, adapter: AdapterConfig::default(), recompute: false, quant: None }
     }
 }
 
@@ -73,6 +77,18 @@ pub struct BenchResult {
     pub base_params: usize,
     pub trainable_params: usize,
     pub final_loss: f64,
+    /// Parameters of the decoder projections (the weights quantization applies to) and the bytes
+    /// they occupy in the backend's memory (dense: base dtype; quantized: codes and scales).
+    pub projection_params: u64,
+    pub projection_bytes: u64,
+    /// The quantization the run used ([`crate::QuantInfo::to_json`]), if any.
+    pub quantization: Option<serde_json::Value>,
+}
+
+/// Resets the process's peak resident memory (`VmHWM`) to the current resident size, so the
+/// next run of a benchmark measures its own peak; false where the kernel does not allow it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// Reads a `/proc/self/status` field (kB) as bytes.
@@ -109,8 +125,13 @@ pub fn run(opts: &BenchOptions, backend: Arc<dyn Backend>) -> Result<BenchResult
     let c = &opts.cfg;
     let base_params: usize = crate::model::tensor_specs(c).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     let name = backend.name().to_string();
-    let model = Model::random(c.clone(), backend.clone(), 0)?;
+    let model = Model::random_with(c.clone(), &LoadOptions { backend: backend.clone(), quant: opts.quant }, 0)?;
     let rss_after_load_bytes = proc_status_bytes("VmRSS:");
+    let projection_params: u64 = Module::ALL.iter().map(|m| (m.dims(c).0 * m.dims(c).1) as u64).sum::<u64>() * c.num_hidden_layers as u64;
+    let (projection_bytes, quantization) = match &model.quant {
+        Some(q) => (q.linear_bytes, Some(q.to_json())),
+        None => (projection_params * backend.base_weight_dtype(crate::DType::F32).size() as u64, None),
+    };
     let mut tr = Trainer::new(model, opts.adapter.clone(), OptimConfig::default(), 0)?;
     tr.recompute = opts.recompute;
     let trainable_params = tr.adapters.params().map(|p| p.shape.iter().product::<usize>()).sum();
@@ -142,5 +163,8 @@ pub fn run(opts: &BenchOptions, backend: Arc<dyn Backend>) -> Result<BenchResult
         base_params,
         trainable_params,
         final_loss: loss,
+        projection_params,
+        projection_bytes,
+        quantization,
     })
 }

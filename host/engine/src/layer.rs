@@ -11,12 +11,16 @@
 //! LoRA `y = x W^T + b + s (xd A^T) B^T`;
 //! DoRA `y = x W^T + b + (mn - 1) (xd W^T) + mn s (xd A^T) B^T`, `mn = mag / ||W + s B A||_row`
 //! with the norm treated as a constant in backward, as PEFT does.
+//!
+//! A quantized `W` is dequantized (to the compute dtype) into a reused buffer right before the
+//! matrix products that need it, forward and backward ([`Model::weight`]); the backward to the
+//! input multiplies by that same dequantized weight, as PEFT with bitsandbytes does.
 
 use crate::adapter::Lora;
 use crate::backend::{Attn, Backend, Buf, DType, Gemm, splitmix64};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::model::{Layer, Linear, Module};
+use crate::model::{Layer, Linear, Model, Module};
 
 fn missing(what: &str) -> crate::error::EngineError {
     crate::error::EngineError::State { name: what.to_string(), msg: "not saved by the forward pass (internal error)".into() }
@@ -26,6 +30,8 @@ fn missing(what: &str) -> crate::error::EngineError {
 pub(crate) struct Ctx<'a> {
     pub be: &'a dyn Backend,
     pub cfg: &'a ModelConfig,
+    /// The base model (for its weights, dequantized on demand).
+    pub model: &'a Model,
     pub t: usize,
     pub attn: Attn,
     pub pos: Buf,
@@ -94,8 +100,9 @@ fn dropped(ctx: &Ctx, x: &Buf, seed: u64) -> Result<Option<Buf>> {
 fn linear_fwd(ctx: &Ctx, lin: &Linear, x: &Buf, lora: Option<&Lora>, seed: u64, acts: &mut LinActs) -> Result<Buf> {
     let (be, t, s) = (ctx.be, ctx.t, ctx.scale);
     let (out_f, in_f) = (lin.out_f, lin.in_f);
+    let w = ctx.model.weight(lin)?;
     let mut y = ctx.zeros(t * out_f)?;
-    be.gemm(Gemm::linear(t, out_f, in_f), x, &lin.w, &mut y)?;
+    be.gemm(Gemm::linear(t, out_f, in_f), x, &w, &mut y)?;
     if let Some(l) = lora {
         let r = l.a.shape[0];
         let xd_own = dropped(ctx, x, seed)?;
@@ -108,13 +115,13 @@ fn linear_fwd(ctx: &Ctx, lin: &Linear, x: &Buf, lora: Option<&Lora>, seed: u64, 
             }
             Some(mag) => {
                 let mut wn = be.zeros(out_f, DType::F32)?;
-                be.dora_weight_norm(&lin.w, &l.a.value, &l.b.value, s, &mut wn, out_f, in_f, r)?;
+                be.dora_weight_norm(&w, &l.a.value, &l.b.value, s, &mut wn, out_f, in_f, r)?;
                 let mut mn = be.zeros(out_f, DType::F32)?;
                 be.div(&mag.value, &wn, &mut mn)?;
                 // comb = xd W^T + s * xa B^T
                 let mut comb = ctx.zeros(t * out_f)?;
                 match &xd_own {
-                    Some(xd) => be.gemm(Gemm::linear(t, out_f, in_f), xd, &lin.w, &mut comb)?,
+                    Some(xd) => be.gemm(Gemm::linear(t, out_f, in_f), xd, &w, &mut comb)?,
                     None => be.copy(&y, &mut comb)?,
                 }
                 let mut bd = ctx.zeros(t * out_f)?;
@@ -142,7 +149,8 @@ fn linear_bwd(ctx: &Ctx, lin: &Linear, x: &Buf, dy: &Buf, dx: &mut Buf, accumula
     let (be, t, s) = (ctx.be, ctx.t, ctx.scale);
     let (out_f, in_f) = (lin.out_f, lin.in_f);
     // dx (+)= dy @ W
-    let dx_gemm = |dy: &Buf, dx: &mut Buf, acc: bool| be.gemm(Gemm { m: t, n: in_f, k: out_f, ta: false, tb: false, alpha: 1.0, accumulate: acc }, dy, &lin.w, dx);
+    let w = ctx.model.weight(lin)?;
+    let dx_gemm = |dy: &Buf, dx: &mut Buf, acc: bool| be.gemm(Gemm { m: t, n: in_f, k: out_f, ta: false, tb: false, alpha: 1.0, accumulate: acc }, dy, &w, dx);
     let Some(l) = lora else {
         return dx_gemm(dy, dx, accumulate);
     };

@@ -1,9 +1,10 @@
 //! `lora-engine`: Llama-family LoRA forward/backward and optimizer; CPU and CUDA backends.
 //!
 //! Owns: model config and weights (Hugging Face folders, safetensors), the [`Backend`] op set
-//! and its CPU implementation, adapter math (LoRA, rsLoRA, DoRA), the hand-written forward and
-//! backward of the decoder, AdamW with global-norm clipping, and the trainer state; the CUDA
-//! kernels and a CPU device emulator that runs them (`cuda::emu`).
+//! and its CPU implementation, adapter math (LoRA, rsLoRA, DoRA), quantized base weights in
+//! bitsandbytes' formats (4-bit NF4/FP4 with double quant, 8-bit; [`quant`]), the hand-written
+//! forward and backward of the decoder, AdamW with global-norm clipping, and the trainer state;
+//! the CUDA kernels and a CPU device emulator that runs them (`cuda::emu`).
 //! Must not: read datasets, tokenize, schedule learning rates, write run outputs other than the
 //! adapter/merged-model tensors it is asked for, print, or exit.
 //!
@@ -11,6 +12,7 @@
 //! ```text
 //! ModelConfig::from_model_dir(&Path) -> Result<ModelConfig>      ModelConfig::tiny_llama(vocab)
 //! Model::load(dir, &LoadOptions::cpu() | &LoadOptions::for_device(Device)?) -> Result<Model>
+//!     LoadOptions::with_quant(Some(QuantConfig::four_bit() | QuantConfig::EightBit)); model.quant
 //! Trainer::new(model, AdapterConfig { r, lora_alpha, lora_dropout, target_modules, use_rslora,
 //!              use_dora, init_seed }, OptimConfig { weight_decay, max_grad_norm, betas, eps }, seed)
 //! trainer.forward_backward(&Batch { input_ids, train_mask, seq_lens }, step_trained_tokens)
@@ -43,6 +45,7 @@ pub mod merge;
 pub mod selftest;
 mod layer;
 pub mod model;
+pub mod quant;
 pub mod rng;
 pub mod testing;
 pub mod trainer;
@@ -56,4 +59,5 @@ pub use adapter::AdapterConfig;
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::{EngineError, Result};
 pub use model::{LoadOptions, Model, Module, backend_for};
+pub use quant::{QuantConfig, QuantInfo, QuantSource, QuantType};
 pub use trainer::{Batch, NamedTensor, OptimConfig, OptimStats, StepStats, Trainer, TrainerState};

@@ -5,20 +5,28 @@
 //!
 //! It streams tensor by tensor, so memory holds one tensor at a time: weights without an adapter
 //! are copied byte for byte from the base files; adapted ones are `W + s·B·A` (DoRA: each output
-//! row then scaled by `m / ‖W + s·B·A‖`, PEFT's merge), computed in f32 and stored back in the
-//! base dtype (round to nearest even).
+//! row then scaled by `m / ‖W + s·B·A‖`, PEFT's merge), with `B·A` accumulated and added to `W`
+//! in f64, rounded once to f32 and then to the base dtype (round to nearest even): the merged
+//! bf16 weight is `bf16(f32(W + s·B·A))` of the exact sum, whatever the summation order.
+//!
+//! A base that is itself a bitsandbytes 4-bit or 8-bit checkpoint has no 16-bit weights: its
+//! quantized projections are dequantized (to the dtype its quant state records, bf16 for 8-bit)
+//! and merged onto; their quantization tensors (`.absmax`, `.quant_map`, `.SCB`, ...) are
+//! dropped, so the output is a plain 16-bit model ([`base_is_quantized`] tells the caller).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde_json::{Value, json};
 
 use crate::adapter::AdapterConfig;
-use crate::cpu::sgemm;
 use crate::error::{EngineError, Result};
+use crate::quant::bnb;
 use crate::trainer::NamedTensor;
+use crate::weights::WeightFiles;
 
 /// One tensor of a safetensors file.
 #[derive(Debug, Clone)]
@@ -29,6 +37,18 @@ struct Entry {
     /// Absolute byte range in `file`.
     start: u64,
     end: u64,
+    /// A bitsandbytes-quantized projection to dequantize (its module prefix) instead of copying.
+    dequant: Option<String>,
+}
+
+impl Entry {
+    /// Bytes this tensor takes in the output.
+    fn size(&self) -> u64 {
+        match &self.dequant {
+            None => self.end - self.start,
+            Some(_) => self.shape.iter().product::<usize>() as u64 * if self.dtype == "F32" { 4 } else { 2 },
+        }
+    }
 }
 
 fn file_err(file: &Path, msg: impl Into<String>) -> EngineError {
@@ -91,11 +111,73 @@ fn base_entries(dir: &Path) -> Result<BTreeMap<String, Entry>> {
                     shape,
                     start: 8 + n + offs[0],
                     end: 8 + n + offs[1],
+                    dequant: None,
                 },
             );
         }
     }
     Ok(out)
+}
+
+/// Quantization tensors of a bitsandbytes linear, besides its `.weight` (dropped from a merge).
+const QUANT_SUFFIXES: [&str; 7] = [
+    ".weight.absmax",
+    ".weight.quant_map",
+    ".weight.nested_absmax",
+    ".weight.nested_quant_map",
+    ".weight.quant_state.bitsandbytes__nf4",
+    ".weight.quant_state.bitsandbytes__fp4",
+    ".SCB",
+];
+
+/// Whether the model at `dir` is a bitsandbytes quantized checkpoint (no 16-bit weights: a merge
+/// folds the adapter into the dequantized weights).
+pub fn base_is_quantized(dir: &Path) -> Result<bool> {
+    Ok(bnb::read_config(dir)?.is_some())
+}
+
+/// Replaces the tensors of each quantized projection by one `.weight` entry to dequantize, in
+/// the dtype the weight had before quantization.
+fn plan_dequantized(dir: &Path, entries: &mut BTreeMap<String, Entry>) -> Result<Option<(WeightFiles, bnb::BnbConfig)>> {
+    let Some(cfg) = bnb::read_config(dir)? else { return Ok(None) };
+    let files = WeightFiles::open(dir)?;
+    let prefixes: Vec<String> = entries
+        .iter()
+        .filter(|(_, e)| e.dtype == "U8" || e.dtype == "I8")
+        .filter_map(|(n, _)| n.strip_suffix(".weight").map(str::to_string))
+        .collect();
+    let fallback = match files.file_dtype() {
+        crate::DType::F32 => "F32",
+        crate::DType::F16 => "F16",
+        _ => "BF16",
+    };
+    for prefix in prefixes {
+        let name = format!("{prefix}.weight");
+        let bad = |msg: String| EngineError::Weights { file: files.file_of(&name), tensor: name.clone(), msg };
+        let (shape, dtype) = if cfg.load_in_8bit {
+            (entries[&name].shape.clone(), fallback.to_string())
+        } else {
+            let state_name = ["nf4", "fp4"].iter().map(|t| format!("{name}.quant_state.bitsandbytes__{t}")).find(|k| files.contains(k)).ok_or_else(|| bad("is U8 but has no quant_state".into()))?;
+            let raw = files.raw(&state_name).ok_or_else(|| bad("no quant_state".into()))?;
+            let state: Value = serde_json::from_slice(raw.bytes).map_err(|e| bad(format!("quant_state is not JSON: {e}")))?;
+            let shape: Vec<usize> = serde_json::from_value(state["shape"].clone()).map_err(|_| bad("quant_state has no shape".into()))?;
+            let dtype = match state["dtype"].as_str().and_then(bnb::parse_torch_dtype) {
+                Some(crate::DType::F32) => "F32",
+                Some(crate::DType::F16) => "F16",
+                _ => "BF16",
+            };
+            (shape, dtype.to_string())
+        };
+        for suffix in QUANT_SUFFIXES.iter().chain(&[".weight_format"]) {
+            entries.remove(&format!("{prefix}{suffix}"));
+        }
+        if let Some(e) = entries.get_mut(&name) {
+            e.shape = shape;
+            e.dtype = dtype;
+            e.dequant = Some(prefix.clone());
+        }
+    }
+    Ok(Some((files, cfg)))
 }
 
 fn read_bytes(e: &Entry) -> Result<Vec<u8>> {
@@ -131,16 +213,32 @@ fn from_f32(values: &[f32], dtype: &str) -> Vec<u8> {
 }
 
 /// `W + scale·B·A` in place (`w [out, in]`, `b [out, r]`, `a [r, in]`), then DoRA's row scaling
-/// to the magnitude `mag` (row norms accumulated in f64).
+/// to the magnitude `mag`: everything in f64, one rounding to f32 per element.
 pub fn merge_weight(w: &mut [f32], a: &[f32], b: &[f32], mag: Option<&[f32]>, (out_f, in_f, r): (usize, usize, usize), scale: f32) {
-    sgemm(out_f, in_f, r, false, false, scale, b, a, 1.0, w);
-    if let Some(m) = mag {
-        for (o, row) in w.chunks_mut(in_f).enumerate() {
-            let norm = row.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt() as f32;
-            let factor = m[o] / norm;
-            row.iter_mut().for_each(|x| *x *= factor);
-        }
+    if in_f == 0 {
+        return;
     }
+    let scale = scale as f64;
+    w.par_chunks_mut(in_f).enumerate().take(out_f).for_each(|(o, row)| {
+        let mut merged: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+        let mut delta = vec![0f64; in_f];
+        for k in 0..r {
+            let bk = b[o * r + k] as f64;
+            for (d, &av) in delta.iter_mut().zip(&a[k * in_f..(k + 1) * in_f]) {
+                *d += bk * av as f64;
+            }
+        }
+        for (m, d) in merged.iter_mut().zip(&delta) {
+            *m += scale * d;
+        }
+        if let Some(mag) = mag {
+            let factor = mag[o] as f64 / merged.iter().map(|x| x * x).sum::<f64>().sqrt();
+            merged.iter_mut().for_each(|x| *x *= factor);
+        }
+        for (x, m) in row.iter_mut().zip(&merged) {
+            *x = *m as f32;
+        }
+    });
 }
 
 /// Writes the base model at `base_dir` with `adapter` (PEFT-named tensors, as
@@ -154,7 +252,8 @@ pub fn write_merged_weights(
     cfg: &AdapterConfig,
     max_shard_bytes: u64,
 ) -> Result<()> {
-    let entries = base_entries(base_dir)?;
+    let mut entries = base_entries(base_dir)?;
+    let quantized = plan_dequantized(base_dir, &mut entries)?;
     let by_name: HashMap<&str, &NamedTensor> = adapter.iter().map(|t| (t.name.as_str(), t)).collect();
     let scale = cfg.scaling();
     // Group the adapter tensors by the base weight they modify.
@@ -174,9 +273,9 @@ pub fn write_merged_weights(
     // Shard plan: keep the base order (sorted names), cut at max_shard_bytes.
     let mut shards: Vec<Vec<&String>> = vec![Vec::new()];
     let mut size = 0u64;
-    let total: u64 = entries.values().map(|e| e.end - e.start).sum();
+    let total: u64 = entries.values().map(Entry::size).sum();
     for (name, e) in &entries {
-        let n = e.end - e.start;
+        let n = e.size();
         if size + n > max_shard_bytes && shards.last().is_some_and(|s| !s.is_empty()) {
             shards.push(Vec::new());
             size = 0;
@@ -197,8 +296,8 @@ pub fn write_merged_weights(
         let mut off = 0u64;
         for name in names {
             let e = &entries[*name];
-            header.insert((*name).clone(), json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [off, off + e.end - e.start]}));
-            off += e.end - e.start;
+            header.insert((*name).clone(), json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [off, off + e.size()]}));
+            off += e.size();
             weight_map.insert((*name).clone(), json!(file_name));
         }
         let mut head = Value::Object(header).to_string().into_bytes();
@@ -211,9 +310,19 @@ pub fn write_merged_weights(
         f.write_all(&head).map_err(|e| write_err(&path, e))?;
         for name in names {
             let e = &entries[*name];
-            let bytes = read_bytes(e)?;
+            // A quantized base weight: dequantized (exact f32 values), then merged or stored.
+            let dequantized = match (&e.dequant, &quantized) {
+                (Some(prefix), Some((files, qcfg))) => {
+                    let (o, i) = (e.shape[0], e.shape.get(1).copied().unwrap_or(1));
+                    Some(bnb::read_linear(files, prefix, (o, i), qcfg)?.0.dequantize(crate::DType::F32))
+                }
+                _ => None,
+            };
             let Some(prefix) = adapted.get(*name) else {
-                f.write_all(&bytes).map_err(|e| write_err(&path, e))?;
+                match &dequantized {
+                    Some(w) => f.write_all(&from_f32(w, &e.dtype)).map_err(|e| write_err(&path, e))?,
+                    None => f.write_all(&read_bytes(e)?).map_err(|e| write_err(&path, e))?,
+                }
                 continue;
             };
             let get = |suffix: &str| {
@@ -235,7 +344,10 @@ pub fn write_merged_weights(
                     msg: format!("A {:?} / B {:?} do not fit the base weight {name} {:?}", a.shape, b.shape, e.shape),
                 });
             }
-            let mut w = to_f32(&bytes, e, name)?;
+            let mut w = match dequantized {
+                Some(w) => w,
+                None => to_f32(&read_bytes(e)?, e, name)?,
+            };
             merge_weight(&mut w, &a.data, &b.data, mag.map(|m| m.data.as_slice()), (out_f, in_f, r), scale);
             f.write_all(&from_f32(&w, &e.dtype)).map_err(|e| write_err(&path, e))?;
         }

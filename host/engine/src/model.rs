@@ -1,13 +1,19 @@
 //! The frozen base model on a backend: weights loaded from a Hugging Face folder (or random,
-//! for benchmarks and test fixtures), named exactly as in the checkpoint.
+//! for benchmarks and test fixtures), named exactly as in the checkpoint. With quantization
+//! ([`LoadOptions::quant`]) every decoder projection is held 4-bit or 8-bit ([`crate::quant`]):
+//! quantized while loading a 16-bit folder, or read as stored from a bitsandbytes checkpoint;
+//! embeddings, norms and the output head keep the backend's base dtype.
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{Backend, Buf, DType, Device, HostData};
 use crate::config::ModelConfig;
 use crate::cpu::CpuBackend;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
+use crate::quant::bnb;
+use crate::quant::{DeviceQuant, Quant4, Quant8, QuantConfig, QuantInfo, QuantPlan, QuantSource, QuantTensor, QuantType};
 use crate::rng::Rng;
 use crate::weights::WeightFiles;
 
@@ -62,12 +68,21 @@ impl Module {
     }
 }
 
+/// A frozen weight: dense in the backend's base dtype, or quantized.
+#[derive(Debug)]
+pub enum Weight {
+    Dense(Buf),
+    Quant(DeviceQuant),
+}
+
 /// A frozen linear layer `y = x W^T + b`, `W [out, in]`.
 pub struct Linear {
-    pub w: Buf,
+    pub w: Weight,
     pub b: Option<Buf>,
     pub out_f: usize,
     pub in_f: usize,
+    /// `layer * 7 + module`: which dequantized weight a scratch buffer holds.
+    pub(crate) id: usize,
 }
 
 /// The frozen weights of one decoder layer.
@@ -85,17 +100,90 @@ pub struct Layer {
 #[derive(Clone)]
 pub struct LoadOptions {
     pub backend: Arc<dyn Backend>,
+    /// Hold the decoder projections 4-bit or 8-bit (`None`: the base dtype; a bitsandbytes
+    /// checkpoint then is an error that says which switch it needs).
+    pub quant: Option<QuantConfig>,
 }
 
 impl LoadOptions {
     /// The CPU backend.
     pub fn cpu() -> Self {
-        LoadOptions { backend: Arc::new(CpuBackend::new()) }
+        LoadOptions { backend: Arc::new(CpuBackend::new()), quant: None }
     }
 
     /// The backend for `device` (CUDA needs the `cuda` backend to be built in).
     pub fn for_device(device: Device) -> Result<Self> {
-        Ok(LoadOptions { backend: backend_for(device)? })
+        Ok(LoadOptions { backend: backend_for(device)?, quant: None })
+    }
+
+    /// The same backend, with quantization.
+    pub fn with_quant(mut self, quant: Option<QuantConfig>) -> Self {
+        self.quant = quant;
+        self
+    }
+}
+
+/// Reused buffers the quantized weights are dequantized into right before their matrix
+/// products: one per weight size, remembering which weight it holds (so DoRA's second use of the
+/// same weight does not dequantize again).
+pub(crate) struct Dequantizer {
+    slots: Mutex<Vec<Slot>>,
+    /// Values are rounded to this (the compute dtype) and held in `buf_dtype`.
+    round_to: DType,
+    buf_dtype: DType,
+}
+
+pub(crate) struct Slot {
+    buf: Buf,
+    holds: Option<usize>,
+}
+
+/// A weight ready for a matrix product: the dense buffer, or a dequantized scratch buffer.
+pub(crate) enum WeightRef<'a> {
+    Dense(&'a Buf),
+    Scratch(MutexGuard<'a, Vec<Slot>>, usize),
+}
+
+impl Deref for WeightRef<'_> {
+    type Target = Buf;
+    fn deref(&self) -> &Buf {
+        match self {
+            WeightRef::Dense(b) => b,
+            WeightRef::Scratch(slots, i) => &slots[*i].buf,
+        }
+    }
+}
+
+impl Dequantizer {
+    fn new(round_to: DType, buf_dtype: DType) -> Self {
+        Dequantizer { slots: Mutex::new(Vec::new()), round_to, buf_dtype }
+    }
+
+    /// `lin`'s weight as a buffer of `out * in` values. Only one dequantized weight is in use
+    /// at a time: asking for another while a [`WeightRef::Scratch`] lives is an error.
+    pub(crate) fn get<'a>(&'a self, be: &dyn Backend, lin: &'a Linear) -> Result<WeightRef<'a>> {
+        let q = match &lin.w {
+            Weight::Dense(b) => return Ok(WeightRef::Dense(b)),
+            Weight::Quant(q) => q,
+        };
+        let mut slots = self.slots.try_lock().map_err(|_| EngineError::State {
+            name: "dequantized weights".into(),
+            msg: "two quantized weights were requested at once (internal error)".into(),
+        })?;
+        let n = q.numel();
+        let i = match slots.iter().position(|s| s.buf.len() == n) {
+            Some(i) => i,
+            None => {
+                slots.push(Slot { buf: be.zeros(n, self.buf_dtype)?, holds: None });
+                slots.len() - 1
+            }
+        };
+        if slots[i].holds != Some(lin.id) {
+            slots[i].holds = None;
+            be.dequantize(q, self.round_to, &mut slots[i].buf)?;
+            slots[i].holds = Some(lin.id);
+        }
+        Ok(WeightRef::Scratch(slots, i))
     }
 }
 
@@ -120,6 +208,9 @@ pub struct Model {
     pub(crate) source: Option<PathBuf>,
     /// The dtype of the weight files (f32 for random models).
     pub file_dtype: DType,
+    /// How the decoder projections are quantized, if they are.
+    pub quant: Option<QuantInfo>,
+    pub(crate) dequant: Dequantizer,
 }
 
 /// Every base tensor of a config: (name, shape), in checkpoint naming.
@@ -167,35 +258,106 @@ pub(crate) fn random_tensor(name: &str, n: usize, seed: u64) -> Vec<f32> {
 }
 
 impl Model {
-    /// Loads a model folder (config.json + safetensors) onto `opts.backend`.
+    /// Loads a model folder (config.json + safetensors) onto `opts.backend`, quantizing the
+    /// decoder projections as `opts.quant` asks (or reading them quantized from a bitsandbytes
+    /// checkpoint).
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let cfg = ModelConfig::from_model_dir(dir)?;
         let files = WeightFiles::open(dir)?;
         let file_dtype = files.file_dtype();
         let be = opts.backend.clone();
+        let ckpt = bnb::read_config(dir)?;
+        let plan = QuantPlan::resolve(opts.quant, ckpt.as_ref(), dir, be.base_weight_dtype(file_dtype))?;
         let wdt = be.base_weight_dtype(file_dtype);
-        let mut source = |name: &str, shape: &[usize]| -> Result<Buf> {
+        let dense = |name: &str, shape: &[usize]| -> Result<Buf> {
             let (data, _) = files.get(name, shape)?;
             be.upload(data, wdt)
         };
-        let mut m = Self::build(cfg, opts.backend.clone(), &mut source)?;
+        let mut stats = QuantStats::default();
+        let mut linear = |name: &str, shape: &[usize]| -> Result<Weight> {
+            let Some(plan) = plan else { return Ok(Weight::Dense(dense(name, shape)?)) };
+            let prefix = name.strip_suffix(".weight").unwrap_or(name);
+            let (q, weight_dtype) = match (&ckpt, plan.source) {
+                (Some(c), QuantSource::Checkpoint) => {
+                    if !bnb::is_quantized(&files, prefix) {
+                        // A module the checkpoint kept in 16 bits (llm_int8_skip_modules).
+                        return Ok(Weight::Dense(dense(name, shape)?));
+                    }
+                    bnb::read_linear(&files, prefix, (shape[0], shape[1]), c)?
+                }
+                _ => {
+                    let (data, dtype) = files.get(name, shape)?;
+                    let q = quantize(&plan, &data.to_f32(), shape).map_err(|e| EngineError::Weights {
+                        file: files.file_of(name),
+                        tensor: name.to_string(),
+                        msg: e.to_string(),
+                    })?;
+                    (q, dtype)
+                }
+            };
+            stats.add(&q, weight_dtype);
+            Ok(Weight::Quant(q.upload(be.as_ref())?))
+        };
+        let mut m = Self::build(cfg, opts.backend.clone(), &mut |n: &str, s: &[usize]| dense(n, s), &mut linear)?;
         m.source = Some(dir.to_path_buf());
         m.file_dtype = file_dtype;
+        m.set_quant(plan, stats);
         Ok(m)
     }
 
     /// A model of `cfg` with deterministic random weights (no files), for benchmarks and tests.
     pub fn random(cfg: ModelConfig, backend: Arc<dyn Backend>, seed: u64) -> Result<Self> {
-        let be = backend.clone();
+        Self::random_with(cfg, &LoadOptions { backend, quant: None }, seed)
+    }
+
+    /// [`Model::random`] with the projections quantized as `opts.quant` asks.
+    pub fn random_with(cfg: ModelConfig, opts: &LoadOptions, seed: u64) -> Result<Self> {
+        let be = opts.backend.clone();
         let wdt = be.base_weight_dtype(DType::F32);
+        let plan = QuantPlan::resolve(opts.quant, None, Path::new("(random weights)"), be.base_weight_dtype(DType::F32))?;
         let mut source = |name: &str, shape: &[usize]| -> Result<Buf> {
             let data = random_tensor(name, shape.iter().product(), seed);
             be.upload(HostData::F32(&data), wdt)
         };
-        Self::build(cfg, backend, &mut source)
+        let mut stats = QuantStats::default();
+        let mut linear = |name: &str, shape: &[usize]| -> Result<Weight> {
+            let data = random_tensor(name, shape.iter().product(), seed);
+            match &plan {
+                None => Ok(Weight::Dense(be.upload(HostData::F32(&data), wdt)?)),
+                Some(p) => {
+                    let q = quantize(p, &data, shape)?;
+                    stats.add(&q, DType::F32);
+                    Ok(Weight::Quant(q.upload(be.as_ref())?))
+                }
+            }
+        };
+        let mut m = Self::build(cfg, opts.backend.clone(), &mut source, &mut linear)?;
+        m.set_quant(plan, stats);
+        Ok(m)
     }
 
-    fn build(cfg: ModelConfig, backend: Arc<dyn Backend>, get: &mut dyn FnMut(&str, &[usize]) -> Result<Buf>) -> Result<Self> {
+    fn set_quant(&mut self, plan: Option<QuantPlan>, stats: QuantStats) {
+        let Some(p) = plan else { return };
+        self.dequant = Dequantizer::new(p.compute, self.backend.dequant_dtype(p.compute));
+        self.quant = Some(QuantInfo {
+            bits: if p.four.is_some() { 4 } else { 8 },
+            quant_type: stats.quant_type.or(p.four.map(|f| f.0)),
+            double_quant: stats.double_quant.unwrap_or(p.four.is_some_and(|f| f.1)),
+            blocksize: p.four.map(|f| stats.blocksize.unwrap_or(f.2)),
+            compute_dtype: p.compute,
+            source: p.source,
+            weight_dtype: stats.weight_dtype.unwrap_or(self.file_dtype),
+            linear_params: stats.params,
+            linear_bytes: stats.bytes,
+        });
+    }
+
+    fn build(
+        cfg: ModelConfig,
+        backend: Arc<dyn Backend>,
+        get: &mut dyn FnMut(&str, &[usize]) -> Result<Buf>,
+        get_linear: &mut dyn FnMut(&str, &[usize]) -> Result<Weight>,
+    ) -> Result<Self> {
         let d = cfg.hidden_size;
         let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -204,14 +366,14 @@ impl Model {
             let mut linears = Vec::with_capacity(7);
             for m in Module::ALL {
                 let (o, inp) = m.dims(&cfg);
-                let w = get(&format!("{p}.{}.weight", m.path()), &[o, inp])?;
+                let w = get_linear(&format!("{p}.{}.weight", m.path()), &[o, inp])?;
                 let has_bias = match m {
                     Module::Q | Module::K | Module::V => cfg.qkv_bias,
                     Module::O => cfg.o_bias,
                     _ => false,
                 };
                 let b = if has_bias { Some(get(&format!("{p}.{}.bias", m.path()), &[o])?) } else { None };
-                linears.push(Linear { w, b, out_f: o, in_f: inp });
+                linears.push(Linear { w, b, out_f: o, in_f: inp, id: i * 7 + m as usize });
             }
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
@@ -231,7 +393,8 @@ impl Model {
         }
         let norm = get("model.norm.weight", &[d])?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("lm_head.weight", &[cfg.vocab_size, d])?) };
-        Ok(Model { cfg, backend, embed, layers, norm, lm_head, source: None, file_dtype: DType::F32 })
+        let dequant = Dequantizer::new(DType::F32, DType::F32);
+        Ok(Model { cfg, backend, embed, layers, norm, lm_head, source: None, file_dtype: DType::F32, quant: None, dequant })
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -246,5 +409,69 @@ impl Model {
     /// The output projection `[vocab, hidden]` (the embeddings when tied).
     pub(crate) fn head(&self) -> &Buf {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Bytes of the reused buffers quantized weights are dequantized into (one per distinct
+    /// projection size, allocated on first use); 0 without quantization.
+    pub fn dequant_scratch_bytes(&self) -> u64 {
+        let mut sizes: Vec<usize> = self.layers.iter().flat_map(|l| &l.linears).filter(|l| matches!(l.w, Weight::Quant(_))).map(|l| l.out_f * l.in_f).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        sizes.iter().sum::<usize>() as u64 * self.dequant.buf_dtype.size() as u64
+    }
+
+    /// `lin`'s weight ready for a matrix product (dequantized into a reused buffer if quantized).
+    pub(crate) fn weight<'a>(&'a self, lin: &'a Linear) -> Result<WeightRef<'a>> {
+        self.dequant.get(self.backend.as_ref(), lin)
+    }
+
+    /// The quantized weights this model holds, dequantized to the compute dtype, with their
+    /// checkpoint names (for tests and tools; empty when nothing is quantized).
+    pub fn dequantized_linears(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for m in Module::ALL {
+                let lin = &layer.linears[m as usize];
+                if let Weight::Quant(_) = lin.w {
+                    let w = self.weight(lin)?;
+                    out.push((format!("model.layers.{i}.{}.weight", m.path()), self.backend.download_f32(&w)?));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Quantizes one projection as the plan says (4-bit at the plan's block size, or 8-bit).
+fn quantize(p: &QuantPlan, w: &[f32], shape: &[usize]) -> Result<QuantTensor> {
+    Ok(match p.four {
+        Some((t, dq, bs)) => QuantTensor::Four(Quant4::quantize(w, shape, t, bs, dq)?),
+        None => QuantTensor::Eight(Quant8::quantize(w, shape)?),
+    })
+}
+
+/// What the quantized projections add up to (and what a checkpoint stored in them).
+#[derive(Default)]
+struct QuantStats {
+    params: u64,
+    bytes: u64,
+    quant_type: Option<QuantType>,
+    double_quant: Option<bool>,
+    blocksize: Option<usize>,
+    weight_dtype: Option<DType>,
+}
+
+impl QuantStats {
+    fn add(&mut self, q: &QuantTensor, weight_dtype: DType) {
+        self.params += q.shape().iter().product::<usize>() as u64;
+        self.weight_dtype.get_or_insert(weight_dtype);
+        if let QuantTensor::Four(q) = q {
+            self.bytes += q.bytes() as u64;
+            self.quant_type.get_or_insert(q.quant_type);
+            self.double_quant.get_or_insert(matches!(q.absmax, crate::quant::Absmax::Double(_)));
+            self.blocksize.get_or_insert(q.blocksize);
+        } else if let QuantTensor::Eight(q) = q {
+            self.bytes += q.bytes() as u64;
+        }
     }
 }

@@ -116,7 +116,8 @@ impl Trainer {
     /// beyond the weights, adapters and optimizer state, with or without `recompute`. Counted
     /// from the buffers each layer keeps for its backward (normed inputs, q/k/v, attention output
     /// and log-sum-exp, the MLP's gate/up/hidden, LoRA's `x·Aᵀ` and DoRA's combined output), the
-    /// layer inputs, and backward workspace. Slightly above the measured peak on CPU
+    /// layer inputs, backward workspace, and with quantized weights the buffers they are
+    /// dequantized into. Slightly above the measured peak on CPU
     /// (`lora bench --shape smollm2-135m --rows 4 --seq-len 512`: 2.10 GiB estimated, 2.07 GiB
     /// measured; with `--recompute` 336 vs 315 MiB).
     pub fn activation_bytes(&self, tokens: usize, recompute: bool) -> u64 {
@@ -140,7 +141,7 @@ impl Trainer {
         } else {
             layers * (layer + h) + 2 * layer + 3 * h
         };
-        (per_token * tokens) as u64 * self.model.backend.activation_dtype().size() as u64
+        (per_token * tokens) as u64 * self.model.backend.activation_dtype().size() as u64 + self.model.dequant_scratch_bytes()
     }
 
     fn be(&self) -> &dyn Backend {
@@ -217,6 +218,7 @@ impl Trainer {
         let ctx = Ctx {
             be: self.model.backend.as_ref(),
             cfg: &self.model.cfg,
+            model: &self.model,
             t: p.t,
             attn: p.attn,
             pos: p.pos,

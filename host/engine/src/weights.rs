@@ -1,6 +1,8 @@
 //! safetensors weights of a model folder: one `model.safetensors` or shards listed in
 //! `model.safetensors.index.json`, memory-mapped; tensors are looked up by name and checked for
-//! dtype and shape. Also writes safetensors files (temp file, then rename).
+//! dtype and shape. Float tensors (F32, BF16, F16) are weights; U8 and I8 tensors hold the
+//! quantized weights of bitsandbytes checkpoints ([`WeightFiles::raw`], read by
+//! [`crate::quant::bnb`]). Also writes safetensors files (temp file, then rename).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use crate::error::{EngineError, Result};
 
 struct Entry {
     file: usize,
-    dtype: DType,
+    dtype: StDtype,
     shape: Vec<usize>,
     /// Absolute byte range in the file.
     start: usize,
@@ -24,6 +26,14 @@ struct Entry {
 pub struct WeightFiles {
     files: Vec<(PathBuf, Mmap)>,
     entries: HashMap<String, Entry>,
+}
+
+/// A tensor's bytes as stored, with its safetensors dtype and shape.
+#[derive(Debug, Clone, Copy)]
+pub struct RawTensor<'a> {
+    pub dtype: StDtype,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
 }
 
 fn map_dtype(d: StDtype) -> Option<DType> {
@@ -74,11 +84,14 @@ impl WeightFiles {
             })?;
             let data_start = 8 + n;
             for (name, info) in meta.tensors() {
-                let dtype = map_dtype(info.dtype).ok_or_else(|| EngineError::Weights {
-                    file: path.clone(),
-                    tensor: name.clone(),
-                    msg: format!("dtype {:?} is not supported (F32, BF16, F16)", info.dtype),
-                })?;
+                if map_dtype(info.dtype).is_none() && !matches!(info.dtype, StDtype::U8 | StDtype::I8) {
+                    return Err(EngineError::Weights {
+                        file: path.clone(),
+                        tensor: name.clone(),
+                        msg: format!("dtype {:?} is not supported (F32, BF16, F16; U8/I8 for bitsandbytes quantized weights)", info.dtype),
+                    });
+                }
+                let dtype = info.dtype;
                 let (start, end) = (data_start + info.data_offsets.0, data_start + info.data_offsets.1);
                 if end > mmap.len() {
                     return Err(EngineError::Weights {
@@ -112,9 +125,28 @@ impl WeightFiles {
 
     /// The dtype of the first floating-point tensor (the model's storage dtype).
     pub fn file_dtype(&self) -> DType {
-        let mut names = self.names();
-        names.retain(|n| self.entries[n].dtype != DType::U32);
-        names.first().map(|n| self.entries[n].dtype).unwrap_or(DType::F32)
+        self.names()
+            .iter()
+            .filter_map(|n| map_dtype(self.entries[n].dtype).filter(|d| *d != DType::U32))
+            .next()
+            .unwrap_or(DType::F32)
+    }
+
+    /// The float dtype of tensor `name`, if it is a float tensor.
+    pub fn float_dtype(&self, name: &str) -> Option<DType> {
+        self.entries.get(name).and_then(|e| map_dtype(e.dtype)).filter(|d| *d != DType::U32)
+    }
+
+    /// The file holding tensor `name` (the first file when it is missing), for error messages.
+    pub fn file_of(&self, name: &str) -> PathBuf {
+        let i = self.entries.get(name).map_or(0, |e| e.file);
+        self.files.get(i).map(|f| f.0.clone()).unwrap_or_default()
+    }
+
+    /// A tensor's bytes as stored, any dtype; `None` when missing.
+    pub fn raw(&self, name: &str) -> Option<RawTensor<'_>> {
+        let e = self.entries.get(name)?;
+        Some(RawTensor { dtype: e.dtype, shape: &e.shape, bytes: &self.files[e.file].1[e.start..e.end] })
     }
 
     /// A tensor's bytes, checked against `shape`; the error names the file, tensor and shapes.
@@ -133,14 +165,19 @@ impl WeightFiles {
             });
         }
         let bytes = &file.1[e.start..e.end];
-        let data = match e.dtype {
-            DType::F32 => HostData::F32Bytes(bytes),
-            DType::BF16 => HostData::Bf16Bytes(bytes),
-            DType::F16 => HostData::F16Bytes(bytes),
-            DType::U32 => {
-                return Err(EngineError::Weights { file: file.0.clone(), tensor: name.into(), msg: "is U32, expected floats".into() });
+        let data = match map_dtype(e.dtype) {
+            Some(DType::F32) => HostData::F32Bytes(bytes),
+            Some(DType::BF16) => HostData::Bf16Bytes(bytes),
+            Some(DType::F16) => HostData::F16Bytes(bytes),
+            _ => {
+                return Err(EngineError::Weights {
+                    file: file.0.clone(),
+                    tensor: name.into(),
+                    msg: format!("is {:?}, expected floats (a quantized weight where a 16-bit one was expected?)", e.dtype),
+                });
             }
         };
+        let dtype = map_dtype(e.dtype).unwrap_or(DType::F32);
         if data.len() != shape.iter().product::<usize>() {
             return Err(EngineError::Weights {
                 file: file.0.clone(),
@@ -148,7 +185,7 @@ impl WeightFiles {
                 msg: format!("holds {} bytes, which does not match shape {shape:?}", bytes.len()),
             });
         }
-        Ok((data, e.dtype))
+        Ok((data, dtype))
     }
 }
 

@@ -434,6 +434,7 @@ mod tests {
             plugins: BTreeMap::new(),
             params,
             notes: Vec::new(),
+            quantization: None,
         }
     }
 

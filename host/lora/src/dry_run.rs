@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use lora_engine::quant::{QuantPlan, QuantSource, bnb};
 use serde_json::{Map, Value, json};
 
 use crate::request::RunRequest;
@@ -51,6 +52,57 @@ fn base_model(req: &RunRequest) -> anyhow::Result<Value> {
     })
 }
 
+/// What quantization the run would do (`null` without 4-bit or 8-bit): the resolved settings,
+/// whether the base's projections are quantized at load or read from a bitsandbytes checkpoint
+/// (a local folder is checked as loading will check it), and what the merged model is folded
+/// into.
+fn quantization(req: &RunRequest) -> anyhow::Result<Value> {
+    let p = &req.params;
+    if !p.load_in_4bit && !p.load_in_8bit {
+        return Ok(Value::Null);
+    }
+    let mut v = json!({
+        "bits": if p.load_in_4bit { 4 } else { 8 },
+        "quant_type": p.bnb_4bit_quant_type,
+        "double_quant": p.bnb_4bit_use_double_quant,
+        "compute_dtype": p.bnb_4bit_compute_dtype,
+    });
+    let dir = PathBuf::from(&p.base_model);
+    let source = if dir.join("config.json").is_file() {
+        let ckpt = bnb::read_config(&dir)?;
+        let plan = QuantPlan::resolve(crate::run::quant_config(p), ckpt.as_ref(), &dir, lora_engine::DType::F32)
+            .map_err(|e| anyhow::anyhow!(e).context("training_base_model and the quantization settings"))?;
+        if let (Some(plan), true) = (plan, ckpt.is_some()) {
+            // A checkpoint's stored settings replace unset ones.
+            if let Some((t, dq, _)) = plan.four {
+                v["quant_type"] = json!(t.name());
+                v["double_quant"] = json!(dq);
+                v["compute_dtype"] = json!(plan.compute.torch_name());
+            }
+        }
+        plan.map(|p| p.source)
+    } else {
+        None
+    };
+    let (base, merged) = match source {
+        Some(QuantSource::Checkpoint) => (
+            "a bitsandbytes checkpoint: its quantized projections are read as stored",
+            "folded into the checkpoint's dequantized weights (it has no 16-bit weights)",
+        ),
+        Some(QuantSource::QuantizedAtLoad) => ("16-bit weights: every decoder projection is quantized at load", "folded into the original 16-bit weights"),
+        None => (
+            "known once the model is downloaded: 16-bit weights are quantized at load, a bitsandbytes checkpoint is read as stored",
+            "folded into the original 16-bit weights (or a bitsandbytes checkpoint's dequantized weights)",
+        ),
+    };
+    v["base_model"] = json!(base);
+    v["merged_model"] = json!(merged);
+    if p.load_in_8bit {
+        v["activations"] = json!("not quantized: weight-only int8 (bitsandbytes' LLM.int8 also quantizes activations)");
+    }
+    Ok(v)
+}
+
 /// Environment values whose names look secret are not printed.
 fn shown(k: &str, v: String) -> Value {
     let upper = k.to_ascii_uppercase();
@@ -71,6 +123,7 @@ pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow
     let dataset = req.dataset_source()?;
     let base_model = base_model(req)?;
     crate::run::outputs::check_paths(req)?;
+    let quantization = quantization(req)?;
     let envs: Map<String, Value> = process_env(req, env)
         .into_iter()
         .map(|(k, v)| {
@@ -106,6 +159,7 @@ pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow
         "version": env!("CARGO_PKG_VERSION"),
         "parameters": parameters,
         "notes": req.params.notes,
+        "quantization": quantization,
         "inputs": {
             "dataset": dataset,
             "dataset_artifact_path": req.dataset.path,

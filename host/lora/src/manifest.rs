@@ -62,6 +62,10 @@ pub struct Manifest {
     /// people; not part of the resume key (they follow from what is).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// With 4-bit or 8-bit: how the base projections are held (what the checkpoint or the
+    /// quantization at load gave), their size, and what the merged model is folded into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<Value>,
 }
 
 /// A set of input files and their sha256, and where they came from.
@@ -216,6 +220,7 @@ mod tests {
             plugins: BTreeMap::new(),
             params,
             notes: Vec::new(),
+            quantization: None,
         }
     }
 

@@ -278,6 +278,52 @@ fn bench_refuses_bad_shapes_and_values_by_name() {
     assert!(text(&o).1.contains("lm_head"));
 }
 
+/// `--load-in-4bit` runs the quantized model and the 16-bit one and prints them side by side: the
+/// projection weights drop from 4 bytes (fp32 on CPU) to about half a byte per parameter.
+#[test]
+fn bench_compares_4bit_with_16bit_memory_side_by_side() {
+    let dir = temp_dir("bench-4bit");
+    let mut args = vec!["bench", "--device", "cpu", "--rows", "1", "--seq-len", "32", "--steps", "1", "--warmup", "0", "--lora-r", "4", "--load-in-4bit"];
+    args.extend(TINY);
+    let o = lora(&dir, &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("quantization: 4-bit nf4, double quant, blocksize 64, compute bfloat16"), "{out}");
+    let row = |label: &str| -> Vec<String> {
+        let l = out.lines().find(|l| l.starts_with("  ") && l.trim_start().starts_with(label)).unwrap_or_else(|| panic!("no {label} row:\n{out}"));
+        l[l.find(label).unwrap() + label.len()..].split_whitespace().map(str::to_string).collect()
+    };
+    let per = row("bytes per projection parameter");
+    assert_eq!(per[0], "4.000", "{out}");
+    let q: f64 = per[1].parse().unwrap();
+    assert!(q > 0.5 && q < 0.75, "{out}");
+    assert!(out.contains("16-bit vs 4-bit nf4+dq, compute bfloat16, side by side"), "{out}");
+    assert_eq!(row("peak memory (host RSS)").len(), 4, "two values with units: {out}");
+
+    args.extend(["--json"]);
+    let v: serde_json::Value = serde_json::from_str(&text(&lora(&dir, &args)).0).unwrap();
+    assert_eq!(v["quantization"]["bits"], 4);
+    assert!(v["baseline_16bit"]["quantization"].is_null());
+    assert_eq!(v["baseline_16bit"]["projection_params"], v["projection_params"]);
+    assert!(v["projection_bytes"].as_u64().unwrap() * 5 < v["baseline_16bit"]["projection_bytes"].as_u64().unwrap());
+}
+
+#[test]
+fn bench_refuses_quantization_flags_that_do_not_apply() {
+    let dir = temp_dir("bench-q-bad");
+    for (flags, needle) in [
+        (&["--bnb-4bit-quant-type", "fp4"][..], "--bnb-4bit-quant-type applies only with --load-in-4bit"),
+        (&["--load-in-8bit", "--bnb-4bit-use-double-quant", "false"][..], "--bnb-4bit-use-double-quant applies only with --load-in-4bit"),
+        (&["--load-in-4bit", "--load-in-8bit"][..], "choose one"),
+        (&["--load-in-4bit", "--bnb-4bit-compute-dtype", "fp8"][..], "--bnb-4bit-compute-dtype \"fp8\""),
+    ] {
+        let mut args = vec!["bench"];
+        args.extend(flags);
+        args.extend(TINY);
+        assert_clean_failure(&lora(&dir, &args), 2, needle);
+    }
+}
+
 /// Builds `plugins/<package>` for wasm32-wasip2 once per test binary, in the guest target dir
 /// the plugin runtime's tests share (`LORA_PLUGINS_WASM_TARGET` overrides it).
 #[cfg(feature = "plugins")]

@@ -196,8 +196,8 @@ fn bad_parameters_exit_2_naming_each_one() {
             "-1",
             "--training-lr-scheduler",
             "cosine_annealing",
-            "--training-lora-load-in-4bit",
-            "true",
+            "--training-lora-bnb-4bit-quant-type",
+            "nf4",
         ],
         &[("LORA_TRAINING_MAX_SEQ_LEN", "long")],
     );
@@ -207,7 +207,7 @@ fn bad_parameters_exit_2_naming_each_one() {
     for want in [
         "training_lora_r = -1 (from command line --training-lora-r): must be an integer >= 1",
         "training_lr_scheduler",
-        "training_lora_load_in_4bit = true (from command line --training-lora-load-in-4bit): not available in this build",
+        "training_lora_bnb_4bit_quant_type = \"nf4\" (from command line --training-lora-bnb-4bit-quant-type): applies only with training_lora_load_in_4bit=true",
         "training_max_seq_len = \"long\" (from environment variable LORA_TRAINING_MAX_SEQ_LEN)",
         "hint:",
     ] {

@@ -18,31 +18,6 @@ fn yes(b: Option<bool>) -> bool {
 /// The table. Order is the order of messages.
 pub static UNAVAILABLE: &[Unavailable] = &[
     Unavailable {
-        param: "training_lora_load_in_4bit",
-        requested: |p| yes(p.training_lora_load_in_4bit),
-        reason: "4-bit quantization (QLoRA) is not built yet; leave it unset or false",
-    },
-    Unavailable {
-        param: "training_lora_load_in_8bit",
-        requested: |p| yes(p.training_lora_load_in_8bit),
-        reason: "8-bit quantization is not built yet; leave it unset or false",
-    },
-    Unavailable {
-        param: "training_lora_bnb_4bit_quant_type",
-        requested: |p| p.training_lora_bnb_4bit_quant_type.is_some(),
-        reason: "only meaningful with 4-bit quantization, which is not built; leave it unset",
-    },
-    Unavailable {
-        param: "training_lora_bnb_4bit_compute_dtype",
-        requested: |p| p.training_lora_bnb_4bit_compute_dtype.is_some(),
-        reason: "only meaningful with 4-bit quantization, which is not built; leave it unset",
-    },
-    Unavailable {
-        param: "training_lora_bnb_4bit_use_double_quant",
-        requested: |p| p.training_lora_bnb_4bit_use_double_quant.is_some(),
-        reason: "only meaningful with 4-bit quantization, which is not built; leave it unset",
-    },
-    Unavailable {
         param: "training_resource_num_workers",
         requested: |p| p.training_resource_num_workers > 1,
         reason: "more than one worker needs the multi-node TrainJob launcher, which is not built; use 1",

@@ -166,15 +166,15 @@ define_params! {
     training_lora_use_dora: Option<bool> = None, Reference,
         "Use Weight-Decomposed LoRA, DoRA (resolved: false).";
     training_lora_load_in_4bit: Option<bool> = None, Reference,
-        "4-bit quantization (QLoRA). NOT BUILT: true is refused.";
+        "4-bit quantization (QLoRA): every decoder projection held as bitsandbytes NF4/FP4 (quantized at load, or a bitsandbytes checkpoint read as stored); embeddings, norms and the head stay 16-bit (resolved: false).";
     training_lora_load_in_8bit: Option<bool> = None, Reference,
-        "8-bit quantization. NOT BUILT: true is refused.";
+        "8-bit quantization: projections held as bitsandbytes int8 + row absmax, weight-only (activations are not quantized, unlike bitsandbytes' LLM.int8) (resolved: false).";
     training_lora_bnb_4bit_quant_type: Option<String> = None, Reference,
-        "4-bit quantization type (e.g. nf4). Only meaningful with 4-bit, which is not built: setting it is refused.";
+        "4-bit code book: nf4 or fp4 (resolved with 4-bit: nf4, or what a bitsandbytes checkpoint stores). Only with training_lora_load_in_4bit=true.";
     training_lora_bnb_4bit_compute_dtype: Option<String> = None, Reference,
-        "4-bit compute dtype (e.g. bfloat16). Only meaningful with 4-bit, which is not built: setting it is refused.";
+        "Dtype dequantized 4-bit weights are rounded to for the matrix products: bfloat16, float16 or float32 (torch. prefix accepted; resolved: bfloat16). The CPU backend computes in fp32 with the rounded weights. Only with training_lora_load_in_4bit=true.";
     training_lora_bnb_4bit_use_double_quant: Option<bool> = None, Reference,
-        "4-bit double quantization. Only meaningful with 4-bit, which is not built: setting it is refused.";
+        "4-bit double quantization: the block absmax values themselves stored 8-bit, about 0.516 instead of 0.5625 bytes per weight (resolved with 4-bit: true). Only with training_lora_load_in_4bit=true.";
     training_lora_sample_packing: Option<bool> = None, Reference,
         "Pack several samples into each row, best-fit decreasing (resolved: true).";
     training_seed: Option<i64> = None, Reference,

@@ -22,7 +22,7 @@ pub use availability::{UNAVAILABLE, Unavailable};
 pub use defs::{Origin, PARAMS, ParamDef, Params, param_def};
 pub use error::{ParamError, ParamErrors, Source};
 pub use resolve::{
-    BAD_RECORDS, DATASET_TYPES, DEFAULT_SEED, DEVICES, GRADIENT_CHECKPOINTING, LONG_SAMPLE_POLICIES, RESUME, RUNTIMES,
+    BAD_RECORDS, BNB_4BIT_COMPUTE_DTYPES, BNB_4BIT_QUANT_TYPES, DATASET_TYPES, DEFAULT_SEED, DEVICES, GRADIENT_CHECKPOINTING, LONG_SAMPLE_POLICIES, RESUME, RUNTIMES,
     ResolvedParams, SCHEDULERS, resolve,
 };
 pub use schema::{json_schema, markdown_table};

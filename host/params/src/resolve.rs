@@ -35,6 +35,10 @@ pub const LONG_SAMPLE_POLICIES: [&str; 3] = ["drop", "truncate", "error"];
 pub const DEVICES: [&str; 3] = ["auto", "cpu", "cuda"];
 pub const RESUME: [&str; 2] = ["auto", "never"];
 pub const GRADIENT_CHECKPOINTING: [&str; 3] = ["auto", "true", "false"];
+/// `training_lora_bnb_4bit_quant_type` values.
+pub const BNB_4BIT_QUANT_TYPES: [&str; 2] = ["nf4", "fp4"];
+/// `training_lora_bnb_4bit_compute_dtype` values (a `torch.` prefix is also accepted).
+pub const BNB_4BIT_COMPUTE_DTYPES: [&str; 3] = ["bfloat16", "float16", "float32"];
 
 /// training_hub's LoRA init seed, used when `training_seed` is unset.
 pub const DEFAULT_SEED: u64 = 3407;
@@ -79,6 +83,14 @@ pub struct ResolvedParams {
     pub lora_target_modules: Vec<String>,
     pub use_rslora: bool,
     pub use_dora: bool,
+    pub load_in_4bit: bool,
+    pub load_in_8bit: bool,
+    /// With 4-bit: `nf4` or `fp4` (default `nf4`; a bitsandbytes checkpoint's own type wins
+    /// over the default, see [`ResolvedParams::bnb_4bit_explicit`]). `None` without 4-bit.
+    pub bnb_4bit_quant_type: Option<String>,
+    pub bnb_4bit_use_double_quant: Option<bool>,
+    /// `bfloat16`, `float16` or `float32` (no `torch.` prefix).
+    pub bnb_4bit_compute_dtype: Option<String>,
     pub sample_packing: bool,
     pub seed: u64,
     pub use_liger: bool,
@@ -131,6 +143,18 @@ impl ResolvedParams {
         out
     }
 
+    /// Which 4-bit settings were given (not defaulted): a bitsandbytes checkpoint's stored
+    /// settings take the place of defaults, while given values must agree with it.
+    /// `(quant_type, use_double_quant, compute_dtype)`.
+    pub fn bnb_4bit_explicit(&self) -> (bool, bool, bool) {
+        let p = &self.params;
+        (
+            p.training_lora_bnb_4bit_quant_type.is_some(),
+            p.training_lora_bnb_4bit_use_double_quant.is_some(),
+            p.training_lora_bnb_4bit_compute_dtype.is_some(),
+        )
+    }
+
     /// The parameter set with training_hub defaults filled in, keyed by parameter name.
     pub fn params_as_used(&self) -> Map<String, Value> {
         let mut m = self.params.to_json();
@@ -146,6 +170,11 @@ impl ResolvedParams {
         put("training_num_epochs", self.num_epochs.into());
         put("training_lora_use_rslora", self.use_rslora.into());
         put("training_lora_use_dora", self.use_dora.into());
+        put("training_lora_load_in_4bit", self.load_in_4bit.into());
+        put("training_lora_load_in_8bit", self.load_in_8bit.into());
+        put("training_lora_bnb_4bit_quant_type", self.bnb_4bit_quant_type.clone().into());
+        put("training_lora_bnb_4bit_use_double_quant", self.bnb_4bit_use_double_quant.into());
+        put("training_lora_bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype.clone().into());
         put("training_lora_sample_packing", self.sample_packing.into());
         put("training_seed", self.seed.into());
         put("training_use_liger", self.use_liger.into());
@@ -392,12 +421,47 @@ pub fn resolve(
             );
         }
     }
-    if yes(p.training_lora_load_in_4bit) && yes(p.training_lora_load_in_8bit) {
+    let load_in_4bit = yes(p.training_lora_load_in_4bit);
+    let load_in_8bit = yes(p.training_lora_load_in_8bit);
+    if load_in_4bit && load_in_8bit {
         c.err(
             "training_lora_load_in_4bit",
             "cannot be combined with training_lora_load_in_8bit=true: choose one",
         );
     }
+    // The bnb_4bit_* settings apply to 4-bit only: set without it, they would be ignored.
+    let without_4bit = if load_in_8bit {
+        "applies to 4-bit quantization only (training_lora_load_in_4bit=true); 8-bit has no such setting: leave it unset"
+    } else {
+        "applies only with training_lora_load_in_4bit=true: set that, or leave this unset"
+    };
+    for (name, set) in [
+        ("training_lora_bnb_4bit_quant_type", p.training_lora_bnb_4bit_quant_type.is_some()),
+        ("training_lora_bnb_4bit_use_double_quant", p.training_lora_bnb_4bit_use_double_quant.is_some()),
+        ("training_lora_bnb_4bit_compute_dtype", p.training_lora_bnb_4bit_compute_dtype.is_some()),
+    ] {
+        if set && !load_in_4bit {
+            c.err(name, without_4bit);
+        }
+    }
+    let bnb_4bit_quant_type = load_in_4bit.then(|| match &p.training_lora_bnb_4bit_quant_type {
+        Some(t) => c.one_of("training_lora_bnb_4bit_quant_type", t, &BNB_4BIT_QUANT_TYPES),
+        None => "nf4".to_owned(),
+    });
+    let bnb_4bit_compute_dtype = load_in_4bit.then(|| match &p.training_lora_bnb_4bit_compute_dtype {
+        Some(d) => {
+            let bare = d.strip_prefix("torch.").unwrap_or(d);
+            if !BNB_4BIT_COMPUTE_DTYPES.contains(&bare) {
+                c.err(
+                    "training_lora_bnb_4bit_compute_dtype",
+                    format!("must be one of: {} (a torch. prefix is accepted)", BNB_4BIT_COMPUTE_DTYPES.join(", ")),
+                );
+            }
+            bare.to_owned()
+        }
+        None => "bfloat16".to_owned(),
+    });
+    let bnb_4bit_use_double_quant = load_in_4bit.then(|| p.training_lora_bnb_4bit_use_double_quant.unwrap_or(true));
     if yes(p.training_fp16) && yes(p.training_bf16) {
         c.err(
             "training_fp16",
@@ -537,6 +601,20 @@ pub fn resolve(
             p.training_lora_use_rslora.is_none(),
         ),
         ("training_lora_use_dora", p.training_lora_use_dora.is_none()),
+        ("training_lora_load_in_4bit", p.training_lora_load_in_4bit.is_none()),
+        ("training_lora_load_in_8bit", p.training_lora_load_in_8bit.is_none()),
+        (
+            "training_lora_bnb_4bit_quant_type",
+            load_in_4bit && p.training_lora_bnb_4bit_quant_type.is_none(),
+        ),
+        (
+            "training_lora_bnb_4bit_use_double_quant",
+            load_in_4bit && p.training_lora_bnb_4bit_use_double_quant.is_none(),
+        ),
+        (
+            "training_lora_bnb_4bit_compute_dtype",
+            load_in_4bit && p.training_lora_bnb_4bit_compute_dtype.is_none(),
+        ),
         (
             "training_lora_sample_packing",
             p.training_lora_sample_packing.is_none(),
@@ -611,6 +689,11 @@ pub fn resolve(
         lora_target_modules,
         use_rslora: p.training_lora_use_rslora.unwrap_or(false),
         use_dora: p.training_lora_use_dora.unwrap_or(false),
+        load_in_4bit,
+        load_in_8bit,
+        bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype,
         sample_packing: p.training_lora_sample_packing.unwrap_or(true),
         seed,
         use_liger: p.training_use_liger.unwrap_or(false),

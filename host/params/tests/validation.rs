@@ -20,6 +20,14 @@ fn refuse(set: &[(&str, Value)]) -> String {
     }
 }
 
+/// Feeds `set` as [`refuse`] does and returns the resolved parameters.
+fn resolve(set: &[(&str, Value)]) -> Result<lora_params::ResolvedParams, String> {
+    let mut l = Loader::new();
+    let map: serde_json::Map<String, Value> = set.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    l.apply_kfp(&map);
+    l.finish().map_err(|e| e.to_string())
+}
+
 /// A bad set, the parameter its message must name, and a fragment of the reason.
 type Case = (Vec<(&'static str, Value)>, &'static str, &'static str);
 
@@ -345,32 +353,55 @@ fn bad_parameter_sets_are_refused_naming_the_parameter() {
             "kubernetes_config",
             "JSON object",
         ),
-        // features not built: refused by name with the reason
-        (
-            vec![("training_lora_load_in_4bit", json!(true))],
-            "training_lora_load_in_4bit",
-            "not built",
-        ),
-        (
-            vec![("training_lora_load_in_8bit", json!(true))],
-            "training_lora_load_in_8bit",
-            "not built",
-        ),
+        // 4-bit settings: only with 4-bit, and only their values
         (
             vec![("training_lora_bnb_4bit_quant_type", json!("nf4"))],
             "training_lora_bnb_4bit_quant_type",
-            "4-bit",
+            "applies only with training_lora_load_in_4bit=true",
         ),
         (
             vec![("training_lora_bnb_4bit_compute_dtype", json!("bfloat16"))],
             "training_lora_bnb_4bit_compute_dtype",
-            "4-bit",
+            "applies only with training_lora_load_in_4bit=true",
         ),
         (
             vec![("training_lora_bnb_4bit_use_double_quant", json!(false))],
             "training_lora_bnb_4bit_use_double_quant",
-            "4-bit",
+            "applies only with training_lora_load_in_4bit=true",
         ),
+        (
+            vec![
+                ("training_lora_load_in_8bit", json!(true)),
+                ("training_lora_bnb_4bit_quant_type", json!("nf4")),
+            ],
+            "training_lora_bnb_4bit_quant_type",
+            "8-bit has no such setting",
+        ),
+        (
+            vec![
+                ("training_lora_load_in_4bit", json!(false)),
+                ("training_lora_bnb_4bit_use_double_quant", json!(true)),
+            ],
+            "training_lora_bnb_4bit_use_double_quant",
+            "applies only with training_lora_load_in_4bit=true",
+        ),
+        (
+            vec![
+                ("training_lora_load_in_4bit", json!(true)),
+                ("training_lora_bnb_4bit_quant_type", json!("NF4")),
+            ],
+            "training_lora_bnb_4bit_quant_type",
+            "must be one of: nf4, fp4",
+        ),
+        (
+            vec![
+                ("training_lora_load_in_4bit", json!(true)),
+                ("training_lora_bnb_4bit_compute_dtype", json!("bf16")),
+            ],
+            "training_lora_bnb_4bit_compute_dtype",
+            "must be one of: bfloat16, float16, float32",
+        ),
+        // features not built: refused by name with the reason
         (
             vec![("training_resource_num_workers", json!(2))],
             "training_resource_num_workers",
@@ -438,7 +469,7 @@ fn every_problem_is_reported_at_once() {
         ("training_lora_r", json!(0)),
         ("training_lr_scheduler", json!("nope")),
         ("training_envs", json!("A")),
-        ("training_lora_load_in_4bit", json!(true)),
+        ("training_lora_bnb_4bit_quant_type", json!("nf4")),
         ("training_lora_dropuot", json!(0.1)),
     ]);
     assert!(msg.starts_with("5 parameter problems"), "{msg}");
@@ -446,7 +477,7 @@ fn every_problem_is_reported_at_once() {
         "training_lora_r",
         "training_lr_scheduler",
         "training_envs",
-        "training_lora_load_in_4bit",
+        "training_lora_bnb_4bit_quant_type",
         "did you mean `training_lora_dropout`",
     ] {
         assert!(msg.contains(p), "missing {p} in:\n{msg}");
@@ -805,4 +836,37 @@ fn a_path_in_a_params_file_says_which_flag_takes_it() {
         msg.contains("pvc_path") && msg.contains("--pvc-path"),
         "{msg}"
     );
+}
+
+#[test]
+fn four_bit_settings_resolve_and_are_recorded_with_their_source() {
+    let r = resolve(&[("training_lora_load_in_4bit", json!(true))]).expect("4-bit alone is valid");
+    assert!(r.load_in_4bit && !r.load_in_8bit);
+    assert_eq!(r.bnb_4bit_quant_type.as_deref(), Some("nf4"));
+    assert_eq!(r.bnb_4bit_use_double_quant, Some(true));
+    assert_eq!(r.bnb_4bit_compute_dtype.as_deref(), Some("bfloat16"));
+    assert_eq!(r.bnb_4bit_explicit(), (false, false, false));
+    let j = r.to_json();
+    assert_eq!(j["training_lora_bnb_4bit_quant_type"]["value"], "nf4");
+    assert_eq!(j["training_lora_bnb_4bit_quant_type"]["source"], Source::Resolved.to_string());
+    assert_eq!(j["training_lora_load_in_4bit"]["value"], true);
+    assert_eq!(j["training_lora_load_in_8bit"]["value"], false);
+
+    let r = resolve(&[
+        ("training_lora_load_in_4bit", json!(true)),
+        ("training_lora_bnb_4bit_quant_type", json!("fp4")),
+        ("training_lora_bnb_4bit_use_double_quant", json!(false)),
+        ("training_lora_bnb_4bit_compute_dtype", json!("torch.float16")),
+    ])
+    .expect("valid 4-bit settings");
+    assert_eq!(r.bnb_4bit_quant_type.as_deref(), Some("fp4"));
+    assert_eq!(r.bnb_4bit_use_double_quant, Some(false));
+    assert_eq!(r.bnb_4bit_compute_dtype.as_deref(), Some("float16"), "the torch. prefix is dropped");
+    assert_eq!(r.bnb_4bit_explicit(), (true, true, true));
+    assert_ne!(r.to_json()["training_lora_bnb_4bit_quant_type"]["source"], Source::Resolved.to_string());
+
+    // 8-bit: no 4-bit settings at all.
+    let r = resolve(&[("training_lora_load_in_8bit", json!(true))]).expect("8-bit alone is valid");
+    assert!(r.load_in_8bit && r.bnb_4bit_quant_type.is_none() && r.bnb_4bit_compute_dtype.is_none());
+    assert!(r.to_json()["training_lora_bnb_4bit_quant_type"]["value"].is_null());
 }

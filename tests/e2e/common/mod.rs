@@ -41,13 +41,28 @@ pub fn tiny_model(dir: &Path, dtype: DType) -> PathBuf {
 /// nearly uniform (head rows of norm ~0.2), so no adapter could make it confident; with a larger
 /// final norm the frozen head can express peaked answers, and learning becomes measurable.
 pub fn learnable_model(dir: &Path, norm_scale: f32) -> PathBuf {
-    tiny_model(dir, DType::F32);
+    learnable_model_in(dir, norm_scale, DType::F32)
+}
+
+/// [`learnable_model`] stored in `dtype` (the scale is a power of two: exact in bf16 too).
+pub fn learnable_model_in(dir: &Path, norm_scale: f32, dtype: DType) -> PathBuf {
+    tiny_model(dir, dtype);
     let path = dir.join("model.safetensors");
-    let mut tensors = lora::checkpoint::decode_safetensors(&std::fs::read(&path).unwrap(), &path).unwrap();
-    let norm = tensors.iter_mut().find(|t| t.name == "model.norm.weight").expect("model.norm.weight");
-    norm.data.iter_mut().for_each(|v| *v *= norm_scale);
-    let meta = [("format".to_string(), "pt".to_string())].into();
-    std::fs::write(&path, lora::checkpoint::encode_safetensors(&tensors, &meta)).unwrap();
+    let files = lora_engine::weights::WeightFiles::open(dir).unwrap();
+    let tensors: Vec<lora_engine::weights::OutTensor> = files
+        .names()
+        .into_iter()
+        .map(|name| {
+            let shape = files.shape(&name).unwrap();
+            let mut data = files.get(&name, &shape).unwrap().0.to_f32();
+            if name == "model.norm.weight" {
+                data.iter_mut().for_each(|v| *v *= norm_scale);
+            }
+            lora_engine::weights::OutTensor { name, shape, data }
+        })
+        .collect();
+    drop(files);
+    lora_engine::weights::write_safetensors(&path, &tensors, dtype, Some([("format".to_string(), "pt".to_string())].into())).unwrap();
     dir.to_path_buf()
 }
 

@@ -42,6 +42,8 @@
 #define __launch_bounds__(...)
 // Static shared memory: one section for every kernel, poisoned before each block (see runtime).
 #define __shared__ static __attribute__((section("lora_emu_shared")))
+// Constant memory: read-only data initialised at load, an ordinary (const) global on the host.
+#define __constant__ const
 
 // ---- built-in vector types ----------------------------------------------------------------------
 struct uint3 { unsigned int x, y, z; };

@@ -550,6 +550,15 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+
+    fn dequantize(&self, q: &crate::quant::DeviceQuant, round_to: DType, out: &mut Buf) -> Result<()> {
+        const OP: &str = "dequantize";
+        let nested = match &q.nested {
+            Some(nd) => Some((u32s(OP, &nd.codes)?, f32s(OP, &nd.map)?)),
+            None => None,
+        };
+        crate::quant::dequantize_host(q, u32s(OP, &q.data)?, f32s(OP, &q.scales)?, nested, round_to, f32s_mut(OP, out)?)
+    }
 }
 
 fn check_attn(op: &'static str, a: &Attn, q: &Buf, k: &Buf, v: &Buf, cu: &Buf) -> Result<()> {

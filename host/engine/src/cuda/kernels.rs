@@ -78,6 +78,11 @@ pub const FAMILIES: &[Family] = &[
         source: include_str!("../../kernels/optim.cu"),
         kernels: &["adamw_f32"],
     },
+    Family {
+        file: "dequant.cu",
+        source: include_str!("../../kernels/dequant.cu"),
+        kernels: &["dequant_4bit_f32", "dequant_4bit_bf16", "dequant_8bit_f32", "dequant_8bit_bf16"],
+    },
 ];
 
 /// Probe families: used by no op. Small kernels that run one instruction family (mma.sync,

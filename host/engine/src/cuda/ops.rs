@@ -7,6 +7,7 @@ use super::blas::{Operand, Product};
 use super::{Arg, CudaBackend, err};
 use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, Gemm, HostData, check_len};
 use crate::error::Result;
+use crate::quant::{DeviceQuant, NESTED_BLOCKSIZE, QuantFormat, QuantType};
 
 /// Grid-stride launch over `n` elements.
 fn grid1d(n: usize) -> LaunchConfig {
@@ -629,6 +630,81 @@ impl Backend for CudaBackend {
             Arg::F32(bc2_sqrt as f32),
             Arg::F32(o.grad_scale),
         ])
+    }
+
+    fn dequantize(&self, q: &DeviceQuant, round_to: DType, out: &mut Buf) -> Result<()> {
+        let op = "dequantize";
+        let n = q.numel();
+        check_len(op, "out", out, n)?;
+        let bf16_out = suffix(op, "out", out)? == "bf16";
+        let round = match round_to {
+            DType::F32 => 0,
+            DType::BF16 => 1,
+            DType::F16 => 2,
+            DType::U32 => return Err(err(op, "round_to must be a float dtype")),
+        };
+        need(op, "data", &q.data, &[DType::U32])?;
+        need(op, "scales", &q.scales, &[DType::F32])?;
+        if n == 0 {
+            return Ok(());
+        }
+        match q.format {
+            QuantFormat::Four { quant_type, blocksize } => {
+                let blocks = n.div_ceil(blocksize);
+                if q.data.len() * 4 < n.div_ceil(2) {
+                    return Err(err(op, format!("{} code bytes for {n} values", q.data.len() * 4)));
+                }
+                let (codes, map, offset) = match &q.nested {
+                    Some(nd) => {
+                        need(op, "nested codes", &nd.codes, &[DType::U32])?;
+                        need(op, "nested map", &nd.map, &[DType::F32])?;
+                        if nd.codes.len() * 4 < blocks || q.scales.len() != blocks.div_ceil(NESTED_BLOCKSIZE) || nd.map.len() != 256 {
+                            return Err(err(op, format!("double-quant buffers do not fit {blocks} blocks")));
+                        }
+                        (self.ptr(op, "nested codes", &nd.codes)?, self.ptr(op, "nested map", &nd.map)?, nd.offset)
+                    }
+                    None => {
+                        if q.scales.len() != blocks {
+                            return Err(err(op, format!("{} absmax values for {blocks} blocks", q.scales.len())));
+                        }
+                        (0, 0, 0.0)
+                    }
+                };
+                let kernel = if bf16_out { "dequant_4bit_bf16" } else { "dequant_4bit_f32" };
+                self.launch(op, kernel, grid1d(n), &[
+                    Arg::Ptr(self.ptr(op, "data", &q.data)?),
+                    Arg::Ptr(self.ptr(op, "scales", &q.scales)?),
+                    Arg::Ptr(codes),
+                    Arg::Ptr(map),
+                    Arg::F32(offset),
+                    Arg::I32(i32::from(quant_type == QuantType::Fp4)),
+                    Arg::I32(i32_of(op, "blocksize", blocksize)?),
+                    Arg::I32(round),
+                    Arg::Size(n),
+                    Arg::Ptr(self.ptr(op, "out", out)?),
+                ])
+            }
+            QuantFormat::Eight => {
+                if q.data.len() * 4 < n || q.scales.len() != q.rows {
+                    return Err(err(op, format!("int8 buffers do not fit [{}, {}]", q.rows, q.cols)));
+                }
+                let kernel = if bf16_out { "dequant_8bit_bf16" } else { "dequant_8bit_f32" };
+                self.launch(op, kernel, grid1d(n), &[
+                    Arg::Ptr(self.ptr(op, "data", &q.data)?),
+                    Arg::Ptr(self.ptr(op, "scales", &q.scales)?),
+                    Arg::I32(i32_of(op, "cols", q.cols)?),
+                    Arg::I32(round),
+                    Arg::Size(n),
+                    Arg::Ptr(self.ptr(op, "out", out)?),
+                ])
+            }
+        }
+    }
+
+    /// bf16 compute dequantizes into bf16 (the base weights' dtype, cuBLASLt's bf16 path); f16 and
+    /// f32 into f32 buffers holding the rounded values.
+    fn dequant_dtype(&self, compute: DType) -> DType {
+        if compute == DType::BF16 { DType::BF16 } else { DType::F32 }
     }
 }
 

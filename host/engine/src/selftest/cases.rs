@@ -160,7 +160,40 @@ pub fn all(c: &mut Ctx) -> Result<()> {
     cross_entropy(c);
     adapters(c);
     adamw(c);
+    dequant(c);
     Ok(())
+}
+
+/// Quantized base weights dequantized on the device vs the CPU twin (or the host decoder):
+/// bit for bit, for both code books, with and without double quant, 8-bit, and each rounding.
+fn dequant(c: &mut Ctx) {
+    use crate::quant::{Quant4, Quant8, QuantTensor, QuantType};
+    let (rows, cols) = (37, 96); // 3552 values: a partial last block of 64, 56 blocks (one nested block)
+    let w = c.weight(rows * cols, 0.05);
+    let mut cases: Vec<(String, QuantTensor)> = Vec::new();
+    for t in [QuantType::Nf4, QuantType::Fp4] {
+        for dq in [false, true] {
+            match Quant4::quantize(&w, &[rows, cols], t, 64, dq) {
+                Ok(q) => cases.push((format!("{}{}", t.name(), if dq { "+dq" } else { "" }), QuantTensor::Four(q))),
+                Err(e) => c.flag("dequantize", t.name(), false, e.to_string()),
+            }
+        }
+    }
+    match Quant8::quantize(&w, &[rows, cols]) {
+        Ok(q) => cases.push(("int8".into(), QuantTensor::Eight(q))),
+        Err(e) => c.flag("dequantize", "int8", false, e.to_string()),
+    }
+    for (name, q) in &cases {
+        for round in [DType::F32, DType::BF16, DType::F16] {
+            let shape = format!("{rows}x{cols} {name} -> {}", round.torch_name());
+            c.compare("dequantize", &shape, Tol::Exact, &["w"], &|be| {
+                let dev = q.upload(be)?;
+                let mut out = be.zeros(rows * cols, be.dequant_dtype(round))?;
+                be.dequantize(&dev, round, &mut out)?;
+                Ok(vec![down(be, &out)?])
+            }, &|| vec![f64s(&q.dequantize(round))]);
+        }
+    }
 }
 
 fn gemm(c: &mut Ctx) {

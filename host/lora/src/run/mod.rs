@@ -18,7 +18,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use lora_api::{Preprocessor, Reporter, ScheduleContext, Scheduler};
 use lora_data::{BadRecords, DataConfig, DatasetType, HfTextTools, LongSamplePolicy, PreparedData};
-use lora_engine::{AdapterConfig, Device, LoadOptions, Model, OptimConfig, Trainer, backend_for};
+use lora_engine::quant::bnb::parse_torch_dtype;
+use lora_engine::{AdapterConfig, Device, LoadOptions, Model, OptimConfig, QuantConfig, QuantInfo, QuantSource, QuantType, Trainer, backend_for};
 use lora_params::ResolvedParams;
 use serde_json::{Map, Value, json};
 
@@ -74,8 +75,11 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
 
     // Engine.
     let device = pick_device(&p.device)?;
-    let loaded = Model::load(&model.dir, &LoadOptions { backend: backend_for(device)? })
+    let loaded = Model::load(&model.dir, &LoadOptions { backend: backend_for(device)?, quant: quant_config(p) })
         .with_context(|| format!("loading the base model from {}", model.dir.display()))?;
+    if let Some(q) = &loaded.quant {
+        eprintln!("lora: base model projections held {}", q.describe());
+    }
     let adapter_cfg = AdapterConfig {
         r: p.lora_r as usize,
         lora_alpha: p.lora_alpha as f64,
@@ -113,7 +117,7 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     };
 
     // Manifest and reporters.
-    let run_manifest = build_manifest(p, &model, &source, device, model_notes)?;
+    let run_manifest = build_manifest(p, &model, &source, device, model_notes, trainer.model.quant.as_ref())?;
     let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(JsonlReporter::new(ws.checkpoints.join("training_metrics.jsonl")))];
     if let Some(set) = &plugins {
         reporters.extend(set.load_reporters()?);
@@ -137,6 +141,9 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
 
     // Outputs: all staged next to their destinations, then published together.
     let adapter = run.trainer.adapter_tensors()?;
+    if let Some(q) = &run.trainer.model.quant {
+        eprintln!("lora: merged model: {}", merge_base(q));
+    }
     let mut staging = outputs::Staging::new(&req.outputs.model, finished.summary.total_steps);
     stage_model_outputs(&mut staging, req, &model, &adapter, &adapter_cfg, &adapter_config_json, &run_manifest)?;
     let summary = &finished.summary;
@@ -375,7 +382,33 @@ fn pick_device(name: &str) -> Result<Device> {
     }
 }
 
-fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data::DatasetSource, device: Device, notes: Vec<String>) -> Result<Manifest> {
+/// The engine's quantization request from `training_lora_load_in_4bit/8bit` and the
+/// `bnb_4bit_*` settings; settings left unset stay `None`, so a bitsandbytes checkpoint's own
+/// settings apply (and otherwise the engine's defaults, which are the parameters' defaults).
+pub(crate) fn quant_config(p: &ResolvedParams) -> Option<QuantConfig> {
+    if p.load_in_8bit {
+        return Some(QuantConfig::EightBit);
+    }
+    if !p.load_in_4bit {
+        return None;
+    }
+    let (quant_type, double_quant, compute_dtype) = p.bnb_4bit_explicit();
+    Some(QuantConfig::FourBit {
+        quant_type: p.bnb_4bit_quant_type.as_deref().and_then(QuantType::parse).filter(|_| quant_type),
+        double_quant: p.bnb_4bit_use_double_quant.filter(|_| double_quant),
+        compute_dtype: p.bnb_4bit_compute_dtype.as_deref().and_then(parse_torch_dtype).filter(|_| compute_dtype),
+    })
+}
+
+/// What the merged model is folded into, for the log and the manifest.
+fn merge_base(q: &QuantInfo) -> &'static str {
+    match q.source {
+        QuantSource::QuantizedAtLoad => "the adapter is folded into the original 16-bit weights (training used the quantized copy)",
+        QuantSource::Checkpoint => "the base model is a bitsandbytes checkpoint without 16-bit weights: the adapter is folded into its dequantized weights",
+    }
+}
+
+fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data::DatasetSource, device: Device, notes: Vec<String>, quant: Option<&QuantInfo>) -> Result<Manifest> {
     let model_files = manifest::hash_dir(&model.dir, manifest::is_model_file)?;
     let mut dataset_files = std::collections::BTreeMap::new();
     // Keyed by split, position and file name (not the full path: a KFP artifact's path changes
@@ -403,6 +436,14 @@ fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data:
         plugins,
         params,
         notes,
+        quantization: quant.map(|q| {
+            let mut v = q.to_json();
+            v["merge_base"] = json!(match q.source {
+                QuantSource::QuantizedAtLoad => "original 16-bit weights",
+                QuantSource::Checkpoint => "dequantized weights (the base is a bitsandbytes checkpoint)",
+            });
+            v
+        }),
     })
 }
 

@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
-use lora_engine::bench::{BenchOptions, BenchResult, PRESETS, bench_batch, preset};
-use lora_engine::{Arch, Backend, Device, ModelConfig};
+use lora_engine::bench::{BenchOptions, BenchResult, PRESETS, bench_batch, preset, reset_peak_rss};
+use lora_engine::quant::bnb::parse_torch_dtype;
+use lora_engine::{Arch, Backend, Device, ModelConfig, QuantConfig, QuantType};
 
 use super::{DEVICE_HELP, ToolError, device_hint, parse_device};
 
@@ -94,7 +95,76 @@ pub(super) fn command() -> Command {
         )
         .arg(Arg::new("rslora").long("rslora").action(ArgAction::SetTrue).help("rsLoRA scaling alpha/sqrt(r)").help_heading("Adapter"))
         .arg(Arg::new("dora").long("dora").action(ArgAction::SetTrue).help("DoRA (magnitude vector)").help_heading("Adapter"))
+        .arg(
+            Arg::new("load_in_4bit")
+                .long("load-in-4bit")
+                .action(ArgAction::SetTrue)
+                .help("Hold the projections 4-bit (bitsandbytes NF4/FP4), and run the 16-bit model too to compare memory side by side")
+                .help_heading("Quantization (training_lora_load_in_4bit / _8bit / _bnb_4bit_*)"),
+        )
+        .arg(
+            Arg::new("load_in_8bit")
+                .long("load-in-8bit")
+                .action(ArgAction::SetTrue)
+                .help("Hold the projections int8 (weight-only), and run the 16-bit model too")
+                .help_heading("Quantization (training_lora_load_in_4bit / _8bit / _bnb_4bit_*)"),
+        )
+        .arg(
+            Arg::new("bnb_4bit_quant_type")
+                .long("bnb-4bit-quant-type")
+                .value_name("TYPE")
+                .value_parser(["nf4", "fp4"])
+                .help("4-bit code book [default: nf4]")
+                .help_heading("Quantization (training_lora_load_in_4bit / _8bit / _bnb_4bit_*)"),
+        )
+        .arg(
+            Arg::new("bnb_4bit_use_double_quant")
+                .long("bnb-4bit-use-double-quant")
+                .value_name("BOOL")
+                .value_parser(clap::value_parser!(bool))
+                .help("Store the block absmax values 8-bit too [default: true]")
+                .help_heading("Quantization (training_lora_load_in_4bit / _8bit / _bnb_4bit_*)"),
+        )
+        .arg(
+            Arg::new("bnb_4bit_compute_dtype")
+                .long("bnb-4bit-compute-dtype")
+                .value_name("DTYPE")
+                .help("Dtype the dequantized weights are rounded to: bfloat16, float16, float32 (torch. prefix accepted) [default: bfloat16]")
+                .help_heading("Quantization (training_lora_load_in_4bit / _8bit / _bnb_4bit_*)"),
+        )
         .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Print one JSON object instead of the text report"))
+}
+
+/// The quantization the flags ask for; a 4-bit setting without `--load-in-4bit` is an error
+/// naming it, as the run's parameters are.
+fn quant_options(m: &ArgMatches) -> Result<Option<QuantConfig>, ToolError> {
+    let (four, eight) = (m.get_flag("load_in_4bit"), m.get_flag("load_in_8bit"));
+    let bad = |msg: String| ToolError::input(anyhow::anyhow!("bench: {msg}"), HINT);
+    if four && eight {
+        return Err(bad("--load-in-4bit and --load-in-8bit: choose one".into()));
+    }
+    let quant_type = m.get_one::<String>("bnb_4bit_quant_type").and_then(|s| QuantType::parse(s));
+    let double_quant = m.get_one::<bool>("bnb_4bit_use_double_quant").copied();
+    let compute_dtype = match m.get_one::<String>("bnb_4bit_compute_dtype") {
+        Some(s) => Some(parse_torch_dtype(s).ok_or_else(|| bad(format!("--bnb-4bit-compute-dtype {s:?} is not bfloat16, float16 or float32")))?),
+        None => None,
+    };
+    if !four {
+        for (flag, set) in [
+            ("--bnb-4bit-quant-type", quant_type.is_some()),
+            ("--bnb-4bit-use-double-quant", double_quant.is_some()),
+            ("--bnb-4bit-compute-dtype", compute_dtype.is_some()),
+        ] {
+            if set {
+                return Err(bad(format!("{flag} applies only with --load-in-4bit")));
+            }
+        }
+    }
+    Ok(match (four, eight) {
+        (true, _) => Some(QuantConfig::FourBit { quant_type, double_quant, compute_dtype }),
+        (_, true) => Some(QuantConfig::EightBit),
+        _ => None,
+    })
 }
 
 fn num(m: &ArgMatches, name: &str) -> Option<usize> {
@@ -262,6 +332,7 @@ fn options(m: &ArgMatches, cfg: ModelConfig) -> Result<BenchOptions, ToolError> 
     }
     a.use_rslora = m.get_flag("rslora");
     a.use_dora = m.get_flag("dora");
+    o.quant = quant_options(m)?;
     Ok(o)
 }
 
@@ -316,7 +387,10 @@ pub fn model_flops_per_step(
 }
 
 /// The backend, with the GPU's name and dense bf16 peak when it is one.
-fn open(device: Device) -> lora_engine::Result<(Arc<dyn Backend>, Option<(String, Option<f64>)>)> {
+/// A GPU's name and its bf16 peak (TFLOP/s), when the bench runs on one.
+type GpuInfo = Option<(String, Option<f64>)>;
+
+fn open(device: Device) -> lora_engine::Result<(Arc<dyn Backend>, GpuInfo)> {
     match device {
         Device::Cpu => Ok((Arc::new(lora_engine::cpu::CpuBackend::new()), None)),
         Device::Cuda(i) => {
@@ -351,12 +425,20 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
             device_hint(device),
         )
     })?;
-    let r = lora_engine::bench::run(&opts, backend).map_err(|e| {
-        ToolError::failed(
-            anyhow::Error::new(e).context(format!("bench: the {shape} run on {device} failed")),
-            "",
-        )
-    })?;
+    let failed = |what: &str, e: lora_engine::EngineError| {
+        ToolError::failed(anyhow::Error::new(e).context(format!("bench: the {what}{shape} run on {device} failed")), "")
+    };
+    // The quantized run first: without a peak reset, the larger 16-bit peak after it still
+    // measures right.
+    let r = lora_engine::bench::run(&opts, backend.clone()).map_err(|e| failed("", e))?;
+    let baseline = match opts.quant {
+        Some(_) => {
+            let peak_reset = reset_peak_rss();
+            let base = BenchOptions { quant: None, ..opts.clone() };
+            Some((lora_engine::bench::run(&base, backend).map_err(|e| failed("16-bit ", e))?, peak_reset))
+        }
+        None => None,
+    };
     let docs = bench_batch(1, opts.rows, opts.row_len, opts.docs_per_row).seq_lens;
     let flops = model_flops_per_step(&opts.cfg, &docs, r.trainable_params);
     let achieved_tflops = flops.total() * r.tokens_per_sec / r.tokens_per_step.max(1) as f64 / 1e12;
@@ -383,6 +465,10 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
         if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
             v.extend(extra);
         }
+        if let Some((b, peak_reset)) = &baseline {
+            v["baseline_16bit"] = serde_json::to_value(b).unwrap_or_default();
+            v["peak_reset_between_runs"] = (*peak_reset).into();
+        }
         println!("{v}");
     } else {
         print!(
@@ -397,8 +483,40 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
                 mfu
             )
         );
+        if let Some((b, peak_reset)) = &baseline {
+            print!("{}", side_by_side(&r, b, *peak_reset));
+        }
     }
     Ok(())
+}
+
+/// The quantized run next to the 16-bit one: peak memory, the projections' bytes, throughput.
+fn side_by_side(q: &BenchResult, base: &BenchResult, peak_reset: bool) -> String {
+    let label = q.quantization.as_ref().map_or("quantized".to_string(), |v| match v["bits"].as_u64() {
+        Some(4) => format!(
+            "4-bit {}{}, compute {}",
+            v["quant_type"].as_str().unwrap_or("?"),
+            if v["double_quant"] == true { "+dq" } else { "" },
+            v["compute_dtype"].as_str().unwrap_or("?")
+        ),
+        _ => "8-bit".to_string(),
+    });
+    let per = |r: &BenchResult| r.projection_bytes as f64 / r.projection_params.max(1) as f64;
+    let opt = |b: Option<u64>| b.map_or("-".to_string(), gib);
+    let mut s = format!("16-bit vs {label}, side by side (the 16-bit run with the same shape, batch and steps):\n");
+    s += &format!("  {:<34}{:>14}{:>14}\n", "", "16-bit", label.split(',').next().unwrap_or("quantized"));
+    s += &format!("  {:<34}{:>14}{:>14}\n", "peak memory (host RSS)", opt(base.peak_rss_bytes), opt(q.peak_rss_bytes));
+    if let (Some(a), Some(b)) = (base.peak_device_bytes, q.peak_device_bytes) {
+        s += &format!("  {:<34}{:>14}{:>14}\n", "peak device memory", gib(a), gib(b));
+    }
+    s += &format!("  {:<34}{:>14}{:>14}\n", "projection weights", gib(base.projection_bytes), gib(q.projection_bytes));
+    s += &format!("  {:<34}{:>14.3}{:>14.3}\n", "bytes per projection parameter", per(base), per(q));
+    s += &format!("  {:<34}{:>14.1}{:>14.1}\n", "throughput (tokens/s)", base.tokens_per_sec, q.tokens_per_sec);
+    s += &format!("  {:<34}{:>14.4}{:>14.4}\n", "final loss", base.final_loss, q.final_loss);
+    if !peak_reset {
+        s += "  (the peak could not be reset between the runs: the 16-bit peak is the larger of the two)\n";
+    }
+    s
 }
 
 fn text_report(
@@ -509,6 +627,22 @@ fn text_report(
         a.lora_alpha,
         a.lora_dropout
     );
+    if let Some(q) = &r.quantization {
+        s += &format!(
+            "quantization: {}-bit{} ({:.3} bytes per projection parameter)\n",
+            q["bits"],
+            match q["quant_type"].as_str() {
+                Some(t) => format!(
+                    " {t}{}, blocksize {}, compute {}",
+                    if q["double_quant"] == true { ", double quant" } else { "" },
+                    q["blocksize"],
+                    q["compute_dtype"].as_str().unwrap_or("?")
+                ),
+                None => " int8 weight-only (activations not quantized)".to_string(),
+            },
+            r.projection_bytes as f64 / r.projection_params.max(1) as f64
+        );
+    }
     s += &format!(
         "parameters: {:.1} M base (frozen), {:.2} M trainable\n",
         r.base_params as f64 / 1e6,
