@@ -7,7 +7,6 @@ mod common;
 mod outputs;
 mod qlora;
 
-
 use common::*;
 use lora_data::{DataConfig, DatasetSource, HfTextTools};
 use lora_engine::{AdapterConfig, DType, LoadOptions, Model, OptimConfig, QuantConfig, Trainer};
