@@ -307,6 +307,7 @@ mod tests {
             dataset: Inputs::default(),
             plugins: BTreeMap::new(),
             params,
+            trackers: serde_json::Value::Null,
         }
     }
 

@@ -37,6 +37,10 @@ pub const NOT_IN_RESUME_KEY: &[&str] = &[
     "training_resource_num_workers",
     "training_metadata_labels",
     "training_metadata_annotations",
+    "training_wandb_project",
+    "training_wandb_entity",
+    "training_wandb_run_name",
+    "training_tensorboard_log_dir",
     "kubernetes_config",
     "pvc_path",
     "dataset",
@@ -58,6 +62,10 @@ pub struct Manifest {
     pub plugins: BTreeMap<String, String>,
     /// Every parameter as the run uses it (snake_case names).
     pub params: Map<String, Value>,
+    /// The experiment trackers enabled and where they write (`crate::trackers`); not part of
+    /// the resume key.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub trackers: Value,
 }
 
 /// A set of input files and their sha256, and where they came from.
@@ -141,6 +149,9 @@ impl Manifest {
         if let Some(params) = v.get_mut("params").and_then(Value::as_object_mut) {
             params.retain(|k, _| !NOT_IN_RESUME_KEY.contains(&k.as_str()));
         }
+        if let Some(o) = v.as_object_mut() {
+            o.remove("trackers");
+        }
         for input in ["model", "dataset"] {
             if let Some(o) = v.get_mut(input).and_then(Value::as_object_mut) {
                 o.remove("name");
@@ -208,6 +219,7 @@ mod tests {
             dataset: Inputs::default(),
             plugins: BTreeMap::new(),
             params,
+            trackers: Value::Null,
         }
     }
 
