@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use lora_api::{EvalMetrics, RunSummary, StepMetrics};
 use serde_json::{Map, Value, json};
 
-use super::{Env, OutputFile, Start, Tracker, TrackerError};
+use super::{Env, Have, OutputFile, Start, Tracker, TrackerError};
 
 const NAME: &str = "mlflow";
 /// MLflow's limits: values per `log-batch`, params per request, param value length.
@@ -529,7 +529,7 @@ impl Tracker for Mlflow {
         NAME
     }
 
-    fn start(&mut self, s: Start) -> Result<(), TrackerError> {
+    fn start(&mut self, s: Start) -> Result<Have, TrackerError> {
         let continuing = s.state.mlflow_run_id.clone().filter(|_| s.resumed).or_else(|| self.settings.run_id.clone());
         let mut existing_params: Map<String, Value> = Map::new();
         let run = match &continuing {
@@ -620,7 +620,8 @@ impl Tracker for Mlflow {
         );
         s.state.mlflow_run_id = Some(run_id.clone());
         self.run_id = Some(run_id);
-        Ok(())
+        // Values for steps the run has are filtered per key in `queue`.
+        Ok(Have { step: self.logged.get("loss").copied().unwrap_or(0), eval: self.logged.get("eval_loss").copied().unwrap_or(0) })
     }
 
     fn step(&mut self, m: &StepMetrics) -> Result<(), TrackerError> {

@@ -220,6 +220,49 @@ pub struct Start<'a> {
     pub resumed: bool,
 }
 
+/// A row an earlier attempt of a resumed run logged (from `training_metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Logged {
+    Step(StepMetrics),
+    Eval(EvalMetrics),
+}
+
+impl Logged {
+    fn step(&self) -> u64 {
+        match self {
+            Logged::Step(m) => m.step,
+            Logged::Eval(m) => m.step,
+        }
+    }
+}
+
+/// The step and eval rows of `training_metrics.jsonl` up to `start_step`, in order: what a
+/// resumed run logged before. A tracker that lacks some of them (an attempt was killed before
+/// the tracker wrote them, or the tracker was enabled on resume) is given them again.
+pub fn logged_before(jsonl: &Path, start_step: u64) -> Vec<Logged> {
+    let text = std::fs::read_to_string(jsonl).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|row| row.get("train_runtime").is_none() && row.get("step").and_then(Value::as_u64).is_some_and(|s| s <= start_step))
+        .filter_map(|row| {
+            if row.get("loss").is_some() {
+                serde_json::from_value(row).ok().map(Logged::Step)
+            } else if row.get("eval_loss").is_some() {
+                serde_json::from_value(row).ok().map(Logged::Eval)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// The last step and the last evaluation a tracker run already holds (0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Have {
+    pub step: u64,
+    pub eval: u64,
+}
+
 /// A run's files the trackers attach once the outputs are written (artifacts, W&B run files).
 pub struct OutputFile {
     pub name: &'static str,
@@ -229,9 +272,15 @@ pub struct OutputFile {
 /// One tracker as the fan-out reporter drives it.
 pub(crate) trait Tracker: Send {
     fn name(&self) -> &'static str;
-    fn start(&mut self, s: Start) -> Result<(), TrackerError>;
+    /// Opens (or continues) the tracker run; says what it already holds, so the rows of
+    /// [`logged_before`] after that are given to it again.
+    fn start(&mut self, s: Start) -> Result<Have, TrackerError>;
     fn step(&mut self, m: &StepMetrics) -> Result<(), TrackerError>;
     fn eval(&mut self, m: &EvalMetrics) -> Result<(), TrackerError>;
+    /// A checkpoint was written: what is buffered should reach the tracker's files.
+    fn checkpoint(&mut self) -> Result<(), TrackerError> {
+        Ok(())
+    }
     fn finish(&mut self, s: &RunSummary) -> Result<(), TrackerError>;
     /// The outputs are written: attach them and close the tracker run as finished. Failures
     /// here are warnings (the run's outputs are complete), so this returns them.
@@ -419,10 +468,36 @@ impl Reporter for FanOut {
         let set = &mut *guard;
         let (mut state, resumed) = RunState::load_or_new(&set.checkpoints, info);
         let params = loggable_params(info.params.as_object().unwrap_or(&Map::new()));
+        let earlier = if info.start_step > 0 { logged_before(&set.checkpoints.join("training_metrics.jsonl"), info.start_step) } else { Vec::new() };
         let mut result = Ok(());
         for t in set.trackers.iter_mut() {
             let start = Start { info, params: &params, model: &set.model, device: &set.device, state: &mut state, resumed };
-            if let Err(e) = t.start(start) {
+            let replayed = t.start(start).and_then(|have| {
+                let missing: Vec<&Logged> = earlier
+                    .iter()
+                    .filter(|l| match l {
+                        Logged::Step(m) => m.step > have.step,
+                        Logged::Eval(m) => m.step > have.eval,
+                    })
+                    .collect();
+                if let (Some(first), Some(last)) = (missing.first(), missing.last()) {
+                    eprintln!(
+                        "lora: {}: logging {} row(s) of steps {}..={} from training_metrics.jsonl that it does not have yet",
+                        t.name(),
+                        missing.len(),
+                        first.step(),
+                        last.step()
+                    );
+                }
+                for l in missing {
+                    match l {
+                        Logged::Step(m) => t.step(m)?,
+                        Logged::Eval(m) => t.eval(m)?,
+                    }
+                }
+                t.checkpoint()
+            });
+            if let Err(e) = replayed {
                 result = Err(e.into_ext("on_start"));
                 break;
             }
@@ -441,8 +516,8 @@ impl Reporter for FanOut {
         self.each("on_eval", |t| t.eval(m)).map_err(|e| e.with_batch(m.step))
     }
 
-    fn on_checkpoint(&mut self, _: &CheckpointInfo) -> Result<(), ExtError> {
-        Ok(())
+    fn on_checkpoint(&mut self, c: &CheckpointInfo) -> Result<(), ExtError> {
+        self.each("on_checkpoint", |t| t.checkpoint()).map_err(|e| e.with_batch(c.step))
     }
 
     fn on_finish(&mut self, s: &RunSummary) -> Result<(), ExtError> {

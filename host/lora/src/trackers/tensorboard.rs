@@ -28,7 +28,7 @@ use lora_params::ResolvedParams;
 use serde_json::{Map, Value, json};
 
 use super::proto::{self, Field, Msg};
-use super::{OutputFile, Start, Tracker, TrackerError};
+use super::{Have, OutputFile, Start, Tracker, TrackerError};
 
 const NAME: &str = "tensorboard";
 
@@ -295,13 +295,21 @@ impl Tracker for TensorBoard {
         NAME
     }
 
-    fn start(&mut self, s: Start) -> Result<(), TrackerError> {
+    fn start(&mut self, s: Start) -> Result<Have, TrackerError> {
         let start_step = s.info.start_step;
         let earlier = s.state.tensorboard_dir.clone().filter(|d| s.resumed && d.parent() == Some(self.log_dir.as_path()) && d.is_dir());
         let continuing = earlier.is_some();
         let dir = earlier.unwrap_or_else(|| self.log_dir.join(format!("{}_{}", s.state.started, s.info.run_id)));
+        let mut have = Have::default();
         if continuing {
             let dropped = trim(&dir, start_step)?;
+            for (tag, step, _) in scalars(&dir) {
+                match tag.as_str() {
+                    "train/loss" => have.step = have.step.max(step),
+                    "eval/loss" => have.eval = have.eval.max(step),
+                    _ => {}
+                }
+            }
             if dropped > 0 {
                 eprintln!("lora: tensorboard: resuming after step {start_step}: removed {dropped} later event(s) an interrupted attempt wrote in {}", dir.display());
             }
@@ -338,7 +346,7 @@ impl Tracker for TensorBoard {
         self.write(&records)?;
         eprintln!("lora: tensorboard: writing {}", dir.display());
         s.state.tensorboard_dir = Some(dir);
-        Ok(())
+        Ok(have)
     }
 
     fn step(&mut self, m: &StepMetrics) -> Result<(), TrackerError> {

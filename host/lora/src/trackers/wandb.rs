@@ -29,7 +29,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::proto::{self, Msg};
-use super::{Env, OutputFile, Start, Tracker, TrackerError};
+use super::{Env, Have, OutputFile, Start, Tracker, TrackerError};
 
 const NAME: &str = "wandb";
 
@@ -234,8 +234,12 @@ pub fn history(run_dir: &Path) -> Vec<Value> {
         return Vec::new();
     };
     let bytes = fs::read(log).unwrap_or_default();
-    read_records(&bytes)
-        .unwrap_or_default()
+    rows_of(&read_records(&bytes).unwrap_or_default())
+}
+
+/// The history rows among `records`, as JSON objects.
+fn rows_of(records: &[Vec<u8>]) -> Vec<Value> {
+    records
         .iter()
         .filter_map(|r| proto::bytes_of(r, field::HISTORY))
         .map(|h| {
@@ -459,10 +463,11 @@ impl Tracker for Wandb {
         NAME
     }
 
-    fn start(&mut self, s: Start) -> Result<(), TrackerError> {
+    fn start(&mut self, s: Start) -> Result<Have, TrackerError> {
         let start_step = s.info.start_step;
         self.started_unix = s.state.started_unix;
         let runs = self.settings.dir.join("wandb");
+        let mut have = Have::default();
         let earlier = s.state.wandb_run_dir.clone().filter(|d| s.resumed && d.parent() == Some(runs.as_path()) && d.is_dir());
         let log = earlier.as_ref().and_then(|d| {
             fs::read_dir(d).ok()?.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "wandb"))
@@ -470,6 +475,18 @@ impl Tracker for Wandb {
         match (earlier, log) {
             (Some(dir), Some(path)) => {
                 let (kept, last) = Self::trimmed(&path, start_step)?;
+                for row in rows_of(&kept) {
+                    let step = row["_step"].as_u64().unwrap_or(0);
+                    if row.get("train/loss").is_some() {
+                        have.step = have.step.max(step);
+                    }
+                    if row.get("eval/loss").is_some() {
+                        have.eval = have.eval.max(step);
+                    }
+                    for (k, v) in row.as_object().into_iter().flatten().filter(|(k, _)| !k.starts_with('_')) {
+                        self.summary.insert(k.clone(), v.clone());
+                    }
+                }
                 let mut bytes = FILE_HEADER.to_vec();
                 for r in &kept {
                     bytes.extend(frame(bytes.len(), r));
@@ -494,7 +511,7 @@ impl Tracker for Wandb {
             eprintln!("lora: wandb: writing the offline run {}", dir.display());
         }
         s.state.wandb_run_dir = self.run_dir.clone();
-        Ok(())
+        Ok(have)
     }
 
     fn step(&mut self, m: &StepMetrics) -> Result<(), TrackerError> {
@@ -506,6 +523,10 @@ impl Tracker for Wandb {
         let elapsed = super::now_unix() - self.started_unix;
         let values = super::eval_values(m).iter().map(|(k, v)| (super::hf_name(k), *v)).collect();
         self.log(m.step, elapsed, values)
+    }
+
+    fn checkpoint(&mut self) -> Result<(), TrackerError> {
+        self.flush_row()
     }
 
     fn finish(&mut self, s: &RunSummary) -> Result<(), TrackerError> {
