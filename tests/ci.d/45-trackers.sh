@@ -30,7 +30,8 @@ fi
 dir=$(mktemp -d)
 server_pid=""
 cleanup() {
-    if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+    # The server runs in its own process group (setsid): its workers go with it.
+    if [ -n "$server_pid" ]; then kill -- "-$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
     rm -rf "$dir"
 }
 trap cleanup EXIT
@@ -38,7 +39,7 @@ trap cleanup EXIT
 # The tracking server the runs log to (a sqlite store and an artifact folder in the temp dir).
 port=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 mkdir -p "$dir/server"
-"$py" -m mlflow server --host 127.0.0.1 --port "$port" --workers 1 \
+setsid "$py" -m mlflow server --host 127.0.0.1 --port "$port" --workers 1 \
     --backend-store-uri "sqlite:///$dir/server/mlflow.db" --artifacts-destination "$dir/server/artifacts" \
     >"$dir/server/log" 2>&1 &
 server_pid=$!

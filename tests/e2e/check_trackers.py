@@ -157,14 +157,14 @@ def wandb_cli(*args):
     return out.stdout + out.stderr
 
 
-def check_wandb(name, work, steps, evals, totals):
+def check_wandb(name, work, steps, evals, totals, run_name):
     runs = sorted((work / "pvc/wandb").glob("offline-run-*"))
     check(len(runs) == 1, f"{name}: one W&B offline run, got {runs}")
     records = [json.loads(l) for l in wandb_cli("leet", "inspect", str(runs[0]), "--json").splitlines() if l.startswith("{")]
     kinds = [r["type"] for r in records]
     check(kinds[0] == "header" and kinds[1] == "run" and kinds[-1] == "exit", f"{name}: record kinds {kinds}")
     run = records[1]["run"]
-    check(run["project"] == "lora-e2e" and run["display_name"] == name, f"{name}: run record {run}")
+    check(run["project"] == "lora-e2e" and run.get("display_name") == run_name, f"{name}: run record {run}")
     config = run["config"]["update"]
     check(config["training_lora_r"] == 16 and config["training_num_epochs"] == 3, f"{name}: config {config}")
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
@@ -178,10 +178,14 @@ def check_wandb(name, work, steps, evals, totals):
             check((tag in h) == (e is not None) and (e is None or h[tag] == e[key]), f"{name}: wandb step {r['step']} {tag}")
     exit_record = records[-1]["exit"]
     check(exit_record.get("exit_code", 0) == 0, f"{name}: exit {exit_record}")
-    summary = json.loads(wandb_cli("leet", "inspect", str(runs[0]), "--summary", "--json").strip().splitlines()[-1])
-    text = json.dumps(summary)
-    for key in ["train/train_loss", "train/loss", "eval/loss"]:
-        check(key in text, f"{name}: wandb summary lacks {key}: {text[:2000]}")
+    out = wandb_cli("leet", "inspect", str(runs[0]), "--summary", "--json")
+    state = json.loads(out[out.index("{"):])
+    check(state["state"] == "finished" and state["exit_code"] == 0, f"{name}: wandb run state {state['state']} exit {state['exit_code']}")
+    check(state["project"] == "lora-e2e" and state["name"] == (run_name or "") and state["step"] == steps[-1]["step"], f"{name}: wandb state {state}")
+    summary = state["summary"]
+    check(summary["train/loss"] == steps[-1]["loss"] and summary["eval/loss"] == evals[-1]["eval_loss"], f"{name}: wandb summary {summary}")
+    for key in TOTALS:
+        check(summary[f"train/{key}"] == totals[key], f"{name}: wandb summary train/{key} {summary.get('train/' + key)} != {totals[key]}")
     files = [f["path"] for r in records if r["type"] == "files" for f in r["files"]["files"]]
     check(sorted(files) == ["loss_chart.html", "metrics.json", "run_manifest.json", "training_metrics.jsonl"], f"{name}: files {files}")
     check((runs[0] / "files/loss_chart.html").read_bytes() == (work / "out/loss_chart.html").read_bytes(), f"{name}: W&B copy of the chart")
@@ -200,7 +204,7 @@ def main(root):
         check(len(steps) > 0 and len(evals) > 0 and all(math.isfinite(r["loss"]) for r in steps), f"{name}: the run logged steps and evaluations")
         check_tensorboard(name, work, steps, evals, totals)
         check_mlflow(name, work, fixture["mlflow_uri"], spec["experiment"], steps, evals, totals)
-        check_wandb(name, work, steps, evals, totals)
+        check_wandb(name, work, steps, evals, totals, run_name=name)
     outage = (root / "outage/stderr.txt").read_text()
     print("outage: the run finished with the MLflow server gone:", [l for l in outage.splitlines() if "mlflow" in l][:3])
     print("trackers: all checks passed")
