@@ -131,14 +131,17 @@ def check_mlflow(name, work, uri, experiment, steps, evals, totals):
     for t in ["lora.version", "lora.run_id", "lora.base_model", "lora.device"]:
         check(t in tags, f"{name}: mlflow tag {t} missing: {tags}")
     check(tags["lora.device"] == "cpu", f"{name}: device tag {tags['lora.device']}")
-    for key in STEP_KEYS:
+    # MLflow cannot delete points: a step an interrupted attempt had already sent keeps that
+    # attempt's value (the resumed attempt does not send it twice). The engine's loss can differ
+    # in the last bit between processes, so those points are compared to 1e-12 relative.
+    rel = 0.0 if name == "ref" else 1e-12
+    inexact = 0
+    for key, rows in [(k, steps) for k in STEP_KEYS] + [(k, evals) for k in EVAL_KEYS]:
         got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-        want = [(r["step"], float(r[key])) for r in steps]
-        check(got == want, f"{name}: mlflow {key} {got} != jsonl {want}")
-    for key in EVAL_KEYS:
-        got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-        want = [(r["step"], float(r[key])) for r in evals]
-        check(got == want, f"{name}: mlflow {key} {got} != jsonl {want}")
+        want = [(r["step"], float(r[key])) for r in rows]
+        same = len(got) == len(want) and all(gs == ws and math.isclose(g, w, rel_tol=rel, abs_tol=0.0) for (gs, g), (ws, w) in zip(got, want))
+        check(same, f"{name}: mlflow {key} {got} != jsonl {want}")
+        inexact += sum(g != w for (_, g), (_, w) in zip(got, want))
     for key in TOTALS:
         got = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
         check(got == [(totals["step"], float(totals[key]))], f"{name}: mlflow {key} {got} vs {totals[key]}")
@@ -146,7 +149,7 @@ def check_mlflow(name, work, uri, experiment, steps, evals, totals):
     check(names == ["loss_chart.html", "metrics.json", "run_manifest.json", "training_metrics.jsonl"], f"{name}: artifacts {names}")
     dest = pathlib.Path(client.download_artifacts(run.info.run_id, "loss_chart.html", str(work / "mlflow-download")))
     check(dest.read_bytes() == (work / "out/loss_chart.html").read_bytes(), f"{name}: the loss chart artifact differs")
-    print(f"  mlflow: run {run.info.run_id} FINISHED, {len(params)} params, {len(STEP_KEYS) + len(EVAL_KEYS) + len(TOTALS)} metric histories equal to the jsonl, {len(names)} artifacts")
+    print(f"  mlflow: run {run.info.run_id} FINISHED, {len(params)} params, {len(STEP_KEYS) + len(EVAL_KEYS) + len(TOTALS)} metric histories with each step once equal to the jsonl ({inexact} value(s) from an interrupted attempt within 1e-12), {len(names)} artifacts")
 
 
 def wandb_cli(*args):
