@@ -701,6 +701,44 @@ mod tests {
         }
     }
 
+    /// A server that fails for a while (three 503s) gets every value once, in order, once it
+    /// answers again; nothing is lost or sent twice.
+    #[cfg(feature = "plugins")]
+    #[test]
+    fn metrics_queued_while_the_server_fails_are_delivered_once_in_order() {
+        let server = lora_plugins::testing::HttpEndpoint::start(503).unwrap();
+        server.answer_from(3, 200);
+        let s = Settings::resolve(&env(&[("MLFLOW_TRACKING_URI", &server.origin())])).unwrap().unwrap();
+        let worker = Worker {
+            client: Client::new(&s, Duration::from_secs(5)),
+            run_id: "r".into(),
+            queue: VecDeque::new(),
+            failing: None,
+            retry_at: None,
+            backoff: Duration::from_millis(50),
+            dropped: 0,
+        };
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::spawn(move || worker.run(rx));
+        for step in 1..=5u64 {
+            tx.send(Job::Metrics(vec![metric("loss", step as f64, step, 0)])).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (reply, answer) = mpsc::channel();
+        tx.send(Job::Drain(Duration::from_secs(20), reply)).unwrap();
+        assert_eq!(answer.recv().unwrap(), 0, "everything delivered");
+        drop(tx);
+        thread.join().unwrap();
+        let requests = server.requests();
+        assert!(requests.len() >= 4 && requests.iter().all(|r| r.path == "/api/2.0/mlflow/runs/log-batch"), "{requests:?}");
+        let delivered: Vec<u64> = requests[3..]
+            .iter()
+            .flat_map(|r| r.json()["metrics"].as_array().cloned().unwrap_or_default())
+            .map(|m| m["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(delivered, vec![1, 2, 3, 4, 5]);
+    }
+
     #[test]
     fn an_unreachable_server_is_a_clear_error_at_connect() {
         // A port nothing listens on: bind one, note it, close it.

@@ -269,8 +269,8 @@ pub struct OutputFile {
     pub path: PathBuf,
 }
 
-/// One tracker as the fan-out reporter drives it.
-pub(crate) trait Tracker: Send {
+/// One tracker as the fan-out reporter drives it (public for benchmarks and embedders).
+pub trait Tracker: Send {
     fn name(&self) -> &'static str;
     /// Opens (or continues) the tracker run; says what it already holds, so the rows of
     /// [`logged_before`] after that are given to it again.
@@ -375,8 +375,10 @@ impl Trackers {
         if let Some(s) = &settings.mlflow {
             trackers.push(Box::new(mlflow::Mlflow::connect(s)?));
         }
-        if let Some(s) = &settings.wandb {
-            trackers.push(Box::new(wandb::Wandb::connect(s)?));
+        match &settings.wandb {
+            Some(s) if s.mode == wandb::Mode::Disabled => eprintln!("lora: wandb: WANDB_MODE=disabled: no W&B run is written"),
+            Some(s) => trackers.push(Box::new(wandb::Wandb::connect(s)?)),
+            None => {}
         }
         for t in &trackers {
             eprintln!("lora: tracker {} enabled", t.name());
