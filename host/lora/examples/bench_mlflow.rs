@@ -4,6 +4,7 @@
 //! - blocking: one `log-batch` POST per step on the caller's thread (a reporter without a queue);
 //! - lora: the MLflow tracker's `step()` (the queue and the background thread), then the drain at
 //!   the end of the run.
+//!
 //! Prints both side by side, and how many requests the tracker needed.
 //!
 //! ```text
