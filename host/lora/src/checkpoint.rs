@@ -435,6 +435,7 @@ mod tests {
             params,
             notes: Vec::new(),
             quantization: None,
+            trackers: serde_json::Value::Null,
         }
     }
 

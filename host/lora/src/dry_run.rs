@@ -121,6 +121,7 @@ fn shown(k: &str, v: String) -> Value {
 /// be resolved (a missing dataset file).
 pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow::Result<Value> {
     let dataset = req.dataset_source()?;
+    let trackers = crate::trackers::TrackerSettings::for_request(req, env)?;
     let base_model = base_model(req)?;
     crate::run::outputs::check_paths(req)?;
     let quantization = quantization(req)?;
@@ -177,6 +178,7 @@ pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow
             "output_parameter": req.outputs.output_parameter,
         },
         "workspace": req.workspace(),
+        "trackers": trackers.describe(),
         "environment": envs,
         "pod": {
             "cpu_per_worker": req.params.resource_cpu_per_worker,

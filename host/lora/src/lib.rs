@@ -12,3 +12,4 @@ pub mod chart;
 pub mod manifest;
 pub mod checkpoint;
 pub mod run;
+pub mod trackers;

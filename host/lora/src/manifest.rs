@@ -37,6 +37,10 @@ pub const NOT_IN_RESUME_KEY: &[&str] = &[
     "training_resource_num_workers",
     "training_metadata_labels",
     "training_metadata_annotations",
+    "training_wandb_project",
+    "training_wandb_entity",
+    "training_wandb_run_name",
+    "training_tensorboard_log_dir",
     "kubernetes_config",
     "pvc_path",
     "dataset",
@@ -66,6 +70,10 @@ pub struct Manifest {
     /// quantization at load gave), their size, and what the merged model is folded into.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<Value>,
+    /// The experiment trackers enabled and where they write (`crate::trackers`); not part of
+    /// the resume key.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub trackers: Value,
 }
 
 /// A set of input files and their sha256, and where they came from.
@@ -151,6 +159,7 @@ impl Manifest {
         }
         if let Some(o) = v.as_object_mut() {
             o.remove("notes");
+            o.remove("trackers");
         }
         for input in ["model", "dataset"] {
             if let Some(o) = v.get_mut(input).and_then(Value::as_object_mut) {
@@ -221,6 +230,7 @@ mod tests {
             params,
             notes: Vec::new(),
             quantization: None,
+            trackers: Value::Null,
         }
     }
 

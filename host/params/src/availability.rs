@@ -42,24 +42,4 @@ pub static UNAVAILABLE: &[Unavailable] = &[
         requested: |p| yes(p.training_fp16),
         reason: "fp16 training is not built: we train in bf16 on GPU (training_bf16) and fp32 on CPU; leave it unset or false",
     },
-    Unavailable {
-        param: "training_wandb_project",
-        requested: |p| p.training_wandb_project.is_some(),
-        reason: "no built-in Weights & Biases reporter; use a reporter plugin granted wasi:http to your tracking server (training_plugins=reporter=..., grants.http in training_plugin_config; plugins/webhook-reporter shows how)",
-    },
-    Unavailable {
-        param: "training_wandb_entity",
-        requested: |p| p.training_wandb_entity.is_some(),
-        reason: "no built-in Weights & Biases reporter; use a reporter plugin granted wasi:http to your tracking server (training_plugins=reporter=..., grants.http in training_plugin_config; plugins/webhook-reporter shows how)",
-    },
-    Unavailable {
-        param: "training_wandb_run_name",
-        requested: |p| p.training_wandb_run_name.is_some(),
-        reason: "no built-in Weights & Biases reporter; use a reporter plugin granted wasi:http to your tracking server (training_plugins=reporter=..., grants.http in training_plugin_config; plugins/webhook-reporter shows how)",
-    },
-    Unavailable {
-        param: "training_tensorboard_log_dir",
-        requested: |p| p.training_tensorboard_log_dir.is_some(),
-        reason: "no TensorBoard reporter is built; use a reporter plugin (training_plugins=reporter=...)",
-    },
 ];

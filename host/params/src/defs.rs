@@ -207,13 +207,13 @@ define_params! {
     training_save_total_limit: Option<i64> = None, Reference,
         "Keep at most N step checkpoints (resolved: 3).";
     training_wandb_project: Option<String> = None, Reference,
-        "Weights & Biases project. NOT BUILT: use a reporter plugin granted wasi:http (grants.http).";
+        "Weights & Biases project: the run is written as a W&B offline run under WANDB_DIR (default <pvc_path>) for `wandb sync`.";
     training_wandb_entity: Option<String> = None, Reference,
-        "Weights & Biases entity. NOT BUILT: use a reporter plugin granted wasi:http (grants.http).";
+        "Weights & Biases entity (team or user) of the W&B run (default: WANDB_ENTITY, else the API key's default at sync).";
     training_wandb_run_name: Option<String> = None, Reference,
-        "Weights & Biases run name. NOT BUILT: use a reporter plugin granted wasi:http (grants.http).";
+        "Weights & Biases run display name (default: WANDB_NAME, else W&B picks one at sync).";
     training_tensorboard_log_dir: Option<String> = None, Reference,
-        "TensorBoard log directory. NOT BUILT: use a reporter plugin.";
+        "TensorBoard log directory: event files (scalars, HParams) go to <dir>/<start time>_<run id>/.";
     training_dataset_type: Option<String> = None, Reference,
         "Dataset format: chat_template, alpaca or passthrough (resolved: chat_template).";
     training_field_messages: Option<String> = None, Reference,

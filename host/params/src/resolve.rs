@@ -341,6 +341,35 @@ pub fn resolve(
         );
     }
 
+    if p.training_tensorboard_log_dir
+        .as_deref()
+        .is_some_and(|d| d.trim().is_empty())
+    {
+        c.err(
+            "training_tensorboard_log_dir",
+            "must be a directory path when set (leave it unset for no TensorBoard events)",
+        );
+    }
+    for (name, v) in [
+        ("training_wandb_project", &p.training_wandb_project),
+        ("training_wandb_entity", &p.training_wandb_entity),
+    ] {
+        if let Some(v) = v
+            && let Err(e) = check_wandb_name(v)
+        {
+            c.err(name, e);
+        }
+    }
+    if p.training_wandb_run_name
+        .as_deref()
+        .is_some_and(|n| n.trim().is_empty())
+    {
+        c.err(
+            "training_wandb_run_name",
+            "must be a non-empty name when set (leave it unset to let W&B pick one)",
+        );
+    }
+
     let envs = c.kv("training_envs", &p.training_envs);
     for (k, _) in &envs {
         if let Err(e) = check_env_name(k) {
@@ -730,4 +759,18 @@ pub fn resolve(
 
 fn yes(b: Option<bool>) -> bool {
     b == Some(true)
+}
+
+/// A W&B project or entity name as W&B accepts it: 1 to 128 characters, none of `/ \ # ? % :`.
+fn check_wandb_name(v: &str) -> Result<(), String> {
+    if v.trim().is_empty() {
+        return Err("must be a non-empty name when set".into());
+    }
+    if v.chars().count() > 128 {
+        return Err("must be at most 128 characters (a W&B limit)".into());
+    }
+    match v.chars().find(|ch| "/\\#?%:".contains(*ch) || ch.is_control()) {
+        Some(ch) => Err(format!("must not contain {ch:?} (W&B names cannot hold / \\ # ? % :)")),
+        None => Ok(()),
+    }
 }

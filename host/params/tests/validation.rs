@@ -260,6 +260,26 @@ fn bad_parameter_sets_are_refused_naming_the_parameter() {
             "directory",
         ),
         (
+            vec![("training_tensorboard_log_dir", json!(""))],
+            "training_tensorboard_log_dir",
+            "directory path",
+        ),
+        (
+            vec![("training_wandb_project", json!("team/proj"))],
+            "training_wandb_project",
+            "must not contain '/'",
+        ),
+        (
+            vec![("training_wandb_entity", json!(" "))],
+            "training_wandb_entity",
+            "non-empty",
+        ),
+        (
+            vec![("training_wandb_run_name", json!(""))],
+            "training_wandb_run_name",
+            "non-empty",
+        ),
+        (
             vec![("training_base_model", json!(""))],
             "training_base_model",
             "model",
@@ -421,26 +441,6 @@ fn bad_parameter_sets_are_refused_naming_the_parameter() {
             vec![("training_fp16", json!(true))],
             "training_fp16",
             "bf16",
-        ),
-        (
-            vec![("training_wandb_project", json!("p"))],
-            "training_wandb_project",
-            "reporter plugin",
-        ),
-        (
-            vec![("training_wandb_entity", json!("e"))],
-            "training_wandb_entity",
-            "reporter plugin",
-        ),
-        (
-            vec![("training_wandb_run_name", json!("r"))],
-            "training_wandb_run_name",
-            "reporter plugin",
-        ),
-        (
-            vec![("training_tensorboard_log_dir", json!("/tb"))],
-            "training_tensorboard_log_dir",
-            "reporter plugin",
         ),
         // unknown names
         (

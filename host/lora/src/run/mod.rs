@@ -30,6 +30,7 @@ use crate::manifest::{self, Inputs, Manifest};
 use crate::report::{self, JsonlReporter, ProgressReporter};
 use crate::request::{RunOutcome, RunRequest};
 use crate::schedule::BuiltinScheduler;
+use crate::trackers;
 
 /// What the reference component returns as `Output`.
 pub const OUTPUT: &str = "training completed";
@@ -41,6 +42,9 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     let run_started = Instant::now();
     outputs::check_paths(req)?;
     let _lock = outputs::WorkspaceLock::acquire(&req.pvc_path)?;
+    // Trackers first: bad settings or an unreachable tracking server stop the run before any work.
+    let tracker_settings = trackers::TrackerSettings::resolve(p, &req.pvc_path, &trackers::process_env)?;
+    let trackers = trackers::Trackers::connect(&tracker_settings, &ws.checkpoints)?;
 
     // Model and tokenizer.
     let model = hub::resolve_model(&p.base_model, &HubOptions::from_env())?;
@@ -117,11 +121,13 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     };
 
     // Manifest and reporters.
-    let run_manifest = build_manifest(p, &model, &source, device, model_notes, trainer.model.quant.as_ref())?;
+    let mut run_manifest = build_manifest(p, &model, &source, device, model_notes, trainer.model.quant.as_ref())?;
+    run_manifest.trackers = tracker_settings.describe();
     let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(JsonlReporter::new(ws.checkpoints.join("training_metrics.jsonl")))];
     if let Some(set) = &plugins {
         reporters.extend(set.load_reporters()?);
     }
+    reporters.extend(trackers.reporter(&run_manifest));
 
     let adapter_config_json = outputs::peft_config(&adapter_cfg, &targets, &model.name);
     let mut run = train::Run {
@@ -164,6 +170,7 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     let html = chart::render(&finished.history, summary, &chart_meta);
     staging.file("output_loss_chart", &req.outputs.loss_chart, html.as_bytes())?;
     staging.publish()?;
+    trackers.outputs_written(req);
     eprintln!("lora: outputs written in {:.1}s total", run_started.elapsed().as_secs_f64());
 
     let mut model_metadata = Map::new();
@@ -444,6 +451,7 @@ fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data:
             });
             v
         }),
+        trackers: Value::Null,
     })
 }
 
