@@ -114,6 +114,24 @@ pub enum OciError {
 }
 
 impl OciError {
+    /// The reference, its credentials or the image's content is wrong (exit 2): running again
+    /// would fail the same way. A registry that is down, a transfer that broke or bytes that
+    /// failed their digest (corruption in transit) are run failures (exit 1).
+    pub fn is_input_problem(&self) -> bool {
+        matches!(
+            self,
+            OciError::BadReference { .. }
+                | OciError::OfflineNotCached { .. }
+                | OciError::NotFound { .. }
+                | OciError::NeedsAuth { .. }
+                | OciError::AuthRejected { .. }
+                | OciError::Credentials { .. }
+                | OciError::Unsupported { .. }
+                | OciError::Layer { .. }
+                | OciError::NoModel { .. }
+        )
+    }
+
     /// A registry that cannot be reached (or answers 5xx): a cached tag may stand in.
     fn is_unreachable(&self) -> bool {
         matches!(self, OciError::Unreachable { .. }) || matches!(self, OciError::Http { status, .. } if *status >= 500)

@@ -40,11 +40,12 @@ pub fn safe_relative(name: &Path) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-/// `r` that is gzip when it starts with the gzip magic number, else plain.
+/// `r` that is gzip when it starts with the gzip magic number, else plain. Multi-member: umoci
+/// (pgzip) and other parallel compressors write a layer as several concatenated gzip members.
 fn maybe_gunzip<'r, R: Read + 'r>(r: R) -> io::Result<Box<dyn Read + 'r>> {
     let mut b = BufReader::with_capacity(1 << 16, r);
     let magic = b.fill_buf()?;
-    Ok(if magic.starts_with(&[0x1f, 0x8b]) { Box::new(flate2::read::GzDecoder::new(b)) } else { Box::new(b) })
+    Ok(if magic.starts_with(&[0x1f, 0x8b]) { Box::new(flate2::read::MultiGzDecoder::new(b)) } else { Box::new(b) })
 }
 
 /// Applies layers, in order, onto one model folder.
@@ -119,92 +120,109 @@ impl Tree {
         self.this_layer.clear();
         let mut archive = tar::Archive::new(maybe_gunzip(layer)?);
         for entry in archive.entries()? {
-            let mut entry = entry?;
-            let kind = entry.header().entry_type();
-            if matches!(kind, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink) {
-                continue;
-            }
-            let raw = entry.path()?.into_owned();
-            let name = safe_relative(&raw).map_err(Refused)?;
-            let rel = match subtree {
-                Some(top) => match name.strip_prefix(top) {
-                    Ok(rest) => rest.to_path_buf(),
-                    Err(_) => {
-                        // A whiteout of `models` itself, or an opaque root, reaches the subtree.
-                        let file = name.file_name().and_then(|f| f.to_str()).unwrap_or("");
-                        let at_root = name.parent().is_none_or(|p| p.as_os_str().is_empty());
-                        if at_root && (file == format!(".wh.{top}") || file == ".wh..wh..opq") {
-                            self.whiteout(Path::new(""), ".wh..opq")?;
-                        }
-                        continue;
-                    }
-                },
-                None => name,
+            let mut entry = match entry {
+                Ok(e) => e,
+                // Every entry before was read in full (checked below), so this is a layer that
+                // ends right after its last entry's data, without the padding and end-of-archive
+                // blocks (umoci 0.4.7's `insert` writes such layers): nothing is missing.
+                Err(e) if e.to_string().contains("unexpected EOF during skip") => break,
+                Err(e) => return Err(e.into()),
             };
-            let rel = under.join(rel);
-            let file_name = rel.file_name().and_then(|f| f.to_str()).unwrap_or("").to_string();
-            if let Some(target) = file_name.strip_prefix(".wh.") {
-                let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-                self.whiteout(&dir, if target == ".wh..opq" { ".wh..opq" } else { target })?;
-                continue;
+            let size = entry.size();
+            let copied = self.apply_entry(&mut entry, subtree, under)?;
+            let rest = io::copy(&mut entry, &mut io::sink())?;
+            if copied + rest < size {
+                let name = entry.path().map(|p| p.display().to_string()).unwrap_or_default();
+                return Err(Refused(format!("`{name}` is cut short: {} of its {size} bytes are in the layer", copied + rest)));
             }
-            let shown = raw.display().to_string();
-            let abs = self.root.join(&rel);
-            if rel.as_os_str().is_empty() || rel == under {
-                if !kind.is_dir() {
-                    return Err(Refused(format!("`{shown}` must be a folder")));
-                }
-                continue;
-            }
-            self.parents(&rel)?;
-            match kind {
-                tar::EntryType::Directory => {
-                    if !fs::symlink_metadata(&abs).is_ok_and(|m| m.is_dir()) {
-                        Self::remove(&abs)?;
-                        fs::create_dir(&abs)?;
-                    }
-                }
-                tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    Self::remove(&abs)?;
-                    // create_new: never follows a link left at this name.
-                    let mut out = fs::OpenOptions::new().write(true).create_new(true).open(&abs)?;
-                    io::copy(&mut entry, &mut out)?;
-                }
-                tar::EntryType::Symlink => {
-                    let target = entry.link_name()?.ok_or_else(|| Refused(format!("symlink `{shown}` has no target")))?.into_owned();
-                    if target.is_absolute() {
-                        return Err(Refused(format!("symlink `{shown}` points to the absolute path {}, outside the model", target.display())));
-                    }
-                    Self::remove(&abs)?;
-                    symlink(&target, &abs)?;
-                }
-                tar::EntryType::Link => {
-                    let target = entry.link_name()?.ok_or_else(|| Refused(format!("hard link `{shown}` has no target")))?.into_owned();
-                    let target_rel = safe_relative(&target).map_err(|w| Refused(format!("hard link `{shown}`: {w}")))?;
-                    let target_rel = match subtree {
-                        Some(top) => target_rel
-                            .strip_prefix(top)
-                            .map_err(|_| Refused(format!("hard link `{shown}` points to `{}`, outside /{top}", target.display())))?
-                            .to_path_buf(),
-                        None => target_rel,
-                    };
-                    let source = self.root.join(under.join(&target_rel));
-                    if !fs::symlink_metadata(&source).is_ok_and(|m| m.is_file()) {
-                        return Err(Refused(format!("hard link `{shown}` points to `{}`, which is not a file of the model", target.display())));
-                    }
-                    Self::remove(&abs)?;
-                    fs::hard_link(&source, &abs)?;
-                }
-                other => {
-                    return Err(Refused(format!(
-                        "`{shown}` is a {} entry: a model image holds files, folders and links only",
-                        entry_kind(other)
-                    )));
-                }
-            }
-            self.this_layer.insert(rel);
         }
         Ok(())
+    }
+
+    /// Applies one entry; returns how many of its data bytes it read.
+    fn apply_entry<R: Read>(&mut self, entry: &mut tar::Entry<R>, subtree: Option<&str>, under: &Path) -> Result<u64, Refused> {
+        let kind = entry.header().entry_type();
+        if matches!(kind, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink) {
+            return Ok(0);
+        }
+        let raw = entry.path()?.into_owned();
+        let name = safe_relative(&raw).map_err(Refused)?;
+        let rel = match subtree {
+            Some(top) => match name.strip_prefix(top) {
+                Ok(rest) => rest.to_path_buf(),
+                Err(_) => {
+                    // A whiteout of `models` itself, or an opaque root, reaches the subtree.
+                    let file = name.file_name().and_then(|f| f.to_str()).unwrap_or("");
+                    let at_root = name.parent().is_none_or(|p| p.as_os_str().is_empty());
+                    if at_root && (file == format!(".wh.{top}") || file == ".wh..wh..opq") {
+                        self.whiteout(Path::new(""), ".wh..opq")?;
+                    }
+                    return Ok(0);
+                }
+            },
+            None => name,
+        };
+        let rel = under.join(rel);
+        let file_name = rel.file_name().and_then(|f| f.to_str()).unwrap_or("").to_string();
+        if let Some(target) = file_name.strip_prefix(".wh.") {
+            let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+            self.whiteout(&dir, if target == ".wh..opq" { ".wh..opq" } else { target })?;
+            return Ok(0);
+        }
+        let shown = raw.display().to_string();
+        let abs = self.root.join(&rel);
+        if rel.as_os_str().is_empty() || rel == under {
+            if !kind.is_dir() {
+                return Err(Refused(format!("`{shown}` must be a folder")));
+            }
+            return Ok(0);
+        }
+        self.parents(&rel)?;
+        let mut copied = 0;
+        match kind {
+            tar::EntryType::Directory => {
+                if !fs::symlink_metadata(&abs).is_ok_and(|m| m.is_dir()) {
+                    Self::remove(&abs)?;
+                    fs::create_dir(&abs)?;
+                }
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                Self::remove(&abs)?;
+                // create_new: never follows a link left at this name.
+                let mut out = fs::OpenOptions::new().write(true).create_new(true).open(&abs)?;
+                copied = io::copy(entry, &mut out)?;
+            }
+            tar::EntryType::Symlink => {
+                let target = entry.link_name()?.ok_or_else(|| Refused(format!("symlink `{shown}` has no target")))?.into_owned();
+                if target.is_absolute() {
+                    return Err(Refused(format!("symlink `{shown}` points to the absolute path {}, outside the model", target.display())));
+                }
+                Self::remove(&abs)?;
+                symlink(&target, &abs)?;
+            }
+            tar::EntryType::Link => {
+                let target = entry.link_name()?.ok_or_else(|| Refused(format!("hard link `{shown}` has no target")))?.into_owned();
+                let target_rel = safe_relative(&target).map_err(|w| Refused(format!("hard link `{shown}`: {w}")))?;
+                let target_rel = match subtree {
+                    Some(top) => target_rel
+                        .strip_prefix(top)
+                        .map_err(|_| Refused(format!("hard link `{shown}` points to `{}`, outside /{top}", target.display())))?
+                        .to_path_buf(),
+                    None => target_rel,
+                };
+                let source = self.root.join(under.join(&target_rel));
+                if !fs::symlink_metadata(&source).is_ok_and(|m| m.is_file()) {
+                    return Err(Refused(format!("hard link `{shown}` points to `{}`, which is not a file of the model", target.display())));
+                }
+                Self::remove(&abs)?;
+                fs::hard_link(&source, &abs)?;
+            }
+            other => {
+                return Err(Refused(format!("`{shown}` is a {} entry: a model image holds files, folders and links only", entry_kind(other))));
+            }
+        }
+        self.this_layer.insert(rel);
+        Ok(copied)
     }
 
     /// Streams an artifact layer into the file `title`.
@@ -289,7 +307,7 @@ pub fn model_folder(root: &Path) -> Result<PathBuf, String> {
         return Ok(with_config.remove(0));
     }
     if names.is_empty() {
-        return Err("it holds no files there".into());
+        return Err("nothing under /models and no titled layers".into());
     }
     let shown: Vec<&str> = names.iter().take(20).map(String::as_str).collect();
     Err(format!("no config.json at the top or in exactly one subfolder (found: {})", shown.join(", ")))
@@ -444,6 +462,20 @@ mod tests {
     }
 
     #[test]
+    fn a_layer_without_its_end_blocks_is_read_but_a_cut_entry_is_refused() {
+        let root = fresh("unterminated");
+        let full = tarball(&[E::File("models/config.json", b"{}"), E::File("models/tokenizer.json", b"0123456789")], false);
+        // umoci 0.4.7 insert: the data of the last entry, no padding, no end-of-archive blocks.
+        let unterminated = full[..512 * 3 + 10].to_vec();
+        apply(&root, &[unterminated]).unwrap();
+        assert_eq!(fs::read(root.join("tokenizer.json")).unwrap(), b"0123456789");
+        let _ = fs::remove_dir_all(&root);
+        let cut = full[..512 * 3 + 4].to_vec();
+        assert!(refused(&root, &[cut]).contains("`models/tokenizer.json` is cut short: 4 of its 10 bytes"));
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
     fn a_corrupt_layer_is_an_error_not_a_panic() {
         let root = fresh("corrupt");
         let mut gz = tarball(&[E::File("models/config.json", b"{}")], true);
@@ -466,7 +498,7 @@ mod tests {
         assert!(err.contains("README.md") && err.contains("granite"), "{err}");
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).unwrap();
-        assert!(model_folder(&root).unwrap_err().contains("no files"));
+        assert!(model_folder(&root).unwrap_err().contains("nothing under /models"));
         let _ = fs::remove_dir_all(&root);
     }
 
