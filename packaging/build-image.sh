@@ -62,9 +62,11 @@ version=$("$binary" --version)
 started=$(date +%s)
 step() { echo "== build-image: $* ($(( $(date +%s) - started )) s)"; }
 
-rm -rf "$work/rootfs" "$work/cuda"
+bundle="$work/bundle"
+rootfs="$bundle/rootfs"
 mkdir -p "$work/debs" "$work/wheels"
-trap 'rm -rf "$work/rootfs" "$work/cuda"' EXIT
+trap 'rm -rf "$bundle"' EXIT
+oci_open "$out" "$tag" "$bundle"
 
 step "root filesystem: Debian $suite (mmdebstrap)"
 mmdebstrap --quiet --mode=root --variant=essential --include=ca-certificates,libstdc++6 --format=directory \
@@ -79,22 +81,22 @@ mmdebstrap --quiet --mode=root --variant=essential --include=ca-certificates,lib
     --customize-hook='echo "lora:x:1000:" >> "$1/etc/group"' \
     --customize-hook='install -d -o 1000 -g 1000 -m 0755 "$1/home/lora"' \
     --customize-hook='rm -rf "$1"/var/log/* "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old' \
-    "$suite" "$work/rootfs" \
+    "$suite" "$rootfs" \
     "deb $mirror $suite main" "deb $mirror $suite-updates main" "deb $security $suite-security main"
 rm -f "$work"/debs/lock "$work"/debs/partial 2>/dev/null || true
+oci_commit "$out" "$tag" "$bundle" "Debian $suite essential + ca-certificates, libstdc++6 (mmdebstrap); user lora"
 
 step "CUDA libraries (packaging/cuda-wheels.txt)"
 python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --require-hashes \
     --platform manylinux_2_27_x86_64 --platform manylinux_2_18_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64 \
     -d "$work/wheels" -r "$here/cuda-wheels.txt"
-python3 "$here/extract-cuda.py" "$work/wheels" "$work/cuda"
+python3 "$here/extract-cuda.py" "$work/wheels" "$rootfs/usr/local/cuda"
+oci_commit "$out" "$tag" "$bundle" "CUDA 13.0 user-space libraries (packaging/cuda-wheels.txt)"
 
-step "OCI layout $out ($image)"
-oci_new "$out" "$tag"
-umoci insert --image "$out:$tag" --history.created_by "Debian $suite essential + ca-certificates (mmdebstrap); user lora" "$work/rootfs" /
-umoci insert --image "$out:$tag" --history.created_by "CUDA 13.0 user-space libraries (packaging/cuda-wheels.txt)" "$work/cuda" /usr/local/cuda
-umoci insert --image "$out:$tag" --history.created_by "$version" "$binary" /usr/local/bin/lora
+step "the binary, the config ($image)"
+install -D -m 0755 "$binary" "$rootfs/usr/local/bin/lora"
+oci_commit "$out" "$tag" "$bundle" "$version"
 env_args=()
 while IFS= read -r line; do
     case "$line" in ''|'#'*) continue ;; esac

@@ -16,13 +16,19 @@ here=$(cd "$(dirname "$0")" && pwd)
 model=$1 layout=$2 tag=$3
 [ -f "$model/config.json" ] || { echo "modelcar: $model has no config.json: is it a Hugging Face model folder?" >&2; exit 1; }
 oci_need umoci python3
-oci_new "$layout" "$tag"
-umoci insert --image "$layout:$tag" --history.created_by "model files from $(basename "$model")" "$model" /models
+bundle=$(mktemp -d)/bundle
+trap 'rm -rf "$(dirname "$bundle")"' EXIT
+oci_open "$layout" "$tag" "$bundle"
+mkdir -p "$bundle/rootfs/models"
+cp -a "$model/." "$bundle/rootfs/models/"
+oci_commit "$layout" "$tag" "$bundle" "model files from $(basename "$model")"
 if [ -n "${LORA_MODELCAR_EXTRA:-}" ]; then
-    umoci insert --image "$layout:$tag" --history.created_by "extra files" "$LORA_MODELCAR_EXTRA" /models
+    cp -a "$LORA_MODELCAR_EXTRA/." "$bundle/rootfs/models/"
+    oci_commit "$layout" "$tag" "$bundle" "extra files"
 fi
 if [ -n "${LORA_MODELCAR_WHITEOUT:-}" ]; then
-    umoci insert --image "$layout:$tag" --history.created_by "remove /models/$LORA_MODELCAR_WHITEOUT" --whiteout "/models/$LORA_MODELCAR_WHITEOUT"
+    rm -rf "$bundle/rootfs/models/$LORA_MODELCAR_WHITEOUT"
+    oci_commit "$layout" "$tag" "$bundle" "remove /models/$LORA_MODELCAR_WHITEOUT"
 fi
 umoci config --image "$layout:$tag" --os linux --architecture amd64 \
     --config.label "org.opencontainers.image.title=$(basename "$model")" --history.created_by "modelcar config"

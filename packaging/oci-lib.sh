@@ -20,6 +20,21 @@ oci_new() {
     umoci new --image "$1:$2"
 }
 
+# oci_open LAYOUT TAG BUNDLE: a fresh, empty image and its unpacked bundle; fill BUNDLE/rootfs,
+# then oci_commit each layer. (Not `umoci insert`: umoci 0.4.7's insert writes layer tars without
+# their end-of-archive blocks, which strict readers refuse.)
+oci_open() {
+    oci_new "$1" "$2"
+    rm -rf "$3"
+    umoci unpack --image "$1:$2" "$3" >/dev/null
+}
+
+# oci_commit LAYOUT TAG BUNDLE CREATED_BY: what changed in BUNDLE/rootfs since the last commit
+# (files added, changed, or removed: whiteouts) becomes the image's next layer.
+oci_commit() {
+    umoci repack --refresh-bundle --image "$1:$2" --history.created_by "$4" "$3" >/dev/null
+}
+
 # oci_report LAYOUT TAG [NAME]: prints the manifest digest and the image's size (what a pull
 # transfers: manifest + config + compressed layers), layer by layer.
 oci_report() {
