@@ -73,7 +73,7 @@ mmdebstrap --quiet --mode=root --variant=essential --include=ca-certificates,lib
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
-    --skip=download/empty \
+    --skip=download/empty --skip=essential/unlink \
     --setup-hook='mkdir -p "$1/var/cache/apt/archives"' \
     --setup-hook="sync-in $work/debs /var/cache/apt/archives" \
     --customize-hook="sync-out /var/cache/apt/archives $work/debs" \
