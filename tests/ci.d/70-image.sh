@@ -67,7 +67,7 @@ umoci unpack --image "$work/oci:${image##*:}" "$bundle" >/dev/null
 rootfs="$bundle/rootfs"
 # The image's process settings, as a runtime would apply them.
 mapfile -t envs < <(python3 -c 'import json,sys; [print(e) for e in json.load(open(sys.argv[1]))["process"]["env"]]' "$bundle/config.json")
-user=$(python3 -c 'import json,sys; u=json.load(open(sys.argv[1]))["process"]["user"]; print(f"{u[\"uid\"]}:{u[\"gid\"]}")' "$bundle/config.json")
+user=$(python3 -c 'import json,sys; u=json.load(open(sys.argv[1]))["process"]["user"]; print("%d:%d" % (u["uid"], u["gid"]))' "$bundle/config.json")
 [ "$user" = "1000:1000" ] || { echo "70-image: the image runs as $user, expected the non-root 1000:1000" >&2; exit 1; }
 inside() {
     unshare --mount --pid --net --fork --mount-proc="$rootfs/proc" \
