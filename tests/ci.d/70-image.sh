@@ -13,7 +13,7 @@
 #
 # Reuses the release build (`cargo build --release -p lora`, ~15 min cold on 2 cores, seconds
 # warm), the .debs and wheels kept in target/image/ (~0.75 GB, a cold download ~2-4 min). The
-# image layout (~0.6 GB) and the unpacked bundle are removed at the end (LORA_IMAGE_KEEP=1 keeps
+# image layout (~0.7 GB) and the unpacked bundle are removed at the end (LORA_IMAGE_KEEP=1 keeps
 # the layout in target/image/oci). LORA_IMAGE=0 skips the stage; LORA_IMAGE_BINARY=PATH puts that
 # lora binary in the image instead of building the release one.
 set -euo pipefail
