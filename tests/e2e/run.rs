@@ -6,6 +6,7 @@
 mod common;
 mod outputs;
 mod qlora;
+mod oci;
 
 use common::*;
 use lora_data::{DataConfig, DatasetSource, HfTextTools};
@@ -548,4 +549,15 @@ fn checkpoint_at_epoch_saves_at_each_epoch_end() {
     run_ok(train_cmd(&work, &model, &capitals(), &args));
     let steps: Vec<u64> = lora::checkpoint::list(&work.join("pvc/checkpoints")).into_iter().map(|(s, _)| s).collect();
     assert_eq!(steps, vec![3, 6, 9], "epoch ends of 3 steps each (the last is also the final checkpoint)");
+}
+
+/// Writes the tiny model into `LORA_TINY_MODEL_DIR` for stages that run lora elsewhere
+/// (tests/ci.d/70-image.sh trains with it inside the container image).
+#[test]
+#[ignore = "a fixture writer: run by tests/ci.d/70-image.sh"]
+fn write_tiny_model_fixture() {
+    let dir = std::path::PathBuf::from(std::env::var("LORA_TINY_MODEL_DIR").expect("set LORA_TINY_MODEL_DIR"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    tiny_model(&dir, DType::F32);
 }

@@ -134,8 +134,9 @@ fn input_failed(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         matches!(
             c.downcast_ref::<H>(),
-            Some(H::Oci(_) | H::NotAModel(_) | H::NoConfig(_) | H::OfflineNotCached { .. } | H::NoSafetensors { .. })
-        ) || matches!(
+            Some(H::NotAModel(_) | H::NoConfig(_) | H::OfflineNotCached { .. } | H::NoSafetensors { .. })
+        ) || matches!(c.downcast_ref::<H>(), Some(H::Oci(o)) if o.is_input_problem())
+            || matches!(
             c.downcast_ref::<D>(),
             Some(D::Param { .. } | D::Source { .. } | D::Format { .. } | D::Record { .. } | D::Empty { .. } | D::Tokenizer { .. })
         ) || matches!(

@@ -1,5 +1,5 @@
 //! Model resolution: `training_base_model` as a local folder, a Hugging Face hub id downloaded
-//! into the standard cache, or an `oci://` image (refused: not built).
+//! into the standard cache, or an `oci://` model image (pulled and unpacked by [`crate::oci`]).
 //!
 //! The cache is the one `huggingface_hub` writes and reads (`file_download.py`), so Python tools
 //! and `lora` share downloads: `$HF_HUB_CACHE` or `$HF_HOME/hub` (default
@@ -31,12 +31,8 @@ pub struct HubOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
-    #[error(
-        "training_base_model `{0}` is an oci:// model image; pulling OCI images is not built in lora. \
-         Unpack the image's model folder (config.json, *.safetensors, tokenizer files) and pass its path, \
-         or pass a Hugging Face model id"
-    )]
-    Oci(String),
+    #[error(transparent)]
+    Oci(#[from] crate::oci::OciError),
     #[error(
         "training_base_model `{0}` is neither an existing folder nor a Hugging Face model id \
          (`name` or `org/name`, letters, digits, `-`, `_`, `.`)"
@@ -82,7 +78,8 @@ pub struct ResolvedModel {
     pub dir: PathBuf,
     /// The hub id for `base_model_name_or_path` (or the folder as given).
     pub name: String,
-    /// The hub commit the snapshot is at (None for a local folder).
+    /// The hub commit the snapshot is at, or for an `oci://` image the manifest digest
+    /// (`sha256:...`) its reference resolved to (None for a local folder).
     pub commit: Option<String>,
 }
 
@@ -91,10 +88,7 @@ impl HubOptions {
     /// `HF_HOME` / `XDG_CACHE_HOME`, `HF_HUB_OFFLINE`, as `huggingface_hub` does.
     pub fn from_env() -> Self {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let home_cache = var("HOME").map(|h| PathBuf::from(h).join(".cache")).unwrap_or_else(|| PathBuf::from(".cache"));
-        let hf_home = var("HF_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| var("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or(home_cache).join("huggingface"));
+        let hf_home = hf_home();
         let cache_dir = var("HF_HUB_CACHE")
             .or_else(|| var("HUGGINGFACE_HUB_CACHE"))
             .map(PathBuf::from)
@@ -115,6 +109,13 @@ impl HubOptions {
     }
 }
 
+/// `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
+pub(crate) fn hf_home() -> PathBuf {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let home_cache = var("HOME").map(|h| PathBuf::from(h).join(".cache")).unwrap_or_else(|| PathBuf::from(".cache"));
+    var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| var("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or(home_cache).join("huggingface"))
+}
+
 /// Is `spec` shaped like a hub repo id (`name` or `org/name`)?
 pub fn is_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
@@ -130,10 +131,10 @@ pub fn is_hub_id(spec: &str) -> bool {
 }
 
 /// Resolves `training_base_model` to a folder: an existing folder as it is; a hub id from the
-/// cache or downloaded into it.
+/// cache or downloaded into it; an `oci://` image from the OCI cache or pulled into it.
 pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<ResolvedModel, HubError> {
     if spec.starts_with("oci://") {
-        return Err(HubError::Oci(spec.to_string()));
+        return Ok(crate::oci::resolve(spec, &crate::oci::OciOptions::from_env(opts))?);
     }
     let local = Path::new(spec);
     if local.is_dir() {
@@ -368,7 +369,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 /// A download progress line on stderr.
-struct Progress {
+pub(crate) struct Progress {
     file: String,
     total: Option<u64>,
     enabled: bool,
@@ -379,7 +380,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(file: &str, total: Option<u64>, enabled: bool) -> Self {
+    pub(crate) fn new(file: &str, total: Option<u64>, enabled: bool) -> Self {
         let now = Instant::now();
         Progress {
             file: file.into(),
@@ -408,7 +409,7 @@ impl Progress {
         }
     }
 
-    fn update(&mut self, done: u64) {
+    pub(crate) fn update(&mut self, done: u64) {
         if !self.enabled {
             return;
         }
@@ -426,7 +427,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self, done: u64) {
+    pub(crate) fn finish(&self, done: u64) {
         if self.enabled && (self.tty || self.total.is_none()) {
             eprintln!("{}{}", if self.tty { "\r\x1b[2K" } else { "" }, self.line(done));
         }
@@ -460,10 +461,10 @@ mod tests {
     }
 
     #[test]
-    fn oci_images_are_refused_with_what_to_do() {
+    fn oci_references_go_to_the_oci_client() {
         let opts = HubOptions { offline: true, ..HubOptions::from_env() };
-        let err = resolve_model("oci://quay.io/org/model:1", &opts).unwrap_err().to_string();
-        assert!(err.contains("oci://") && err.contains("not built"), "{err}");
+        let err = resolve_model("oci://quay.io/Org/model:1", &opts).unwrap_err().to_string();
+        assert!(err.contains("not an OCI reference") && err.contains("`Org`"), "{err}");
     }
 
     #[test]

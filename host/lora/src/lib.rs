@@ -1,6 +1,7 @@
 //! `lora`: the commands, run orchestration and outputs of the lora pipeline step.
 pub mod schedule;
 pub mod hub;
+pub mod oci;
 pub mod cli;
 pub mod tools;
 pub mod component;
