@@ -4,6 +4,8 @@
 //! Run: `cargo test -p lora --test e2e`.
 
 mod common;
+#[cfg(feature = "plugins")]
+mod plugin_sandbox;
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;

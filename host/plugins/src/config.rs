@@ -270,16 +270,21 @@ impl PluginSet {
             let Some(dir) = &spec.options.grants.dir else { continue };
             let granted = resolved(dir);
             for (folder, what) in reserved {
-                if resolved(folder).starts_with(&granted) {
-                    let relation = if resolved(folder) == granted { "is" } else { "contains" };
+                let folder_resolved = resolved(folder);
+                if folder_resolved.starts_with(&granted) {
+                    let own = format!("{}-out", stem(&spec.path));
+                    let (what_it_is, suggestion) = if folder_resolved == granted {
+                        (format!("is where lora writes {what}"), granted.parent().unwrap_or(&granted).join(own))
+                    } else {
+                        (format!("contains {}, where lora writes {what}", folder.display()), granted.join(own))
+                    };
                     return Err(PluginError::Grant {
                         plugin: spec.options.plugin_name(&spec.path),
                         grant: "dir",
                         message: format!(
-                            "{} {relation} {}, where lora writes {what}; a plugin may not write where lora writes (it could plant links that lora's writers follow): grant it a folder of its own, such as {}",
+                            "{} {what_it_is}; a plugin may not write where lora writes (it could plant links there that lora's writers would follow): grant it a folder of its own, such as {}",
                             dir.display(),
-                            folder.display(),
-                            granted.join(format!("{}-out", stem(&spec.path))).display()
+                            suggestion.display()
                         ),
                     });
                 }

@@ -732,12 +732,16 @@ impl Sandbox {
             }
             r
         });
-        r.map_err(|e| PluginError::Instantiate {
-            plugin: self.name.clone(),
-            path: path.to_path_buf(),
-            message: match mismatch {
-                Some(m) => contract_mismatch("exports", kind, &m),
-                None => format!("{} ({})", e.message, e.kind),
+        r.map_err(|e| match mismatch {
+            Some(m) => PluginError::Mismatch {
+                plugin: self.name.clone(),
+                path: path.to_path_buf(),
+                message: contract_mismatch("exports", kind, &m),
+            },
+            None => PluginError::Instantiate {
+                plugin: self.name.clone(),
+                path: path.to_path_buf(),
+                message: format!("{} ({})", e.message, e.kind),
             },
         })
     }
@@ -755,7 +759,7 @@ fn error_text(err: &wasmtime::Error) -> String {
 
 fn contract_mismatch(side: &str, kind: PluginKind, error: &str) -> String {
     format!(
-        "its {side} do not match what lora expects of a {kind} at plugin API {}: {}",
+        "its {side} do not match what lora expects of a {kind} at API {}: {}",
         SUPPORTED_API_VERSIONS.join(", "),
         escape_controls(error)
     )
@@ -771,7 +775,7 @@ pub(crate) fn link<P>(
     linker: &wasmtime::component::Linker<State>,
     exports: impl FnOnce(wasmtime::component::InstancePre<State>) -> wasmtime::Result<P>,
 ) -> Result<P, PluginError> {
-    let mismatch = |side: &str, e: wasmtime::Error| PluginError::Instantiate {
+    let mismatch = |side: &str, e: wasmtime::Error| PluginError::Mismatch {
         plugin: prepared.name.clone(),
         path: path.to_path_buf(),
         message: contract_mismatch(side, kind, &format!("{e:#}")),

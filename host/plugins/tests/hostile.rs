@@ -543,7 +543,7 @@ fn mismatched_components_say_what_does_not_match() {
     };
     let err = load("wrong-import");
     let text = err.to_string();
-    assert!(matches!(err, PluginError::Instantiate { .. }), "{text}");
+    assert!(matches!(err, PluginError::Mismatch { .. }), "{text}");
     assert!(text.contains("its imports do not match") && text.contains("lora:plugin/host@0.1.0"), "{text}");
     assert!(!text.contains("trapped"), "{text}");
 
@@ -555,4 +555,38 @@ fn mismatched_components_say_what_does_not_match() {
     assert!(matches!(err, PluginError::UnsupportedImport { .. }), "{err}");
     let text = err.to_string();
     assert!(text.contains("wasi:frobnicate/thing@0.2.0") && text.contains("WASI 0.2 interfaces"), "{text}");
+}
+
+/// Issue 11, item 2: a `grants.dir` that is, or contains, a folder lora writes into is refused,
+/// however it is spelled (a link to it, `..`); a folder of the plugin's own next to it is fine.
+#[test]
+fn grants_where_lora_writes_are_refused_however_spelled() {
+    let root = tempfile::tempdir().unwrap();
+    let pvc = root.path().join("pvc");
+    std::fs::create_dir_all(pvc.join("checkpoints")).unwrap();
+    std::fs::create_dir_all(pvc.join("metrics")).unwrap();
+    std::os::unix::fs::symlink(pvc.join("checkpoints"), root.path().join("alias")).unwrap();
+    let reserved = vec![
+        (pvc.join("checkpoints"), "its checkpoints".to_string()),
+        (pvc.join("final_model"), "the final model".to_string()), // not created yet
+    ];
+    let set = |dir: &std::path::Path| {
+        let config = json!({"reporter": {"grants": {"dir": dir}}}).to_string();
+        let plugins = format!("reporter={}", plugin("hostile_reporter").display());
+        lora_plugins::PluginSet::from_params(&plugins, &config, 0).unwrap()
+    };
+    for (dir, needle) in [
+        (pvc.join("checkpoints"), "is where lora writes its checkpoints"),
+        (root.path().join("alias"), "is where lora writes its checkpoints"),
+        (pvc.join("metrics/../checkpoints"), "is where lora writes its checkpoints"),
+        (pvc.clone(), "contains"),
+        (root.path().to_path_buf(), "contains"),
+    ] {
+        let err = set(&dir).check_dir_grants(&reserved).unwrap_err();
+        assert!(matches!(err, PluginError::Grant { grant: "dir", .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("plugin:hostile_reporter") && text.contains(needle) && text.contains("a folder of its own"), "{}: {text}", dir.display());
+    }
+    set(&pvc.join("metrics")).check_dir_grants(&reserved).unwrap();
+    set(&pvc.join("checkpoints/reporter")).check_dir_grants(&reserved).unwrap();
 }

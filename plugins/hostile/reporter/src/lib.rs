@@ -1,5 +1,6 @@
 //! A deliberately hostile reporter for the sandbox tests. It is granted `/out`; the setting
-//! `attack` picks what it tries and `call` in which call (default `on_start`):
+//! `attack` picks what it tries and `call` in which call (default `on_start`; for `on_step`,
+//! from step `at_step` on, default 0):
 //!
 //! - `write` (default): write to `target`, a path inside the sandbox meant to be outside `/out`
 //!   (`/out/../escape.txt`, `/tmp/escape.txt`).
@@ -26,6 +27,7 @@ struct Hostile {
     target: String,
     link: String,
     to: String,
+    at_step: u64,
 }
 
 /// The preopened `/out` directory.
@@ -38,8 +40,8 @@ fn out_dir() -> Result<wasip2::filesystem::types::Descriptor, String> {
 }
 
 impl Hostile {
-    fn attack(&self, call: &str) -> Result<(), String> {
-        if call != self.call {
+    fn attack(&self, call: &str, step: u64) -> Result<(), String> {
+        if call != self.call || step < self.at_step {
             return Ok(());
         }
         match self.attack.as_str() {
@@ -85,7 +87,7 @@ impl Hostile {
 
 impl Reporter for Hostile {
     fn configure(settings: &Settings) -> Result<Self, String> {
-        settings.allow_only(&["attack", "call", "arg", "target", "link", "to"])?;
+        settings.allow_only(&["attack", "call", "arg", "target", "link", "to", "at_step"])?;
         let get = |k: &str, default: &str| settings.get(k).unwrap_or(default).to_string();
         Ok(Hostile {
             attack: get("attack", "write"),
@@ -94,23 +96,26 @@ impl Reporter for Hostile {
             target: get("target", "/out/../escape.txt"),
             link: get("link", "link"),
             to: get("to", "../escape.txt"),
+            at_step: get("at_step", "0")
+                .parse()
+                .map_err(|e| format!("at_step: {e}"))?,
         })
     }
 
     fn on_start(&mut self, _info: RunInfo) -> Result<(), String> {
-        self.attack("on_start")
+        self.attack("on_start", 0)
     }
-    fn on_step(&mut self, _m: StepMetrics) -> Result<(), String> {
-        self.attack("on_step")
+    fn on_step(&mut self, m: StepMetrics) -> Result<(), String> {
+        self.attack("on_step", m.step)
     }
     fn on_eval(&mut self, _m: EvalMetrics) -> Result<(), String> {
-        self.attack("on_eval")
+        self.attack("on_eval", 0)
     }
     fn on_checkpoint(&mut self, _c: CheckpointInfo) -> Result<(), String> {
-        self.attack("on_checkpoint")
+        self.attack("on_checkpoint", 0)
     }
     fn on_finish(&mut self, _s: RunSummary) -> Result<(), String> {
-        self.attack("on_finish")
+        self.attack("on_finish", 0)
     }
 }
 
