@@ -7,6 +7,8 @@ mod common;
 mod outputs;
 mod qlora;
 mod oci;
+#[cfg(feature = "plugins")]
+mod plugin_sandbox;
 
 use common::*;
 use lora_data::{DataConfig, DatasetSource, HfTextTools};

@@ -254,6 +254,12 @@ impl Collector<'_> {
         }
         *batch_no += 1;
         let field = sample_field(self.cfg).to_owned();
+        // A plugin's samples are not the dataset's records: say who made what is reported.
+        let plugin = DatasetType::parse(pre.name()).is_err().then(|| pre.name().to_owned());
+        let by = |m: String| match &plugin {
+            Some(p) => format!("{m} (in the samples preprocessor {p} made from this record)"),
+            None => m,
+        };
         let mut jobs = Vec::new();
         for (o, r) in outcomes.into_iter().zip(records.iter()) {
             let location = RecordLocation {
@@ -271,6 +277,10 @@ impl Collector<'_> {
                 }
                 Err(message) => {
                     let (f, m) = split_field_error(&message);
+                    let m = match &plugin {
+                        Some(p) => format!("{m} (reported by preprocessor {p})"),
+                        None => m,
+                    };
                     self.bad(location, f, m, "bad_record")?;
                 }
             }
@@ -287,11 +297,11 @@ impl Collector<'_> {
             match res {
                 Ok(mut t) => {
                     if t.len() > self.cfg.max_seq_len {
-                        let msg = format!(
+                        let msg = by(format!(
                             "{} tokens, longer than training_max_seq_len {}",
                             t.len(),
                             self.cfg.max_seq_len
-                        );
+                        ));
                         match self.cfg.long_sample_policy {
                             LongSamplePolicy::Error => {
                                 return Err(DataError::Record {
@@ -324,7 +334,7 @@ impl Collector<'_> {
                     }
                     self.out.push(t);
                 }
-                Err(e) => self.bad(location, e.field, e.message, "bad_record")?,
+                Err(e) => self.bad(location, e.field, by(e.message), "bad_record")?,
             }
         }
         Ok(())

@@ -271,3 +271,36 @@ fn a_plugin_preprocessors_output_is_not_cached() {
     }
     assert!(!cache.exists() || std::fs::read_dir(&cache).unwrap().next().is_none());
 }
+
+/// Issue 11, item 7: samples a plugin made are not the dataset's records; when one is bad (too
+/// long, or the plugin's own per-record error), the message names the plugin.
+#[test]
+fn bad_samples_from_a_plugin_name_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.jsonl");
+    write_jsonl(&data, 3);
+    let src = DatasetSource::from_path(&data).unwrap();
+    let tools = common::tools("smollm2");
+    let cfg = DataConfig {
+        max_seq_len: 4,
+        long_sample_policy: lora_data::LongSamplePolicy::Error,
+        ..DataConfig::default()
+    };
+    let mut pre = NamedPlugin(builtin_preprocessor(&cfg));
+    let err = prepare(&cfg, &src, &mut pre, &tools).err().unwrap().to_string();
+    assert!(
+        err.contains("train.jsonl record 1") && err.contains("preprocessor plugin:renamed made"),
+        "{err}"
+    );
+
+    // The plugin's own error for a record (here the built-in format's, under the plugin's name).
+    std::fs::write(&data, "{\"nothing\": 1}\n").unwrap();
+    let cfg = DataConfig::default();
+    let mut pre = NamedPlugin(builtin_preprocessor(&cfg));
+    let err = prepare(&cfg, &src, &mut pre, &tools).err().unwrap().to_string();
+    assert!(err.contains("reported by preprocessor plugin:renamed"), "{err}");
+    // The built-in format itself is not named as a plugin.
+    let mut pre = builtin_preprocessor(&cfg);
+    let err = prepare(&cfg, &src, &mut *pre, &tools).err().unwrap().to_string();
+    assert!(!err.contains("reported by preprocessor"), "{err}");
+}

@@ -103,22 +103,16 @@ fn quantization(req: &RunRequest) -> anyhow::Result<Value> {
     Ok(v)
 }
 
-/// Environment values whose names look secret are not printed.
+/// Environment values whose names look secret are not printed ([`crate::redact`]).
 fn shown(k: &str, v: String) -> Value {
-    let upper = k.to_ascii_uppercase();
-    if ["TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL"]
-        .iter()
-        .any(|s| upper.contains(s))
-    {
-        Value::String("<hidden>".into())
-    } else {
-        Value::String(v)
-    }
+    Value::String(crate::redact::shown(k, &v))
 }
 
-/// The plan printed by `--dry-run`: every parameter (value and source), the notes resolution
-/// made, the inputs and outputs, the workspace and the environment. Fails when an input cannot
-/// be resolved (a missing dataset file).
+/// The plan printed by `--dry-run`: every parameter (value and source; secrets hidden), the
+/// notes resolution made, the inputs and outputs, the workspace and the environment. Fails when
+/// an input cannot be resolved (a missing dataset file) or a plugin named cannot be loaded and
+/// configured as the run would (a garbage `.wasm`, a grant where lora writes, settings its
+/// `configure` refuses). A real run makes this plan first, so it fails as early.
 pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow::Result<Value> {
     let dataset = req.dataset_source()?;
     let trackers = crate::trackers::TrackerSettings::for_request(req, env)?;
@@ -133,15 +127,13 @@ pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow
         })
         .collect();
     let mut parameters = req.params.to_json();
-    if let Some(entry) = parameters.get_mut("training_envs") {
-        let masked: Vec<String> = req
-            .params
-            .envs
-            .iter()
-            .map(|(k, v)| format!("{k}={}", shown(k, v.clone()).as_str().unwrap_or_default()))
-            .collect();
-        entry["value"] = Value::String(masked.join(","));
+    for (name, entry) in parameters.iter_mut() {
+        if let Some(value) = entry.get_mut("value") {
+            crate::redact::param(name, value);
+        }
     }
+    // Loaded and checked as the run will load them: a plugin that cannot run fails the dry run.
+    let plugins = crate::run::check_plugins(req, &process_env(req, env))?;
     let labels: Map<String, Value> = req
         .params
         .metadata_labels
@@ -168,6 +160,7 @@ pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow
             "base_model": base_model,
             "pvc_path": req.pvc_path,
             "plugins": req.params.plugins,
+            "plugins_checked": plugins,
         },
         "outputs": {
             "model": req.outputs.model,

@@ -12,5 +12,7 @@ pub mod report;
 pub mod chart;
 pub mod manifest;
 pub mod checkpoint;
+pub mod fs;
+pub mod redact;
 pub mod run;
 pub mod trackers;

@@ -110,18 +110,17 @@ impl Reporter for JsonlReporter {
             fs::create_dir_all(dir).map_err(|e| ext(self.name(), "on_start", format!("creating {}: {e}", dir.display())))?;
         }
         let kept = if info.start_step > 0 {
-            rows_to_keep(&fs::read_to_string(&self.path).unwrap_or_default(), info.start_step)
+            let old = crate::fs::read_nofollow(&self.path)
+                .map_err(|e| ext(self.name(), "on_start", format!("reading {}: {e}", self.path.display())))?;
+            rows_to_keep(&String::from_utf8_lossy(&old.unwrap_or_default()), info.start_step)
         } else {
             String::new()
         };
-        // Fresh (or trimmed) file written whole, then appended to.
-        let tmp = self.path.with_extension("jsonl.tmp");
-        fs::write(&tmp, kept.as_bytes())
-            .and_then(|_| fs::rename(&tmp, &self.path))
+        // Fresh (or trimmed) file written whole, then appended to; no write follows a link
+        // planted in the folder (a plugin granted it, another process).
+        crate::fs::write_atomic(&self.path, kept.as_bytes())
             .map_err(|e| ext(self.name(), "on_start", format!("writing {}: {e}", self.path.display())))?;
-        let file = fs::OpenOptions::new()
-            .append(true)
-            .open(&self.path)
+        let file = crate::fs::open_append_nofollow(&self.path)
             .map_err(|e| ext(self.name(), "on_start", format!("opening {}: {e}", self.path.display())))?;
         self.file = Some(file);
         Ok(())
@@ -337,20 +336,10 @@ impl Reporter for ProgressReporter {
     }
 }
 
-/// Writes `bytes` to `path` through a temp file in the same folder and a rename.
+/// Writes `bytes` to `path` through an exclusive temp file in the same folder and a rename,
+/// following no link (see [`crate::fs::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir)?;
-    }
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = path.with_file_name(name);
-    {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)
+    crate::fs::write_atomic(path, bytes)
 }
 
 #[cfg(test)]
@@ -426,6 +415,33 @@ mod tests {
         assert_eq!(kept, vec![1, 2, 3]);
         assert_eq!(rows(&path)[2]["loss"], 9.0);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 11, item 2: links planted in the checkpoints folder (by a plugin granted it in an
+    /// older lora, or by anything else) do not make the metrics writer touch a file outside it.
+    #[test]
+    fn the_metrics_writer_follows_no_planted_link() {
+        let root = std::env::temp_dir().join(format!("lora-jsonl-links-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let dir = root.join("pvc/checkpoints");
+        fs::create_dir_all(&dir).unwrap();
+        let victim = root.join("victim.txt");
+        fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink("../../victim.txt", dir.join("training_metrics.jsonl.tmp")).unwrap();
+        let path = dir.join("training_metrics.jsonl");
+        let mut r = JsonlReporter::new(&path);
+        r.on_start(&info(0)).unwrap();
+        r.on_step(&step(1, 1.0)).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(rows(&path).len(), 1);
+
+        // A resume reading the file through a link refuses to, naming it.
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("../../victim.txt", &path).unwrap();
+        let err = JsonlReporter::new(&path).on_start(&info(2)).unwrap_err();
+        assert!(err.message.contains("is a symbolic link"), "{err}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        let _ = fs::remove_dir_all(&root);
     }
 
     #[test]

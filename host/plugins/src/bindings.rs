@@ -7,6 +7,11 @@ pub(crate) mod v0_1_0 {
         wasmtime::component::bindgen!({
             path: "../../wit/since_v0.1.0",
             world: "preprocessor",
+            // Calls into the guest are async so a call can be abandoned at its deadline even
+            // while the guest waits in a host future (a sleep, a poll, a blocking read); lora's
+            // own host functions stay synchronous and may trap (limits).
+            exports: { default: async },
+            imports: { default: trappable },
         });
     }
 
@@ -14,6 +19,7 @@ pub(crate) mod v0_1_0 {
         wasmtime::component::bindgen!({
             path: "../../wit/since_v0.1.0",
             world: "scheduler",
+            exports: { default: async },
             with: {
                 "lora:plugin/types": super::preprocessor::lora::plugin::types,
                 "lora:plugin/host": super::preprocessor::lora::plugin::host,
@@ -25,6 +31,7 @@ pub(crate) mod v0_1_0 {
         wasmtime::component::bindgen!({
             path: "../../wit/since_v0.1.0",
             world: "reporter",
+            exports: { default: async },
             with: {
                 "lora:plugin/types": super::preprocessor::lora::plugin::types,
                 "lora:plugin/host": super::preprocessor::lora::plugin::host,

@@ -23,8 +23,15 @@
 //!   `/out`. `grants.env`: host variables passed by name. `grants.clocks`: real clocks
 //!   (otherwise they read 0). `grants.http` (reporters only): the hosts it may send `wasi:http`
 //!   requests to, `[http://|https://]host[:port]` or `*.domain` (see [`crate::http`]).
-//! - `memory_mib` (default 512), `deadline_ms` per call (default 30000), `max_output_mib`
-//!   per call (default 64).
+//! - `memory_mib` (default 512): linear memories and tables; live host resources (streams,
+//!   header maps) are capped to about as much again. `deadline_ms` per call (default 30000),
+//!   whatever the call waits on. `max_output_mib` (default 64): what one call may hand the host in
+//!   one value (its result, or one host call's arguments), counting the records and samples
+//!   around the text. `max_text_input_kib` (default 1024): the input of one text-tools call.
+//!   `max_dir_mib` (default 1024): disk space the plugin's writes may add to its `grants.dir` over
+//!   the run.
+//! - A `grants.dir` may not be, or contain, a folder lora itself writes into (the run checks this
+//!   with [`PluginSet::check_dir_grants`]).
 //!
 //! Unknown keys, unknown fields and keys that name no plugin are errors.
 
@@ -71,6 +78,8 @@ struct Entry {
     memory_mib: Option<u64>,
     deadline_ms: Option<u64>,
     max_output_mib: Option<u64>,
+    max_text_input_kib: Option<u64>,
+    max_dir_mib: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -252,6 +261,68 @@ impl PluginSet {
         }
     }
 
+    /// Refuses a `grants.dir` that is, or contains, one of `reserved`: the folders lora itself
+    /// writes into (with what it writes there, for the message). A plugin that can write where lora
+    /// writes could plant links there that lora's own writers would follow out of the workspace.
+    /// A folder inside one of them, or next to them, is fine.
+    pub fn check_dir_grants(&self, reserved: &[(PathBuf, String)]) -> Result<(), PluginError> {
+        for spec in self.specs() {
+            let Some(dir) = &spec.options.grants.dir else { continue };
+            let granted = resolved(dir);
+            for (folder, what) in reserved {
+                let folder_resolved = resolved(folder);
+                if folder_resolved.starts_with(&granted) {
+                    let own = format!("{}-out", stem(&spec.path));
+                    let (what_it_is, suggestion) = if folder_resolved == granted {
+                        (format!("is where lora writes {what}"), granted.parent().unwrap_or(&granted).join(own))
+                    } else {
+                        (format!("contains {}, where lora writes {what}", folder.display()), granted.join(own))
+                    };
+                    return Err(PluginError::Grant {
+                        plugin: spec.options.plugin_name(&spec.path),
+                        grant: "dir",
+                        message: format!(
+                            "{} {what_it_is}; a plugin may not write where lora writes (it could plant links there that lora's writers would follow): grant it a folder of its own, such as {}",
+                            dir.display(),
+                            suggestion.display()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads every plugin as the run would, to find what is wrong before a run starts (what
+    /// `--dry-run` does): each is compiled, identified, its imports and grants checked, linked,
+    /// instantiated and configured (a preprocessor without a tokenizer: its text-tools calls return
+    /// an error). A scheduler's `create` waits for the run's step counts, so it is instantiated
+    /// only. Granted directories are read-only here: nothing is written. Returns one line per plugin.
+    /// `env` holds the variables the run will set before it loads them (read by `grants.env`).
+    pub fn check(&self, env: &[(String, String)]) -> Result<Vec<String>, PluginError> {
+        let mut lines = Vec::new();
+        for spec in self.specs() {
+            let mut options = spec.options.clone();
+            options.grants.dir_read_only = true;
+            options.env_overlay = env.to_vec();
+            match spec.kind {
+                PluginKind::Preprocessor => {
+                    crate::WasmPreprocessor::load(&spec.path, &options, Some(Arc::new(crate::NoTextTools)))?;
+                }
+                PluginKind::Scheduler => crate::WasmScheduler::instantiate_only(&spec.path, &options)?,
+                PluginKind::Reporter => {
+                    crate::WasmReporter::load(&spec.path, &options)?;
+                }
+            }
+            let what = match spec.kind {
+                PluginKind::Scheduler => "loaded and instantiated (`create` runs once the step counts are known)",
+                _ => "loaded, instantiated and configured",
+            };
+            lines.push(format!("{} {} ({}): {what}", spec.kind, options.plugin_name(&spec.path), spec.path.display()));
+        }
+        Ok(lines)
+    }
+
     pub fn load_preprocessor(
         &self,
         text_tools: Arc<dyn TextTools>,
@@ -316,6 +387,16 @@ fn apply(key: &str, e: &Entry, o: &mut PluginOptions) -> Result<(), PluginError>
             v => Ok(v),
         }
     };
+    for (field, v, bits) in [
+        ("memory_mib", e.memory_mib, 20),
+        ("max_output_mib", e.max_output_mib, 20),
+        ("max_text_input_kib", e.max_text_input_kib, 10),
+        ("max_dir_mib", e.max_dir_mib, 20),
+    ] {
+        if v.is_some_and(|v| v.checked_shl(bits).is_none_or(|b| b >> bits != v)) {
+            return Err(cfg_err(format!("`{key}.{field}` is too large")));
+        }
+    }
     if let Some(m) = positive("memory_mib", e.memory_mib)? {
         o.limits.memory_bytes = m << 20;
     }
@@ -325,5 +406,31 @@ fn apply(key: &str, e: &Entry, o: &mut PluginOptions) -> Result<(), PluginError>
     if let Some(m) = positive("max_output_mib", e.max_output_mib)? {
         o.limits.max_output_bytes = m << 20;
     }
+    if let Some(k) = positive("max_text_input_kib", e.max_text_input_kib)? {
+        o.limits.max_text_input_bytes = k << 10;
+    }
+    if let Some(m) = positive("max_dir_mib", e.max_dir_mib)? {
+        o.limits.max_dir_bytes = m << 20;
+    }
     Ok(())
+}
+
+/// `path` made absolute with its longest existing ancestor's symlinks resolved, so two spellings
+/// of one folder compare equal (the rest need not exist yet).
+fn resolved(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p: PathBuf, c| p.join(c));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return abs,
+        }
+    }
 }

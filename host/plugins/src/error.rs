@@ -60,6 +60,14 @@ pub enum PluginError {
         message: String,
     },
 
+    /// The component's imports or exports do not match the contract of its kind.
+    #[error("plugin {plugin} ({path}) does not match the lora plugin contract: {message}")]
+    Mismatch {
+        plugin: String,
+        path: PathBuf,
+        message: String,
+    },
+
     #[error("plugin {plugin} ({path}) could not be started: {message}")]
     Instantiate {
         plugin: String,

@@ -6,8 +6,10 @@
 //! (80, 443). A request elsewhere is answered with `HttpRequestDenied` before any connection is
 //! made, logged with the plugin's name, and named in the run's error if the call then fails.
 //!
-//! Every timeout of a request (connect, first byte, between bytes) is capped by the plugin's
-//! per-call deadline: a silent server cannot hold a run longer than a looping plugin could.
+//! Every timeout of a request (connect, first byte, between bytes) is capped at 90% of the
+//! plugin's per-call deadline, so a request that times out leaves the plugin time to say so; the
+//! call as a whole ends at the deadline whatever it waits on (see `Sandbox::call`): a silent
+//! server cannot hold a run longer than a looping plugin could.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -142,7 +144,7 @@ impl HttpPolicy {
         HttpPolicy {
             allowed,
             granted: granted.join(", "),
-            deadline,
+            deadline: deadline.mul_f64(0.9),
             plugin: plugin.to_string(),
             log,
             denied: Arc::default(),

@@ -128,10 +128,12 @@ impl fmt::Display for Inspection {
         writeln!(f, "  random:     deterministic, seeded from the run seed")?;
         writeln!(
             f,
-            "limits:      memory {} MiB, {} ms per call, output {} MiB per call",
+            "limits:      memory {} MiB, {} ms per call, output {} MiB per call, text-tools input {} KiB per call, directory quota {} MiB",
             o.limits.memory_bytes >> 20,
             o.limits.deadline.as_millis(),
-            o.limits.max_output_bytes >> 20
+            o.limits.max_output_bytes >> 20,
+            o.limits.max_text_input_bytes >> 10,
+            o.limits.max_dir_bytes >> 20
         )?;
         if !o.settings.is_empty() {
             writeln!(f, "settings:")?;

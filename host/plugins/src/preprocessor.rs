@@ -8,7 +8,7 @@ use wasmtime::component::HasSelf;
 
 use crate::bindings::v0_1_0::preprocessor as wit;
 use crate::sandbox::{self, Sandbox};
-use crate::{PluginError, PluginKind, PluginOptions};
+use crate::{PluginError, PluginKind, PluginOptions, escape_controls};
 
 /// A running preprocessor plugin.
 pub struct WasmPreprocessor {
@@ -36,27 +36,23 @@ impl WasmPreprocessor {
         options: &PluginOptions,
         text_tools: Option<Arc<dyn TextTools>>,
     ) -> Result<Self, PluginError> {
-        let prepared = sandbox::prepare(path, PluginKind::Preprocessor, options)?;
-        let mut linker = sandbox::base_linker(PluginKind::Preprocessor)?;
+        const KIND: PluginKind = PluginKind::Preprocessor;
+        let prepared = sandbox::prepare(path, KIND, options)?;
+        let mut linker = sandbox::base_linker(KIND)?;
         wit::Preprocessor::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
-        let mut sandbox = Sandbox::new(
-            &prepared.name,
-            PluginKind::Preprocessor,
-            options,
-            text_tools,
-        )?;
-        let component = prepared.loaded.component;
-        let bindings = sandbox.instantiate(path, |store| {
-            wit::Preprocessor::instantiate(store, &component, &linker)
-        })?;
+        let pre = sandbox::link(&prepared, path, KIND, &linker, wit::PreprocessorPre::new)?;
+        let mut sandbox = Sandbox::new(&prepared.name, KIND, options, text_tools)?;
+        let bindings =
+            sandbox.instantiate(path, KIND, async |store| pre.instantiate_async(store).await)?;
         let settings = options.settings_list();
-        let configured = sandbox.call("configure", None, |store| {
+        let configured = sandbox.call("configure", None, async |store| {
             bindings
                 .lora_plugin_preprocess()
                 .call_configure(store, &settings)
+                .await
         })?;
-        configured.map_err(|m| ExtError::failed(&prepared.name, "configure", m))?;
+        configured.map_err(|m| ExtError::failed(&prepared.name, "configure", escape_controls(&m)))?;
         Ok(WasmPreprocessor { sandbox, bindings })
     }
 }
@@ -86,13 +82,15 @@ impl lora_api::Preprocessor for WasmPreprocessor {
             })
             .collect();
         let Self { sandbox, bindings } = self;
-        let result = sandbox.call(CALL, Some(batch), |store| {
+        let result = sandbox.call(CALL, Some(batch), async |store| {
             bindings
                 .lora_plugin_preprocess()
                 .call_process_batch(store, batch, &raw)
+                .await
         })?;
         let name = sandbox.name.clone();
-        let outcomes = result.map_err(|m| ExtError::failed(&name, CALL, m).with_batch(batch))?;
+        let outcomes = result
+            .map_err(|m| ExtError::failed(&name, CALL, escape_controls(&m)).with_batch(batch))?;
         let contract =
             |m: String| ExtError::new(&name, CALL, ErrorKind::Contract, m).with_batch(batch);
 
@@ -116,7 +114,8 @@ impl lora_api::Preprocessor for WasmPreprocessor {
                     )));
                 }
                 let result = match outcome.result {
-                    Err(e) => Err(e),
+                    // Shown as the record's error: one line, no terminal control.
+                    Err(e) => Err(escape_controls(&e).into_owned()),
                     Ok(samples) => Ok(samples
                         .into_iter()
                         .enumerate()
@@ -133,26 +132,34 @@ impl lora_api::Preprocessor for WasmPreprocessor {
     }
 }
 
+/// What an outcome holds on the host: the bytes of its strings and ids plus the size of every
+/// item around them (outcome, sample, message), so a flood of empty samples counts too.
 fn outcome_bytes(o: &wit::exports::lora::plugin::preprocess::RecordOutcome) -> u64 {
-    use wit::lora::plugin::types::Sample as S;
-    match &o.result {
-        Err(e) => e.len() as u64,
-        Ok(samples) => samples
-            .iter()
-            .map(|s| match s {
-                S::Chat(m) => m
-                    .iter()
-                    .map(|m| (m.role.len() + m.content.len()) as u64)
-                    .sum(),
-                S::PromptCompletion(p) => (p.prompt.len() + p.completion.len()) as u64,
-                S::Text(t) => t.len() as u64,
-                S::Tokens(t) => {
-                    4 * t.input_ids.len() as u64
-                        + t.train_mask.as_ref().map_or(0, |m| m.len() as u64)
-                }
-            })
-            .sum(),
-    }
+    use std::mem::size_of;
+    use wit::lora::plugin::types::{Message as M, Sample as S};
+    let item = |n: usize, size: usize| (n * size) as u64;
+    size_of::<wit::exports::lora::plugin::preprocess::RecordOutcome>() as u64
+        + match &o.result {
+            Err(e) => e.len() as u64,
+            Ok(samples) => samples
+                .iter()
+                .map(|s| {
+                    size_of::<S>() as u64
+                        + match s {
+                            S::Chat(m) => m
+                                .iter()
+                                .map(|m| item(1, size_of::<M>()) + (m.role.len() + m.content.len()) as u64)
+                                .sum(),
+                            S::PromptCompletion(p) => (p.prompt.len() + p.completion.len()) as u64,
+                            S::Text(t) => t.len() as u64,
+                            S::Tokens(t) => {
+                                4 * t.input_ids.len() as u64
+                                    + t.train_mask.as_ref().map_or(0, |m| m.len() as u64)
+                            }
+                        }
+                })
+                .sum(),
+        }
 }
 
 /// The WIT sample as a `lora-api` sample, checking what the types cannot express.

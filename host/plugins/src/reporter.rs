@@ -7,7 +7,7 @@ use wasmtime::component::HasSelf;
 
 use crate::bindings::v0_1_0::reporter as wit;
 use crate::sandbox::{self, Sandbox};
-use crate::{PluginError, PluginKind, PluginOptions};
+use crate::{PluginError, PluginKind, PluginOptions, escape_controls};
 
 use wit::exports::lora::plugin::report as w;
 
@@ -28,22 +28,23 @@ pub fn load_reporter(
 
 impl WasmReporter {
     pub fn load(path: &Path, options: &PluginOptions) -> Result<Self, PluginError> {
-        let prepared = sandbox::prepare(path, PluginKind::Reporter, options)?;
-        let mut linker = sandbox::base_linker(PluginKind::Reporter)?;
+        const KIND: PluginKind = PluginKind::Reporter;
+        let prepared = sandbox::prepare(path, KIND, options)?;
+        let mut linker = sandbox::base_linker(KIND)?;
         wit::Reporter::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
-        let mut sandbox = Sandbox::new(&prepared.name, PluginKind::Reporter, options, None)?;
-        let component = prepared.loaded.component;
-        let bindings = sandbox.instantiate(path, |store| {
-            wit::Reporter::instantiate(store, &component, &linker)
-        })?;
+        let pre = sandbox::link(&prepared, path, KIND, &linker, wit::ReporterPre::new)?;
+        let mut sandbox = Sandbox::new(&prepared.name, KIND, options, None)?;
+        let bindings =
+            sandbox.instantiate(path, KIND, async |store| pre.instantiate_async(store).await)?;
         let settings = options.settings_list();
-        let configured = sandbox.call("configure", None, |store| {
+        let configured = sandbox.call("configure", None, async |store| {
             bindings
                 .lora_plugin_report()
                 .call_configure(store, &settings)
+                .await
         })?;
-        configured.map_err(|m| ExtError::failed(&prepared.name, "configure", m))?;
+        configured.map_err(|m| ExtError::failed(&prepared.name, "configure", escape_controls(&m)))?;
         Ok(WasmReporter { sandbox, bindings })
     }
 
@@ -51,15 +52,18 @@ impl WasmReporter {
         &mut self,
         call: &str,
         step: Option<u64>,
-        f: impl FnOnce(
+        f: impl AsyncFnOnce(
             &w::Guest,
             &mut wasmtime::Store<crate::sandbox::State>,
         ) -> wasmtime::Result<Result<(), String>>,
     ) -> Result<(), ExtError> {
         let Self { sandbox, bindings } = self;
-        let r = sandbox.call(call, step, |store| f(bindings.lora_plugin_report(), store));
+        let r = sandbox.call(call, step, async |store| {
+            f(bindings.lora_plugin_report(), store).await
+        });
         let denied = sandbox.store.data().http_policy.take_denied();
         r?.map_err(|m| {
+            let m = escape_controls(&m).into_owned();
             let m = if denied.is_empty() {
                 m
             } else {
@@ -89,7 +93,7 @@ impl lora_api::Reporter for WasmReporter {
             start_step: i.start_step,
             world_size: i.world_size,
         };
-        self.run("on_start", None, |g, s| g.call_on_start(s, &info))
+        self.run("on_start", None, async |g, s| g.call_on_start(s, &info).await)
     }
 
     fn on_step(&mut self, m: &StepMetrics) -> Result<(), ExtError> {
@@ -105,7 +109,7 @@ impl lora_api::Reporter for WasmReporter {
             tokens_per_second: m.tokens_per_second,
             elapsed_s: m.elapsed_s,
         };
-        self.run("on_step", Some(m.step), |g, s| g.call_on_step(s, metrics))
+        self.run("on_step", Some(m.step), async |g, s| g.call_on_step(s, metrics).await)
     }
 
     fn on_eval(&mut self, m: &EvalMetrics) -> Result<(), ExtError> {
@@ -116,7 +120,7 @@ impl lora_api::Reporter for WasmReporter {
             perplexity: m.perplexity,
             eval_tokens: m.eval_tokens,
         };
-        self.run("on_eval", Some(m.step), |g, s| g.call_on_eval(s, metrics))
+        self.run("on_eval", Some(m.step), async |g, s| g.call_on_eval(s, metrics).await)
     }
 
     fn on_checkpoint(&mut self, c: &CheckpointInfo) -> Result<(), ExtError> {
@@ -125,9 +129,7 @@ impl lora_api::Reporter for WasmReporter {
             epoch: c.epoch,
             path: c.path.display().to_string(),
         };
-        self.run("on_checkpoint", Some(c.step), |g, s| {
-            g.call_on_checkpoint(s, &info)
-        })
+        self.run("on_checkpoint", Some(c.step), async |g, s| g.call_on_checkpoint(s, &info).await)
     }
 
     fn on_finish(&mut self, r: &RunSummary) -> Result<(), ExtError> {
@@ -145,6 +147,6 @@ impl lora_api::Reporter for WasmReporter {
             peak_memory_bytes: r.peak_memory_bytes,
             train_runtime: r.train_runtime,
         };
-        self.run("on_finish", None, |g, s| g.call_on_finish(s, summary))
+        self.run("on_finish", None, async |g, s| g.call_on_finish(s, summary).await)
     }
 }

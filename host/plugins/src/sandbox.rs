@@ -4,22 +4,23 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lora_api::{ErrorKind, ExtError, TextTools};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use wasmtime::component::{Component, ResourceTable};
-use wasmtime::{ResourceLimiter, Store, Trap};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime::component::{Component, ResourceTable, ResourceTableError};
+use wasmtime::{Store, Trap};
 use wasmtime_wasi::{
     FsPerms, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
 };
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::bindings::v0_1_0 as wit;
 use crate::cache::{self, EPOCH_TICK, Loaded};
+use crate::fsguard::DirQuota;
+use crate::host::{LogBudget, StderrTail, escape_controls};
 use crate::http::{HttpPolicy, parse_allow_list};
+use crate::limits::{FIELDS_BYTES, Limiter, max_host_resources};
 use crate::{GUEST_OUTPUT_DIR, PluginError, PluginKind, SUPPORTED_API_VERSIONS};
 
 /// What a plugin may touch beyond its own memory. Everything is off by default.
@@ -27,6 +28,8 @@ use crate::{GUEST_OUTPUT_DIR, PluginError, PluginKind, SUPPORTED_API_VERSIONS};
 pub struct Grants {
     /// One host directory, read-write, seen by the plugin as `/out`. Reporters only.
     pub dir: Option<PathBuf>,
+    /// Grant `dir` read-only (what [`crate::PluginSet::check`] does: a check writes nothing).
+    pub dir_read_only: bool,
     /// Host environment variables passed through by name (each must be set).
     pub env: Vec<String>,
     /// The real wall and monotonic clocks; without this grant both read 0.
@@ -39,12 +42,20 @@ pub struct Grants {
 /// Per-plugin limits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
-    /// All linear memories of the instance together.
+    /// All linear memories and tables of the instance together; live host resources (streams,
+    /// header maps, ...) are capped in number so they stay within about as much again.
     pub memory_bytes: u64,
-    /// Wall time of one call (including the host functions it calls).
+    /// Wall time of one call, whatever it waits on: guest code, host functions, sleeps, polls,
+    /// blocking reads.
     pub deadline: Duration,
-    /// Bytes of data one call may return (strings, token ids, …).
+    /// Bytes one call may hand the host in one value: its result, or the arguments of one host
+    /// call (as the host holds them: strings, token ids, and the records and samples around them).
     pub max_output_bytes: u64,
+    /// Bytes of input one text-tools call (`encode`, `decode`, `count-tokens`,
+    /// `apply-chat-template`) may pass; the host's work grows with it.
+    pub max_text_input_bytes: u64,
+    /// Disk space the plugin's writes may add to its granted directory over the run.
+    pub max_dir_bytes: u64,
 }
 
 impl Default for Limits {
@@ -53,6 +64,8 @@ impl Default for Limits {
             memory_bytes: 512 << 20,
             deadline: Duration::from_secs(30),
             max_output_bytes: 64 << 20,
+            max_text_input_bytes: 1 << 20,
+            max_dir_bytes: 1 << 30,
         }
     }
 }
@@ -69,7 +82,8 @@ pub enum LogLevel {
 /// Where plugin log lines go: `(plugin name, level, message)`.
 pub type LogSink = Arc<dyn Fn(&str, LogLevel, &str) + Send + Sync>;
 
-/// The default sink: one line per message on stderr, `[plugin:name] level: message`.
+/// The default sink: one line per message on stderr, `[plugin:name] level: message`. Messages
+/// from guests reach a sink with control characters already escaped, so each is one line.
 pub fn stderr_log_sink() -> LogSink {
     Arc::new(|plugin, level, msg| {
         eprintln!("[{plugin}] {}: {msg}", format!("{level:?}").to_lowercase())
@@ -91,6 +105,9 @@ pub struct PluginOptions {
     /// The on-disk cache of compiled components; `None` disables it.
     pub cache_dir: Option<PathBuf>,
     pub log: LogSink,
+    /// Values `grants.env` reads before the process environment: what a run will set (from
+    /// `training_envs`) when the plugins are checked before it starts.
+    pub env_overlay: Vec<(String, String)>,
 }
 
 impl Default for PluginOptions {
@@ -103,6 +120,7 @@ impl Default for PluginOptions {
             seed: 0,
             cache_dir: cache::default_cache_dir(),
             log: stderr_log_sink(),
+            env_overlay: Vec::new(),
         }
     }
 }
@@ -140,66 +158,25 @@ impl PluginOptions {
     }
 }
 
-/// Caps the instance's memories (together) and counts what happened.
-pub(crate) struct Limiter {
-    cap: usize,
-    used: usize,
-    /// Set when a growth was refused; turns the resulting trap into a `Limit` error.
-    pub(crate) hit: Option<String>,
-}
-
-impl ResourceLimiter for Limiter {
-    fn memory_growing(
-        &mut self,
-        current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let total = self.used - current.min(self.used) + desired;
-        if total > self.cap {
-            let msg = format!(
-                "memory limit of {} MiB exceeded (growing to {} MiB); raise `memory_mib` in training_plugin_config if this is expected",
-                self.cap >> 20,
-                total >> 20
-            );
-            self.hit = Some(msg.clone());
-            return Err(wasmtime::Error::msg(msg));
-        }
-        self.used = total;
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1 << 20)
-    }
-
-    fn instances(&self) -> usize {
-        100
-    }
-    fn tables(&self) -> usize {
-        1000
-    }
-    fn memories(&self) -> usize {
-        100
-    }
-}
-
 /// The store's data: WASI state (with no grants unless configured), limits and host services.
 pub(crate) struct State {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
     http: WasiHttpCtx,
     pub(crate) http_policy: HttpPolicy,
     pub(crate) limiter: Limiter,
     pub(crate) text_tools: Option<Arc<dyn TextTools>>,
-    name: String,
-    log: LogSink,
-    stderr: MemoryOutputPipe,
+    pub(crate) name: String,
+    pub(crate) log: LogSink,
+    pub(crate) log_budget: LogBudget,
+    stderr: StderrTail,
+    pub(crate) limits: Limits,
+    /// When the current call started (host functions check the deadline against it).
+    call_started: Instant,
+    /// Why a host-side limit ended the current call (memory and tables: `limiter.hit`).
+    hit: Option<String>,
+    /// The granted directory's quota, when a directory is granted.
+    pub(crate) quota: Option<Arc<DirQuota>>,
 }
 
 impl WasiView for State {
@@ -221,57 +198,29 @@ impl WasiHttpView for State {
     }
 }
 
-impl wit::types::Host for State {}
-
-impl wit::host::Host for State {
-    fn log(&mut self, level: wit::types::LogLevel, message: String) {
-        let level = match level {
-            wit::types::LogLevel::Debug => LogLevel::Debug,
-            wit::types::LogLevel::Info => LogLevel::Info,
-            wit::types::LogLevel::Warn => LogLevel::Warn,
-            wit::types::LogLevel::Error => LogLevel::Error,
-        };
-        let mut end = message.len().min(4096);
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        (self.log)(&self.name, level, &message[..end]);
-    }
-}
-
-impl wit::text_tools::Host for State {
-    fn encode(&mut self, text: String, add_special_tokens: bool) -> Result<Vec<u32>, String> {
-        self.tools()?.encode(&text, add_special_tokens)
-    }
-    fn decode(&mut self, ids: Vec<u32>, skip_special_tokens: bool) -> Result<String, String> {
-        self.tools()?.decode(&ids, skip_special_tokens)
-    }
-    fn count_tokens(&mut self, text: String) -> Result<u32, String> {
-        Ok(self.tools()?.encode(&text, false)?.len() as u32)
-    }
-    fn apply_chat_template(
-        &mut self,
-        messages: Vec<wit::types::Message>,
-        add_generation_prompt: bool,
-    ) -> Result<String, String> {
-        let messages: Vec<lora_api::Message> = messages
-            .into_iter()
-            .map(|m| lora_api::Message {
-                role: m.role,
-                content: m.content,
-            })
-            .collect();
-        self.tools()?
-            .apply_chat_template(&messages, add_generation_prompt)
-    }
-}
-
 impl State {
-    fn tools(&self) -> Result<&Arc<dyn TextTools>, String> {
-        self.text_tools
-            .as_ref()
-            .ok_or_else(|| "the run offers no tokenizer to this plugin".to_string())
+    /// Records why a host-side limit ends the current call; the returned error traps the guest.
+    pub(crate) fn limit_hit(&mut self, message: String) -> wasmtime::Error {
+        self.hit = Some(message.clone());
+        wasmtime::Error::msg(message)
     }
+
+    /// The deadline message if the current call is past its deadline.
+    pub(crate) fn deadline_passed(&self) -> Option<String> {
+        (self.call_started.elapsed() > self.limits.deadline).then(|| deadline_message(&self.limits, ""))
+    }
+
+    /// A line in the run's log under this plugin's name, from the host.
+    pub(crate) fn log_line(&self, level: LogLevel, message: &str) {
+        (self.log)(&self.name, level, message)
+    }
+}
+
+fn deadline_message(limits: &Limits, waiting: &str) -> String {
+    format!(
+        "did not finish within the per-call deadline of {} ms (`deadline_ms`){waiting}",
+        limits.deadline.as_millis()
+    )
 }
 
 /// Wall and monotonic clocks frozen at 0: a plugin without the `clocks` grant cannot tell time.
@@ -370,34 +319,73 @@ pub(crate) fn imports(component: &Component) -> Result<Vec<String>, PluginError>
         .collect())
 }
 
-/// Refuses imports lora does not provide to this kind, with a message naming them.
-fn check_imports(
+/// The WASI 0.2 interfaces lora links for every plugin (wasmtime-wasi's `p2` set); `wasi:http`
+/// is added for reporters granted `grants.http`.
+const WASI_INTERFACES: &[&str] = &[
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:clocks/wall-clock",
+    "wasi:clocks/monotonic-clock",
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+    "wasi:cli/exit",
+    "wasi:cli/environment",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:sockets/network",
+    "wasi:sockets/instance-network",
+    "wasi:sockets/tcp",
+    "wasi:sockets/tcp-create-socket",
+    "wasi:sockets/udp",
+    "wasi:sockets/udp-create-socket",
+    "wasi:sockets/ip-name-lookup",
+];
+const WASI_HTTP_INTERFACES: &[&str] = &["wasi:http/types", "wasi:http/outgoing-handler"];
+
+/// Refuses imports lora does not provide to this kind, with a message naming them: everything
+/// but `lora:plugin/*` as the kind gets it and the WASI 0.2 interfaces lora links.
+pub(crate) fn check_imports(
     path: &Path,
     kind: PluginKind,
     component: &Component,
     grants: &Grants,
 ) -> Result<(), PluginError> {
     for import in imports(component)? {
-        let iface = import.split('@').next().unwrap_or(&import);
-        let ok = match iface {
-            "lora:plugin/types" | "lora:plugin/host" => true,
-            "lora:plugin/text-tools" => kind == PluginKind::Preprocessor,
-            i if i.starts_with("wasi:http/") => {
-                kind == PluginKind::Reporter && !grants.http.is_empty()
-            }
-            i if i.starts_with("wasi:") => true,
-            _ => false,
+        let (iface, version) = import.split_once('@').unwrap_or((&import, ""));
+        let wasi_02 = version.starts_with("0.2.");
+        let hint = match iface {
+            "lora:plugin/types" | "lora:plugin/host" => None,
+            "lora:plugin/text-tools" if kind == PluginKind::Preprocessor => None,
+            "lora:plugin/text-tools" => Some("only preprocessors get the tokenizer"),
+            i if WASI_HTTP_INTERFACES.contains(&i) && wasi_02 => match kind {
+                PluginKind::Reporter if !grants.http.is_empty() => None,
+                PluginKind::Reporter => Some(
+                    "the reporter sends HTTP requests: list the hosts it may reach in `grants.http` of training_plugin_config",
+                ),
+                _ => Some("only reporters may use wasi:http"),
+            },
+            i if WASI_INTERFACES.contains(&i) && wasi_02 => None,
+            i if WASI_INTERFACES.contains(&i) || WASI_HTTP_INTERFACES.contains(&i) => Some(
+                "lora offers WASI 0.2 (wasmtime-wasi 48, `@0.2.x`); rebuild the plugin for wasm32-wasip2",
+            ),
+            i if i.starts_with("wasi:") => Some(
+                "lora offers these WASI 0.2 interfaces only: wasi:io, wasi:clocks, wasi:filesystem, wasi:random, wasi:cli, wasi:sockets (all denied unless granted), and wasi:http to reporters granted `grants.http`",
+            ),
+            _ => Some(
+                "a plugin may import lora:plugin/host, the preprocessor's lora:plugin/text-tools and WASI 0.2",
+            ),
         };
-        if !ok {
-            let hint = if iface == "lora:plugin/text-tools" {
-                "only preprocessors get the tokenizer"
-            } else if iface.starts_with("wasi:http/") && kind == PluginKind::Reporter {
-                "the reporter sends HTTP requests: list the hosts it may reach in `grants.http` of training_plugin_config"
-            } else if iface.starts_with("wasi:http/") {
-                "only reporters may use wasi:http"
-            } else {
-                "a plugin may import lora:plugin/host, the preprocessor's lora:plugin/text-tools and WASI 0.2"
-            };
+        if let Some(hint) = hint {
             return Err(PluginError::UnsupportedImport {
                 path: path.to_path_buf(),
                 import,
@@ -479,7 +467,7 @@ impl Sandbox {
         }
         let allowed = parse_allow_list(&g.http).map_err(|m| grant_err("http", m))?;
         let mut b = WasiCtxBuilder::new();
-        let stderr = MemoryOutputPipe::new(1 << 20);
+        let stderr = StderrTail::default();
         b.stderr(stderr.clone());
         b.allow_tcp(false)
             .allow_udp(false)
@@ -495,7 +483,8 @@ impl Sandbox {
             b.monotonic_clock(FrozenClock);
         }
         for var in &g.env {
-            let value = std::env::var(var).map_err(|_| {
+            let overlay = options.env_overlay.iter().rev().find(|(k, _)| k == var);
+            let value = overlay.map(|(_, v)| Ok(v.clone())).unwrap_or_else(|| std::env::var(var)).map_err(|_| {
                 grant_err(
                     "env",
                     format!(
@@ -505,6 +494,7 @@ impl Sandbox {
             })?;
             b.env(var, value);
         }
+        let mut quota = None;
         if let Some(dir) = &g.dir {
             if kind != PluginKind::Reporter {
                 return Err(grant_err(
@@ -518,13 +508,19 @@ impl Sandbox {
                     format!("{} is not an existing directory", dir.display()),
                 ));
             }
-            b.preopened_dir(dir, GUEST_OUTPUT_DIR, FsPerms::ReadWrite)
+            let perms = if g.dir_read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+            b.preopened_dir(dir, GUEST_OUTPUT_DIR, perms)
                 .map_err(|e| grant_err("dir", format!("cannot open {}: {e:#}", dir.display())))?;
+            quota = Some(Arc::new(DirQuota::new(dir, options.limits.max_dir_bytes)));
         }
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(max_host_resources(options.limits.memory_bytes));
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(FIELDS_BYTES);
         let state = State {
             wasi: b.build(),
-            table: ResourceTable::new(),
-            http: WasiHttpCtx::new(),
+            table,
+            http,
             http_policy: HttpPolicy::new(
                 allowed,
                 &g.http,
@@ -532,15 +528,16 @@ impl Sandbox {
                 name,
                 options.log.clone(),
             ),
-            limiter: Limiter {
-                cap: options.limits.memory_bytes.min(usize::MAX as u64) as usize,
-                used: 0,
-                hit: None,
-            },
+            limiter: Limiter::new(options.limits.memory_bytes),
             text_tools,
             name: name.to_string(),
             log: options.log.clone(),
+            log_budget: LogBudget::default(),
             stderr,
+            limits: options.limits.clone(),
+            call_started: Instant::now(),
+            hit: None,
+            quota,
         };
         let mut store = Store::new(cache::engine()?, state);
         store.limiter(|s| &mut s.limiter);
@@ -556,13 +553,18 @@ impl Sandbox {
         (self.limits.deadline.as_micros() / EPOCH_TICK.as_micros()) as u64 + 1
     }
 
-    /// Runs `f` (one call into the guest) under the deadline and turns a host-side failure into an
-    /// [`ExtError`] naming the plugin, the call and the batch.
+    /// Runs `f` (one call into the guest) under the plugin's limits and turns a host-side failure
+    /// into an [`ExtError`] naming the plugin, the call and the batch.
+    ///
+    /// The deadline holds whatever the guest does: running code is interrupted by the epoch,
+    /// and a call waiting in a host future (a sleep, a `wasi:io/poll` on a far instant, a blocking
+    /// read) is abandoned by the timeout around the whole call. Either way the instance is not
+    /// entered again.
     pub(crate) fn call<R>(
         &mut self,
         call: &str,
         batch: Option<u64>,
-        f: impl FnOnce(&mut Store<State>) -> wasmtime::Result<R>,
+        f: impl AsyncFnOnce(&mut Store<State>) -> wasmtime::Result<R>,
     ) -> Result<R, ExtError> {
         let with_batch = |e: ExtError| match batch {
             Some(b) => e.with_batch(b),
@@ -576,17 +578,46 @@ impl Sandbox {
                 format!("the plugin cannot be called again after an earlier failure ({why})"),
             )));
         }
-        self.store.data_mut().limiter.hit = None;
+        let state = self.store.data_mut();
+        state.limiter.hit = None;
+        state.hit = None;
+        state.call_started = Instant::now();
+        state.log_budget.begin_call();
+        state.stderr.clear();
+        if let Some(q) = &state.quota {
+            q.take_hit();
+        }
         let ticks = self.deadline_ticks();
         self.store.set_epoch_deadline(ticks);
-        match f(&mut self.store) {
-            Ok(r) => Ok(r),
-            Err(err) => {
-                let (kind, message) = self.classify(&err);
-                self.poisoned = Some(message.clone());
-                Err(with_batch(ExtError::new(&self.name, call, kind, message)))
-            }
+        // What the guest hands the host in one value (a result, a host call's arguments) is
+        // bounded while wasmtime lifts it, before the host holds it whole.
+        self.store
+            .set_hostcall_fuel(self.limits.max_output_bytes.min(usize::MAX as u64 / 2) as usize);
+        let deadline = self.limits.deadline;
+        let store = &mut self.store;
+        let outcome = wasmtime_wasi::runtime::in_tokio(async move {
+            tokio::time::timeout(deadline, f(store)).await
+        });
+        let suppressed = self.store.data().log_budget.suppressed;
+        if suppressed > 0 {
+            self.store.data().log_line(
+                LogLevel::Warn,
+                &format!("{suppressed} log lines of `{call}` were suppressed (log limit)"),
+            );
         }
+        let (kind, message) = match outcome {
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(err)) => self.classify(&err),
+            Err(_elapsed) => (
+                ErrorKind::Limit,
+                deadline_message(
+                    &self.limits,
+                    "; it was waiting on the host (sleeping, polling or blocked on a read or write)",
+                ),
+            ),
+        };
+        self.poisoned = Some(message.clone());
+        Err(with_batch(ExtError::new(&self.name, call, kind, message)))
     }
 
     /// Fails a call whose result is larger than the output limit.
@@ -615,32 +646,59 @@ impl Sandbox {
         })
     }
 
+    /// The kind and message of a failed call: a limit the host recorded, or the trap.
     fn classify(&self, err: &wasmtime::Error) -> (ErrorKind, String) {
-        if let Some(hit) = &self.store.data().limiter.hit {
-            return (ErrorKind::Limit, hit.clone());
+        let data = self.store.data();
+        let quota_hit = data.quota.as_ref().and_then(|q| q.take_hit());
+        if let Some(hit) = data.limiter.hit.clone().or(data.hit.clone()).or(quota_hit) {
+            return (ErrorKind::Limit, hit);
+        }
+        if let Some(ResourceTableError::Full) = err.downcast_ref::<ResourceTableError>() {
+            return (
+                ErrorKind::Limit,
+                format!(
+                    "holds more than {} host resources at once (streams, pollables, wasi:http header maps, ...); the limit follows `memory_mib`",
+                    data.table.max_capacity()
+                ),
+            );
+        }
+        if let Some(wasmtime_wasi_http::FieldMapError::TotalSizeTooBig) =
+            err.downcast_ref::<wasmtime_wasi_http::FieldMapError>()
+        {
+            return (
+                ErrorKind::Limit,
+                format!(
+                    "filled a wasi:http header map past {} KiB, the host's limit per header map",
+                    FIELDS_BYTES >> 10
+                ),
+            );
+        }
+        let text = error_text(err);
+        if text.contains("fuel allocated for hostcalls has been exhausted") {
+            return (
+                ErrorKind::Limit,
+                format!(
+                    "handed the host more than the output limit of {} MiB (`max_output_mib`) in one value (a call's result, or the arguments of one host call)",
+                    self.limits.max_output_bytes >> 20
+                ),
+            );
         }
         let stderr = self.stderr_tail();
         match err.downcast_ref::<Trap>() {
-            Some(Trap::Interrupt) => (
-                ErrorKind::Limit,
-                format!(
-                    "did not finish within the per-call deadline of {} ms (`deadline_ms`)",
-                    self.limits.deadline.as_millis()
-                ),
-            ),
+            Some(Trap::Interrupt) => (ErrorKind::Limit, deadline_message(&self.limits, "")),
             Some(Trap::StackOverflow) => (
                 ErrorKind::Trap,
                 format!("stack overflow (unbounded recursion?){stderr}"),
             ),
             Some(t) => (ErrorKind::Trap, format!("{t}{stderr}")),
-            None => (ErrorKind::Trap, format!("{err:#}{stderr}")),
+            None => (ErrorKind::Trap, format!("{}{stderr}", escape_controls(&text))),
         }
     }
 
-    /// The end of what the guest wrote to stderr (a Rust panic message lands there).
+    /// The end of what the guest wrote to stderr in this call (a Rust panic message lands
+    /// there), escaped so it reads as part of one error line.
     fn stderr_tail(&self) -> String {
-        let bytes = self.store.data().stderr.contents();
-        let text = String::from_utf8_lossy(&bytes);
+        let text = self.store.data().stderr.text();
         let text = text.trim();
         if text.is_empty() {
             return String::new();
@@ -651,34 +709,94 @@ impl Sandbox {
             .nth(2000)
             .map(|(i, _)| i)
             .unwrap_or(0);
-        format!("; the plugin wrote to stderr: {}", &text[start..])
+        format!("; the plugin wrote to stderr: {}", escape_controls(&text[start..]))
     }
 
-    /// Instantiation errors (a trap in start code, a missing import) as a [`PluginError`].
+    /// Instantiation errors as a [`PluginError`]: a trap or limit in the component's start code,
+    /// or exported functions whose types do not match the contract (checked as the exports are
+    /// bound; their names were checked before, by [`link`]).
     pub(crate) fn instantiate<T>(
         &mut self,
         path: &Path,
-        f: impl FnOnce(&mut Store<State>) -> wasmtime::Result<T>,
+        kind: PluginKind,
+        f: impl AsyncFnOnce(&mut Store<State>) -> wasmtime::Result<T>,
     ) -> Result<T, PluginError> {
-        self.call("instantiate", None, f)
-            .map_err(|e| PluginError::Instantiate {
+        let mut mismatch = None;
+        let r = self.call("instantiate", None, async |store| {
+            let r = f(store).await;
+            if let Err(e) = &r
+                && e.downcast_ref::<Trap>().is_none()
+                && format!("{e:#}").contains("type mismatch")
+            {
+                mismatch = Some(format!("{e:#}"));
+            }
+            r
+        });
+        r.map_err(|e| match mismatch {
+            Some(m) => PluginError::Mismatch {
+                plugin: self.name.clone(),
+                path: path.to_path_buf(),
+                message: contract_mismatch("exports", kind, &m),
+            },
+            None => PluginError::Instantiate {
                 plugin: self.name.clone(),
                 path: path.to_path_buf(),
                 message: format!("{} ({})", e.message, e.kind),
-            })
+            },
+        })
     }
 }
 
-/// A linker with WASI 0.2 (sync), and `wasi:http` for a reporter (whose requests the
+/// An error's chain as one line, without wasmtime's wasm backtrace (guest addresses and mangled
+/// names say nothing to the person running lora; the plugin's author can run `lora plugin check`).
+fn error_text(err: &wasmtime::Error) -> String {
+    err.chain()
+        .map(|c| c.to_string())
+        .filter(|c| !c.starts_with("error while executing at wasm backtrace"))
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn contract_mismatch(side: &str, kind: PluginKind, error: &str) -> String {
+    format!(
+        "its {side} do not match what lora expects of a {kind} at API {}: {}",
+        SUPPORTED_API_VERSIONS.join(", "),
+        escape_controls(error)
+    )
+}
+
+/// Type-checks the component against `linker` before anything runs: its imports must match
+/// what lora links for the kind, then `exports` (bindgen's `*Pre::new`) checks its exports
+/// against the contract. Each mismatch says which side and what, not "trapped".
+pub(crate) fn link<P>(
+    prepared: &Prepared,
+    path: &Path,
+    kind: PluginKind,
+    linker: &wasmtime::component::Linker<State>,
+    exports: impl FnOnce(wasmtime::component::InstancePre<State>) -> wasmtime::Result<P>,
+) -> Result<P, PluginError> {
+    let mismatch = |side: &str, e: wasmtime::Error| PluginError::Mismatch {
+        plugin: prepared.name.clone(),
+        path: path.to_path_buf(),
+        message: contract_mismatch(side, kind, &format!("{e:#}")),
+    };
+    let pre = linker
+        .instantiate_pre(&prepared.loaded.component)
+        .map_err(|e| mismatch("imports", e))?;
+    exports(pre).map_err(|e| mismatch("exports", e))
+}
+
+/// A linker with WASI 0.2 (async, so calls can be abandoned at their deadline; the granted
+/// directory guarded by [`crate::fsguard`]), and `wasi:http` for a reporter (whose requests the
 /// [`HttpPolicy`] allows only to granted hosts; a component importing it without a grant is
 /// refused before it gets here).
 pub(crate) fn base_linker(kind: PluginKind) -> Result<wasmtime::component::Linker<State>, PluginError> {
+    let engine_err = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
     let mut linker = wasmtime::component::Linker::new(cache::engine()?);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-        .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_err)?;
+    crate::fsguard::add_to_linker(&mut linker).map_err(engine_err)?;
     if kind == PluginKind::Reporter {
-        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)
-            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(engine_err)?;
     }
     Ok(linker)
 }

@@ -744,9 +744,10 @@ fn precompile_fills_the_disk_cache_and_then_reads_it() {
 /// Protects: an SDK method a plugin did not implement fails clearly, naming the method.
 #[test]
 fn unimplemented_sdk_methods_name_themselves() {
-    let (opts, _) = options();
-    // The hostile reporter implements only `on_start`.
-    let mut r = load_reporter(&plugin("hostile_reporter"), &opts).unwrap();
+    let (mut opts, _) = options();
+    // The hostile HTTP reporter implements only `on_start` (and imports wasi:http: a grant).
+    opts.grants.http = vec!["127.0.0.1:9".into()];
+    let mut r = load_reporter(&plugin("hostile_http_reporter"), &opts).unwrap();
     let err = r.on_step(&step(4)).unwrap_err();
     assert_eq!(
         (err.kind, err.call.as_str(), err.batch),

@@ -65,7 +65,7 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
         metadata: req.dataset.metadata.clone(),
         pvc_path: Some(req.pvc_path.clone()),
     })?;
-    let plugins = plugin_set(p)?;
+    let plugins = plugin_set(req)?;
     let mut preprocessor: Box<dyn Preprocessor> = match &plugins {
         Some(set) => match set.load_preprocessor(tools.clone())? {
             Some(pre) => pre,
@@ -254,15 +254,60 @@ fn data_config(p: &ResolvedParams, cache_dir: &Path) -> Result<DataConfig> {
     })
 }
 
-/// The plugins named by `training_plugins`, or `None` when there are none.
+/// The folders this run writes into, with what it writes there: no plugin may be granted one of
+/// them (or a folder containing one), or it could plant links there that lora's own writers
+/// follow out of the workspace.
+pub fn written_dirs(req: &RunRequest) -> Vec<(PathBuf, String)> {
+    let ws = req.workspace();
+    let parent = |p: &Path| p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let mut dirs = vec![
+        (ws.checkpoints.clone(), "its checkpoints and training_metrics.jsonl".to_string()),
+        (ws.data_output_dir.clone(), "the processed-data cache (training_data_output_dir)".to_string()),
+        (ws.final_model.clone(), "the final_model copy".to_string()),
+        (req.pvc_path.clone(), "the final_model copy's temp folder (pvc_path)".to_string()),
+        (ws.dataset_train.clone(), "the workspace dataset".to_string()),
+        (req.outputs.model.clone(), "output_model".to_string()),
+        (parent(&req.outputs.model), "output_model's temp folder".to_string()),
+        (parent(&req.outputs.metrics), "output_metrics".to_string()),
+        (parent(&req.outputs.loss_chart), "output_loss_chart".to_string()),
+    ];
+    if req.kfp.is_some() {
+        dirs.push((ws.hf_home, "the Hugging Face cache (HF_HOME)".to_string()));
+    }
+    for f in [&req.outputs.executor_output, &req.outputs.output_parameter].into_iter().flatten() {
+        dirs.push((parent(f), "the KFP executor output".to_string()));
+    }
+    dirs
+}
+
+/// The plugins named by `training_plugins`, or `None` when there are none; a `grants.dir` where
+/// this run writes is refused.
 #[cfg(feature = "plugins")]
-fn plugin_set(p: &ResolvedParams) -> Result<Option<plugins::PluginSet>> {
+fn plugin_set(req: &RunRequest) -> Result<Option<plugins::PluginSet>> {
+    let p = &req.params;
     if p.params.training_plugins.trim().is_empty() {
         return Ok(None);
     }
     let set = plugins::PluginSet::from_params(&p.params.training_plugins, &p.params.training_plugin_config, p.seed)
         .context("loading training_plugins")?;
+    set.check_dir_grants(&written_dirs(req)).context("checking training_plugin_config")?;
     Ok((!set.is_empty()).then_some(set))
+}
+
+/// Loads and checks every plugin the run names, as the run will (see `PluginSet::check`), before
+/// anything is trained: one line per plugin, for `--dry-run`'s plan. `env`: what the run will
+/// set in its environment before loading them.
+#[cfg(feature = "plugins")]
+pub fn check_plugins(req: &RunRequest, env: &[(String, String)]) -> Result<Vec<String>> {
+    match plugin_set(req)? {
+        Some(set) => Ok(set.check(env).context("checking training_plugins")?),
+        None => Ok(Vec::new()),
+    }
+}
+
+#[cfg(not(feature = "plugins"))]
+pub fn check_plugins(req: &RunRequest, _env: &[(String, String)]) -> Result<Vec<String>> {
+    plugin_set(req).map(|_| Vec::new())
 }
 
 #[cfg(feature = "plugins")]
@@ -291,8 +336,8 @@ mod plugins {
 }
 
 #[cfg(not(feature = "plugins"))]
-fn plugin_set(p: &ResolvedParams) -> Result<Option<plugins::PluginSet>> {
-    if p.params.training_plugins.trim().is_empty() {
+fn plugin_set(req: &RunRequest) -> Result<Option<plugins::PluginSet>> {
+    if req.params.params.training_plugins.trim().is_empty() {
         return Ok(None);
     }
     bail!("training_plugins: this lora binary was built without plugin support (cargo feature `plugins`); rebuild with default features")
@@ -434,6 +479,9 @@ fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data:
     let mut params = p.params_as_used();
     // The hub id or folder is named in `model`; the content hashes decide.
     params.remove("training_base_model");
+    // Written into the outputs and every checkpoint: secrets hidden (before the resume key is
+    // taken, so a rotated token does not block a resume).
+    crate::redact::params(&mut params);
     Ok(Manifest {
         format: Manifest::FORMAT.into(),
         binary: format!("lora {}", env!("CARGO_PKG_VERSION")),

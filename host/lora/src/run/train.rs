@@ -223,9 +223,12 @@ impl Run<'_> {
         let (mut pos, mut history) = self.resume()?;
         let start_step = pos.step;
         let start_tokens = history.tokens;
+        // Plugins see the run's parameters with secrets hidden, as everything that prints them.
+        let mut params = p.params_as_used();
+        crate::redact::params(&mut params);
         let info = RunInfo {
             run_id: self.manifest.run_id(),
-            params: Value::Object(p.params_as_used()),
+            params: Value::Object(params),
             total_steps: self.total_steps,
             num_epochs: p.num_epochs,
             steps_per_epoch: self.steps_per_epoch,

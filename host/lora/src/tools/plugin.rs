@@ -60,7 +60,11 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
         Some(("inspect", m)) => {
             let file = file(m)?;
             let config = config(m)?;
-            let inspection = lora_plugins::inspect(&file, &config).map_err(plugin_error)?;
+            let mut inspection = lora_plugins::inspect(&file, &config).map_err(plugin_error)?;
+            // Shown as everything else shows parameters: secret-looking values hidden.
+            for (k, v) in inspection.options.settings.iter_mut() {
+                *v = crate::redact::shown(k, v);
+            }
             print!("{inspection}");
             Ok(())
         }
@@ -163,7 +167,7 @@ fn plugin_error(e: lora_plugins::PluginError) -> ToolError {
             e,
             "hint: the plugin trapped, hit a limit or returned an error; its log lines (above) and the call named in the error say where",
         ),
-        E::ApiVersion { .. } => ToolError::input(
+        E::ApiVersion { .. } | E::Mismatch { .. } => ToolError::input(
             e,
             "hint: rebuild the plugin against a lora-plugin SDK version this lora supports",
         ),

@@ -18,6 +18,8 @@ pub const PLUGINS: &[(&str, &str)] = &[
     ("hostile-preprocessor", "hostile_preprocessor"),
     ("hostile-reporter", "hostile_reporter"),
     ("hostile-newer-api", "hostile_newer_api"),
+    ("hostile-scheduler", "hostile_scheduler"),
+    ("hostile-http-reporter", "hostile_http_reporter"),
 ];
 
 /// Builds every guest plugin for wasm32-wasip2 (one `cargo build -p` each: the SDK's kind
@@ -98,4 +100,53 @@ impl TextTools for RecordingTools {
         self.seen.lock().unwrap().push(s.clone());
         Ok(s)
     }
+}
+
+/// A component built from a hand-written core module, `plugins/hostile/wat/<name>.wat`, and the
+/// WIT world `preprocessor`: from `<name>.wit` next to it, or the real contract
+/// (`wit/since_v0.1.0`) when there is none. For attacks a Rust guest cannot express (tables,
+/// mismatched types).
+pub fn wat_plugin(name: &str) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = repo.join("plugins/hostile/wat");
+    let mut resolve = wit_parser::Resolve::default();
+    let wit = dir.join(format!("{name}.wit"));
+    let package = if wit.is_file() {
+        resolve.push_file(&wit).unwrap()
+    } else {
+        resolve.push_dir(repo.join("wit/since_v0.1.0")).unwrap().0
+    };
+    let world = resolve.select_world(&[package], Some("preprocessor")).unwrap();
+    let mut module = wat::parse_file(dir.join(format!("{name}.wat"))).unwrap();
+    wit_component::embed_component_metadata(&mut module, &resolve, world, wit_component::StringEncoding::UTF8).unwrap();
+    let component = wit_component::ComponentEncoder::default()
+        .module(&module)
+        .unwrap()
+        .validate(true)
+        .encode()
+        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("wat-plugins");
+    std::fs::create_dir_all(&out).unwrap();
+    let path = out.join(format!("{name}.wasm"));
+    std::fs::write(&path, component).unwrap();
+    path
+}
+
+/// Resident memory of this process now, and its peak since the last [`reset_peak_rss`] (Linux).
+pub fn rss_bytes() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets the peak resident memory (`VmHWM`) to the current value; false where the kernel does
+/// not allow it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
