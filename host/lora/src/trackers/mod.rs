@@ -289,48 +289,12 @@ pub trait Tracker: Send {
     fn abort(&mut self);
 }
 
-/// The resolved parameters as trackers log them: values of secret-looking keys in
-/// `training_envs`, and of secret-looking keys inside JSON-object parameters, hidden.
-///
-/// TODO(lead): the one place to call the shared redaction of issue 11 (hardening-plugins) once it
-/// lands, so trackers, plugins, logs and the manifest hide the same things.
+/// The resolved parameters as trackers log them, secrets hidden by the same rule as plugins,
+/// logs and the manifest ([`crate::redact::params`]).
 pub fn loggable_params(params: &Map<String, Value>) -> Map<String, Value> {
-    fn secret(key: &str) -> bool {
-        let k = key.to_ascii_uppercase();
-        ["TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL", "AUTH"].iter().any(|s| k.contains(s))
-    }
-    fn hide_in(v: &Value) -> Value {
-        match v {
-            Value::Object(m) => Value::Object(
-                m.iter().map(|(k, v)| (k.clone(), if secret(k) { json!("<hidden>") } else { hide_in(v) })).collect(),
-            ),
-            Value::Array(a) => Value::Array(a.iter().map(hide_in).collect()),
-            other => other.clone(),
-        }
-    }
-    params
-        .iter()
-        .map(|(name, v)| {
-            let v = match (name.as_str(), v) {
-                ("training_envs", Value::String(s)) => Value::String(
-                    s.split(',')
-                        .map(|item| match item.split_once('=') {
-                            Some((k, _)) if secret(k) => format!("{}=<hidden>", k.trim()),
-                            _ => item.trim().to_string(),
-                        })
-                        .filter(|i| !i.is_empty())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ),
-                (_, Value::String(s)) if s.trim_start().starts_with('{') => match serde_json::from_str::<Value>(s) {
-                    Ok(parsed) => Value::String(hide_in(&parsed).to_string()),
-                    Err(_) => v.clone(),
-                },
-                _ => hide_in(v),
-            };
-            (name.clone(), v)
-        })
-        .collect()
+    let mut out = params.clone();
+    crate::redact::params(&mut out);
+    out
 }
 
 /// A parameter value as text (strings as they are, everything else as JSON, unset as `None`).
