@@ -27,6 +27,7 @@ mod template;
 mod tokenize;
 mod tools;
 
+pub use template::strftime;
 pub use config::{BadRecords, DataConfig, DatasetType, LongSamplePolicy};
 pub use error::{DataError, RecordLocation, Result};
 pub use formats::{ALPACA_PROMPT, CHAT_ROLES, builtin_preprocessor};

@@ -89,7 +89,7 @@ fn strftime_now(format: String) -> Result<Value, Error> {
 }
 
 /// Formats a Unix time (UTC) with the common strftime codes.
-pub(crate) fn strftime(unix_secs: i64, format: &str) -> String {
+pub fn strftime(unix_secs: i64, format: &str) -> String {
     const MONTHS: [&str; 12] = [
         "January",
         "February",

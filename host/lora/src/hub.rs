@@ -359,9 +359,7 @@ fn link_or_copy(_rel: &Path, blob: &Path, target: &Path) -> Result<(), HubError>
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HubError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).map_err(io_err("writing", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("renaming into", path))
+    crate::fs::write_atomic(path, bytes).map_err(io_err("writing", path))
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

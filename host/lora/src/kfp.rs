@@ -262,35 +262,10 @@ pub fn write_executor_output(
     Ok(Some(path))
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder (`.<name>.tmp-<pid>`,
-/// created exclusively, synced), then renames, so a reader never sees half a file; then removes
-/// what dead runs left there ([`crate::run::outputs::remove_dead_leftovers`]). Creates the
-/// parent folder.
+/// Writes `bytes` to `path` atomically, following no link ([`crate::fs::write_atomic`]), then
+/// removes what dead runs left there ([`crate::run::outputs::remove_dead_leftovers`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KfpError> {
-    use std::io::Write;
-    let err = |source| KfpError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err(e));
-    }
+    crate::fs::write_atomic(path, bytes).map_err(|source| KfpError::Write { path: path.to_path_buf(), source })?;
     crate::run::outputs::remove_dead_leftovers(path);
     Ok(())
 }

@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use lora_api::{CheckpointInfo, EvalMetrics, ExtError, Reporter, RunInfo, RunSummary, StepMetrics};
 use serde::{Deserialize, Serialize};
@@ -336,15 +336,11 @@ impl Reporter for ProgressReporter {
     }
 }
 
-/// Writes `bytes` to `path` through an exclusive temp file in the same folder and a rename,
-/// following no link (see [`crate::fs::write_atomic`]).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::fs::write_atomic(path, bytes)
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn info(start_step: u64) -> RunInfo {
         RunInfo {

@@ -328,7 +328,8 @@ fn other_process_alive(pid: u32) -> bool {
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// Removes what dead runs left next to `dest`: `.<name>.tmp-<pid>` (a staged output) and
+/// Removes what dead runs left next to `dest`: `.<name>.tmp-<pid>` (a staged output),
+/// `.<name>.tmp-<pid>-<n>` (a file [`crate::fs::write_atomic`] was writing) and
 /// `.<name>.old-<pid>` (an earlier output moved aside), files or folders, whose process is gone.
 /// Returns what was removed.
 pub fn remove_dead_leftovers(dest: &Path) -> Vec<PathBuf> {
@@ -339,7 +340,11 @@ pub fn remove_dead_leftovers(dest: &Path) -> Vec<PathBuf> {
     for e in fs::read_dir(parent).into_iter().flatten().filter_map(|e| e.ok()) {
         let file_name = e.file_name().to_string_lossy().to_string();
         let Some(rest) = file_name.strip_prefix(&prefix) else { continue };
-        let pid = rest.strip_prefix("tmp-").or_else(|| rest.strip_prefix("old-")).and_then(|p| p.parse::<u32>().ok());
+        let pid = rest
+            .strip_prefix("tmp-")
+            .map(|p| p.split_once('-').map_or(p, |(pid, n)| if n.bytes().all(|b| b.is_ascii_digit()) { pid } else { "" }))
+            .or_else(|| rest.strip_prefix("old-"))
+            .and_then(|p| p.parse::<u32>().ok());
         let Some(pid) = pid else { continue };
         if other_process_alive(pid) {
             continue;
@@ -502,5 +507,39 @@ mod tests {
         assert_eq!(c["bias"], "none");
         assert_eq!(c["inference_mode"], true);
         assert!(c["modules_to_save"].is_null());
+    }
+
+    /// What a killed lora left next to an output (a staged folder, a half-written file of
+    /// `fs::write_atomic`, an output moved aside) goes; a live process's, and other names, stay.
+    #[test]
+    fn dead_runs_leftovers_go_and_everything_else_stays() {
+        let dir = std::env::temp_dir().join(format!("lora-leftovers-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        // pid 1 is alive (init); a pid past pid_max is not.
+        let dead = 4_194_305u32;
+        let names = [
+            format!(".out.json.tmp-{dead}"),
+            format!(".out.json.tmp-{dead}-3"),
+            format!(".out.json.old-{dead}"),
+            ".out.json.tmp-1-0".to_string(),
+            format!(".out.json.tmp-{dead}-x"),
+            format!(".other.tmp-{dead}-0"),
+        ];
+        for n in &names {
+            fs::write(dir.join(n), "x").unwrap();
+        }
+        let mut removed: Vec<String> = remove_dead_leftovers(&dir.join("out.json"))
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        removed.sort();
+        let mut want = names[..3].to_vec();
+        want.sort();
+        assert_eq!(removed, want);
+        for n in &names[3..] {
+            assert!(dir.join(n).exists(), "{n} was removed");
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 }

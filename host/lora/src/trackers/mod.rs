@@ -37,7 +37,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use lora_api::{CheckpointInfo, EvalMetrics, ExtError, Reporter, RunInfo, RunSummary, StepMetrics};
 use lora_params::ResolvedParams;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::manifest::Manifest;
 use crate::request::RunRequest;
@@ -186,25 +186,13 @@ impl RunState {
     fn save(&self, checkpoints: &Path) -> Result<(), TrackerError> {
         let path = checkpoints.join(Self::FILE);
         let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
-        crate::report::write_atomic(&path, &bytes).map_err(TrackerError::io("trackers", "writing", &path))
+        crate::fs::write_atomic(&path, &bytes).map_err(TrackerError::io("trackers", "writing", &path))
     }
 }
 
 /// `YYYYmmdd_HHMMSS` of Unix time `secs`, UTC (the wandb SDK's run folder stamp).
 pub fn utc_stamp(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}{month:02}{day:02}_{:02}{:02}{:02}", rem / 3600, (rem % 3600) / 60, rem % 60)
+    lora_data::strftime(i64::try_from(secs).unwrap_or(i64::MAX), "%Y%m%d_%H%M%S")
 }
 
 /// What every tracker is told when the run starts.
@@ -557,6 +545,7 @@ pub(crate) fn now_unix() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn utc_stamps_are_the_civil_date() {
@@ -573,7 +562,8 @@ mod tests {
         p.insert("kubernetes_config".into(), json!({"env": [{"name": "x", "token": "t"}]}));
         p.insert("training_lora_r".into(), json!(16));
         let out = loggable_params(&p);
-        assert_eq!(out["training_envs"], "HF_TOKEN=<hidden>,MLFLOW_EXPERIMENT_NAME=exp,WANDB_API_KEY=<hidden>");
+        // Entries keep their spacing; only secret values change.
+        assert_eq!(out["training_envs"], "HF_TOKEN=<hidden>,MLFLOW_EXPERIMENT_NAME=exp, WANDB_API_KEY=<hidden>");
         let plugin: Value = serde_json::from_str(out["training_plugin_config"].as_str().unwrap()).unwrap();
         assert_eq!(plugin["reporter"]["settings"], json!({"url": "u", "api_key": "<hidden>"}));
         assert_eq!(out["kubernetes_config"]["env"][0]["token"], "<hidden>");

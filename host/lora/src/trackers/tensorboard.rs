@@ -237,7 +237,7 @@ pub fn trim(dir: &Path, start_step: u64) -> Result<usize, TrackerError> {
         let kept: Vec<u8> = records.iter().zip(keep).filter(|(_, k)| **k).flat_map(|(r, _)| proto::tfrecord(r)).collect();
         if kept.len() != bytes.len() {
             dropped += keep.iter().filter(|k| !**k).count();
-            crate::report::write_atomic(path, &kept).map_err(TrackerError::io(NAME, "rewriting", path))?;
+            crate::fs::write_atomic(path, &kept).map_err(TrackerError::io(NAME, "rewriting", path))?;
         }
     }
     Ok(dropped)

@@ -491,7 +491,7 @@ impl Tracker for Wandb {
                 for r in &kept {
                     bytes.extend(frame(bytes.len(), r));
                 }
-                crate::report::write_atomic(&path, &bytes).map_err(TrackerError::io(NAME, "rewriting", &path))?;
+                crate::fs::write_atomic(&path, &bytes).map_err(TrackerError::io(NAME, "rewriting", &path))?;
                 let file = fs::OpenOptions::new().append(true).open(&path).map_err(TrackerError::io(NAME, "opening", &path))?;
                 self.offset = bytes.len();
                 self.num = last;
