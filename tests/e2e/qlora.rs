@@ -180,7 +180,7 @@ fn dry_run_shows_the_quantization_plan() {
     let model = tiny_model(&work.join("base"), DType::BF16);
     let dry = |m: &Path, extra: &[&str]| {
         let mut c = train_cmd(&work, m, &capitals(), extra);
-        c.arg("--dry-run");
+        c.args(["--dry-run", "--json"]);
         c.output().unwrap()
     };
     let out = dry(&model, &["--training-lora-load-in-4bit", "true", "--training-lora-bnb-4bit-compute-dtype", "torch.float16"]);

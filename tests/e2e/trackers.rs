@@ -149,7 +149,7 @@ fn dry_run_names_the_trackers_and_where_they_write() {
     let work = temp_dir("trackers-dry");
     let model = tiny_model(&work.join("base"), DType::F32);
     let envs = "MLFLOW_TRACKING_URI=http://127.0.0.1:1,MLFLOW_TRACKING_TOKEN=s3cret,MLFLOW_EXPERIMENT_NAME=exp";
-    let args = [SMALL, &["--dry-run", "--training-tensorboard-log-dir", "/tmp/tb", "--training-wandb-project", "p", "--training-wandb-run-name", "first", "--training-envs", envs]].concat();
+    let args = [SMALL, &["--dry-run", "--json", "--training-tensorboard-log-dir", "/tmp/tb", "--training-wandb-project", "p", "--training-wandb-run-name", "first", "--training-envs", envs]].concat();
     let out = run_ok(train_cmd(&work, &model, &capitals(), &args));
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
     let t = &plan["trackers"];
