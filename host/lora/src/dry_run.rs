@@ -186,7 +186,10 @@ pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow
             "num_workers": req.params.resource_num_workers,
             "labels": labels,
             "annotations": annotations,
-            "kubernetes_config": req.kubernetes_config,
+            "kubernetes_config": req.kubernetes_config.clone().map(|mut v| {
+                crate::redact::kubernetes(&mut v);
+                v
+            }),
         },
     }))
 }
