@@ -95,7 +95,8 @@ fn qlora_run_merges_into_the_original_16bit_weights_and_records_the_quantization
     let out = train_cmd(&work, &model, &capitals(), &changed).output().unwrap();
     let log = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "{log}");
-    assert!(log.contains("training_lora_bnb_4bit_compute_dtype"), "{log}");
+    // Named as the flag a `lora train` user types (issue 15).
+    assert!(log.contains("--training-lora-bnb-4bit-compute-dtype: \"bfloat16\" → \"float32\""), "{log}");
 }
 
 /// fp4 without double quant and 8-bit train too, each recorded as it was run; 8-bit says that
