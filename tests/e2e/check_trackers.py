@@ -171,9 +171,14 @@ def check_wandb(name, work, steps, evals, totals, run_name):
     config = run["config"]["update"]
     check(config["training_lora_r"] == 16 and config["training_num_epochs"] == 3, f"{name}: config {config}")
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
-    check([h["_step"] for h in history] == [r["step"] for r in steps], f"{name}: history steps {[h['_step'] for h in history]}")
+    # One row per logged step, and one of step 0 for the eval before the first step.
+    before = [0] if any(e["step"] == 0 for e in evals) else []
+    check([h["_step"] for h in history] == before + [r["step"] for r in steps], f"{name}: history steps {[h['_step'] for h in history]}")
     by_step = {e["step"]: e for e in evals}
-    for h, r in zip(history, steps):
+    for h in history[:len(before)]:
+        for key, tag in EVAL_KEYS.items():
+            check(h.get(tag) == by_step[0][key], f"{name}: wandb eval before the first step {tag}")
+    for h, r in zip(history[len(before):], steps):
         for key in STEP_KEYS:
             check(h[hf(key)] == r[key], f"{name}: wandb step {r['step']} {hf(key)} {h[hf(key)]} != {r[key]}")
         e = by_step.get(r["step"])

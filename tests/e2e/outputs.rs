@@ -287,7 +287,7 @@ fn bad_model_folders_exit_2_before_anything_is_loaded() {
             let work = temp_dir("badmodel");
             let mut c = train_cmd(&work, dir, &capitals(), &[SMALL, extra].concat());
             if dry {
-                c.arg("--dry-run");
+                c.args(["--dry-run", "--json"]);
             }
             let out = c.output().unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);

@@ -107,6 +107,7 @@ fn a_planted_link_cannot_make_lora_overwrite_a_file_outside_the_workspace() {
         let mut a = args(&config);
         if dry {
             a.push("--dry-run".into());
+            a.push("--json".into());
         }
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         let out = train_cmd(&work, &model, &capitals(), &a).output().unwrap();
@@ -146,6 +147,7 @@ fn secret_parameters_are_hidden_from_plugins_manifests_and_dry_runs() {
 
     let mut dry = args.clone();
     dry.push("--dry-run");
+    dry.push("--json");
     let plan = run_ok(train_cmd(&work, &model, &capitals(), &dry));
     let plan = String::from_utf8_lossy(&plan.stdout);
     assert!(!plan.contains(secret), "{plan}");
@@ -174,7 +176,7 @@ fn a_dry_run_loads_and_checks_every_plugin() {
     let garbage = work.join("garbage.wasm");
     std::fs::write(&garbage, b"\0asm\x0d\0\x01\0 not really").unwrap();
     let dry = |plugins: String, config: &str| {
-        let args = [&["--dry-run", "--training-plugins", &plugins, "--training-plugin-config", config][..], SMALL].concat();
+        let args = [&["--dry-run", "--json", "--training-plugins", &plugins, "--training-plugin-config", config][..], SMALL].concat();
         train_cmd(&work, &model, &capitals(), &args).output().unwrap()
     };
     let out = dry(format!("reporter={}", garbage.display()), "");

@@ -95,7 +95,8 @@ fn qlora_run_merges_into_the_original_16bit_weights_and_records_the_quantization
     let out = train_cmd(&work, &model, &capitals(), &changed).output().unwrap();
     let log = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "{log}");
-    assert!(log.contains("training_lora_bnb_4bit_compute_dtype"), "{log}");
+    // Named as the flag a `lora train` user types (issue 15).
+    assert!(log.contains("--training-lora-bnb-4bit-compute-dtype: \"bfloat16\" → \"float32\""), "{log}");
 }
 
 /// fp4 without double quant and 8-bit train too, each recorded as it was run; 8-bit says that
@@ -180,7 +181,7 @@ fn dry_run_shows_the_quantization_plan() {
     let model = tiny_model(&work.join("base"), DType::BF16);
     let dry = |m: &Path, extra: &[&str]| {
         let mut c = train_cmd(&work, m, &capitals(), extra);
-        c.arg("--dry-run");
+        c.args(["--dry-run", "--json"]);
         c.output().unwrap()
     };
     let out = dry(&model, &["--training-lora-load-in-4bit", "true", "--training-lora-bnb-4bit-compute-dtype", "torch.float16"]);

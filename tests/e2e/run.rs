@@ -4,6 +4,8 @@
 //! Run: `cargo test -p lora --test e2e`.
 
 mod common;
+mod dry_run;
+mod merged;
 mod outputs;
 mod qlora;
 mod oci;
@@ -146,10 +148,24 @@ fn a_changed_input_is_not_resumed_silently() {
     let out = train_cmd(&work, &model, &capitals(), &changed).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("training_learning_rate") && stderr.contains("training_resume=never"), "{stderr}");
+    // Named as a `lora train` user types them, and no promise of a resume (issue 15).
+    assert!(stderr.contains("--training-learning-rate: 0.0002 → 0.001") && stderr.contains("pass --training-resume never"), "{stderr}");
+    assert!(!stderr.contains("training_resume=never") && !stderr.contains("resumes"), "{stderr}");
+    assert!(stderr.contains("hint: the workspace's checkpoints belong to another run"), "{stderr}");
     let fresh = [changed.as_slice(), &["--training-resume", "never"]].concat();
     let out = run_ok(train_cmd(&work, &model, &capitals(), &fresh));
     assert!(String::from_utf8_lossy(&out.stderr).contains("removed 1 old checkpoint"));
+}
+
+/// A tiny model folder for tests outside Rust (the kfp.local test in tests/kfp/test_kfp.py), at
+/// `LORA_TINY_MODEL_DIR`; run by `tests/ci.d/10-kfp.sh` with `--ignored`.
+#[test]
+#[ignore = "fixture for tests/kfp/test_kfp.py; run by tests/ci.d/10-kfp.sh"]
+fn write_tiny_model() {
+    let dir = std::path::PathBuf::from(std::env::var("LORA_TINY_MODEL_DIR").expect("set LORA_TINY_MODEL_DIR"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    learnable_model(&dir, 4.0);
 }
 
 /// Writes the fixture `tests/e2e/interop.py` checks against transformers + PEFT (+ bitsandbytes):

@@ -108,8 +108,12 @@ fn a_killed_and_resumed_run_has_each_step_once_in_tensorboard_and_wandb() {
     assert_eq!(wandb_runs.len(), 1, "one W&B offline run: {wandb_runs:?}");
     let history = lora::trackers::wandb::history(&wandb_runs[0]);
     let w_steps: Vec<u64> = history.iter().map(|row| row["_step"].as_u64().unwrap()).collect();
-    assert_eq!(w_steps, steps, "one history row per logged step");
-    for (row, r) in history.iter().zip(rows.iter().filter(|r| r.get("loss").is_some())) {
+    // One history row per logged step, and one for the eval before the first step.
+    assert_eq!(evals.first(), Some(&0), "an eval before the first step: {evals:?}");
+    let want: Vec<u64> = std::iter::once(0).chain(steps.iter().copied()).collect();
+    assert_eq!(w_steps, want, "one history row per logged step: {history:?}");
+    let trained = history.iter().filter(|row| row.get("train/loss").is_some());
+    for (row, r) in trained.zip(rows.iter().filter(|r| r.get("loss").is_some())) {
         assert_eq!(row["train/loss"].as_f64(), r["loss"].as_f64());
         if evals.contains(&r["step"].as_u64().unwrap()) {
             assert!(row["eval/loss"].is_number(), "eval merged into the row of its step: {row}");
@@ -149,7 +153,7 @@ fn dry_run_names_the_trackers_and_where_they_write() {
     let work = temp_dir("trackers-dry");
     let model = tiny_model(&work.join("base"), DType::F32);
     let envs = "MLFLOW_TRACKING_URI=http://127.0.0.1:1,MLFLOW_TRACKING_TOKEN=s3cret,MLFLOW_EXPERIMENT_NAME=exp";
-    let args = [SMALL, &["--dry-run", "--training-tensorboard-log-dir", "/tmp/tb", "--training-wandb-project", "p", "--training-wandb-run-name", "first", "--training-envs", envs]].concat();
+    let args = [SMALL, &["--dry-run", "--json", "--training-tensorboard-log-dir", "/tmp/tb", "--training-wandb-project", "p", "--training-wandb-run-name", "first", "--training-envs", envs]].concat();
     let out = run_ok(train_cmd(&work, &model, &capitals(), &args));
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
     let t = &plan["trackers"];

@@ -14,6 +14,12 @@
 4. tests/kfp/executor_output.golden.json (written by the Rust writer, see
    host/lora/tests/kfp_contract.rs) parses as pipeline_spec_pb2.ExecutorOutput with protobuf's
    strict JSON parser, as the launcher parses it, and lists every output artifact.
+5. kfp.local: an upstream Lightweight Python component writes its dataset to `out.path` (no
+   extension, the most common pipeline shape) and feeds the lora component, which trains a tiny
+   model (LORA_TINY_MODEL, written by the e2e test `write_tiny_model`) to SUCCESS. kfp.local's
+   SubprocessRunner runs only Python components; the lora container's command is run as a local
+   process instead (the `lora` binary is LORA_BIN), with everything else (executor input,
+   placeholders, artifact paths, executor output) kfp.local's own.
 
 Usage: LORA_BIN=path/to/lora python tests/kfp/test_kfp.py
 """
@@ -45,8 +51,24 @@ def check(cond, what):
         print(f"FAIL: {what}")
 
 
-def lora(*args):
-    return subprocess.run([LORA, *args], capture_output=True, text=True)
+def lora(*args, env=None):
+    return subprocess.run([LORA, *args], capture_output=True, text=True, env=None if env is None else {**os.environ, **env})
+
+
+def hub_cache_with(model_id, model_dir, root):
+    """A Hugging Face hub cache at `root` holding `model_id` as the tiny model (its window widened
+    to the pipeline's training_max_seq_len), so a dry run resolves it offline."""
+    import shutil
+
+    repo = root / ("models--" + model_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    shutil.copytree(model_dir, snapshot)
+    cfg = json.loads((snapshot / "config.json").read_text())
+    cfg["max_position_embeddings"] = 32768
+    (snapshot / "config.json").write_text(json.dumps(cfg))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    return {"HF_HUB_CACHE": str(root), "HF_HUB_OFFLINE": "1"}
 
 
 def test_component_loads_and_matches_the_binary():
@@ -163,7 +185,24 @@ def test_executor_input_is_read(spec):
         fixture.write_text(text)
     check(fixture.read_text() == text, f"{fixture} differs from the executor input built now (LORA_BLESS=1 rewrites it)")
 
-    res = lora("kfp", "--dry-run", "--executor-input", json.dumps(ei))
+    # The dry run reads the model and the data as the run would: the base model from a hub cache
+    # (no network here). The pipeline's dataset is a remote s3 artifact, which the run refuses
+    # (lora does not download datasets): so does the dry run, naming it.
+    model = os.environ.get("LORA_TINY_MODEL")
+    if not model:
+        check(False, "LORA_TINY_MODEL is not set (tests/ci.d/10-kfp.sh writes the tiny model)")
+        return
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    env = hub_cache_with(ei["inputs"]["parameterValues"]["training_base_model"], model, tmp / "hub")
+    res = lora("kfp", "--dry-run", "--json", "--executor-input", json.dumps(ei), env=env)
+    check(res.returncode == 2 and "lora does not download datasets" in res.stderr and "s3://datasets/chat/train.jsonl" in res.stderr,
+          f"a remote dataset fails the dry run as it fails the run ({res.returncode}): {res.stderr}")
+    # With the dataset artifact on a local path, the whole plan.
+    data = tmp / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    local = json.loads(json.dumps(ei))
+    local["inputs"]["artifacts"]["dataset"]["artifacts"][0].update({"uri": str(data), "metadata": {}})
+    res = lora("kfp", "--dry-run", "--json", "--executor-input", json.dumps(local), env=env)
     check(res.returncode == 0, f"lora kfp --dry-run failed ({res.returncode}): {res.stderr}")
     if res.returncode != 0:
         return
@@ -192,9 +231,9 @@ def test_executor_input_is_read(spec):
     check(outs["executor_output"] == "/tmp/kfp_outputs/output_metadata.json", "outputs.outputFile read")
     check(outs["output_parameter"] == "/tmp/kfp/outputs/Output", "outputs.parameters.Output.outputFile read")
     ds = plan["inputs"]
-    check(ds["dataset_artifact_path"] == "/minio/mlpipeline/v2/artifacts/imported/train.jsonl", "dataset uri mapped")
-    check(ds["dataset_metadata"] == {"artifact_path": "s3://datasets/chat/train.jsonl"}, "dataset metadata read")
-    check(ds["dataset"] == {"from": "remote", "artifact_path": "s3://datasets/chat/train.jsonl"}, f"dataset resolution {ds['dataset']}")
+    check(ds["dataset_artifact_path"] == str(data), "dataset uri mapped")
+    check(ds["dataset"] == {"from": "artifact", "path": str(data)}, f"dataset resolution {ds['dataset']}")
+    check(plan["training"]["records"] == 1 and plan["training"]["total_steps"] == 2, f"the data plan: {plan['training']}")
     check(plan["environment"].get("HF_HOME") == WORKSPACE + "/.cache/huggingface", "HF_HOME defaults into the workspace")
     check(plan["environment"].get("HF_HUB_ENABLE_HF_TRANSFER") == "0", "training_envs applied")
     check(plan["workspace"]["dataset_train"] == WORKSPACE + "/dataset/train", "workspace layout")
@@ -216,6 +255,102 @@ def test_executor_output_parses_as_the_launcher_parses_it(spec):
     check(metrics and all(isinstance(v, (int, float)) for v in metrics.values()), f"metrics are scalars: {metrics}")
 
 
+def run_lora_container_as_a_local_process():
+    """Lets kfp.local's SubprocessRunner run the lora component's container command (`lora kfp
+    --executor-input {{$}}`) as a process of LORA_BIN; every other component still goes through
+    kfp's own checks."""
+    from kfp.local import subprocess_task_handler as sth
+
+    handler = sth.SubprocessTaskHandler
+    original = handler.__init__
+
+    def init(self, image, full_command, pipeline_root, runner, env_vars=None):
+        if image.startswith("ghcr.io/lora-rs/lora:") and full_command[:2] == ["lora", "kfp"]:
+            self.image, self.pipeline_root, self.runner = image, pipeline_root, runner
+            self.full_command = [LORA, *full_command[1:]]
+            self.env_vars = env_vars or {}
+            return
+        original(self, image, full_command, pipeline_root, runner, env_vars)
+
+    handler.__init__ = init
+
+
+def test_kfp_local_extension_less_upstream_dataset(tmp):
+    model = os.environ.get("LORA_TINY_MODEL")
+    if not model:
+        check(False, "LORA_TINY_MODEL is not set (tests/ci.d/10-kfp.sh writes the tiny model)")
+        return
+    from kfp import dsl, local
+
+    run_lora_container_as_a_local_process()
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(tmp / "pipeline-root"),
+        workspace_root=str(tmp / "workspace"),
+        raise_on_error=True,
+    )
+    lora = components.load_component_from_file(str(COMPONENT))
+
+    @dsl.component
+    def make_chat(out: dsl.Output[dsl.Dataset]):
+        import json
+
+        with open(out.path, "w") as f:  # no extension: `out.path` is `.../out`
+            for i in range(12):
+                f.write(json.dumps({"messages": [
+                    {"role": "user", "content": f"What is {i} plus {i}?"},
+                    {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+                ]}) + "\n")
+
+    @dsl.pipeline(pipeline_config=dsl.PipelineConfig(workspace=dsl.WorkspaceConfig(size="1Gi")))
+    def upstream_then_lora(base_model: str):
+        data = make_chat()
+        lora(
+            pvc_path=dsl.WORKSPACE_PATH_PLACEHOLDER,
+            dataset=data.outputs["out"],
+            training_base_model=base_model,
+            training_device="cpu",
+            training_num_epochs=1,
+            training_effective_batch_size=4,
+            training_max_seq_len=256,
+            training_max_tokens_per_gpu=1024,
+            # kfp.local (2.17.3) casts every integer parameter with int(), an unset Optional[int]
+            # (None) included, and fails before running the task; a KFP backend leaves them
+            # unset. So each is given here, with the value lora would resolve anyway.
+            training_lr_warmup_steps=1,
+            training_micro_batch_size=4,
+            training_gradient_accumulation_steps=1,
+            training_save_steps=500,
+            training_eval_steps=500,
+            training_logging_steps=1,
+            training_save_total_limit=3,
+            training_max_steps=100,
+            training_seed=3407,
+        )
+
+    try:
+        upstream_then_lora(base_model=model)  # raises unless every task ends in SUCCESS
+    except Exception as e:  # noqa: BLE001 (reported as a failed check, with kfp's message)
+        check(False, f"the pipeline ran to SUCCESS: {e}")
+        return
+    # A pipeline run's tasks: SUCCESS for both, and lora's outputs where kfp.local put them.
+    roots = sorted((tmp / "pipeline-root").glob("upstream-then-lora-*"))
+    check(len(roots) == 1, f"one pipeline run folder under the pipeline root: {roots}")
+    if not roots:
+        return
+    out_path = next(roots[0].glob("make-chat/out"), None)
+    check(out_path is not None and out_path.is_file() and out_path.suffix == "", f"the upstream dataset is an extension-less file: {out_path}")
+    lora_dir = roots[0] / "lora"
+    adapter = lora_dir / "output_model" / "adapter" / "adapter_model.safetensors"
+    check(adapter.is_file(), f"lora wrote its adapter: {adapter}")
+    metrics_file = lora_dir / "output_metrics"
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        check(metrics.get("training_steps") == 3, f"12 records at batch 4 give 3 steps: {metrics.get('training_steps')}")
+    else:
+        check(False, f"lora wrote its metrics: {metrics_file}")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_component_loads_and_matches_the_binary()
@@ -223,6 +358,8 @@ def main():
         spec = compile_pipeline(pathlib.Path(tmp))
         test_executor_input_is_read(spec)
         test_executor_output_parses_as_the_launcher_parses_it(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        test_kfp_local_extension_less_upstream_dataset(pathlib.Path(tmp))
     if failures:
         print(f"{len(failures)} check(s) failed")
         sys.exit(1)

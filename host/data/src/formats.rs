@@ -68,10 +68,26 @@ fn chat(obj: &serde_json::Map<String, Value>, field: &str) -> Result<Sample, Str
     let list = match obj.get(field) {
         Some(Value::Array(l)) => l,
         None => {
-            return Err(field_err(
-                field,
-                "missing (set training_field_messages if the conversation is under another name)",
-            ));
+            // A record shaped like another built-in format says which.
+            let has = |k: &str| obj.contains_key(k);
+            let shape = if has("instruction") && has("output") {
+                Some(("instruction/output", "alpaca"))
+            } else if has("prompt") && has("completion") {
+                Some(("prompt/completion", "prompt_completion"))
+            } else if has("input_ids") {
+                Some(("input_ids", "tokenized"))
+            } else if has("text") && obj.len() == 1 {
+                Some(("text", "passthrough"))
+            } else {
+                None
+            };
+            let message = match shape {
+                Some((fields, kind)) => format!(
+                    "missing; the record has {fields} fields: for that format set training_dataset_type={kind} (`--training-dataset-type {kind}`), or set training_field_messages if the conversation is under another name"
+                ),
+                None => "missing (set training_field_messages if the conversation is under another name)".to_string(),
+            };
+            return Err(field_err(field, message));
         }
         Some(other) => {
             return Err(field_err(

@@ -37,7 +37,7 @@ pub use prepare::{
 };
 pub use source::{
     DataFile, DatasetInput, DatasetSource, FileKind, ReadProblem, read_records,
-    read_records_keeping_text, resolve_dataset,
+    read_records_keeping_text, resolve_dataset, sniff,
 };
 pub use template::ChatTemplate;
 pub use tokenize::{SampleError, TokenizedSample, tokenize_sample};

@@ -125,6 +125,7 @@ pub fn resolve_dataset(input: &DatasetInput) -> Result<DatasetSource> {
     }
 }
 
+/// The kind a file's extension names, if it names one.
 fn kind_of(path: &Path) -> Option<FileKind> {
     let name = path.file_name()?.to_str()?.to_ascii_lowercase();
     if name.ends_with(".jsonl") || name.ends_with(".ndjson") {
@@ -140,22 +141,109 @@ fn kind_of(path: &Path) -> Option<FileKind> {
     }
 }
 
+/// Bytes of a file's head that [`sniff`] looks at.
+const SNIFF_BYTES: usize = 1 << 20;
+
+/// The kind of a data file whose name says nothing (a KFP artifact is written to `.../dataset`
+/// or `out.path`), told by its content: Parquet (`PAR1` at both ends), Arrow IPC (the file
+/// format's `ARROW1`, or a stream's first message: continuation marker `0xFFFFFFFF` and a
+/// length), a JSON array (`[` first), JSON Lines (the first line is a JSON object on its own).
+/// Anything else, or content that looks like two of them, is an error listing what was tried.
+pub fn sniff(path: &Path) -> Result<FileKind> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| DataError::io("open", path, e))?;
+    let len = f.metadata().map_err(|e| DataError::io("read", path, e))?.len();
+    let mut head = Vec::with_capacity(SNIFF_BYTES.min(len as usize));
+    (&mut f)
+        .take(SNIFF_BYTES as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| DataError::io("read", path, e))?;
+    let mut tail = [0u8; 4];
+    let tail_ok = len >= 8
+        && f.seek(SeekFrom::End(-4)).is_ok()
+        && f.read_exact(&mut tail).is_ok();
+    let tried = |found: &str| {
+        DataError::format(
+            path,
+            format!(
+                "the file name has no dataset extension (.jsonl, .json, .parquet, .arrow) and the content {found}; \
+                 tried: Parquet (`PAR1` at start and end), Arrow IPC file (`ARROW1`), Arrow IPC stream \
+                 (0xFFFFFFFF and a message length), JSON array (`[` first), JSON Lines (a JSON object \
+                 on the first line). Rename the file with its extension, or write one of these"
+            ),
+        )
+    };
+    if head.is_empty() {
+        return Err(tried("is empty"));
+    }
+    if head.starts_with(b"PAR1") {
+        return if tail_ok && &tail == b"PAR1" {
+            Ok(FileKind::Parquet)
+        } else {
+            Err(tried("starts like Parquet (`PAR1`) but does not end with `PAR1` (truncated?)"))
+        };
+    }
+    if head.starts_with(b"ARROW1") {
+        return Ok(FileKind::Arrow);
+    }
+    if head.len() >= 8 && head[..4] == [0xff; 4] {
+        let n = i32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if n > 0 && (n as u64) < len {
+            return Ok(FileKind::Arrow);
+        }
+        return Err(tried("starts with an Arrow stream marker but no valid message length"));
+    }
+    let text = match std::str::from_utf8(&head) {
+        Ok(t) => t,
+        // A multi-byte character cut at the end of the head is fine.
+        Err(e) if e.error_len().is_none() => std::str::from_utf8(&head[..e.valid_up_to()]).unwrap_or(""),
+        Err(e) => {
+            return Err(tried(&format!(
+                "is binary (not UTF-8 at byte {}) and no known binary format",
+                e.valid_up_to()
+            )));
+        }
+    };
+    let body = text.trim_start_matches('\u{feff}').trim_start();
+    match body.chars().next() {
+        Some('[') => Ok(FileKind::Json),
+        Some('{') => {
+            let first = body.lines().next().unwrap_or("");
+            match serde_json::from_str::<serde_json::Value>(first) {
+                Ok(serde_json::Value::Object(_)) => Ok(FileKind::Jsonl),
+                Ok(_) => Err(tried("starts with `{` but its first line is not a JSON object")),
+                Err(e) => Err(tried(&format!(
+                    "starts with `{{` but its first line is not a whole JSON object ({e}): \
+                     a pretty-printed JSON object is one value, not a list of records"
+                ))),
+            }
+        }
+        Some(c) => Err(tried(&format!("starts with {c:?}"))),
+        None => Err(tried("holds only white space")),
+    }
+}
+
+/// The kind of a data file: by its extension, else by its content ([`sniff`]).
+/// A `.json` file holding JSON Lines (pandas' `lines=True`, `datasets`' `to_json`) is read as
+/// JSON Lines, as `datasets.load_dataset("json")` does.
+fn kind_or_sniff(path: &Path) -> Result<FileKind> {
+    match kind_of(path) {
+        Some(FileKind::Json) if matches!(sniff(path), Ok(FileKind::Jsonl)) => Ok(FileKind::Jsonl),
+        Some(kind) => Ok(kind),
+        None => sniff(path),
+    }
+}
+
 /// Metadata files of `datasets.save_to_disk` that are not data.
 const HF_METADATA: &[&str] = &["dataset_info.json", "state.json", "dataset_dict.json"];
 
 /// The data files of one split folder (or a single file).
 fn split_files(path: &Path) -> Result<Vec<DataFile>> {
     if path.is_file() {
-        return match kind_of(path) {
-            Some(kind) => Ok(vec![DataFile {
-                path: path.to_owned(),
-                kind,
-            }]),
-            None => Err(DataError::format(
-                path,
-                "unknown dataset file type; expected .jsonl, .json, .parquet or .arrow",
-            )),
-        };
+        return Ok(vec![DataFile {
+            path: path.to_owned(),
+            kind: kind_or_sniff(path)?,
+        }]);
     }
     // A `datasets.save_to_disk` folder lists its Arrow files, in order, in state.json.
     let state = path.join("state.json");
@@ -192,6 +280,7 @@ fn split_files(path: &Path) -> Result<Vec<DataFile>> {
         return Ok(out);
     }
     let mut out = Vec::new();
+    let mut unnamed = Vec::new();
     let rd = std::fs::read_dir(path).map_err(|e| DataError::io("list", path, e))?;
     for entry in rd {
         let entry = entry.map_err(|e| DataError::io("list", path, e))?;
@@ -200,8 +289,42 @@ fn split_files(path: &Path) -> Result<Vec<DataFile>> {
         if !p.is_file() || name.starts_with('.') || HF_METADATA.contains(&name.as_str()) {
             continue;
         }
-        if let Some(kind) = kind_of(&p) {
-            out.push(DataFile { path: p, kind });
+        match kind_of(&p) {
+            Some(_) => {
+                let kind = kind_or_sniff(&p)?;
+                out.push(DataFile { path: p, kind });
+            }
+            None if Path::new(&name).extension().is_none() => unnamed.push(p),
+            None => {}
+        }
+    }
+    // A folder holding a single extension-less file (an upstream step's `out.path` in a folder
+    // artifact) is that file, told by its content. Several such files next to no named one are
+    // not guessed at.
+    if out.is_empty() {
+        match unnamed.len() {
+            0 => {}
+            1 => {
+                let p = unnamed.remove(0);
+                let kind = sniff(&p)?;
+                out.push(DataFile { path: p, kind });
+            }
+            _ => {
+                unnamed.sort();
+                let names: Vec<String> = unnamed
+                    .iter()
+                    .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+                    .collect();
+                return Err(DataError::format(
+                    path,
+                    format!(
+                        "holds several files without a dataset extension ({}) and none with one; \
+                         lora reads a folder's .jsonl, .json, .parquet and .arrow files, or a single \
+                         extension-less file by its content: give the file itself, or name them by format",
+                        names.join(", ")
+                    ),
+                ));
+            }
         }
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
@@ -297,6 +420,7 @@ pub fn read_records_keeping_text(
                         continue;
                     }
                 };
+                let text = if index == 1 { text.strip_prefix('\u{feff}').unwrap_or(text) } else { text };
                 if text.trim().is_empty() {
                     continue;
                 }
@@ -325,6 +449,8 @@ pub fn read_records_keeping_text(
                     format!("not valid UTF-8 at byte {}", e.valid_up_to()),
                 )
             })?;
+            // A byte order mark (as some Windows tools write) is not part of the JSON.
+            let text = text.strip_prefix('\u{feff}').unwrap_or(text);
             let value: serde_json::Value = serde_json::from_str(text)
                 .map_err(|e| DataError::format(&file.path, format!("invalid JSON: {e}")))?;
             let items = match value {

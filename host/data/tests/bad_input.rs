@@ -348,7 +348,9 @@ fn empty_dataset_is_an_error() {
 fn a_json_file_that_is_not_an_array_is_an_error_naming_it() {
     let tools = common::tools("smollm2");
     let dir = tempfile::tempdir().unwrap();
-    let src = write(dir.path(), "obj.json", GOOD.as_bytes());
+    // Pretty-printed: one JSON object over several lines (a one-line object is JSON Lines).
+    let pretty = "{\n  \"messages\": []\n}\n";
+    let src = write(dir.path(), "obj.json", pretty.as_bytes());
     let err = run(&tools, &DataConfig::default(), &src)
         .unwrap_err()
         .to_string();

@@ -39,15 +39,22 @@ struct Entry {
     end: u64,
     /// A bitsandbytes-quantized projection to dequantize (its module prefix) instead of copying.
     dequant: Option<String>,
+    /// The dtype written (`dtype`, or `F32` when merging into float32).
+    out: Option<String>,
 }
 
 impl Entry {
     /// Bytes this tensor takes in the output.
     fn size(&self) -> u64 {
-        match &self.dequant {
-            None => self.end - self.start,
-            Some(_) => self.shape.iter().product::<usize>() as u64 * if self.dtype == "F32" { 4 } else { 2 },
+        match (&self.dequant, &self.out) {
+            (None, None) => self.end - self.start,
+            _ => self.shape.iter().product::<usize>() as u64 * if self.out_dtype() == "F32" { 4 } else { 2 },
         }
+    }
+
+    /// The dtype this tensor is written in.
+    fn out_dtype(&self) -> &str {
+        self.out.as_deref().unwrap_or(&self.dtype)
     }
 }
 
@@ -108,6 +115,7 @@ fn base_entries(dir: &Path) -> Result<BTreeMap<String, Entry>> {
                 Entry {
                     file: file.clone(),
                     dtype: info["dtype"].as_str().unwrap_or("").to_string(),
+                    out: None,
                     shape,
                     start: 8 + n + offs[0],
                     end: 8 + n + offs[1],
@@ -252,8 +260,26 @@ pub fn write_merged_weights(
     cfg: &AdapterConfig,
     max_shard_bytes: u64,
 ) -> Result<()> {
+    write_merged_weights_as(base_dir, out_dir, adapter, cfg, max_shard_bytes, false)
+}
+
+/// [`write_merged_weights`]; with `float32` every 16-bit floating-point tensor is written as F32
+/// (the merged update is not rounded to bf16/f16, so a small adapter's effect is kept whole).
+pub fn write_merged_weights_as(
+    base_dir: &Path,
+    out_dir: &Path,
+    adapter: &[NamedTensor],
+    cfg: &AdapterConfig,
+    max_shard_bytes: u64,
+    float32: bool,
+) -> Result<()> {
     let mut entries = base_entries(base_dir)?;
     let quantized = plan_dequantized(base_dir, &mut entries)?;
+    if float32 {
+        for e in entries.values_mut().filter(|e| matches!(e.dtype.as_str(), "BF16" | "F16")) {
+            e.out = Some("F32".into());
+        }
+    }
     let by_name: HashMap<&str, &NamedTensor> = adapter.iter().map(|t| (t.name.as_str(), t)).collect();
     let scale = cfg.scaling();
     // Group the adapter tensors by the base weight they modify.
@@ -296,7 +322,7 @@ pub fn write_merged_weights(
         let mut off = 0u64;
         for name in names {
             let e = &entries[*name];
-            header.insert((*name).clone(), json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [off, off + e.size()]}));
+            header.insert((*name).clone(), json!({"dtype": e.out_dtype(), "shape": e.shape, "data_offsets": [off, off + e.size()]}));
             off += e.size();
             weight_map.insert((*name).clone(), json!(file_name));
         }
@@ -320,7 +346,8 @@ pub fn write_merged_weights(
             };
             let Some(prefix) = adapted.get(*name) else {
                 match &dequantized {
-                    Some(w) => f.write_all(&from_f32(w, &e.dtype)).map_err(|e| write_err(&path, e))?,
+                    Some(w) => f.write_all(&from_f32(w, e.out_dtype())).map_err(|e| write_err(&path, e))?,
+                    None if e.out.is_some() => f.write_all(&from_f32(&to_f32(&read_bytes(e)?, e, name)?, e.out_dtype())).map_err(|e| write_err(&path, e))?,
                     None => f.write_all(&read_bytes(e)?).map_err(|e| write_err(&path, e))?,
                 }
                 continue;
@@ -349,7 +376,7 @@ pub fn write_merged_weights(
                 None => to_f32(&read_bytes(e)?, e, name)?,
             };
             merge_weight(&mut w, &a.data, &b.data, mag.map(|m| m.data.as_slice()), (out_f, in_f, r), scale);
-            f.write_all(&from_f32(&w, &e.dtype)).map_err(|e| write_err(&path, e))?;
+            f.write_all(&from_f32(&w, e.out_dtype())).map_err(|e| write_err(&path, e))?;
         }
         f.flush().map_err(|e| write_err(&path, e))?;
         f.into_inner().map_err(|e| write_err(&path, e.error()))?.sync_all().map_err(|e| write_err(&path, e))?;

@@ -7,6 +7,7 @@ use crate::adapter::{AdapterConfig, Adapters, Param};
 use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Gemm, HostData, IGNORE_TARGET, splitmix64};
 use crate::error::{EngineError, Result};
 use crate::layer::{self, Ctx, LayerActs};
+use crate::config::ModelConfig;
 use crate::model::Model;
 
 /// A flat stream of documents. `train_mask[i]` (unshifted) means token `i` is a prediction
@@ -97,6 +98,30 @@ struct Prepared {
     trained: usize,
 }
 
+/// [`Trainer::activation_bytes`] from the model's config alone (without the dequantization
+/// buffers of quantized weights): what `--dry-run` plans with before any weight is loaded.
+pub fn activation_bytes(c: &ModelConfig, cfg: &AdapterConfig, tokens: usize, recompute: bool, dtype: DType) -> u64 {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    let targets = cfg.resolve_targets().unwrap_or_default();
+    let lora: usize = targets
+        .iter()
+        .map(|m| cfg.r + if cfg.use_dora { m.dims(c).0 } else { 0 })
+        .sum();
+    let qk_norm = if c.qk_norm { q + kv + 2 * c.num_attention_heads } else { 0 };
+    // Per token, one layer's saved activations (floats).
+    let layer = 3 * h + 2 * q + 2 * kv + c.num_attention_heads + 2 + 3 * i + lora + qk_norm;
+    let layers = c.num_hidden_layers;
+    // Kept between forward and backward, plus backward workspace (a layer's gradients and
+    // the loss chunk, counted as two layers' activations) and the residual-stream gradients.
+    let per_token = if recompute {
+        layers * h + 3 * layer + 3 * h
+    } else {
+        layers * (layer + h) + 2 * layer + 3 * h
+    };
+    (per_token * tokens) as u64 * dtype.size() as u64
+}
+
 impl Trainer {
     /// Adapters initialised from `adapter.init_seed`; dropout masks from `seed`.
     pub fn new(model: Model, adapter: AdapterConfig, optim: OptimConfig, seed: u64) -> Result<Self> {
@@ -121,27 +146,8 @@ impl Trainer {
     /// (`lora bench --shape smollm2-135m --rows 4 --seq-len 512`: 2.10 GiB estimated, 2.07 GiB
     /// measured; with `--recompute` 336 vs 315 MiB).
     pub fn activation_bytes(&self, tokens: usize, recompute: bool) -> u64 {
-        let c = &self.model.cfg;
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
-        let cfg = &self.adapters.cfg;
-        let targets = cfg.resolve_targets().unwrap_or_default();
-        let lora: usize = targets
-            .iter()
-            .map(|m| cfg.r + if cfg.use_dora { m.dims(c).0 } else { 0 })
-            .sum();
-        let qk_norm = if c.qk_norm { q + kv + 2 * c.num_attention_heads } else { 0 };
-        // Per token, one layer's saved activations (floats).
-        let layer = 3 * h + 2 * q + 2 * kv + c.num_attention_heads + 2 + 3 * i + lora + qk_norm;
-        let layers = c.num_hidden_layers;
-        // Kept between forward and backward, plus backward workspace (a layer's gradients and
-        // the loss chunk, counted as two layers' activations) and the residual-stream gradients.
-        let per_token = if recompute {
-            layers * h + 3 * layer + 3 * h
-        } else {
-            layers * (layer + h) + 2 * layer + 3 * h
-        };
-        (per_token * tokens) as u64 * self.model.backend.activation_dtype().size() as u64 + self.model.dequant_scratch_bytes()
+        activation_bytes(&self.model.cfg, &self.adapters.cfg, tokens, recompute, self.model.backend.activation_dtype())
+            + self.model.dequant_scratch_bytes()
     }
 
     fn be(&self) -> &dyn Backend {

@@ -18,6 +18,8 @@ pub struct ChartMeta {
     pub model: String,
     /// A few `name = value` settings shown under the title.
     pub settings: Vec<(String, String)>,
+    /// The merged model's eval loss (the adapter folded into the weights as written).
+    pub merged_eval_loss: Option<f64>,
 }
 
 struct Series<'a> {
@@ -30,7 +32,10 @@ struct Series<'a> {
     dots: bool,
 }
 
-const PAD_L: f64 = 58.0;
+/// The least y span, as a fraction of the largest |value| shown.
+const MIN_SPAN: f64 = 0.25;
+
+const PAD_L: f64 = 64.0;
 const PAD_R: f64 = 18.0;
 const PAD_T: f64 = 14.0;
 const PAD_B: f64 = 34.0;
@@ -70,6 +75,18 @@ fn label(v: f64) -> String {
     }
 }
 
+/// The smoothed loss at the start and the end of the run: the mean of the first and of the
+/// last tenth of the logged steps (at least one, at most 20 steps each).
+pub fn smoothed_ends(losses: &[f64]) -> (Option<f64>, Option<f64>) {
+    let finite: Vec<f64> = losses.iter().copied().filter(|v| v.is_finite()).collect();
+    if finite.is_empty() {
+        return (None, None);
+    }
+    let k = (finite.len() / 10).clamp(1, 20);
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    (Some(mean(&finite[..k])), Some(mean(&finite[finite.len() - k..])))
+}
+
 /// Debiased exponential moving average (TensorBoard's smoothing).
 pub fn smooth(values: &[f64], weight: f64) -> Vec<f64> {
     let mut out = Vec::with_capacity(values.len());
@@ -84,7 +101,7 @@ pub fn smooth(values: &[f64], weight: f64) -> Vec<f64> {
 
 /// One panel: axes, grid, the series, a legend. `id` links the hover script to the data.
 /// `from_zero`: the y axis starts at 0 (rates, where a zoomed axis would exaggerate noise).
-fn panel(id: &str, title: &str, series: &[Series], (w, height): (f64, f64), x_max: f64, from_zero: bool) -> String {
+fn panel(id: &str, title: &str, y_title: &str, series: &[Series], (w, height): (f64, f64), x_max: f64, from_zero: bool) -> String {
     #[allow(non_snake_case)]
     let W = w;
     let mut svg = String::new();
@@ -110,6 +127,14 @@ fn panel(id: &str, title: &str, series: &[Series], (w, height): (f64, f64), x_ma
     }
     if from_zero && y_lo > 0.0 {
         y_lo = 0.0;
+    }
+    // A span below a quarter of the values' size would draw noise as a cliff (a loss moving
+    // 3.095 → 3.07 over a 3.07–3.095 axis): widen it around its middle, not below zero.
+    let least = y_hi.abs().max(y_lo.abs()) * MIN_SPAN;
+    if y_hi - y_lo < least {
+        let mid = (y_hi + y_lo) / 2.0;
+        let (lo, hi) = (mid - least / 2.0, mid + least / 2.0);
+        (y_lo, y_hi) = if lo < 0.0 && y_lo >= 0.0 { (0.0, least) } else { (lo, hi) };
     }
     let x_lo = finite.iter().map(|p| p.0).fold(f64::INFINITY, f64::min).clamp(0.0, 1.0);
     let x_hi = x_max.max(x_lo + 1.0);
@@ -145,12 +170,14 @@ fn panel(id: &str, title: &str, series: &[Series], (w, height): (f64, f64), x_ma
     }
     let _ = write!(
         svg,
-        r#"<line class="axis" x1="{PAD_L}" x2="{:.1}" y1="{:.1}" y2="{:.1}"/><text class="axis-label" x="{:.1}" y="{:.1}" text-anchor="end">step</text>"#,
+        r#"<line class="axis" x1="{PAD_L}" x2="{:.1}" y1="{:.1}" y2="{:.1}"/><text class="axis-label" x="{:.1}" y="{:.1}" text-anchor="middle">optimizer step</text><text class="axis-label" transform="translate(13 {:.1}) rotate(-90)" text-anchor="middle">{}</text>"#,
         W - PAD_R,
         PAD_T + ph,
         PAD_T + ph,
-        W - PAD_R,
-        height - 5.0
+        PAD_L + pw / 2.0,
+        height - 4.0,
+        PAD_T + ph / 2.0,
+        esc(y_title)
     );
     for s in series {
         let pts: Vec<String> =
@@ -158,7 +185,7 @@ fn panel(id: &str, title: &str, series: &[Series], (w, height): (f64, f64), x_ma
         if pts.is_empty() {
             continue;
         }
-        let (width, opacity) = if s.faint { (1.2, 0.35) } else { (2.2, 1.0) };
+        let (width, opacity) = if s.faint { (1.3, 0.6) } else { (2.4, 1.0) };
         if pts.len() == 1 || s.dots {
             for p in &pts {
                 let (x, y) = p.split_once(',').unwrap();
@@ -174,12 +201,38 @@ fn panel(id: &str, title: &str, series: &[Series], (w, height): (f64, f64), x_ma
             );
         }
     }
+    // Values on hover without scripts: an invisible target with a <title> per point (at most
+    // HOVER_POINTS per series, evenly spaced; the script's read-out covers every step).
+    for s in series {
+        let pts: Vec<&(f64, f64)> = s.points.iter().filter(|p| p.1.is_finite()).collect();
+        let every = pts.len().div_ceil(HOVER_POINTS).max(1);
+        for p in pts.iter().step_by(every) {
+            let _ = write!(
+                svg,
+                r#"<circle class="hit" cx="{:.1}" cy="{:.1}" r="5"><title>{}: step {}, {}</title></circle>"#,
+                sx(p.0),
+                sy(p.1),
+                esc(s.name),
+                p.0,
+                value_text(p.1)
+            );
+        }
+    }
     let _ = write!(
         svg,
         r#"<line class="cursor" x1="0" x2="0" y1="{PAD_T}" y2="{:.1}" visibility="hidden"/></svg><div class="readout" id="{id}-readout">&nbsp;</div></section>"#,
         PAD_T + ph
     );
     svg
+}
+
+/// Most points per series that get a hover title.
+const HOVER_POINTS: usize = 400;
+
+/// A value for a hover title: 5 significant digits.
+fn value_text(v: f64) -> String {
+    let a = v.abs();
+    if v != 0.0 && !(1e-3..1e5).contains(&a) { format!("{v:.3e}") } else { format!("{}", (v * 1e5).round() / 1e5) }
 }
 
 /// Size of the three small panels (viewBox units; they scale to the page).
@@ -231,18 +284,33 @@ pub fn render(history: &History, summary: &RunSummary, meta: &ChartMeta) -> Stri
     }
     html.push_str("</p></header>");
 
-    let delta = match (first_loss, summary.final_loss) {
-        (Some(a), b) if a.is_finite() && b.is_finite() && a != 0.0 => format!("{:+.1}% from first", (b - a) / a * 100.0),
+    // Start and end of the smoothed line, not two noisy single steps.
+    let (smooth_start, smooth_end) = smoothed_ends(&loss.iter().map(|p| p.1).collect::<Vec<_>>());
+    let change = |a: Option<f64>, b: Option<f64>, what: &str| match (a, b) {
+        (Some(a), Some(b)) if a.is_finite() && b.is_finite() && a != 0.0 => format!("{:+.1}% {what}", (b - a) / a * 100.0),
         _ => String::new(),
     };
+    let first_eval = history.evals.first().filter(|e| history.evals.len() > 1 && e.step == 0).map(|e| e.eval_loss);
     let cards = [
-        ("Final loss", fmt_num(Some(summary.final_loss), 4), delta),
-        ("First loss", fmt_num(first_loss, 4), String::new()),
+        (
+            "Loss, smoothed",
+            format!("{} → {}", fmt_num(smooth_start, 3), fmt_num(smooth_end, 3)),
+            change(smooth_start, smooth_end, "start to end"),
+        ),
+        ("Final loss", fmt_num(Some(summary.final_loss), 4), format!("first {}", fmt_num(first_loss, 4))),
         ("Min loss", fmt_num(Some(summary.min_loss), 4), format!("mean {}", fmt_num(Some(summary.train_loss), 4))),
         (
             "Eval loss",
-            fmt_num(summary.final_eval_loss, 4),
-            summary.final_perplexity.map(|p| format!("perplexity {p:.3}")).unwrap_or_else(|| "no validation split".into()),
+            match first_eval {
+                Some(b) => format!("{} → {}", fmt_num(Some(b), 3), fmt_num(summary.final_eval_loss, 3)),
+                None => fmt_num(summary.final_eval_loss, 4),
+            },
+            match (first_eval, summary.final_perplexity, meta.merged_eval_loss) {
+                (_, _, Some(m)) => format!("merged model {}", fmt_num(Some(m), 3)),
+                (Some(_), _, None) => change(first_eval, summary.final_eval_loss, "before → after"),
+                (None, Some(p), None) => format!("perplexity {p:.3}"),
+                (None, None, None) => "no validation split".into(),
+            },
         ),
         ("Steps", thousands(summary.total_steps), format!("{:.2} epochs", summary.epochs)),
         ("Duration", duration(summary.train_runtime), format!("{} tokens", thousands(summary.tokens))),
@@ -265,15 +333,23 @@ pub fn render(history: &History, summary: &RunSummary, meta: &ChartMeta) -> Stri
     html.push_str("</div>");
 
     let loss_series = [
-        Series { name: "loss", color: "#7aa6e8", points: loss, faint: true, dots: false },
+        Series { name: "loss (each logged step)", color: "#7aa6e8", points: loss, faint: true, dots: false },
         Series { name: "smoothed", color: "#1f5fbf", points: smoothed, faint: false, dots: false },
         Series { name: "eval loss", color: "#e8590c", points: eval, faint: false, dots: true },
+        Series {
+            name: "merged model eval",
+            color: "#495057",
+            points: meta.merged_eval_loss.map(|m| vec![(x_max, m)]).unwrap_or_default(),
+            faint: false,
+            dots: true,
+        },
     ];
-    html.push_str(&panel("loss", "Training loss", &loss_series, (1080.0, 380.0), x_max, false));
+    html.push_str(&panel("loss", "Training loss", "loss", &loss_series, (1080.0, 380.0), x_max, false));
     html.push_str(r#"<div class="grid3">"#);
     html.push_str(&panel(
         "lr",
         "Learning rate",
+        "learning rate",
         &[Series { name: "lr", color: "#2b8a3e", points: lr, faint: false, dots: false }],
         SMALL,
         x_max,
@@ -282,6 +358,7 @@ pub fn render(history: &History, summary: &RunSummary, meta: &ChartMeta) -> Stri
     html.push_str(&panel(
         "gn",
         "Gradient norm",
+        "grad norm",
         &[Series { name: "grad norm", color: "#9c36b5", points: gn, faint: false, dots: false }],
         SMALL,
         x_max,
@@ -290,6 +367,7 @@ pub fn render(history: &History, summary: &RunSummary, meta: &ChartMeta) -> Stri
     html.push_str(&panel(
         "tps",
         "Tokens / second",
+        "tokens/s",
         &[Series { name: "tokens/s", color: "#c2255c", points: tps, faint: false, dots: false }],
         SMALL,
         x_max,
@@ -338,6 +416,8 @@ svg{width:100%;height:auto;display:block}
 .grid.v{stroke-dasharray:2 4}
 .axis{stroke:#98a2b3;stroke-width:1}
 .tick,.axis-label{fill:var(--muted);font-size:11.5px;font-variant-numeric:tabular-nums}
+.hit{fill:transparent;stroke:none;pointer-events:all}
+.hit:hover{fill:rgba(27,31,36,.18)}
 .cursor{stroke:#98a2b3;stroke-width:1;stroke-dasharray:3 3}
 .readout{color:var(--muted);font-size:12px;min-height:1.4em;font-variant-numeric:tabular-nums;padding:0 0 4px 50px}
 .empty{color:var(--muted);padding:60px 0;text-align:center}
@@ -409,7 +489,7 @@ mod tests {
     #[test]
     fn the_page_is_self_contained_and_shows_every_panel() {
         let h = sample_history(150);
-        let page = render(&h, &h.summary(3.0, 120.0, 0), &ChartMeta { model: "Qwen/Qwen2.5-1.5B-Instruct".into(), settings: vec![] });
+        let page = render(&h, &h.summary(3.0, 120.0, 0), &ChartMeta { model: "Qwen/Qwen2.5-1.5B-Instruct".into(), settings: vec![], ..Default::default() });
         for needle in ["Training loss", "Learning rate", "Gradient norm", "Tokens / second", "Final loss", "Min loss", "Eval loss", "<svg", "<polyline"] {
             assert!(page.contains(needle), "missing {needle}");
         }
@@ -434,6 +514,48 @@ mod tests {
         assert_eq!(label(1.5), "1.5");
     }
 
+    /// The y tick labels of panel `id`.
+    fn y_ticks(page: &str, id: &str) -> Vec<f64> {
+        let start = page.find(&format!(r#"<svg id="{id}""#)).unwrap();
+        let svg = &page[start..start + page[start..].find("</svg>").unwrap()];
+        svg.split(r#"text-anchor="end">"#).skip(1).filter_map(|t| t.split('<').next()?.parse().ok()).collect()
+    }
+
+    /// Issue 15: a loss moving 0.7% over three steps is drawn on an axis spanning at least a
+    /// quarter of its size, not zoomed until the noise looks like a cliff; every panel titles
+    /// both axes; points carry their values as SVG titles (hover without scripts).
+    #[test]
+    fn small_changes_are_not_cliffs_and_points_say_their_values() {
+        let mut h = History::default();
+        for (i, loss) in [3.095, 3.09, 3.073].into_iter().enumerate() {
+            let step = i as u64 + 1;
+            h.losses.push(loss);
+            h.steps.push(StepMetrics { step, epoch: step as f64 / 3.0, max_steps: 3, loss, grad_norm: 0.5, learning_rate: 2e-5 * i as f64, tokens: 10, trained_tokens: 5, tokens_per_second: 100.0, elapsed_s: step as f64 });
+        }
+        let page = render(&h, &h.summary(1.0, 3.0, 0), &ChartMeta::default());
+        let t = y_ticks(&page, "loss");
+        let span = t.last().unwrap() - t.first().unwrap();
+        assert!(span >= 0.5, "loss axis ticks {t:?}");
+        assert!(page.contains("<title>loss (each logged step): step 2, 3.09</title>"), "hover titles");
+        for axis in ["optimizer step", ">loss</text>", ">learning rate</text>", ">grad norm</text>", ">tokens/s</text>"] {
+            assert!(page.contains(axis), "axis title {axis}");
+        }
+        assert!(!page.contains("NaN"));
+    }
+
+    #[test]
+    fn the_summary_compares_smoothed_ends_and_eval_before_and_after() {
+        let mut h = sample_history(150);
+        h.evals.insert(0, EvalMetrics { step: 0, epoch: 0.0, eval_loss: 2.5, perplexity: 2.5f64.exp(), eval_tokens: 9000 });
+        let page = render(&h, &h.summary(3.0, 120.0, 0), &ChartMeta::default());
+        let (a, b) = smoothed_ends(&h.steps.iter().map(|s| s.loss).collect::<Vec<_>>());
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(b < a * 0.6, "{a} → {b}");
+        assert!(page.contains(&format!("{a:.3} → {b:.3}")), "smoothed start → end");
+        let last = h.evals.last().unwrap().eval_loss;
+        assert!(page.contains(&format!("2.500 → {last:.3}")), "eval before → after");
+    }
+
     #[test]
     fn smoothing_is_debiased() {
         let s = smooth(&[2.0, 2.0, 2.0], 0.9);
@@ -448,15 +570,20 @@ mod sample {
     #[test]
     fn write_sample_chart_when_asked() {
         let Ok(path) = std::env::var("LORA_CHART_SAMPLE") else { return };
-        let h = super::tests::sample_history(150);
+        let mut h = super::tests::sample_history(150);
+        h.evals.insert(0, lora_api::EvalMetrics { step: 0, epoch: 0.0, eval_loss: 2.5, perplexity: 2.5f64.exp(), eval_tokens: 9000 });
         let meta = super::ChartMeta {
             model: "Qwen/Qwen2.5-1.5B-Instruct".into(),
             settings: vec![
-                ("lr".into(), "2e-4 linear, warmup 10".into()),
-                ("LoRA".into(), "r 16, alpha 32, dropout 0".into()),
+                ("lr".into(), "0.0002 linear, warmup 10".into()),
+                ("DoRA".into(), "r 16, alpha 32, dropout 0".into()),
+                ("targets".into(), "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj".into()),
+                ("data".into(), "chat_template".into()),
                 ("batch".into(), "128".into()),
+                ("epochs".into(), "3".into()),
                 ("seed".into(), "3407".into()),
             ],
+            merged_eval_loss: Some(1.02),
         };
         std::fs::write(path, super::render(&h, &h.summary(3.0, 120.0, 0), &meta)).unwrap();
     }

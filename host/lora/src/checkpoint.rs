@@ -74,12 +74,13 @@ pub enum CheckpointError {
     #[error("checkpoint {path} is damaged: {why}")]
     Damaged { path: PathBuf, why: String },
     #[error(
-        "training_resume=auto: the newest checkpoint {path} was written by a different run; what changed:\n  {}\n\
-         Resuming would mix two runs. To start fresh, set training_resume=never (old checkpoints are removed) \
+        "{auto}: the newest checkpoint {path} was written by a different run; what changed:\n  {}\n\
+         Resuming would mix two runs. To start fresh, {never} (old checkpoints are removed) \
          or remove {root}; to resume, run again with the inputs it was written with",
-        changes.join("\n  "), root = path.parent().map(|p| p.display().to_string()).unwrap_or_default()
+        changes.join("\n  "), root = path.parent().map(|p| p.display().to_string()).unwrap_or_default(),
+        auto = names.setting("training_resume", "auto"), never = names.set_it("training_resume", "never")
     )]
-    Mismatch { path: PathBuf, changes: Vec<String> },
+    Mismatch { path: PathBuf, changes: Vec<String>, names: crate::request::ParamNames },
     #[error(
         "not writing checkpoint-{step}: {tensor}[{index}] is {value} after step {step}; the adapter or its optimizer state \
          is no longer finite, so no checkpoint of it is marked complete"
@@ -390,7 +391,7 @@ pub struct Found {
 /// The resume rule: the newest complete checkpoint that verifies decides (damaged ones are set
 /// aside and the next older tried). `Ok(Found { resume: None, .. })` when none is left,
 /// `Err(Mismatch)` when the newest intact one belongs to a different run.
-pub fn find_resumable(root: &Path, current: &Manifest) -> Result<Found, CheckpointError> {
+pub fn find_resumable(root: &Path, current: &Manifest, names: crate::request::ParamNames) -> Result<Found, CheckpointError> {
     let mut found = Found { resume: None, damaged: Vec::new() };
     for (step, dir) in list(root).into_iter().rev() {
         let loaded = match load(&dir) {
@@ -405,11 +406,11 @@ pub fn find_resumable(root: &Path, current: &Manifest) -> Result<Found, Checkpoi
             Err(e) => return Err(e),
         };
         if loaded.manifest.resume_key() != current.resume_key() {
-            let mut changes = current.differences(&loaded.manifest);
+            let mut changes: Vec<String> = current.differences(&loaded.manifest).iter().map(|c| names.in_text(c)).collect();
             if changes.is_empty() {
                 changes.push("the manifest format or binary changed".into());
             }
-            return Err(CheckpointError::Mismatch { path: dir, changes });
+            return Err(CheckpointError::Mismatch { path: dir, changes, names });
         }
         found.resume = Some(loaded);
         break;
@@ -428,6 +429,7 @@ mod tests {
         Manifest {
             format: Manifest::FORMAT.into(),
             binary: "lora test".into(),
+            build: None,
             device: "cpu".into(),
             model: Inputs::default(),
             dataset: Inputs::default(),
@@ -477,7 +479,7 @@ mod tests {
         }
         let steps: Vec<u64> = list(&root).into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, vec![4, 6, 8]);
-        let loaded = find_resumable(&root, &m).unwrap().resume.unwrap();
+        let loaded = find_resumable(&root, &m, crate::request::ParamNames::Kfp).unwrap().resume.unwrap();
         assert!(loaded.path.ends_with("checkpoint-8"));
         assert_eq!(loaded.state, state(8, &m.resume_key()));
         assert_eq!(loaded.tensors.len(), 3);
@@ -492,11 +494,16 @@ mod tests {
         let old = manifest(2e-4);
         let st = state(3, &old.resume_key());
         save(&root, &Snapshot { state: &st, adapter: &[], optimizer: &[], adapter_config: b"{}", manifest: &old }, 3).unwrap();
-        let err = find_resumable(&root, &manifest(1e-4)).unwrap_err().to_string();
-        assert!(err.contains("params.training_learning_rate: 0.0002 → 0.0001"), "{err}");
-        assert!(err.contains("training_resume=never"), "{err}");
+        // Named as parameters under KFP, as flags in a `lora train` run.
+        let err = find_resumable(&root, &manifest(1e-4), crate::request::ParamNames::Kfp).unwrap_err().to_string();
+        assert!(err.contains("\n  training_learning_rate: 0.0002 → 0.0001"), "{err}");
+        assert!(err.contains("training_resume=auto:") && err.contains("set training_resume=never"), "{err}");
+        let err = find_resumable(&root, &manifest(1e-4), crate::request::ParamNames::Cli).unwrap_err().to_string();
+        assert!(err.contains("\n  --training-learning-rate: 0.0002 → 0.0001"), "{err}");
+        assert!(err.contains("--training-resume auto:") && err.contains("pass --training-resume never"), "{err}");
+        assert!(!err.contains("training_resume"), "{err}");
         assert_eq!(remove_all(&root).unwrap(), 1);
-        assert!(find_resumable(&root, &manifest(1e-4)).unwrap().resume.is_none());
+        assert!(find_resumable(&root, &manifest(1e-4), crate::request::ParamNames::Kfp).unwrap().resume.is_none());
         let _ = fs::remove_dir_all(&root);
     }
 
@@ -509,7 +516,7 @@ mod tests {
         fs::create_dir_all(root.join(".checkpoint-5.tmp-999")).unwrap();
         fs::create_dir_all(root.join("checkpoint-7")).unwrap();
         fs::write(root.join("checkpoint-7/adapter_model.safetensors"), b"half").unwrap();
-        assert!(find_resumable(&root, &m).unwrap().resume.is_none());
+        assert!(find_resumable(&root, &m, crate::request::ParamNames::Kfp).unwrap().resume.is_none());
         remove_stale_temps(&root);
         assert!(!root.join(".checkpoint-5.tmp-999").exists());
         let _ = fs::remove_dir_all(&root);
@@ -539,7 +546,7 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         // Still a valid safetensors file holding a different adapter: only the hash tells.
         assert!(decode_safetensors(&bytes, &path).is_ok());
-        let found = find_resumable(&root, &m).unwrap();
+        let found = find_resumable(&root, &m, crate::request::ParamNames::Kfp).unwrap();
         let loaded = found.resume.unwrap();
         assert!(loaded.path.ends_with("checkpoint-2"), "{:?}", loaded.path);
         assert_eq!(found.damaged.len(), 1);
@@ -559,7 +566,7 @@ mod tests {
         save_steps(&root, &m, &[1, 2], 3);
         fs::write(root.join("checkpoint-1/optimizer.safetensors"), b"truncated").unwrap();
         fs::write(root.join("checkpoint-2/complete"), b"step 2\n").unwrap(); // an old marker without hashes
-        let found = find_resumable(&root, &m).unwrap();
+        let found = find_resumable(&root, &m, crate::request::ParamNames::Kfp).unwrap();
         assert!(found.resume.is_none());
         let whys: Vec<String> = found.damaged.iter().map(|(_, e)| e.to_string()).collect();
         assert_eq!(whys.len(), 2, "{whys:?}");
@@ -615,7 +622,7 @@ mod tests {
             }))
             .collect();
         save(&root, &Snapshot { state: &st, adapter: &[], optimizer: &[], adapter_config: b"{}", manifest: &m }, 0).unwrap();
-        let back = find_resumable(&root, &m).unwrap().resume.unwrap().state.history.losses;
+        let back = find_resumable(&root, &m, crate::request::ParamNames::Kfp).unwrap().resume.unwrap().state.history.losses;
         let differ = st.history.losses.iter().zip(&back).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         assert_eq!(differ, 0, "{differ} of {} losses changed on the way through JSON", back.len());
         let _ = fs::remove_dir_all(&root);

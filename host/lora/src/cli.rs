@@ -34,6 +34,10 @@ pub enum CliError {
     /// resumes from.
     #[error(transparent)]
     Stopped(Stopped),
+    /// `--dry-run` found what the run would fail on (exit 2 for bad input, 1 otherwise, such as
+    /// an unreachable hub); nothing ran, so no hint about resuming.
+    #[error(transparent)]
+    DryRun(anyhow::Error),
     /// `--help`, `--version` or a usage error: clap prints it and picks the exit code
     /// (`main` calls [`clap::Error::exit`]).
     #[error(transparent)]
@@ -83,6 +87,7 @@ impl CliError {
         match self {
             CliError::Params(_) | CliError::Input(_) => 2,
             CliError::Run(_) | CliError::Stopped(_) => 1,
+            CliError::DryRun(e) => if input_failed(e) { 2 } else { 1 },
             CliError::Clap(e) => u8::try_from(e.exit_code()).unwrap_or(2),
             CliError::Tool(e) => e.exit_code(),
         }
@@ -110,6 +115,9 @@ impl CliError {
             CliError::Run(e) if other_run(e) => {
                 "hint: the workspace's checkpoints belong to another run; the error above says how to start fresh or how to resume".into()
             }
+            CliError::Run(_) if !crate::run::training_started() => {
+                "hint: the run stopped before training started; once what is named above is fixed, run the same command again".into()
+            }
             CliError::Run(_) => {
                 "hint: the run stopped with no checkpoint of it to resume from; once what is named above is fixed, running the same command again starts from the beginning".into()
             }
@@ -117,6 +125,7 @@ impl CliError {
                 "hint: the run stopped; running the same command again resumes from {} (training_resume=auto)",
                 s.checkpoint.display()
             ),
+            CliError::DryRun(_) => "hint: the dry run stopped where the run would stop; nothing was trained or written".into(),
             CliError::Clap(_) => String::new(),
             CliError::Tool(e) => e.hint().into(),
         }
@@ -187,6 +196,22 @@ fn param_help(d: &lora_params::ParamDef) -> String {
     format!("{}{unset} [default: {}] [env: {}]", d.help, d.default_display(), d.env_var())
 }
 
+/// The parameters `lora train -h` shows (the most used); `--help` shows all of them.
+pub const SHORT_HELP_PARAMS: &[&str] = &[
+    "training_base_model",
+    "training_num_epochs",
+    "training_effective_batch_size",
+    "training_learning_rate",
+    "training_lr_warmup_steps",
+    "training_max_seq_len",
+    "training_lora_r",
+    "training_lora_alpha",
+    "training_dataset_type",
+    "training_validation_split",
+    "training_device",
+    "training_resume",
+];
+
 fn param_args(cmd: Command) -> Command {
     let mut cmd = cmd;
     for d in PARAMS {
@@ -204,6 +229,7 @@ fn param_args(cmd: Command) -> Command {
                         .to_ascii_uppercase(),
                 )
                 .help(param_help(d))
+                .hide_short_help(!SHORT_HELP_PARAMS.contains(&d.name))
                 .help_heading(heading)
                 .allow_hyphen_values(true)
                 .action(ArgAction::Set),
@@ -224,7 +250,14 @@ fn common_args(cmd: Command) -> Command {
         Arg::new("dry_run")
             .long("dry-run")
             .action(ArgAction::SetTrue)
-            .help("Validate everything, resolve every default and input path, print the resolved parameters (with where each came from) as JSON and exit 0 without writing anything"),
+            .help("Everything but training: validate every parameter and output path, resolve the model (no weights downloaded) and every input, read the whole dataset as the run reads it, load every plugin, and print the plan (records, samples, tokens, steps, memory, outputs); exit 0 without training or writing outputs"),
+    )
+    .arg(
+        Arg::new("json")
+            .long("json")
+            .action(ArgAction::SetTrue)
+            .requires("dry_run")
+            .help("With --dry-run: print the plan as JSON (every parameter with where it came from, inputs, data, training, memory, outputs, environment)"),
     )
 }
 
@@ -237,7 +270,12 @@ pub fn command() -> Command {
         .arg(Arg::new("output_metrics").long("output-metrics").value_name("FILE").value_parser(clap::value_parser!(PathBuf)).default_value(DEFAULT_OUTPUT_METRICS).help("Where the metrics JSON goes").help_heading("Artifacts and files"))
         .arg(Arg::new("output_loss_chart").long("output-loss-chart").value_name("FILE").value_parser(clap::value_parser!(PathBuf)).default_value(DEFAULT_OUTPUT_LOSS_CHART).help("Where the HTML loss chart goes").help_heading("Artifacts and files"))
         .arg(Arg::new("pvc_path").long("pvc-path").value_name("DIR").value_parser(clap::value_parser!(PathBuf)).default_value(DEFAULT_PVC_PATH).help("The workspace: dataset/train, checkpoints (resume), final_model").help_heading("Artifacts and files"));
-    let train = param_args(common_args(train));
+    let train = param_args(common_args(train))
+        .after_help(format!(
+            "`lora train --help` lists all {} parameters, grouped, each with its default and environment variable",
+            PARAMS.len()
+        ))
+        .after_long_help("Flags take precedence over LORA_* environment variables, which take precedence over --params files.");
     let kfp = common_args(
         Command::new("kfp")
             .about("Run as the Kubeflow Pipelines component: read the executor input, write the outputs and executor_output.json")
@@ -389,7 +427,7 @@ fn train(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
         pvc_path: path("pvc_path"),
         kfp: None,
     };
-    finish(request, "train", m.get_flag("dry_run"), &env)
+    finish(request, "train", dry_run_mode(m), &env)
 }
 
 fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
@@ -435,7 +473,23 @@ fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
         pvc_path,
         kfp: Some(input),
     };
-    finish(request, "kfp", m.get_flag("dry_run"), &env)
+    finish(request, "kfp", dry_run_mode(m), &env)
+}
+
+/// How `--dry-run` prints its plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DryRun {
+    No,
+    Text,
+    Json,
+}
+
+fn dry_run_mode(m: &ArgMatches) -> DryRun {
+    match (m.get_flag("dry_run"), m.get_flag("json")) {
+        (false, _) => DryRun::No,
+        (true, false) => DryRun::Text,
+        (true, true) => DryRun::Json,
+    }
 }
 
 /// Dry run: print the plan. Otherwise: apply the environment, lay out the workspace, run, and
@@ -443,18 +497,35 @@ fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
 fn finish(
     request: RunRequest,
     command: &str,
-    dry_run: bool,
+    dry_run: DryRun,
     env: &[(String, String)],
 ) -> Result<(), CliError> {
-    let plan = dry_run::plan(&request, command, env).map_err(CliError::Input)?;
-    if dry_run {
-        println!("{}", pretty(&plan));
-        return Ok(());
-    }
+    let mut plan = dry_run::plan(&request, command, env).map_err(CliError::Input)?;
     for (k, v) in dry_run::process_env(&request, env) {
         // SAFETY: called on the main thread before the run starts any thread; nothing else
         // reads or writes the environment concurrently.
         unsafe { std::env::set_var(&k, &v) };
+    }
+    if dry_run != DryRun::No {
+        // The model and the data, read as the run reads them: their errors are the run's.
+        let (sections, lines) = dry_run::data_plan(&request).map_err(CliError::DryRun)?;
+        if dry_run == DryRun::Json {
+            if let Some(obj) = plan.as_object_mut() {
+                obj.extend(sections);
+            }
+            println!("{}", pretty(&plan));
+        } else {
+            println!("lora {command} --dry-run: nothing is trained or written");
+            for l in lines {
+                println!("{l}");
+            }
+            println!("outputs (every path checked writable):");
+            for l in dry_run::output_lines(&request) {
+                println!("{l}");
+            }
+            println!("`--dry-run --json` prints the whole plan (every parameter and where it came from, inputs, environment)");
+        }
+        return Ok(());
     }
     for dir in dry_run::workspace_dirs(&request) {
         std::fs::create_dir_all(&dir).map_err(|e| {
@@ -489,7 +560,11 @@ fn run_failed(request: &RunRequest, e: anyhow::Error) -> CliError {
     }
     let newest = crate::checkpoint::list(&request.workspace().checkpoints).pop();
     match newest {
-        Some((_, checkpoint)) if request.params.resume == "auto" && !other_run(&e) => CliError::Stopped(Stopped { error: e, checkpoint }),
+        // A resume is promised only by a run that got past the resume check: before it (the hub,
+        // the model, a checkpoint of another run) nothing says the checkpoint is this run's.
+        Some((_, checkpoint)) if request.params.resume == "auto" && !other_run(&e) && crate::run::training_started() => {
+            CliError::Stopped(Stopped { error: e, checkpoint })
+        }
         _ => CliError::Run(e),
     }
 }

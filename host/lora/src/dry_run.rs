@@ -3,9 +3,11 @@
 
 use std::path::PathBuf;
 
+use lora_engine::ModelConfig;
 use lora_engine::quant::{QuantPlan, QuantSource, bnb};
 use serde_json::{Map, Value, json};
 
+use crate::report::{number, plural};
 use crate::request::RunRequest;
 
 /// Environment variables the run sets before anything reads them: under KFP `HF_HOME` defaults
@@ -29,8 +31,8 @@ pub fn process_env(req: &RunRequest, env: &[(String, String)]) -> Vec<(String, S
 /// The workspace folders a run creates before it starts (`final_model` only appears, whole, when
 /// the outputs are published).
 pub fn workspace_dirs(req: &RunRequest) -> Vec<PathBuf> {
-    let ws = req.workspace();
-    vec![ws.dataset_train, ws.checkpoints]
+    // `<pvc_path>/dataset/train` is read when a step before put data there; never made empty.
+    vec![req.workspace().checkpoints]
 }
 
 /// The base model as a run will look for it: an existing folder, an `oci://` image, or a hub id.
@@ -163,6 +165,10 @@ pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow
             "plugins_checked": plugins,
         },
         "outputs": {
+            "checkpoints": req.workspace().checkpoints,
+            "training_metrics": req.workspace().checkpoints.join("training_metrics.jsonl"),
+            "final_model": req.workspace().final_model,
+            "run_manifest": req.outputs.model.join("run_manifest.json"),
             "model": req.outputs.model,
             "adapter": req.outputs.model.join("adapter"),
             "metrics": req.outputs.metrics,
@@ -180,7 +186,165 @@ pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow
             "num_workers": req.params.resource_num_workers,
             "labels": labels,
             "annotations": annotations,
-            "kubernetes_config": req.kubernetes_config,
+            "kubernetes_config": req.kubernetes_config.clone().map(|mut v| {
+                crate::redact::kubernetes(&mut v);
+                v
+            }),
         },
     }))
+}
+
+/// Parameters of the base model, from its config (the weights need not be downloaded yet).
+fn base_parameters(c: &ModelConfig) -> u64 {
+    let (h, i, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64);
+    let q = (c.num_attention_heads * c.head_dim) as u64;
+    let kv = (c.num_key_value_heads * c.head_dim) as u64;
+    let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
+    let head = if c.tie_word_embeddings { 0 } else { v * h };
+    v * h + c.num_hidden_layers as u64 * layer + h + head
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+/// What `--dry-run` reads beyond the parameters and paths ([`plan`]): the base model as the run
+/// resolves it (a folder, the hub cache or the hub, an OCI cache; weights are not downloaded),
+/// then the whole dataset through the run's own code ([`crate::run::read_data`]: the same
+/// tokenizer, preprocessor or plugin, length policy, validation split and packing), and the
+/// training the run would do: optimizer steps, warmup, the memory plan. Fails with the run's own
+/// error on a model or a record the run would fail on. Returns the JSON sections and the lines
+/// the text form prints.
+pub fn data_plan(req: &RunRequest) -> anyhow::Result<(Map<String, Value>, Vec<String>)> {
+    let p = &req.params;
+    let mut out = Map::new();
+    let mut lines = Vec::new();
+    let opts = crate::hub::HubOptions { progress: false, ..crate::hub::HubOptions::from_env() };
+    let Some((model, weights)) = crate::hub::resolve_model_for_plan(&p.base_model, &opts)? else {
+        let why = format!("{} is not in the OCI cache: the run pulls it; the dataset needs its tokenizer, so it is not read here", p.base_model);
+        lines.push(format!("model: {why}"));
+        out.insert("model".into(), json!({ "name": p.base_model, "resolved": false, "why": why }));
+        return Ok((out, lines));
+    };
+    let notes = crate::request::check_model_files(&model.dir, p, weights)?;
+    lines.push(format!(
+        "model: {} ({}{})",
+        model.name,
+        model.dir.display(),
+        if weights { "" } else { "; config and tokenizer fetched, the run downloads the weights" }
+    ));
+    for n in &notes {
+        lines.push(format!("warning: {n}"));
+    }
+    out.insert(
+        "model".into(),
+        json!({ "name": model.name, "dir": model.dir, "commit": model.commit, "weights_present": weights, "warnings": notes }),
+    );
+
+    let plugins = crate::run::plugin_set(req)?;
+    let data = crate::run::read_data(req, &model.dir, plugins.as_ref(), false)?;
+    let prepared = &data.prepared;
+    let summary = prepared.summary();
+    lines.extend(summary.to_string().lines().map(String::from));
+    let shape = crate::run::RunShape::of(p, prepared);
+    let warmup = p.lr_warmup_steps.min(shape.total_steps);
+    lines.push(format!(
+        "training: {} of {} = {}{} (learning rate {}, {} warmup {})",
+        plural(shape.epochs_run as u64, "epoch", "epochs"),
+        plural(shape.steps_per_epoch, "optimizer step", "optimizer steps"),
+        plural(shape.total_steps, "step", "steps"),
+        if p.max_steps.is_some_and(|m| m < shape.steps_per_epoch * p.num_epochs) { " (training_max_steps)" } else { "" },
+        number(p.learning_rate),
+        p.lr_scheduler,
+        plural(p.lr_warmup_steps, "step", "steps"),
+    ));
+    if shape.total_steps <= p.lr_warmup_steps && p.learning_rate > 0.0 {
+        lines.push(format!(
+            "warning: all {} steps are warmup steps (training_lr_warmup_steps = {}): the learning rate never reaches {}; lower training_effective_batch_size or training_lr_warmup_steps, or raise training_num_epochs",
+            shape.total_steps,
+            p.lr_warmup_steps,
+            number(p.learning_rate)
+        ));
+    }
+
+    // The memory plan, from the config (the run makes it again once the weights are loaded).
+    let cfg = lora_engine::ModelConfig::from_model_dir(&model.dir)?;
+    let adapter = crate::run::adapter_config(p);
+    let device = crate::run::pick_device(&p.device)?;
+    let backend = lora_engine::backend_for(device)?;
+    let dtype = backend.activation_dtype();
+    let tokens = prepared.largest_micro_batch_tokens(shape.epochs_run);
+    let params = base_parameters(&cfg);
+    let weight_bytes = if p.load_in_4bit || p.load_in_8bit {
+        None
+    } else {
+        Some(params * backend.base_weight_dtype(lora_engine::DType::BF16).size() as u64)
+    };
+    let free_now = backend.available_memory_bytes();
+    let memory = crate::run::MemoryPlan {
+        tokens,
+        kept: lora_engine::trainer::activation_bytes(&cfg, &adapter, tokens, false, dtype),
+        recomputed: lora_engine::trainer::activation_bytes(&cfg, &adapter, tokens, true, dtype),
+        available: free_now.map(|f| f.saturating_sub(weight_bytes.unwrap_or(0))),
+    };
+    let (recompute, memory_lines) = memory.decide(&p.gradient_checkpointing);
+    lines.push(format!(
+        "memory on {device}: base model {} parameters{}",
+        params,
+        weight_bytes.map(|b| format!(", ~{} as held", gib(b))).unwrap_or_else(|| " (quantized: see `quantization`)".into()),
+    ));
+    lines.extend(memory_lines.iter().map(|l| l.trim_start_matches("lora: ").to_string()));
+    out.insert("data".into(), serde_json::to_value(&summary)?);
+    out.insert(
+        "training".into(),
+        json!({
+            "epochs": shape.epochs_run,
+            "steps_per_epoch": shape.steps_per_epoch,
+            "total_steps": shape.total_steps,
+            "warmup_steps": warmup,
+            "steps_after_warmup": shape.total_steps - warmup,
+            "records": summary.report.records,
+            "train_samples": summary.report.train_samples,
+            "validation_samples": summary.report.validation_samples,
+            "tokens_per_epoch": summary.epochs.first().map(|e| e.tokens),
+            "trained_tokens_per_epoch": summary.epochs.first().map(|e| e.trained_tokens),
+            "micro_batches_per_epoch": summary.epochs.first().map(|e| e.micro_batches),
+        }),
+    );
+    out.insert(
+        "memory".into(),
+        json!({
+            "device": device.to_string(),
+            "base_parameters": params,
+            "base_weight_bytes": weight_bytes,
+            "largest_micro_batch_tokens": tokens,
+            "activation_bytes_kept": memory.kept,
+            "activation_bytes_recomputed": memory.recomputed,
+            "free_bytes_after_weights": memory.available,
+            "gradient_checkpointing": recompute,
+            "lines": memory_lines,
+        }),
+    );
+    Ok((out, lines))
+}
+
+/// Every path the run writes, for the text form (all checked writable by [`plan`]).
+pub fn output_lines(req: &RunRequest) -> Vec<String> {
+    let ws = req.workspace();
+    let mut lines = vec![
+        format!("  merged model     {}", req.outputs.model.display()),
+        format!("  adapter          {}", req.outputs.model.join("adapter").display()),
+        format!("  run manifest     {}", req.outputs.model.join("run_manifest.json").display()),
+        format!("  metrics          {}", req.outputs.metrics.display()),
+        format!("  loss chart       {}", req.outputs.loss_chart.display()),
+        format!("  checkpoints      {}", ws.checkpoints.display()),
+        format!("  metrics log      {}", ws.checkpoints.join("training_metrics.jsonl").display()),
+        format!("  final_model copy {}", ws.final_model.display()),
+    ];
+    for (what, f) in [("executor output", &req.outputs.executor_output), ("output parameter", &req.outputs.output_parameter)] {
+        if let Some(f) = f {
+            lines.push(format!("  {what:<16} {}", f.display()));
+        }
+    }
+    lines
 }

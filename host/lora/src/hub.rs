@@ -149,6 +149,31 @@ pub fn resolve_model(spec: &str, opts: &HubOptions) -> Result<ResolvedModel, Hub
     Hub { id: spec, opts, repo_dir: opts.cache_dir.join(format!("models--{}", spec.replace('/', "--"))) }.resolve()
 }
 
+/// What `--dry-run` reads of `training_base_model`: a folder as it is; a hub id from the cache,
+/// or (not cached, online) its config, tokenizer and template files only, fetched into the cache
+/// (the weights are not: the run downloads them, reusing these); an `oci://` image from the OCI
+/// cache only (`None` when it is not there: the run pulls it). A hub that cannot be reached, or
+/// an offline cache without the model, is the run's own error.
+/// Returns the folder and whether it holds the weights.
+pub fn resolve_model_for_plan(spec: &str, opts: &HubOptions) -> Result<Option<(ResolvedModel, bool)>, HubError> {
+    if spec.starts_with("oci://") {
+        let offline = HubOptions { offline: true, ..opts.clone() };
+        return Ok(crate::oci::resolve(spec, &crate::oci::OciOptions::from_env(&offline)).ok().map(|m| (m, true)));
+    }
+    let local = Path::new(spec);
+    if local.is_dir() || !is_hub_id(spec) {
+        return resolve_model(spec, opts).map(|m| Some((m, true)));
+    }
+    let hub = Hub { id: spec, opts, repo_dir: opts.cache_dir.join(format!("models--{}", spec.replace('/', "--"))) };
+    if let Some((dir, commit)) = hub.cached_snapshot() {
+        return Ok(Some((hub.done(dir, commit), true)));
+    }
+    if opts.offline {
+        return Err(HubError::OfflineNotCached { id: spec.into(), cache: hub.repo_dir.clone() });
+    }
+    hub.fetch_files(|f| wanted(f) && !f.ends_with(".safetensors"), false).map(|m| Some((m, false)))
+}
+
 struct Hub<'a> {
     id: &'a str,
     opts: &'a HubOptions,
@@ -215,6 +240,13 @@ impl Hub<'_> {
                 None => Err(HubError::OfflineNotCached { id: self.id.into(), cache: self.repo_dir.clone() }),
             };
         }
+        self.fetch_files(wanted, true)
+    }
+
+    /// Asks the hub for the revision's files and fetches those `take` wants into the snapshot;
+    /// `complete`: also records the revision's ref (only once every file a run needs is there,
+    /// so a partial snapshot is never taken for a cached model).
+    fn fetch_files(&self, take: impl Fn(&str) -> bool, complete: bool) -> Result<ResolvedModel, HubError> {
         let url = format!("{}/api/models/{}/revision/{}", self.opts.endpoint, self.id, self.opts.revision);
         let agent = self.agent(10);
         let info: serde_json::Value = match self.get(&agent, &url, false) {
@@ -263,12 +295,15 @@ impl Hub<'_> {
             return Err(HubError::NoSafetensors { id: self.id.into(), files: files.join(", ") });
         }
         let snapshot = self.repo_dir.join("snapshots").join(&commit);
-        for file in files.iter().filter(|f| wanted(f)) {
+        for file in files.iter().filter(|f| take(f)) {
             let target = snapshot.join(file);
             if target.is_file() {
                 continue; // cache reuse
             }
             self.fetch(&commit, file, &target)?;
+        }
+        if !complete {
+            return Ok(self.done(snapshot, commit));
         }
         let refs = self.repo_dir.join("refs");
         fs::create_dir_all(&refs).map_err(io_err("creating", &refs))?;

@@ -21,6 +21,7 @@ use crate::hub::hex;
 /// Parameters recorded in the manifest but not part of the resume key: they do not change the
 /// trained adapter.
 pub const NOT_IN_RESUME_KEY: &[&str] = &[
+    "training_merged_dtype",
     "training_save_steps",
     "training_save_total_limit",
     "training_checkpoint_at_epoch",
@@ -54,6 +55,10 @@ pub struct Manifest {
     pub format: String,
     /// `lora <version>`.
     pub binary: String,
+    /// The commit the binary was built from (`-dirty`: with uncommitted changes; `unknown`
+    /// without git); for people, not part of the resume key (the version is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
     /// The device the run computes on (`cpu`, `cuda:0`): bit-identity holds per backend.
     pub device: String,
     pub model: Inputs,
@@ -160,6 +165,7 @@ impl Manifest {
         if let Some(o) = v.as_object_mut() {
             o.remove("notes");
             o.remove("trackers");
+            o.remove("build");
         }
         for input in ["model", "dataset"] {
             if let Some(o) = v.get_mut(input).and_then(Value::as_object_mut) {
@@ -223,6 +229,7 @@ mod tests {
         Manifest {
             format: Manifest::FORMAT.into(),
             binary: "lora 0.1.0".into(),
+            build: None,
             device: "cpu".into(),
             model: Inputs { name: "m".into(), commit: None, files: [("model.safetensors".to_string(), "aa".to_string())].into() },
             dataset: Inputs::default(),

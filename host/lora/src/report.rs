@@ -201,6 +201,8 @@ pub fn kfp_metrics(summary: &RunSummary, params: &Value) -> Map<String, Value> {
 /// one plain line per logged step otherwise (what KFP shows).
 pub struct ProgressReporter {
     tty: bool,
+    /// The bar as last drawn (terminal only): redrawn below every line printed above it.
+    bar: String,
     total: u64,
     start_step: u64,
     last_loss: f64,
@@ -215,7 +217,7 @@ impl ProgressReporter {
     }
 
     pub fn new(tty: bool, out: Box<dyn Write + Send>) -> Self {
-        ProgressReporter { tty, total: 0, start_step: 0, last_loss: f64::NAN, started: std::time::Instant::now(), out }
+        ProgressReporter { tty, bar: String::new(), total: 0, start_step: 0, last_loss: f64::NAN, started: std::time::Instant::now(), out }
     }
 
     fn eta(&self, step: u64) -> String {
@@ -236,9 +238,8 @@ impl ProgressReporter {
         let width = 30usize;
         let frac = if self.total == 0 { 1.0 } else { step as f64 / self.total as f64 };
         let filled = ((frac * width as f64).round() as usize).min(width);
-        let _ = write!(
-            self.out,
-            "\r\x1b[2K[{}{}] {step}/{} {:>3.0}% loss {loss:.4} {:.0} tok/s ETA {}",
+        self.bar = format!(
+            "[{}{}] {step}/{} {:>3.0}% loss {loss:.4} {:.0} tok/s ETA {}",
             "█".repeat(filled),
             "·".repeat(width - filled),
             self.total,
@@ -246,8 +247,48 @@ impl ProgressReporter {
             tokens_per_second,
             self.eta(step)
         );
+        let _ = write!(self.out, "\r\x1b[2K{}", self.bar);
         let _ = self.out.flush();
     }
+
+    /// A line of history: in a log, as it is; on a terminal, printed above the bar (which is
+    /// redrawn below it), so the scrollback keeps every line after the run ends.
+    fn line(&mut self, text: &str) {
+        if self.tty {
+            let _ = write!(self.out, "\r\x1b[2K{text}\n{}", self.bar);
+        } else {
+            let _ = writeln!(self.out, "{text}");
+        }
+        let _ = self.out.flush();
+    }
+}
+
+/// Numbers as people write them: `0`, `0.0002`, `2e-5`, `1.5`.
+pub fn number(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    // Four significant digits, in the shortest spelling that reads them back.
+    let r = significant(x, 4);
+    if r.abs() >= 1e-4 && r.abs() < 1e6 {
+        format!("{r}")
+    } else {
+        format!("{r:e}")
+    }
+}
+
+/// `1 epoch`, `3 epochs`.
+pub fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// `x` rounded to `digits` significant digits.
+fn significant(x: f64, digits: i32) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let scale = 10f64.powi(digits - 1 - x.abs().log10().floor() as i32);
+    (x * scale).round() / scale
 }
 
 /// `1h02m`, `3m05s`, `12.3s`.
@@ -277,50 +318,49 @@ impl Reporter for ProgressReporter {
         let resumed = if info.start_step > 0 { format!(", resuming after step {}", info.start_step) } else { String::new() };
         let _ = writeln!(
             self.out,
-            "lora: training {} steps ({} epochs x {} steps){resumed}",
-            info.total_steps, info.num_epochs, info.steps_per_epoch
+            "lora: training {} ({} x {}){resumed}",
+            plural(info.total_steps, "step", "steps"),
+            plural(info.num_epochs, "epoch", "epochs"),
+            plural(info.steps_per_epoch, "step", "steps"),
         );
         Ok(())
     }
 
     fn on_step(&mut self, m: &StepMetrics) -> Result<(), ExtError> {
-        if self.tty {
-            return Ok(()); // the bar shows it
-        }
-        let _ = writeln!(
-            self.out,
-            "step {}/{} epoch {:.2} loss {:.4} grad_norm {:.4} lr {:.3e} tokens/s {:.0} elapsed {} eta {}",
+        let line = format!(
+            "step {}/{} epoch {:.2} loss {:.4} grad_norm {:.4} lr {} tokens/s {:.0} elapsed {} eta {}",
             m.step,
             m.max_steps,
             m.epoch,
             m.loss,
             m.grad_norm,
-            m.learning_rate,
+            number(m.learning_rate),
             m.tokens_per_second,
             duration(m.elapsed_s),
             self.eta(m.step)
         );
+        self.line(&line);
         Ok(())
     }
 
     fn on_eval(&mut self, m: &EvalMetrics) -> Result<(), ExtError> {
-        let cr = if self.tty { "\r\x1b[2K" } else { "" };
-        let _ = writeln!(
-            self.out,
-            "{cr}eval at step {} epoch {:.2}: eval_loss {:.4} perplexity {:.3} ({} tokens)",
+        let line = format!(
+            "eval at step {} epoch {:.2}: eval_loss {:.4} perplexity {:.3} ({} tokens)",
             m.step, m.epoch, m.eval_loss, m.perplexity, m.eval_tokens
         );
+        self.line(&line);
         Ok(())
     }
 
     fn on_checkpoint(&mut self, c: &CheckpointInfo) -> Result<(), ExtError> {
-        let cr = if self.tty { "\r\x1b[2K" } else { "" };
-        let _ = writeln!(self.out, "{cr}checkpoint at step {}: {}", c.step, c.path.display());
+        let line = format!("checkpoint at step {}: {}", c.step, c.path.display());
+        self.line(&line);
         Ok(())
     }
 
     fn on_finish(&mut self, s: &RunSummary) -> Result<(), ExtError> {
-        let cr = if self.tty { "\r\x1b[2K" } else { "" };
+        // The bar's last state stays on screen; the summary goes below it.
+        let cr = if self.tty { "\n" } else { "" };
         let _ = writeln!(
             self.out,
             "{cr}done: {} steps, {:.2} epochs, final loss {:.4}, min {:.4}, mean {:.4}, {:.0} tokens/s, {}",
@@ -481,5 +521,55 @@ mod tests {
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[1].starts_with("step 1/4 ") && lines[1].contains("loss 1.9000"), "{text}");
         assert!(!text.contains('\r'), "no terminal control in logs");
+    }
+
+    #[test]
+    fn numbers_read_as_people_write_them() {
+        assert_eq!(number(0.0), "0");
+        assert_eq!(number(2e-4), "0.0002");
+        assert_eq!(number(2e-5), "2e-5");
+        assert_eq!(number(4.000000000000001e-5), "4e-5");
+        assert_eq!(number(1.9999999e-4), "0.0002");
+        assert_eq!(number(0.3), "0.3");
+        assert_eq!(number(1234.5678), "1235");
+        assert_eq!(plural(1, "epoch", "epochs"), "1 epoch");
+        assert_eq!(plural(3, "epoch", "epochs"), "3 epochs");
+    }
+
+    #[test]
+    fn on_a_terminal_each_logged_step_stays_above_the_bar() {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let mut p = ProgressReporter::new(true, Box::new(buf.clone()));
+        p.on_start(&info(0)).unwrap();
+        for (s, loss) in [(1, 1.9), (2, 1.8)] {
+            p.tick(s, loss, 10.0);
+            p.on_step(&step(s, loss)).unwrap();
+        }
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        // What stays on the screen: every `\r\x1b[2K` erases the line the cursor is on.
+        let mut screen: Vec<String> = vec![String::new()];
+        for (i, part) in text.split("\r\x1b[2K").enumerate() {
+            if i > 0 {
+                *screen.last_mut().unwrap() = String::new();
+            }
+            let mut lines = part.split('\n');
+            screen.last_mut().unwrap().push_str(lines.next().unwrap());
+            screen.extend(lines.map(String::from));
+        }
+        assert!(screen[0].starts_with("lora: training 4 steps (1 epoch x 4 steps)"), "{screen:?}");
+        assert!(screen[1].starts_with("step 1/4 ") && screen[1].contains("loss 1.9000"), "{screen:?}");
+        assert!(screen[2].starts_with("step 2/4 ") && screen[2].contains("lr 0.0001 "), "{screen:?}");
+        assert!(screen[3].starts_with("[") && screen[3].contains("2/4"), "the bar stays last: {screen:?}");
     }
 }

@@ -242,9 +242,15 @@ pub enum ModelInputError {
 /// window), is refused; with `linear` or `dynamic` scaling by `factor` up to
 /// `max_position_embeddings × factor` is accepted with a warning, and beyond that refused.
 pub fn check_model_dir(dir: &std::path::Path, params: &ResolvedParams) -> Result<Vec<String>, ModelInputError> {
+    check_model_files(dir, params, true)
+}
+
+/// [`check_model_dir`]; with `weights` false the weight files are not looked for (a dry run's
+/// hub snapshot holds only the config and tokenizer until the run downloads the weights).
+pub fn check_model_files(dir: &std::path::Path, params: &ResolvedParams, weights: bool) -> Result<Vec<String>, ModelInputError> {
     let d = || dir.to_path_buf();
     let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
+    if weights && index.is_file() {
         let bad = |why: String| ModelInputError::BadIndex { dir: d(), why };
         let text = std::fs::read(&index).map_err(|e| bad(e.to_string()))?;
         let v: Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
@@ -255,7 +261,7 @@ pub fn check_model_dir(dir: &std::path::Path, params: &ResolvedParams) -> Result
         if let Some(shard) = shards.iter().find(|s| !dir.join(s).is_file()) {
             return Err(ModelInputError::MissingShard { dir: d(), shard: shard.to_string() });
         }
-    } else if !dir.join("model.safetensors").is_file() {
+    } else if weights && !dir.join("model.safetensors").is_file() {
         return Err(ModelInputError::NoWeights { dir: d() });
     }
     if !dir.join("tokenizer.json").is_file() {
@@ -287,4 +293,54 @@ pub fn check_model_dir(dir: &std::path::Path, params: &ResolvedParams) -> Result
     Ok(vec![format!(
         "training_max_seq_len = {want} is above the model's max_position_embeddings {max_pos}: sequences past it rely on the model's {scaling} RoPE scaling (factor {factor}, up to {allowed} positions)"
     )])
+}
+
+/// How a run's messages name a parameter: `lora train` users type flags
+/// (`--training-resume never`), KFP users set parameters (`training_resume=never`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamNames {
+    Cli,
+    Kfp,
+}
+
+impl ParamNames {
+    pub fn of(req: &RunRequest) -> Self {
+        if req.kfp.is_some() { ParamNames::Kfp } else { ParamNames::Cli }
+    }
+
+    /// `name` with `value` as it was given: `--training-resume never` or `training_resume=never`.
+    pub fn setting(self, name: &str, value: &str) -> String {
+        match self {
+            ParamNames::Cli => format!("{} {value}", flag(name)),
+            ParamNames::Kfp => format!("{name}={value}"),
+        }
+    }
+
+    /// An instruction to give `name` the value `value`.
+    pub fn set_it(self, name: &str, value: &str) -> String {
+        match self {
+            ParamNames::Cli => format!("pass {}", self.setting(name, value)),
+            ParamNames::Kfp => format!("set {}", self.setting(name, value)),
+        }
+    }
+
+    /// `text` with a leading `params.<name>` (the run manifest's spelling) named as this
+    /// run's users name it.
+    pub fn in_text(self, text: &str) -> String {
+        match text.strip_prefix("params.") {
+            Some(rest) => {
+                let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+                let name = &rest[..end];
+                match self {
+                    ParamNames::Cli if lora_params::PARAMS.iter().any(|d| d.name == name) => format!("{}{}", flag(name), &rest[end..]),
+                    _ => rest.to_string(),
+                }
+            }
+            None => text.to_string(),
+        }
+    }
+}
+
+fn flag(name: &str) -> String {
+    format!("--{}", name.replace('_', "-"))
 }

@@ -38,6 +38,38 @@ fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
+/// A valid chat record.
+const CHAT: &str = "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n";
+
+/// A Hugging Face hub cache (for `HF_HUB_CACHE`, with `HF_HUB_OFFLINE=1`) holding the default
+/// base model and the KFP fixture's as a tiny model (random weights, the SmolLM2 tokenizer), so a
+/// dry run resolves them and reads the data as the run would, without a network.
+fn hub_cache() -> &'static Path {
+    static CACHE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CACHE.get_or_init(|| {
+        let root = std::env::temp_dir().join(format!("lora-cli-{}-hub-cache", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/fixtures/smollm2");
+        let cfg = lora_engine::ModelConfig { max_position_embeddings: 32768, ..lora_engine::ModelConfig::tiny_llama(49152) };
+        for id in ["Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"] {
+            let repo = root.join(format!("models--{}", id.replace('/', "--")));
+            let snapshot = repo.join("snapshots/0123456789abcdef");
+            lora_engine::testing::write_random_model(&snapshot, &cfg, lora_engine::DType::F32, 7).unwrap();
+            for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+                std::fs::copy(fixture.join(f), snapshot.join(f)).unwrap();
+            }
+            std::fs::create_dir_all(repo.join("refs")).unwrap();
+            std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+        }
+        root
+    })
+}
+
+/// The environment of a dry run that resolves its model from [`hub_cache`].
+fn cached_hub() -> [(&'static str, &'static str); 2] {
+    [("HF_HUB_CACHE", hub_cache().to_str().unwrap()), ("HF_HUB_OFFLINE", "1")]
+}
+
 fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -59,6 +91,8 @@ fn train_help_lists_every_parameter_with_its_default() {
         let entry = &help[pos..help[pos..]
             .find("\n      --")
             .map_or(help.len(), |e| pos + e)];
+        // Wrapped to the terminal width: compare words, not lines.
+        let entry = entry.split_whitespace().collect::<Vec<_>>().join(" ");
         assert!(
             entry.contains(&format!("[default: {}]", d.default_display())),
             "{flag}: {entry}"
@@ -73,9 +107,35 @@ fn train_help_lists_every_parameter_with_its_default() {
         "--output-loss-chart",
         "--pvc-path",
         "--params",
-        "--dry-run",
+        "--dry-run", "--json",
     ] {
         assert!(help.contains(flag), "{flag}");
+    }
+}
+
+/// `-h` is a summary of the most used flags; `--help` is every parameter, wrapped to the
+/// terminal's width (`COLUMNS` when the output is not a terminal), issue 15.
+#[test]
+fn short_help_summarises_and_long_help_wraps_to_the_terminal() {
+    let dir = temp_dir("short-help");
+    let out = lora(&dir, &["train", "-h"], &[("COLUMNS", "100")]);
+    let (short, _) = text(&out);
+    assert!(out.status.success());
+    for name in lora::cli::SHORT_HELP_PARAMS {
+        let flag = format!("--{}", name.replace('_', "-"));
+        assert!(short.contains(&flag), "{flag} missing from -h:\n{short}");
+    }
+    for flag in ["--dataset", "--dry-run", "--output-model"] {
+        assert!(short.contains(flag), "{flag} missing from -h");
+    }
+    assert!(!short.contains("--training-wandb-project") && !short.contains("--training-lora-bnb-4bit-quant-type"), "{short}");
+    assert!(short.contains("`lora train --help` lists all"), "{short}");
+    for columns in [100, 80] {
+        let out = lora(&dir, &["train", "--help"], &[("COLUMNS", &columns.to_string())]);
+        let (long, _) = text(&out);
+        let widest = long.lines().map(|l| l.chars().count()).max().unwrap();
+        assert!(widest <= columns, "a --help line is {widest} wide at COLUMNS={columns}");
+        assert!(long.lines().count() > short.lines().count() * 2);
     }
 }
 
@@ -105,7 +165,7 @@ fn json_schema_and_version() {
 #[test]
 fn train_dry_run_resolves_everything_and_writes_nothing() {
     let dir = temp_dir("dry");
-    std::fs::write(dir.join("data.jsonl"), "{\"messages\": []}\n").unwrap();
+    std::fs::write(dir.join("data.jsonl"), CHAT).unwrap();
     std::fs::write(
         dir.join("p.yaml"),
         "training_lora_r: 4\ntraining_num_epochs: 9\n",
@@ -115,7 +175,7 @@ fn train_dry_run_resolves_everything_and_writes_nothing() {
         &dir,
         &[
             "train",
-            "--dry-run",
+            "--dry-run", "--json",
             "--dataset",
             "data.jsonl",
             "--params",
@@ -125,7 +185,7 @@ fn train_dry_run_resolves_everything_and_writes_nothing() {
             "--training-envs",
             "A=1",
         ],
-        &[("LORA_TRAINING_LORA_ALPHA", "64")],
+        &[("LORA_TRAINING_LORA_ALPHA", "64"), cached_hub()[0], cached_hub()[1]],
     );
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
@@ -191,7 +251,7 @@ fn bad_parameters_exit_2_naming_each_one() {
         &dir,
         &[
             "train",
-            "--dry-run",
+            "--dry-run", "--json",
             "--training-lora-r",
             "-1",
             "--training-lr-scheduler",
@@ -224,7 +284,7 @@ fn bad_parameters_exit_2_naming_each_one() {
 fn missing_dataset_is_a_bad_input_and_nothing_is_created() {
     let dir = temp_dir("nodata");
     for args in [
-        vec!["train", "--dry-run", "--dataset", "nope.jsonl"],
+        vec!["train", "--dry-run", "--json", "--dataset", "nope.jsonl"],
         vec!["train", "--dataset", "nope.jsonl"],
     ] {
         let out = lora(&dir, &args, &[]);
@@ -235,7 +295,7 @@ fn missing_dataset_is_a_bad_input_and_nothing_is_created() {
             "{stderr}"
         );
     }
-    let out = lora(&dir, &["train", "--dry-run"], &[]);
+    let out = lora(&dir, &["train", "--dry-run", "--json"], &[]);
     assert!(
         text(&out).1.contains("no training dataset"),
         "{}",
@@ -252,8 +312,17 @@ fn missing_dataset_is_a_bad_input_and_nothing_is_created() {
 fn kfp_dry_run_reads_the_executor_input_from_a_file() {
     let dir = temp_dir("kfp");
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/kfp/executor_input.json");
-    let arg = format!("@{}", fixture.display());
-    let out = lora(&dir, &["kfp", "--dry-run", "--executor-input", &arg], &[]);
+    // The fixture's dataset is an s3 artifact (refused: lora does not download datasets): the
+    // dry run, which reads the data as the run would, gets a local file in its place.
+    let mut input: Value = serde_json::from_slice(&std::fs::read(&fixture).unwrap()).unwrap();
+    std::fs::write(dir.join("train.jsonl"), CHAT).unwrap();
+    input["inputs"]["artifacts"]["dataset"]["artifacts"][0] = json!({
+        "name": "11", "type": {"schemaTitle": "system.Dataset"}, "metadata": {},
+        "uri": dir.join("train.jsonl").display().to_string(),
+    });
+    std::fs::write(dir.join("input.json"), input.to_string()).unwrap();
+    let arg = format!("@{}", dir.join("input.json").display());
+    let out = lora(&dir, &["kfp", "--dry-run", "--json", "--executor-input", &arg], &cached_hub());
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let plan: Value = serde_json::from_str(&stdout).unwrap();
@@ -270,10 +339,12 @@ fn kfp_dry_run_reads_the_executor_input_from_a_file() {
     // KFP wins over the environment
     let out = lora(
         &dir,
-        &["kfp", "--dry-run", "--executor-input", &arg],
+        &["kfp", "--dry-run", "--json", "--executor-input", &arg],
         &[
             ("LORA_TRAINING_LORA_R", "32"),
             ("LORA_TRAINING_TF32", "true"),
+            cached_hub()[0],
+            cached_hub()[1],
         ],
     );
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -352,12 +423,12 @@ fn readme_parameter_table_is_the_generated_one() {
 #[test]
 fn dry_run_checks_a_local_model_path_and_hides_secret_env_values() {
     let dir = temp_dir("model");
-    std::fs::write(dir.join("d.jsonl"), "{}\n").unwrap();
+    std::fs::write(dir.join("d.jsonl"), CHAT).unwrap();
     let out = lora(
         &dir,
         &[
             "train",
-            "--dry-run",
+            "--dry-run", "--json",
             "--dataset",
             "d.jsonl",
             "--training-base-model",
@@ -373,12 +444,18 @@ fn dry_run_checks_a_local_model_path_and_hides_secret_env_values() {
         "{}",
         text(&out).1
     );
+    // A model folder (the cached tiny model's files).
     std::fs::create_dir(dir.join("m")).unwrap();
+    let snapshot = hub_cache().join("models--Qwen--Qwen2.5-1.5B-Instruct/snapshots/0123456789abcdef");
+    for e in std::fs::read_dir(&snapshot).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join("m").join(e.file_name())).unwrap();
+    }
     let out = lora(
         &dir,
         &[
             "train",
-            "--dry-run",
+            "--dry-run", "--json",
             "--dataset",
             "d.jsonl",
             "--training-base-model",
@@ -404,9 +481,10 @@ fn dry_run_checks_a_local_model_path_and_hides_secret_env_values() {
 #[test]
 fn a_non_utf8_variable_lora_does_not_read_is_ignored() {
     let dir = temp_dir("env-latin1");
-    std::fs::write(dir.join("data.jsonl"), "{\"messages\": []}\n").unwrap();
-    let args = ["train", "--dry-run", "--dataset", "data.jsonl"];
-    let out = lora_os(&dir, &args, &[("SOME_VAR", &latin1())]);
+    std::fs::write(dir.join("data.jsonl"), CHAT).unwrap();
+    let args = ["train", "--dry-run", "--json", "--dataset", "data.jsonl"];
+    let [(k1, v1), (k2, v2)] = cached_hub();
+    let out = lora_os(&dir, &args, &[("SOME_VAR", &latin1()), (k1, OsStr::new(v1)), (k2, OsStr::new(v2))]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let plan: Value = serde_json::from_str(&stdout).unwrap();
@@ -422,8 +500,8 @@ fn a_non_utf8_variable_lora_does_not_read_is_ignored() {
 #[test]
 fn a_non_utf8_value_of_a_variable_lora_reads_is_a_bad_input_naming_it() {
     let dir = temp_dir("env-latin1-read");
-    std::fs::write(dir.join("data.jsonl"), "{\"messages\": []}\n").unwrap();
-    let args = ["train", "--dry-run", "--dataset", "data.jsonl"];
+    std::fs::write(dir.join("data.jsonl"), CHAT).unwrap();
+    let args = ["train", "--dry-run", "--json", "--dataset", "data.jsonl"];
     for var in ["LORA_TRAINING_LORA_R", "HF_HOME"] {
         let out = lora_os(&dir, &args, &[(var, &latin1())]);
         let (stdout, stderr) = text(&out);
@@ -444,13 +522,13 @@ fn a_non_utf8_value_of_a_variable_lora_reads_is_a_bad_input_naming_it() {
 #[test]
 fn bad_scheduler_kwargs_are_parameter_problems() {
     let dir = temp_dir("kwargs");
-    std::fs::write(dir.join("data.jsonl"), "{\"messages\": []}\n").unwrap();
+    std::fs::write(dir.join("data.jsonl"), CHAT).unwrap();
     for (kwargs, scheduler, needles) in [
         (r#"{"num_cycle": 2}"#, "cosine", &["training_lr_scheduler_kwargs = \"{\\\"num_cycle\\\": 2}\" (from command line", "`num_cycle` is not a setting of the `cosine` schedule (it takes: num_cycles)"][..]),
         (r#"{"power": 2}"#, "linear", &["`power` is not a setting of the `linear` schedule (it takes: nothing)"][..]),
         (r#"{"lr_end": "soon"}"#, "polynomial", &["`lr_end` = \"soon\" for `polynomial`: expected a finite number"][..]),
     ] {
-        let out = lora(&dir, &["train", "--dry-run", "--dataset", "data.jsonl", "--training-lr-scheduler", scheduler, "--training-lr-scheduler-kwargs", kwargs], &[]);
+        let out = lora(&dir, &["train", "--dry-run", "--json", "--dataset", "data.jsonl", "--training-lr-scheduler", scheduler, "--training-lr-scheduler-kwargs", kwargs], &[]);
         let (stdout, stderr) = text(&out);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stdout.is_empty() && stderr.contains("1 parameter problem:") && stderr.contains("hint: `lora train --help`"), "{stderr}");
@@ -458,7 +536,7 @@ fn bad_scheduler_kwargs_are_parameter_problems() {
             assert!(stderr.contains(n), "missing `{n}` in {stderr}");
         }
     }
-    let out = lora(&dir, &["train", "--dry-run", "--dataset", "data.jsonl", "--training-lr-scheduler", "cosine", "--training-lr-scheduler-kwargs", r#"{"num_cycles": 2}"#], &[]);
+    let out = lora(&dir, &["train", "--dry-run", "--json", "--dataset", "data.jsonl", "--training-lr-scheduler", "cosine", "--training-lr-scheduler-kwargs", r#"{"num_cycles": 2}"#], &cached_hub());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
 }
 
@@ -487,6 +565,7 @@ fn output_paths_are_checked_before_anything_runs() {
             let mut args = vec!["train", "--dataset", "data/d.jsonl", "--pvc-path", "ws"];
             if dry {
                 args.push("--dry-run");
+                args.push("--json");
             }
             args.extend_from_slice(flags);
             let out = lora(&dir, &args, &[]);
@@ -497,7 +576,7 @@ fn output_paths_are_checked_before_anything_runs() {
         }
     }
     // All at once.
-    let out = lora(&dir, &["train", "--dry-run", "--dataset", "data/d.jsonl", "--output-model", "taken", "--output-metrics", "metrics_dir"], &[]);
+    let out = lora(&dir, &["train", "--dry-run", "--json", "--dataset", "data/d.jsonl", "--output-model", "taken", "--output-metrics", "metrics_dir"], &[]);
     assert!(text(&out).1.contains("2 output path problems:"), "{}", text(&out).1);
     // Nothing was created, renamed or changed.
     let after: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -522,7 +601,7 @@ fn an_unwritable_output_folder_is_refused_before_anything_runs() {
     let root = std::fs::metadata(dir.join("d.jsonl")).unwrap().uid() == 0;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lora"));
     cmd.current_dir(&dir)
-        .args(["train", "--dry-run", "--dataset", "d.jsonl", "--pvc-path", "ws", "--output-model", "locked/model", "--output-metrics", "locked/m.json"])
+        .args(["train", "--dry-run", "--json", "--dataset", "d.jsonl", "--pvc-path", "ws", "--output-model", "locked/model", "--output-metrics", "locked/m.json"])
         .env_remove("HF_HOME");
     if root {
         cmd.uid(65534).gid(65534);

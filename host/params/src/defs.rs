@@ -215,7 +215,7 @@ define_params! {
     training_tensorboard_log_dir: Option<String> = None, Reference,
         "TensorBoard log directory: event files (scalars, HParams) go to <dir>/<start time>_<run id>/.";
     training_dataset_type: Option<String> = None, Reference,
-        "Dataset format: chat_template, alpaca or passthrough (resolved: chat_template).";
+        "Dataset format: chat_template (a messages list), alpaca (instruction, input, output), passthrough (plain text), prompt_completion (prompt, completion) or tokenized (input_ids, optional labels) (resolved: chat_template).";
     training_field_messages: Option<String> = None, Reference,
         "Field holding the messages for chat_template (resolved: messages).";
     training_field_instruction: Option<String> = None, Reference,
@@ -253,6 +253,8 @@ define_params! {
         "ADDITION. WASM plugins as kind=path,...: preprocessor=a.wasm,scheduler=b.wasm,reporter=c.wasm (several reporters allowed).";
     training_plugin_config: String = String::new(), Addition,
         "ADDITION. JSON object keyed by plugin kind or file stem: each plugin's settings and grants.";
+    training_merged_dtype: String = "base".into(), Addition,
+        "ADDITION. dtype of the merged model's weights: base (the base model's dtype) or float32 (keeps all of a small adapter's update, at twice the size of 16-bit weights). The adapter is float32 either way.";
     training_lr_scheduler_kwargs: String = String::new(), Addition,
         "ADDITION. JSON object of scheduler settings, e.g. {\"num_cycles\":2} (cosine_with_restarts), {\"power\":2} (polynomial); checked with the parameters unless a scheduler plugin takes them.";
 }

@@ -33,6 +33,7 @@ pub const RUNTIMES: [&str; 2] = ["training-hub", "lora"];
 pub const BAD_RECORDS: [&str; 2] = ["error", "skip"];
 pub const LONG_SAMPLE_POLICIES: [&str; 3] = ["drop", "truncate", "error"];
 pub const DEVICES: [&str; 3] = ["auto", "cpu", "cuda"];
+pub const MERGED_DTYPES: [&str; 2] = ["base", "float32"];
 pub const RESUME: [&str; 2] = ["auto", "never"];
 pub const GRADIENT_CHECKPOINTING: [&str; 3] = ["auto", "true", "false"];
 /// `training_lora_bnb_4bit_quant_type` values.
@@ -117,6 +118,8 @@ pub struct ResolvedParams {
     pub resume: String,
     /// `auto`, `true` or `false`.
     pub gradient_checkpointing: String,
+    /// `base` or `float32`.
+    pub merged_dtype: String,
     pub plugins: Vec<PluginSpec>,
     pub plugin_config: Map<String, Value>,
     pub kubernetes_config: Option<Map<String, Value>>,
@@ -600,6 +603,7 @@ pub fn resolve(
         &p.training_gradient_checkpointing,
         &GRADIENT_CHECKPOINTING,
     );
+    let merged_dtype = c.one_of("training_merged_dtype", &p.training_merged_dtype, &MERGED_DTYPES);
     let plugins = parse_plugins(&p.training_plugins).unwrap_or_else(|e| {
         c.err("training_plugins", e);
         Vec::new()
@@ -748,6 +752,7 @@ pub fn resolve(
         device,
         resume,
         gradient_checkpointing,
+        merged_dtype,
         plugins,
         plugin_config,
         kubernetes_config: p.kubernetes_config.clone(),

@@ -32,6 +32,16 @@ use crate::request::{RunOutcome, RunRequest};
 use crate::schedule::BuiltinScheduler;
 use crate::trackers;
 
+/// Set once this process's run got past the resume check (its checkpoints are this run's, or it
+/// started fresh): only then can a failure promise that running the same command again resumes.
+/// A failure before (an unreachable hub, a checkpoint of another run) must not.
+pub(crate) static TRAINING_STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process's run started training (see [`TRAINING_STARTED`]).
+pub fn training_started() -> bool {
+    TRAINING_STARTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// What the reference component returns as `Output`.
 pub const OUTPUT: &str = "training completed";
 
@@ -53,28 +63,8 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     for note in &model_notes {
         eprintln!("lora: warning: {note}");
     }
-    let tools = Arc::new(
-        HfTextTools::from_dir(&model.dir)
-            .with_context(|| format!("loading the tokenizer of training_base_model from {}", model.dir.display()))?,
-    );
-
-    // Data.
-    let data_cfg = data_config(p, &ws.data_output_dir)?;
-    let source = lora_data::resolve_dataset(&lora_data::DatasetInput {
-        artifact_path: req.dataset.path.clone(),
-        metadata: req.dataset.metadata.clone(),
-        pvc_path: Some(req.pvc_path.clone()),
-    })?;
     let plugins = plugin_set(req)?;
-    let mut preprocessor: Box<dyn Preprocessor> = match &plugins {
-        Some(set) => match set.load_preprocessor(tools.clone())? {
-            Some(pre) => pre,
-            None => lora_data::builtin_preprocessor(&data_cfg),
-        },
-        None => lora_data::builtin_preprocessor(&data_cfg),
-    };
-    let prepared = lora_data::prepare(&data_cfg, &source, preprocessor.as_mut(), &tools)?;
-    drop(preprocessor);
+    let RunData { source, prepared } = read_data(req, &model.dir, plugins.as_ref(), true)?;
     log_data(&prepared);
 
     // Engine.
@@ -84,24 +74,13 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     if let Some(q) = &loaded.quant {
         eprintln!("lora: base model projections held {}", q.describe());
     }
-    let adapter_cfg = AdapterConfig {
-        r: p.lora_r as usize,
-        lora_alpha: p.lora_alpha as f64,
-        lora_dropout: p.lora_dropout,
-        target_modules: p.lora_target_modules.clone(),
-        use_rslora: p.use_rslora,
-        use_dora: p.use_dora,
-        init_seed: p.seed,
-    };
+    let adapter_cfg = adapter_config(p);
     let targets: Vec<String> = adapter_cfg.resolve_targets()?.iter().map(|m| m.name().to_string()).collect();
     let optim = OptimConfig { weight_decay: p.weight_decay, max_grad_norm: p.max_grad_norm, ..OptimConfig::default() };
     let mut trainer = Trainer::new(loaded, adapter_cfg.clone(), optim, p.seed)?;
 
     // Plan and schedule.
-    let steps_per_epoch = prepared.steps_per_epoch() as u64;
-    let planned = steps_per_epoch * p.num_epochs;
-    let total_steps = p.max_steps.map_or(planned, |m| m.min(planned));
-    let epochs_run = total_steps.div_ceil(steps_per_epoch.max(1)) as usize;
+    let RunShape { steps_per_epoch, total_steps, epochs_run } = RunShape::of(p, &prepared);
     let largest = prepared.largest_micro_batch_tokens(epochs_run);
     let plan = MemoryPlan {
         tokens: largest,
@@ -142,6 +121,7 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
         adapter_config: serde_json::to_vec_pretty(&adapter_config_json)?,
         total_steps,
         steps_per_epoch,
+        names: crate::request::ParamNames::of(req),
     };
     let finished = run.train()?;
 
@@ -150,28 +130,34 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     if let Some(q) = &run.trainer.model.quant {
         eprintln!("lora: merged model: {}", merge_base(q));
     }
+    // The trainer's model is not needed past here: free it before the merged model is loaded.
+    drop(run);
     let mut staging = outputs::Staging::new(&req.outputs.model, finished.summary.total_steps);
-    stage_model_outputs(&mut staging, req, &model, &adapter, &adapter_cfg, &adapter_config_json, &run_manifest)?;
+    let merged_dir = stage_model_outputs(&mut staging, req, &model, &adapter, &adapter_cfg, &adapter_config_json, &run_manifest)?;
     let summary = &finished.summary;
+    let merged = merged_eval(&merged_dir, &prepared, device, &adapter_cfg, &finished.history)?;
     let params_json = Value::Object(p.params_as_used());
-    let metrics = report::kfp_metrics(summary, &params_json);
+    let mut metrics = report::kfp_metrics(summary, &params_json);
+    if let Some(m) = &merged {
+        metrics.insert("training_merged_eval_loss".into(), json!(m.eval_loss));
+        if let Some(kept) = m.kept_gain {
+            metrics.insert("training_merged_kept_gain".into(), json!(kept));
+        }
+    }
     staging.file("output_metrics", &req.outputs.metrics, serde_json::to_string_pretty(&Value::Object(metrics.clone()))?.as_bytes())?;
     let chart_meta = ChartMeta {
         model: model.name.clone(),
-        settings: vec![
-            ("lr".into(), format!("{:e} {}, warmup {}", p.learning_rate, p.lr_scheduler, p.lr_warmup_steps)),
-            ("LoRA".into(), format!("r {}, alpha {}, dropout {}", p.lora_r, p.lora_alpha, p.lora_dropout)),
-            ("batch".into(), p.effective_batch_size.to_string()),
-            ("max_seq_len".into(), p.max_seq_len.to_string()),
-            ("seed".into(), p.seed.to_string()),
-            ("device".into(), device.to_string()),
-        ],
+        settings: chart_settings(p, &targets, device),
+        merged_eval_loss: merged.as_ref().map(|m| m.eval_loss),
     };
     let html = chart::render(&finished.history, summary, &chart_meta);
     staging.file("output_loss_chart", &req.outputs.loss_chart, html.as_bytes())?;
     staging.publish()?;
     trackers.outputs_written(req);
-    eprintln!("lora: outputs written in {:.1}s total", run_started.elapsed().as_secs_f64());
+    eprintln!("lora: outputs written in {:.1}s total:", run_started.elapsed().as_secs_f64());
+    for line in crate::dry_run::output_lines(req) {
+        eprintln!("lora: {line}");
+    }
 
     let mut model_metadata = Map::new();
     model_metadata.insert("base_model".into(), json!(model.name));
@@ -183,6 +169,105 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     model_metadata.insert("lora_r".into(), json!(p.lora_r));
     model_metadata.insert("lora_alpha".into(), json!(p.lora_alpha));
     Ok(RunOutcome { output: OUTPUT.into(), metrics, model_metadata })
+}
+
+/// What a run reads before it trains: the model's tokenizer, the dataset source (resolved in the
+/// reference's order), and the prepared samples (a preprocessor plugin's, or the built-in
+/// format's). The run and `--dry-run` both make it here, so a dry run fails on what the run would
+/// fail on, with the same error. `cache`: use the processed-data cache (the dry run neither reads
+/// nor writes it).
+pub(crate) struct RunData {
+    pub source: lora_data::DatasetSource,
+    pub prepared: PreparedData,
+}
+
+pub(crate) fn read_data(req: &RunRequest, model_dir: &Path, plugins: Option<&plugins::PluginSet>, cache: bool) -> Result<RunData> {
+    let p = &req.params;
+    let tools = Arc::new(
+        HfTextTools::from_dir(model_dir)
+            .with_context(|| format!("loading the tokenizer of training_base_model from {}", model_dir.display()))?,
+    );
+    let mut data_cfg = data_config(p, &req.workspace().data_output_dir)?;
+    if !cache {
+        data_cfg.cache_dir = None;
+    }
+    let source = lora_data::resolve_dataset(&lora_data::DatasetInput {
+        artifact_path: req.dataset.path.clone(),
+        metadata: req.dataset.metadata.clone(),
+        pvc_path: Some(req.pvc_path.clone()),
+    })?;
+    let mut preprocessor: Box<dyn Preprocessor> = match plugins {
+        Some(set) => match set.load_preprocessor(tools.clone())? {
+            Some(pre) => pre,
+            None => lora_data::builtin_preprocessor(&data_cfg),
+        },
+        None => lora_data::builtin_preprocessor(&data_cfg),
+    };
+    let mut prepared = lora_data::prepare(&data_cfg, &source, preprocessor.as_mut(), &tools)?;
+    if !cache {
+        prepared.report.cache = "not used by a dry run (the run reads it, or writes it)".into();
+    }
+    Ok(RunData { source, prepared })
+}
+
+/// The adapter `training_lora_*` describe.
+pub(crate) fn adapter_config(p: &ResolvedParams) -> AdapterConfig {
+    AdapterConfig {
+        r: p.lora_r as usize,
+        lora_alpha: p.lora_alpha as f64,
+        lora_dropout: p.lora_dropout,
+        target_modules: p.lora_target_modules.clone(),
+        use_rslora: p.use_rslora,
+        use_dora: p.use_dora,
+        init_seed: p.seed,
+    }
+}
+
+/// How long a run is: optimizer steps per epoch, steps in all (`training_max_steps` may stop
+/// it early) and the epochs those steps touch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunShape {
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub epochs_run: usize,
+}
+
+impl RunShape {
+    pub(crate) fn of(p: &ResolvedParams, prepared: &PreparedData) -> Self {
+        let steps_per_epoch = prepared.steps_per_epoch() as u64;
+        let planned = steps_per_epoch * p.num_epochs;
+        let total_steps = p.max_steps.map_or(planned, |m| m.min(planned));
+        let epochs_run = total_steps.div_ceil(steps_per_epoch.max(1)) as usize;
+        RunShape { steps_per_epoch, total_steps, epochs_run }
+    }
+}
+
+/// The settings line of the chart: everything that shaped the run.
+fn chart_settings(p: &ResolvedParams, targets: &[String], device: Device) -> Vec<(String, String)> {
+    let variant = match (p.use_dora, p.use_rslora) {
+        (true, true) => "DoRA + rsLoRA",
+        (true, false) => "DoRA",
+        (false, true) => "rsLoRA",
+        (false, false) => "LoRA",
+    };
+    let quant = if p.load_in_4bit {
+        format!(", 4-bit {}", p.bnb_4bit_quant_type.as_deref().unwrap_or("nf4"))
+    } else if p.load_in_8bit {
+        ", 8-bit".to_string()
+    } else {
+        String::new()
+    };
+    vec![
+        ("lr".into(), format!("{} {}, warmup {}", crate::report::number(p.learning_rate), p.lr_scheduler, p.lr_warmup_steps)),
+        (variant.into(), format!("r {}, alpha {}, dropout {}{quant}", p.lora_r, p.lora_alpha, crate::report::number(p.lora_dropout))),
+        ("targets".into(), targets.join(", ")),
+        ("data".into(), format!("{}{}", p.dataset_type, if p.train_on_inputs { ", trained on inputs" } else { "" })),
+        ("batch".into(), p.effective_batch_size.to_string()),
+        ("epochs".into(), p.num_epochs.to_string()),
+        ("max_seq_len".into(), p.max_seq_len.to_string()),
+        ("seed".into(), p.seed.to_string()),
+        ("device".into(), device.to_string()),
+    ]
 }
 
 /// What the scheduler is given: the run's shape and `training_lr_scheduler_kwargs` as settings
@@ -283,7 +368,7 @@ pub fn written_dirs(req: &RunRequest) -> Vec<(PathBuf, String)> {
 /// The plugins named by `training_plugins`, or `None` when there are none; a `grants.dir` where
 /// this run writes is refused.
 #[cfg(feature = "plugins")]
-fn plugin_set(req: &RunRequest) -> Result<Option<plugins::PluginSet>> {
+pub(crate) fn plugin_set(req: &RunRequest) -> Result<Option<plugins::PluginSet>> {
     let p = &req.params;
     if p.params.training_plugins.trim().is_empty() {
         return Ok(None);
@@ -311,11 +396,11 @@ pub fn check_plugins(req: &RunRequest, _env: &[(String, String)]) -> Result<Vec<
 }
 
 #[cfg(feature = "plugins")]
-use lora_plugins as plugins;
+pub(crate) use lora_plugins as plugins;
 
 /// Without the `plugins` feature: no plugin runtime, and a clear refusal when plugins are named.
 #[cfg(not(feature = "plugins"))]
-mod plugins {
+pub(crate) mod plugins {
     use std::sync::Arc;
 
     use lora_api::{Preprocessor, Reporter, ScheduleContext, Scheduler, TextTools};
@@ -336,7 +421,7 @@ mod plugins {
 }
 
 #[cfg(not(feature = "plugins"))]
-fn plugin_set(req: &RunRequest) -> Result<Option<plugins::PluginSet>> {
+pub(crate) fn plugin_set(req: &RunRequest) -> Result<Option<plugins::PluginSet>> {
     if req.params.params.training_plugins.trim().is_empty() {
         return Ok(None);
     }
@@ -346,13 +431,13 @@ fn plugin_set(req: &RunRequest) -> Result<Option<plugins::PluginSet>> {
 /// What one forward + backward of the largest micro-batch needs, and what the device has left:
 /// the input of `training_gradient_checkpointing`.
 #[derive(Debug, Clone, Copy)]
-struct MemoryPlan {
-    tokens: usize,
+pub(crate) struct MemoryPlan {
+    pub tokens: usize,
     /// Estimated activation bytes keeping every layer's activations, and recomputing them.
-    kept: u64,
-    recomputed: u64,
+    pub kept: u64,
+    pub recomputed: u64,
     /// Free memory after loading the model (None: the backend cannot tell).
-    available: Option<u64>,
+    pub available: Option<u64>,
 }
 
 /// Part of the free memory activations may take: the rest is for allocator slack, the data
@@ -361,7 +446,7 @@ const ACTIVATION_SHARE: f64 = 0.85;
 
 impl MemoryPlan {
     /// Whether to recompute, and the log lines (a warning when even the chosen plan does not fit).
-    fn decide(&self, setting: &str) -> (bool, Vec<String>) {
+    pub(crate) fn decide(&self, setting: &str) -> (bool, Vec<String>) {
         let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
         let budget = self.available.map(|a| (a as f64 * ACTIVATION_SHARE) as u64);
         let recompute = match (setting, budget) {
@@ -416,7 +501,7 @@ fn log_data(prepared: &PreparedData) {
 
 /// `training_device`: `cpu`, `cuda` (fails clearly without a usable GPU), `auto` (CUDA when a
 /// usable device is present, else CPU).
-fn pick_device(name: &str) -> Result<Device> {
+pub(crate) fn pick_device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         "cuda" => {
@@ -485,6 +570,7 @@ fn build_manifest(p: &ResolvedParams, model: &ResolvedModel, source: &lora_data:
     Ok(Manifest {
         format: Manifest::FORMAT.into(),
         binary: format!("lora {}", env!("CARGO_PKG_VERSION")),
+        build: Some(env!("LORA_BUILD_COMMIT").to_string()),
         device: device.to_string(),
         model: Inputs { name: model.name.clone(), commit: model.commit.clone(), files: model_files },
         dataset: Inputs { name: source.origin.clone(), commit: None, files: dataset_files },
@@ -513,14 +599,15 @@ fn stage_model_outputs(
     adapter_cfg: &AdapterConfig,
     adapter_config_json: &Value,
     run_manifest: &Manifest,
-) -> Result<()> {
+) -> Result<PathBuf> {
     let t0 = Instant::now();
     let dest = &req.outputs.model;
     let built = staging.folder("output_model", dest)?;
     outputs::write_adapter(&built.join("adapter"), adapter, adapter_config_json)?;
-    outputs::write_merged_weights(&model.dir, &built, adapter, adapter_cfg)
+    let float32 = req.params.merged_dtype == "float32";
+    outputs::write_merged_weights(&model.dir, &built, adapter, adapter_cfg, float32)
         .with_context(|| format!("merging the adapter into {}", model.dir.display()))?;
-    outputs::copy_model_files(&model.dir, &built)?;
+    outputs::copy_model_files(&model.dir, &built, float32)?;
     std::fs::write(built.join("run_manifest.json"), serde_json::to_vec_pretty(run_manifest)?)
         .with_context(|| format!("writing {}", built.join("run_manifest.json").display()))?;
     let final_model = req.workspace().final_model;
@@ -535,7 +622,64 @@ fn stage_model_outputs(
         final_model.display(),
         t0.elapsed().as_secs_f64()
     );
-    Ok(())
+    Ok(built)
+}
+
+/// Least share of the adapter's eval-loss gain the merged model must keep before the run warns.
+const MERGED_GAIN_WARN: f64 = 0.95;
+
+/// The merged model's eval loss, and what share of the adapter's gain it kept.
+#[derive(Debug, Clone, Copy)]
+struct MergedEval {
+    eval_loss: f64,
+    /// (before − merged) / (before − adapter), when training lowered the eval loss.
+    kept_gain: Option<f64>,
+}
+
+/// Evaluates the merged weights as written (`dir`, in their stored dtype) on the eval split, as
+/// the adapter was evaluated: merging into 16-bit weights rounds away part of a small adapter's
+/// update, and a person deploying the merged model should know how much. `None` without an eval
+/// split. Warns when the merged model keeps less than [`MERGED_GAIN_WARN`] of the gain.
+fn merged_eval(dir: &Path, prepared: &PreparedData, device: Device, adapter_cfg: &AdapterConfig, history: &report::History) -> Result<Option<MergedEval>> {
+    let batches = prepared.eval_batches();
+    if batches.is_empty() {
+        return Ok(None);
+    }
+    let t0 = Instant::now();
+    let model = Model::load(dir, &LoadOptions { backend: backend_for(device)?, quant: None })
+        .with_context(|| format!("loading the merged model from {} to evaluate it", dir.display()))?;
+    // A fresh adapter adds nothing (LoRA's B starts at zero): this is the merged model's loss.
+    let trainer = Trainer::new(model, AdapterConfig { lora_dropout: 0.0, ..adapter_cfg.clone() }, OptimConfig::default(), 0)?;
+    let (mut loss, mut tokens) = (0.0f64, 0usize);
+    for mb in &batches {
+        let (l, n) = trainer.eval_loss(&train::to_batch(mb)).context("evaluating the merged model on the validation split")?;
+        loss += l;
+        tokens += n;
+    }
+    if tokens == 0 {
+        return Ok(None);
+    }
+    let eval_loss = loss / tokens as f64;
+    let before = history.evals.first().filter(|e| e.step == 0).map(|e| e.eval_loss);
+    let after = history.evals.last().filter(|e| e.step > 0).map(|e| e.eval_loss);
+    let kept_gain = match (before, after) {
+        (Some(b), Some(a)) if b - a > 1e-9 => Some((b - eval_loss) / (b - a)),
+        _ => None,
+    };
+    eprintln!(
+        "lora: merged model eval_loss {eval_loss:.4} (adapter {}, before training {}){} in {:.1}s",
+        after.map_or("–".into(), |a| format!("{a:.4}")),
+        before.map_or("–".into(), |b| format!("{b:.4}")),
+        kept_gain.map_or(String::new(), |k| format!(": keeps {:.0}% of the adapter's gain", k * 100.0)),
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(k) = kept_gain.filter(|k| *k < MERGED_GAIN_WARN) {
+        eprintln!(
+            "lora: warning: the merged model keeps only {:.0}% of the adapter's eval-loss gain (rounding the merged weights to their stored dtype loses the rest); output_model/adapter has all of it: serve the base model with the adapter, or set training_merged_dtype=float32 (`--training-merged-dtype float32`)",
+            k * 100.0
+        );
+    }
+    Ok(Some(MergedEval { eval_loss, kept_gain }))
 }
 
 /// Checkpoint folder of the pvc (exposed for tests and `--dry-run`).

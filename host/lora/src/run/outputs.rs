@@ -37,8 +37,8 @@ pub use lora_engine::export::peft_config;
 
 /// Writes the merged model's weights into `out_dir` (same names and dtypes as the base), sharded
 /// above transformers' 5 GB.
-pub fn write_merged_weights(base_dir: &Path, out_dir: &Path, adapter: &[NamedTensor], cfg: &AdapterConfig) -> Result<()> {
-    lora_engine::merge::write_merged_weights(base_dir, out_dir, adapter, cfg, lora_engine::export::MAX_SHARD_BYTES)?;
+pub fn write_merged_weights(base_dir: &Path, out_dir: &Path, adapter: &[NamedTensor], cfg: &AdapterConfig, float32: bool) -> Result<()> {
+    lora_engine::merge::write_merged_weights_as(base_dir, out_dir, adapter, cfg, lora_engine::export::MAX_SHARD_BYTES, float32)?;
     Ok(())
 }
 
@@ -53,8 +53,9 @@ pub fn write_adapter(dir: &Path, tensors: &[NamedTensor], config: &Value) -> Res
     Ok(())
 }
 
-/// Copies the base folder's config, tokenizer and generation files (everything but weights).
-pub fn copy_model_files(base_dir: &Path, out_dir: &Path) -> Result<()> {
+/// Copies the base folder's config, tokenizer and generation files (everything but weights);
+/// with `float32` the config names float32 as the weights' dtype.
+pub fn copy_model_files(base_dir: &Path, out_dir: &Path, float32: bool) -> Result<()> {
     for e in fs::read_dir(base_dir).with_context(|| format!("reading {}", base_dir.display()))? {
         let e = e?;
         let name = e.file_name().to_string_lossy().to_string();
@@ -71,6 +72,13 @@ pub fn copy_model_files(base_dir: &Path, out_dir: &Path) -> Result<()> {
             let mut v: Value = serde_json::from_slice(&fs::read(&path)?).with_context(|| format!("{} is not JSON", path.display()))?;
             if let Some(o) = v.as_object_mut() {
                 o.remove("quantization_config");
+                if float32 {
+                    for key in ["torch_dtype", "dtype"] {
+                        if o.contains_key(key) {
+                            o.insert(key.into(), Value::String("float32".into()));
+                        }
+                    }
+                }
             }
             fs::write(out_dir.join(&name), serde_json::to_vec_pretty(&v)?)?;
         } else {

@@ -41,6 +41,8 @@ pub(super) struct Run<'a> {
     pub adapter_config: Vec<u8>,
     pub total_steps: u64,
     pub steps_per_epoch: u64,
+    /// How messages name parameters (flags in a `lora train` run).
+    pub names: crate::request::ParamNames,
 }
 
 pub(super) struct Finished {
@@ -181,11 +183,11 @@ impl Run<'_> {
         if self.params.resume == "never" {
             let n = checkpoint::remove_all(&self.checkpoints)?;
             if n > 0 {
-                eprintln!("lora: training_resume=never: removed {n} old checkpoint(s) in {}", self.checkpoints.display());
+                eprintln!("lora: {}: removed {n} old checkpoint(s) in {}", self.names.setting("training_resume", "never"), self.checkpoints.display());
             }
             return Ok(fresh);
         }
-        let found = checkpoint::find_resumable(&self.checkpoints, self.manifest)?;
+        let found = checkpoint::find_resumable(&self.checkpoints, self.manifest, self.names)?;
         for (dir, why) in &found.damaged {
             eprintln!(
                 "lora: warning: {why}; it is not resumed (set aside as {}.damaged), trying the previous complete checkpoint",
@@ -221,6 +223,7 @@ impl Run<'_> {
     pub fn train(&mut self) -> Result<Finished> {
         let p = self.params;
         let (mut pos, mut history) = self.resume()?;
+        super::TRAINING_STARTED.store(true, std::sync::atomic::Ordering::SeqCst);
         let start_step = pos.step;
         let start_tokens = history.tokens;
         // Plugins see the run's parameters with secrets hidden, as everything that prints them.
@@ -244,6 +247,14 @@ impl Run<'_> {
         let mut last_eval_step = history.evals.last().map(|e| e.step);
         let mut checkpoint_secs = 0.0f64;
         let logging = p.logging_steps.max(1);
+        // The eval loss before the first step: what the adapter's eval loss is compared with
+        // (a fresh adapter is the base model: LoRA's B starts at zero).
+        if pos.step == 0 && history.evals.is_empty() && self.total_steps > 0 && p.eval_steps > 0
+            && let Some(e) = self.evaluate(0)?
+        {
+            history.evals.push(e.clone());
+            report_all(&mut self.progress, &mut self.reporters, |r| r.on_eval(&e))?;
+        }
 
         'epochs: while pos.step < self.total_steps && pos.epoch < p.num_epochs {
             let plan = self.prepared.epoch_plan(pos.epoch as usize);
