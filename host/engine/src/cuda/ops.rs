@@ -3,7 +3,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::blas::{Operand, Product};
+use super::plan::{DataType, MatmulPlan, Product};
 use super::{Arg, CudaBackend, err};
 use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, Gemm, HostData, check_len};
 use crate::error::Result;
@@ -75,26 +75,28 @@ impl CudaBackend {
         Ok(dst)
     }
 
+    /// A U32 buffer's values, exact (download_f32 goes through f32, exact only below 2^24).
+    pub(crate) fn download_u32(&self, op: &'static str, buf: &Buf) -> Result<Vec<u32>> {
+        need(op, "buf", buf, &[DType::U32])?;
+        let b = self.download_bytes(op, buf)?;
+        Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
     fn download_bytes(&self, op: &'static str, buf: &Buf) -> Result<Vec<u8>> {
-        let mem = self.mem(op, "buf", buf)?;
-        let bytes = buf.len() * buf.dtype().size();
-        let mut host = vec![0u8; mem.slice().len()];
-        self.stream
-            .memcpy_dtoh(mem.slice(), &mut host[..])
-            .map_err(|e| err(op, format!("copy to host: {e}")))?;
-        self.stream.synchronize().map_err(|e| err(op, format!("synchronize: {e}")))?;
-        host.truncate(bytes);
-        Ok(host)
+        self.read_bytes(op, buf, buf.len() * buf.dtype().size())
     }
 }
 
 impl Backend for CudaBackend {
     fn name(&self) -> &'static str {
-        "cuda"
+        match self.device {
+            Device::Emu => "emu",
+            _ => "cuda",
+        }
     }
 
     fn device(&self) -> Device {
-        Device::Cuda(self.ordinal)
+        self.device
     }
 
     fn activation_dtype(&self) -> DType {
@@ -121,15 +123,10 @@ impl Backend for CudaBackend {
             (DType::F16, d) => d.to_f32().iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
         };
         let len = data.len();
-        let mut buf = self.alloc(op, len, dtype, false)?;
+        let buf = self.alloc(op, len, dtype, false)?;
         if !bytes.is_empty() {
-            let stream = self.stream.clone();
-            let mem = self.mem_mut(op, "buf", &mut buf)?;
-            stream
-                .memcpy_htod(&bytes[..], &mut mem.slice_mut().slice_mut(0..bytes.len()))
-                .map_err(|e| err(op, format!("copy {} bytes to the device: {e}", bytes.len())))?;
-            // The host vector is dropped at the end of this call: wait for the copy.
-            stream.synchronize().map_err(|e| err(op, format!("synchronize: {e}")))?;
+            // Returns once the host vector may be dropped.
+            self.write_bytes(op, &buf, &bytes)?;
         }
         Ok(buf)
     }
@@ -150,15 +147,7 @@ impl Backend for CudaBackend {
         let n = src.len();
         let (s, d) = (self.ptr(op, "src", src)?, self.ptr(op, "dst", dst)?);
         match (src.dtype(), dst.dtype()) {
-            (a, b) if a == b => {
-                let bytes = n * a.size();
-                let stream = self.stream.clone();
-                let src_mem = self.mem(op, "src", src)?;
-                let dst_mem = self.mem_mut(op, "dst", dst)?;
-                stream
-                    .memcpy_dtod(&src_mem.slice().slice(0..bytes), &mut dst_mem.slice_mut().slice_mut(0..bytes))
-                    .map_err(|e| err(op, format!("device copy of {bytes} bytes: {e}")))
-            }
+            (a, b) if a == b => self.copy_bytes(op, src, dst, n * a.size()),
             (DType::F32, DType::BF16) => self.launch(op, "cast_f32_bf16", grid1d(n), &[Arg::Ptr(s), Arg::Ptr(d), Arg::Size(n)]),
             (DType::BF16, DType::F32) => self.launch(op, "cast_bf16_f32", grid1d(n), &[Arg::Ptr(s), Arg::Ptr(d), Arg::Size(n)]),
             (a, b) => Err(err(op, format!("no conversion from {a:?} to {b:?} on cuda"))),
@@ -183,7 +172,27 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| err("synchronize", e.to_string()))
+        self.synchronize_device().map_err(|e| err("synchronize", e.to_string()))
+    }
+
+    fn set_profiling(&self, on: bool) -> bool {
+        self.set_profile(on);
+        true
+    }
+
+    fn take_profile(&self) -> Vec<(String, u64, f64)> {
+        self.take_profile_table()
+    }
+
+    fn take_launched(&self) -> Vec<String> {
+        self.take_launched_names()
+    }
+
+    fn device_details(&self) -> Vec<(String, String)> {
+        let (a, b) = self.compute_capability;
+        let mut v = vec![("name".to_string(), self.name.clone()), ("compute capability".to_string(), format!("{a}.{b}"))];
+        v.extend(self.dev.info().details.clone());
+        v
     }
 
     fn peak_memory_bytes(&self) -> Option<u64> {
@@ -191,8 +200,7 @@ impl Backend for CudaBackend {
     }
 
     fn available_memory_bytes(&self) -> Option<u64> {
-        self.ctx.bind_to_thread().ok()?;
-        self.ctx.mem_get_info().ok().map(|(free, _total)| free as u64)
+        self.free_memory()
     }
 
     fn gemm(&self, g: Gemm, a: &Buf, b: &Buf, c: &mut Buf) -> Result<()> {
@@ -213,12 +221,15 @@ impl Backend for CudaBackend {
         let a_tmp = (a.dtype() == DType::F32 && b.dtype() == DType::BF16).then(|| self.to_bf16(op, a)).transpose()?;
         let b_tmp = (b.dtype() == DType::F32 && a.dtype() == DType::BF16).then(|| self.to_bf16(op, b)).transpose()?;
         let (a_use, b_use) = (a_tmp.as_ref().unwrap_or(a), b_tmp.as_ref().unwrap_or(b));
-        let ty = if a_use.dtype() == DType::BF16 { Operand::Bf16 } else { Operand::F32 };
+        let ty = if a_use.dtype() == DType::BF16 { DataType::Bf16 } else { DataType::F32 };
         let p = Product { m: g.m, n: g.n, k: g.k, ta: g.ta, tb: g.tb, alpha: g.alpha, beta: if g.accumulate { 1.0 } else { 0.0 } };
+        let plan = MatmulPlan::row_major(op, p, ty);
         let (pa, pb, pc) = (self.ptr(op, "a", a_use)?, self.ptr(op, "b", b_use)?, self.ptr(op, "c", c)?);
-        // SAFETY: lengths checked above against m, n, k; the temporaries live until the end of this
-        // call and their device memory is freed in stream order (after the product has run).
-        unsafe { self.lt.matmul(p, ty, pa, pb, pc) }
+        // cuBLAS "A" is our b, "B" our a (plan.rs).
+        // SAFETY: lengths checked above against m, n, k, which give the plan's spans; the
+        // temporaries live until the end of this call and their device memory is freed in stream
+        // order (after the product has run).
+        unsafe { self.matmul(&plan, pb, pa, pc) }
     }
 
     fn axpy(&self, alpha: f32, x: &Buf, y: &mut Buf) -> Result<()> {
@@ -319,7 +330,11 @@ impl Backend for CudaBackend {
             if n == 0 {
                 continue;
             }
-            let cfg = LaunchConfig { grid_dim: (BLOCKS as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // At most one block per 256 elements (a small buffer does not start 1024 blocks of
+            // idle threads); the partials of unused blocks stay 0. The block count depends on
+            // `n` only, so the sum's order, and its bits, are fixed.
+            let blocks = n.div_ceil(256).min(BLOCKS) as u32;
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             self.launch(op, "sum_squares_f32", cfg, &[
                 Arg::Ptr(self.ptr(op, "buf", b)?),
                 Arg::Size(n),
@@ -341,8 +356,9 @@ impl Backend for CudaBackend {
         }
         let vocab = table.len() / dim;
         let k = kname("embedding_fwd", suffix(op, "table", table)?);
-        let mut bad = self.alloc(op, 1, DType::U32, false)?;
-        self.fill(&mut bad, u32::MAX as f32)?;
+        // "no bad id" sentinel, written as a u32 (not through an f32 fill value).
+        let bad = self.alloc(op, 1, DType::U32, false)?;
+        self.write_bytes(op, &bad, &u32::MAX.to_le_bytes())?;
         let cfg = per_row(tokens, dim);
         if tokens > 0 {
             self.launch(op, k, cfg, &[
@@ -359,7 +375,7 @@ impl Backend for CudaBackend {
         let b = self.download_bytes(op, &bad)?;
         let pos = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         if pos != u32::MAX {
-            let all = self.download_f32(ids)?;
+            let all = self.download_u32(op, ids)?;
             return Err(err(op, format!("token id {} at position {pos} is outside the vocabulary (size {vocab})", all[pos as usize])));
         }
         Ok(())
