@@ -136,14 +136,22 @@ fn selftest_cpu_passes_and_prints_the_table() {
         Some("selftest on cpu against float64 formulas (seed 7)")
     );
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["op", "shape", "max", "abs", "max", "rel", "pass"]);
+    assert_eq!(
+        header,
+        ["op", "shape", "max", "abs", "max", "rel", "secs", "pass"]
+    );
     let rows: Vec<&str> = out.lines().filter(|l| l.contains("  ok")).collect();
     assert!(rows.len() > 40, "only {} rows:\n{out}", rows.len());
     assert!(!out.contains("FAIL"), "{out}");
+    // Lines about the device start with `#`; every other line between header and summary is a row.
+    let body = out.lines().count() - 3;
+    let comments = out.lines().filter(|l| l.starts_with("# ")).count();
+    assert!(out.contains("# backend: cpu"), "{out}");
+    assert_eq!(rows.len(), body - comments, "{out}");
     let last = out.lines().last().unwrap();
-    assert_eq!(
-        last,
-        format!("{n} of {n} checks passed", n = out.lines().count() - 3)
+    assert!(
+        last.starts_with(&format!("{n} of {n} checks passed (", n = rows.len())) && last.ends_with(" s)"),
+        "{last}"
     );
     for op in ["gemm", "rmsnorm", "rope", "attention", "swiglu", "adamw"] {
         assert!(
@@ -175,7 +183,53 @@ fn selftest_cuda_fails_cleanly_without_a_gpu() {
     );
     assert_clean_failure(&o, 1, "no CUDA driver found");
     let o = lora(&dir, &["selftest", "--device", "tpu"]);
-    assert_clean_failure(&o, 2, "--device: expected cpu, cuda or cuda:N, got `tpu`");
+    assert_clean_failure(&o, 2, "--device: expected cpu, cuda, cuda:N or emu, got `tpu`");
+    let o = lora(&dir, &["selftest", "--stage", "gpu"]);
+    assert_clean_failure(&o, 2, "--stage: expected env, ops, training or all, got `gpu`");
+    let o = lora(&dir, &["selftest", "--family", "attn"]);
+    assert_clean_failure(&o, 2, "--family: no family `attn` on cpu (families: env, gemm,");
+}
+
+/// The CUDA backend on the CPU device emulator, one family per child process: rows stream with
+/// their wall time, a family named alone runs alone, and the exit code reflects every row.
+#[test]
+fn selftest_emu_runs_a_family_in_a_child_and_reports_every_row() {
+    if !lora_engine::cuda::emu::BUILT {
+        eprintln!("no emulator in this build: skipped");
+        return;
+    }
+    let dir = temp_dir("selftest-emu");
+    let o = lora(
+        &dir,
+        &["selftest", "--device", "emu", "--seed", "3", "--family", "attention", "--family", "env"],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.starts_with("selftest on emu against the cpu backend with CUDA's bf16 rounding (seed 3)"),
+        "{out}"
+    );
+    assert!(out.contains("# name: CPU device emulator"), "{out}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.ends_with("  ok")).collect();
+    assert!(rows.iter().any(|r| r.starts_with("attention_bwd.dk")), "{out}");
+    assert!(rows.iter().all(|r| r.starts_with("attention") || r.starts_with("open the backend")), "{out}");
+
+    // A family that overruns its limit is killed and recorded as a failed row naming what it was
+    // running; the next family still runs, and the exit code says a row failed.
+    let o = lora(
+        &dir,
+        &[
+            "selftest", "--device", "emu", "--seed", "3", "--family", "training:rslora", "--family", "env",
+            "--family-timeout", "1",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    let killed = out.lines().position(|l| l.starts_with("training:rslora (child process)")).expect(&out);
+    assert!(out.lines().nth(killed).unwrap().contains("FAIL  (killed after 1 s (--family-timeout) while running train rslora"), "{out}");
+    let env = out.lines().position(|l| l.starts_with("open the backend")).expect(&out);
+    assert!(env > killed, "{out}");
+    assert!(err.contains("checks failed"), "{err}");
 }
 
 const TINY: [&str; 12] = [

@@ -39,7 +39,10 @@ use crate::error::Result;
 pub struct Row {
     pub op: String,
     pub shape: String,
+    /// JSON has no NaN or infinity: they travel as `null` and come back as NaN.
+    #[serde(deserialize_with = "nan_if_null")]
     pub max_abs: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub max_rel: f64,
     pub pass: bool,
     /// Why it failed, or what the row compares when it is not "device vs oracle".
@@ -47,6 +50,10 @@ pub struct Row {
     /// Wall time of the check (device and oracle), seconds.
     #[serde(default)]
     pub secs: f64,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl Row {
@@ -319,6 +326,17 @@ mod tests {
         }
         assert!(rows.iter().any(|r| r.op.contains("gradients")), "{rows:?}");
         assert!(rows.iter().any(|r| r.note.contains("loss")), "{rows:?}");
+    }
+
+    /// Rows cross the child-process pipe as JSON; a NaN error (a kernel that wrote NaN) comes
+    /// back as NaN, not as an unreadable row.
+    #[test]
+    fn rows_survive_json_with_nan_errors() {
+        let mut r = Row::error("attention_fwd.lse", "t3", "got -inf".into());
+        r.secs = 0.5;
+        let back: Row = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert!(back.max_abs.is_nan() && back.max_rel.is_nan() && !back.pass);
+        assert_eq!((back.op.as_str(), back.secs), ("attention_fwd.lse", 0.5));
     }
 
     /// A backend that gets an op wrong is caught: a deliberately wrong oracle comparison fails.
