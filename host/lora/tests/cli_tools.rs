@@ -554,3 +554,36 @@ fn plugin_check_runs_an_example_preprocessor_on_sample_records() {
     let o = lora(&dir, &["plugin", "check", file]);
     assert_clean_failure(&o, 2, "--input");
 }
+
+/// `--step-json` prints one flushed JSON line per step; `--per-op` prints a per-op device-time
+/// table on the emulated CUDA backend and is refused on the CPU, which cannot time device calls.
+#[test]
+fn bench_step_lines_and_per_op_table() {
+    let dir = temp_dir("bench-per-op");
+    let mut args = vec!["bench", "--device", "cpu", "--rows", "1", "--seq-len", "16", "--steps", "2", "--warmup", "1", "--step-json"];
+    args.extend(TINY);
+    let o = lora(&dir, &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    let steps: Vec<serde_json::Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert_eq!(steps.len(), 3, "{out}");
+    assert_eq!(steps[0]["warmup"], true);
+    assert_eq!(steps[2]["step"], 2);
+    assert!(steps.iter().all(|s| s["seconds"].as_f64().is_some_and(|x| x > 0.0) && s["loss"].is_number()), "{out}");
+
+    let mut args = vec!["bench", "--device", "cpu", "--rows", "1", "--seq-len", "16", "--steps", "1", "--per-op"];
+    args.extend(TINY);
+    assert_clean_failure(&lora(&dir, &args), 1, "per-op timing needs a device backend");
+    if !lora_engine::cuda::emu::BUILT {
+        return;
+    }
+    let mut args = vec!["bench", "--device", "emu", "--rows", "1", "--seq-len", "16", "--steps", "1", "--warmup", "0", "--per-op"];
+    args.extend(TINY);
+    let o = lora(&dir, &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("per-op device time, 16 tokens, per step"), "{out}");
+    for op in ["attention_fwd (attention_fwd_f32)", "linear_cross_entropy (cross_entropy_fwd_bwd_f32)", "gemm (cublasLt Bf16", "adamw (adamw_f32)"] {
+        assert!(out.lines().any(|l| l.starts_with(op)), "no `{op}` row:\n{out}");
+    }
+}

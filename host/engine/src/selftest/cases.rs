@@ -38,8 +38,8 @@ pub struct Ctx<'a, 's> {
     dev: &'a dyn Backend,
     /// The oracle backend (cuda and emu modes); `None` means float64 formulas (cpu mode).
     cpu: Option<&'a dyn Backend>,
-    /// Small shapes only (the emulator runs every CUDA thread as a fiber: the real-vocabulary
-    /// cross-entropy case would take many minutes there).
+    /// Small shapes only (the emulator runs every CUDA thread as a fiber, and compute-sanitizer
+    /// slows kernels 10-100x: the real-vocabulary cross-entropy case would take minutes).
     small: bool,
     state: u64,
     pub rows: Vec<Row>,
@@ -53,7 +53,8 @@ pub struct Ctx<'a, 's> {
 
 impl<'a, 's> Ctx<'a, 's> {
     pub fn new(dev: &'a dyn Backend, cpu: Option<&'a dyn Backend>, seed: u64) -> Self {
-        let small = dev.device() == crate::backend::Device::Emu;
+        // The emulator, and `LORA_SELFTEST_SMALL=1` (compute-sanitizer runs in tests/gpu/run.sh).
+        let small = dev.device() == crate::backend::Device::Emu || std::env::var("LORA_SELFTEST_SMALL").is_ok_and(|v| v == "1");
         Ctx { dev, cpu, small, state: seed, rows: Vec::new(), sink: None, started: None, kernels: None }
     }
 
