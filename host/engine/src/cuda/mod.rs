@@ -1,9 +1,17 @@
-//! The CUDA backend: the [`Backend`](crate::Backend) op set on one NVIDIA GPU.
+//! The CUDA backend: the [`Backend`](crate::Backend) op set on one NVIDIA GPU, or on the CPU
+//! device emulator (`--device emu`), through the same code.
 //!
-//! Owns: the device context and its one stream, device memory (with a peak counter), kernels
-//! compiled at run time from `host/engine/kernels/*.cu` with NVRTC for the device's compute
-//! capability (cached on disk), and matrix products through cuBLASLt (bf16 or f32 operands, f32
-//! accumulation). Must not: decide model structure (that is the engine's), synchronise with the
+//! Layout: `ops.rs`/`xent.rs` are the ops (buffer checks, launch shapes, kernel arguments); they
+//! reach the device only through [`device::GpuDevice`] (alloc/free, copies, memset, launch by
+//! kernel name, matmul by [`plan::MatmulPlan`], synchronise). `driver.rs` implements it with
+//! cudarc: one context and stream, stream-ordered allocations, kernels compiled at run time from
+//! `host/engine/kernels/*.cu` with NVRTC for the device's compute capability (cached on disk),
+//! products through cuBLASLt (`blas.rs`, descriptors built from the plan; bf16 or f32 operands,
+//! f32 accumulation). `emulated.rs` implements it with [`emu`]: the same `.cu` text compiled as
+//! C++, guarded memory, and [`plan::reference`] for the products. `LORA_CUDA_SYNC=1`
+//! synchronises after every launch and product, so an asynchronous fault names its op.
+//!
+//! Owns: device memory (with a peak counter), the device calls above. Must not: decide model structure (that is the engine's), synchronise with the
 //! host inside an op except where the op returns a scalar or must name a bad input, or use
 //! atomics whose order changes a result (runs are bit-reproducible).
 //!
