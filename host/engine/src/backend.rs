@@ -310,9 +310,9 @@ pub trait Backend: Send + Sync {
     fn device_details(&self) -> Vec<(String, String)> {
         Vec::new()
     }
-    /// Starts (or stops) timing every device call by op: each launch and product is
-    /// synchronised before and after and its wall time added to its op's total. False when the
-    /// backend cannot (the CPU).
+    /// Starts (or stops) timing every device call by op: each launch and product is timed (CUDA
+    /// events on a GPU, host time on the emulator), waited for, and added to its op's total.
+    /// False when the backend cannot (the CPU).
     fn set_profiling(&self, on: bool) -> bool {
         let _ = on;
         false

@@ -50,8 +50,8 @@ pub struct BenchOptions {
     pub recompute: bool,
     /// Hold the projections 4-bit or 8-bit.
     pub quant: Option<QuantConfig>,
-    /// Time every device call of the timed steps by op ([`Backend::set_profiling`]; each call
-    /// synchronised, so the step itself is slower): [`BenchResult::per_op`].
+    /// Time every device call of the timed steps by op ([`Backend::set_profiling`]: CUDA events
+    /// on a GPU, each call waited for, so the step itself is slower): [`BenchResult::per_op`].
     pub per_op: bool,
 }
 

@@ -91,4 +91,14 @@ pub trait GpuDevice: Send + Sync {
 
     /// (free, total) device bytes, where the device knows them.
     fn memory(&self) -> Option<(u64, u64)>;
+
+    /// Seconds the device spent on the work `call` enqueues (for `lora bench --per-op`). This
+    /// default times it on the host, synchronised before and after; a GPU uses events.
+    fn time(&self, call: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.synchronize()?;
+        let t = std::time::Instant::now();
+        call()?;
+        self.synchronize()?;
+        Ok(t.elapsed().as_secs_f64())
+    }
 }

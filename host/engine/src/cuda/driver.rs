@@ -204,6 +204,17 @@ impl GpuDevice for DriverDevice {
         self.ctx.bind_to_thread().ok()?;
         self.ctx.mem_get_info().ok().map(|(f, t)| (f as u64, t as u64))
     }
+
+    /// CUDA events around the call's work (device time; the end event is waited for).
+    fn time(&self, call: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let ev = |what: &str, e: cudarc::driver::DriverError| err("profile", format!("{what} event: {e}"));
+        let start = self.stream.record_event(timing).map_err(|e| ev("start", e))?;
+        call()?;
+        let end = self.stream.record_event(timing).map_err(|e| ev("end", e))?;
+        let ms = start.elapsed_ms(&end).map_err(|e| ev("elapsed", e))?;
+        Ok(f64::from(ms) / 1e3)
+    }
 }
 
 /// Stream-ordered allocations come from the device's default memory pool; by default the pool

@@ -138,7 +138,6 @@ mod imp {
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
-    use std::time::Instant;
 
     use cudarc::driver::LaunchConfig;
 
@@ -288,16 +287,14 @@ mod imp {
             self.profile.lock().map(|p| p.is_some()).unwrap_or(false)
         }
 
-        /// Runs `call` timed under `key()` when profiling (synchronised before and after).
+        /// Runs `call` timed under `key()` when profiling (CUDA events on a GPU; on the emulator
+        /// host time, synchronised before and after).
         fn timed(&self, key: impl FnOnce() -> String, call: impl FnOnce() -> Result<()>) -> Result<()> {
             if !self.profiling() {
                 return call();
             }
-            self.dev.synchronize()?;
-            let t = Instant::now();
-            call()?;
-            self.dev.synchronize()?;
-            let s = t.elapsed().as_secs_f64();
+            let mut call = Some(call);
+            let s = self.dev.time(&mut || call.take().map_or(Ok(()), |c| c()))?;
             if let Ok(mut p) = self.profile.lock()
                 && let Some(t) = p.as_mut()
             {

@@ -9,6 +9,30 @@ use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, Gem
 use crate::error::Result;
 use crate::quant::{DeviceQuant, NESTED_BLOCKSIZE, QuantFormat, QuantType};
 
+/// `kernels/attention.cu`'s `ATT_WARPS` (queries or keys per block, one warp each), `ATT_TILE`
+/// (keys or queries per shared-memory tile) and `ATT_MAXC` (values per lane: head_dim <= 32 x
+/// this); a test holds them equal to the `#define`s (CUDA-REVIEW S6).
+const ATT_WARPS: usize = 4;
+const ATT_TILE: usize = 32;
+const ATT_MAXC: usize = 8;
+
+/// Dynamic shared memory (floats) of the three attention kernels for head_dim `hd`, from their
+/// layouts: K and V tiles `[ATT_TILE][hd + 1]`, then q rows `[ATT_WARPS][hd]` (fwd); plus dout
+/// rows (dq); q and dout tiles, lse and delta of the tile, k and v rows (dkv).
+fn attention_smem_floats(hd: usize) -> (usize, usize, usize) {
+    let tiles = 2 * ATT_TILE * (hd + 1);
+    (tiles + ATT_WARPS * hd, tiles + 2 * ATT_WARPS * hd, tiles + 2 * ATT_TILE + 2 * ATT_WARPS * hd)
+}
+
+/// The attention launch: one block of ATT_WARPS warps per ATT_WARPS rows, per head.
+fn attention_cfg(rows: usize, heads: usize, smem_floats: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(ATT_WARPS) as u32, heads as u32, 1),
+        block_dim: ((32 * ATT_WARPS) as u32, 1, 1),
+        shared_mem_bytes: (smem_floats * 4) as u32,
+    }
+}
+
 /// Grid-stride launch over `n` elements.
 fn grid1d(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 1 << 16) as u32;
@@ -468,8 +492,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let hd = a.head_dim;
-        let smem = (2 * 32 * (hd + 1) + 4 * hd) * 4;
-        let cfg = LaunchConfig { grid_dim: (a.tokens.div_ceil(4) as u32, a.n_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = attention_cfg(a.tokens, a.n_heads, attention_smem_floats(hd).0);
         let mut args = vec![
             Arg::Ptr(self.ptr(op, "q", q)?),
             Arg::Ptr(self.ptr(op, "k", k)?),
@@ -519,14 +542,12 @@ impl Backend for CudaBackend {
             Arg::Ptr(self.ptr(op, "delta", &delta)?),
             Arg::Ptr(self.ptr(op, "dout", dout)?),
         ];
-        let smem = (2 * 32 * (hd + 1) + 8 * hd) * 4;
-        let cfg = LaunchConfig { grid_dim: (a.tokens.div_ceil(4) as u32, a.n_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = attention_cfg(a.tokens, a.n_heads, attention_smem_floats(hd).1);
         let mut args: Vec<Arg> = common.iter().map(copy_arg).collect();
         args.push(Arg::Ptr(self.ptr(op, "dq", dq)?));
         args.extend(self.attn_sizes(op, a)?);
         self.launch(op, "attention_bwd_dq_f32", cfg, &args)?;
-        let smem = (2 * 32 * (hd + 1) + 64 + 8 * hd) * 4;
-        let cfg = LaunchConfig { grid_dim: (a.tokens.div_ceil(4) as u32, a.n_kv_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = attention_cfg(a.tokens, a.n_kv_heads, attention_smem_floats(hd).2);
         let mut args: Vec<Arg> = common.iter().map(copy_arg).collect();
         args.push(Arg::Ptr(self.ptr(op, "dk", dk)?));
         args.push(Arg::Ptr(self.ptr(op, "dv", dv)?));
@@ -740,8 +761,8 @@ impl CudaBackend {
         if a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
             return Err(err(op, format!("{} query heads are not a multiple of {} kv heads", a.n_heads, a.n_kv_heads)));
         }
-        if a.head_dim == 0 || a.head_dim > 256 {
-            return Err(err(op, format!("head_dim {} is outside 1..=256", a.head_dim)));
+        if a.head_dim == 0 || a.head_dim > 32 * ATT_MAXC {
+            return Err(err(op, format!("head_dim {} is outside 1..={}", a.head_dim, 32 * ATT_MAXC)));
         }
         if a.n_docs == 0 && a.tokens > 0 {
             return Err(err(op, "n_docs is 0 but there are tokens"));
@@ -765,5 +786,32 @@ impl CudaBackend {
             Arg::I32(i32_of(op, "head_dim", a.head_dim)?),
             Arg::F32(a.scale),
         ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host's attention constants are the kernel's `#define`s, and its shared-memory sizes
+    /// are the review's (hd 128: 35-37 KB; hd 256: 69.9 KB fwd, 74.2 KB dkv).
+    #[test]
+    fn attention_launch_constants_match_the_kernel_source() {
+        let src = super::super::kernels::FAMILIES.iter().find(|f| f.file == "attention.cu").expect("attention.cu").source;
+        let define = |name: &str| -> usize {
+            let line = src.lines().find(|l| l.starts_with(&format!("#define {name} "))).unwrap_or_else(|| panic!("no #define {name}"));
+            line.split_whitespace().nth(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+        };
+        assert_eq!(define("ATT_WARPS"), ATT_WARPS);
+        assert_eq!(define("ATT_TILE"), ATT_TILE);
+        assert_eq!(define("ATT_MAXC"), ATT_MAXC);
+        let bytes = |hd| {
+            let (f, q, k) = attention_smem_floats(hd);
+            (4 * f, 4 * q, 4 * k)
+        };
+        assert_eq!(bytes(256), (69_888, 73_984, 74_240));
+        assert_eq!(bytes(128), (35_072, 37_120, 37_376));
+        let cfg = attention_cfg(70, 3, 10);
+        assert_eq!((cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes), ((18, 3, 1), (128, 1, 1), 40));
     }
 }

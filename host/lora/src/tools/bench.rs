@@ -134,7 +134,7 @@ pub(super) fn command() -> Command {
         )
         .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Print one JSON object instead of the text report"))
         .arg(Arg::new("step_json").long("step-json").action(ArgAction::SetTrue).help("Print one JSON line per step as it finishes (step, warmup, seconds, loss, step_tokens_per_sec), flushed, so a killed run keeps what it measured"))
-        .arg(Arg::new("per_op").long("per-op").action(ArgAction::SetTrue).help("Time every device call of the timed steps by op (each synchronised; cuda and emu only) and print the table"))
+        .arg(Arg::new("per_op").long("per-op").action(ArgAction::SetTrue).help("Time every device call of the timed steps by op (CUDA events on a GPU, host time on the emulator; cuda and emu only) and print the table"))
 }
 
 /// The quantization the flags ask for; a 4-bit setting without `--load-in-4bit` is an error
@@ -511,13 +511,14 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
     Ok(())
 }
 
-/// Device time per op over the timed steps (each call synchronised, host-timed).
+/// Device time per op over the timed steps.
 fn per_op_table(r: &BenchResult) -> String {
     let total: f64 = r.per_op.iter().map(|o| o.seconds).sum();
     let steps = r.step_seconds.len().max(1) as f64;
     let mut s = format!(
-        "per-op device time, {} tokens, per step (each call synchronised before and after):\n{:<70} {:>7} {:>11} {:>7}\n",
-        r.tokens_per_step, "op", "calls", "ms/step", "share"
+        "per-op device time, {} tokens, per step ({}; every call waited for):\n{:<70} {:>7} {:>11} {:>7}\n",
+        r.tokens_per_step,
+        if r.backend == "cuda" { "CUDA events" } else { "host time" }, "op", "calls", "ms/step", "share"
     );
     for o in &r.per_op {
         s += &format!(
