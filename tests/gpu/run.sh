@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU proof in one device call of at most ~8 minutes, for a lent GPU machine (H200, CUDA 13,
+# The GPU proof in one device call of at most ~8 minutes (the phase limits add up to 475 s), for a lent GPU machine (H200, CUDA 13,
 # driver, python3 with the nvidia wheels; no Rust, no network). Every phase has its own time limit
 # and its own file under $OUT (7 files; the device tool returns at most 8), and prints as it goes,
 # so a phase that hangs or crashes costs that phase only:
@@ -135,10 +135,10 @@ if [ $dry = 0 ]; then
     fi
 fi
 export -f preflight
-phase "preflight" 45 preflight.txt preflight
+phase "preflight" 60 preflight.txt preflight
 
 # --- ops, streamed, one child per family, synchronised after every launch ------------------
-phase "ops" 90 selftest-ops.txt env LORA_CUDA_SYNC=1 "$bin" selftest --device "$device" --stage ops --seed 2026 --family-timeout 60 "${ops_args[@]}"
+phase "ops" 75 selftest-ops.txt env LORA_CUDA_SYNC=1 "$bin" selftest --device "$device" --stage ops --seed 2026 --family-timeout 60 "${ops_args[@]}"
 
 # --- compute-sanitizer -----------------------------------------------------------------------
 sanitize() {
@@ -153,16 +153,16 @@ sanitize() {
     # Small shapes (no real-vocabulary cross-entropy), in one process so the tool sees every launch.
     export LORA_SELFTEST_SMALL=1
     echo "-- memcheck"
-    timeout -k 5 $(( 80 * scale )) "$cs" --tool memcheck --leak-check no --error-exitcode 99 "$bin" selftest --device cuda --in-process --stage ops --seed 3 "${fams[@]}" || rc=1
+    timeout -k 5 $(( 70 * scale )) "$cs" --tool memcheck --leak-check no --error-exitcode 99 "$bin" selftest --device cuda --in-process --stage ops --seed 3 "${fams[@]}" || rc=1
     echo "-- racecheck (shared-memory hazards)"
-    timeout -k 5 $(( 60 * scale )) "$cs" --tool racecheck --racecheck-report hazard --error-exitcode 99 "$bin" selftest --device cuda --in-process --stage ops --seed 3 --family attention --family rmsnorm --family cross_entropy --family adapters --family elementwise || rc=1
+    timeout -k 5 $(( 45 * scale )) "$cs" --tool racecheck --racecheck-report hazard --error-exitcode 99 "$bin" selftest --device cuda --in-process --stage ops --seed 3 --family attention --family rmsnorm --family cross_entropy --family adapters --family elementwise || rc=1
     return $rc
 }
 export -f sanitize
-phase "compute-sanitizer" 150 sanitizer.txt sanitize
+phase "compute-sanitizer" 120 sanitizer.txt sanitize
 
 # --- training parity --------------------------------------------------------------------------
-phase "training" 90 selftest-training.txt env LORA_CUDA_SYNC=1 "$bin" selftest --device "$device" --stage training --seed 2026 --family-timeout 80 "${train_args[@]}"
+phase "training" 75 selftest-training.txt env LORA_CUDA_SYNC=1 "$bin" selftest --device "$device" --stage training --seed 2026 --family-timeout 70 "${train_args[@]}"
 
 # --- per-op time of one layer ---------------------------------------------------------------------
 perop() {
@@ -175,10 +175,10 @@ perop() {
     return $rc
 }
 export -f perop
-phase "per-op" 120 per-op.txt perop
+phase "per-op" 100 per-op.txt perop
 
 # --- one bench step, a JSON line per step -------------------------------------------------------
-phase "bench" 60 bench.jsonl "$bin" bench --device "$device" "${bench_shape[@]}" --rows 1 --seq-len "$bench_len" --steps 1 --warmup 0 --step-json --json
+phase "bench" 45 bench.jsonl "$bin" bench --device "$device" "${bench_shape[@]}" --rows 1 --seq-len "$bench_len" --steps 1 --warmup 0 --step-json --json
 
 say "total $(( $(date +%s) - t_all )) s"
 if [ $dry = 1 ]; then
