@@ -14,6 +14,10 @@ lora="$target/debug/lora"
 start=$(date +%s)
 "$lora" selftest --device emu --seed 2026
 echo "60-emu: selftest --device emu took $(( $(date +%s) - start )) s"
+# The ops again with the CUDA threads of each block run in a seeded shuffled order between
+# barriers (reverse and shuffled orders expose missing __syncthreads and shared-memory races).
+LORA_EMU_SCHEDULE=shuffled:7 "$lora" selftest --device emu --seed 2027 --stage ops
+LORA_EMU_SCHEDULE=reverse "$lora" selftest --device emu --seed 2028 --stage ops
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 OUT="$out" bash tests/gpu/run.sh --dry "$lora"

@@ -113,7 +113,7 @@ pub(crate) fn parse_device(s: &str) -> Result<Device, ToolError> {
 pub(crate) fn device_hint(device: Device) -> &'static str {
     match device {
         Device::Cpu => "",
-        Device::Emu => "hint: the emulator needs a build with a C++17 compiler (LORA_EMU unset); --device cpu runs without it",
+        Device::Emu => "hint: --device emu needs a build with a C++17 compiler (LORA_EMU unset); LORA_EMU_SCHEDULE takes forward, reverse or shuffled:<seed>; --device cpu runs without either",
         Device::Cuda(_) => {
             "hint: a GPU needs the NVIDIA driver (libcuda.so) on the library path and a visible device (nvidia-smi lists them); --device cpu runs without one"
         }
