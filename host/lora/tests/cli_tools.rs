@@ -230,6 +230,14 @@ fn selftest_emu_runs_a_family_in_a_child_and_reports_every_row() {
     let env = out.lines().position(|l| l.starts_with("open the backend")).expect(&out);
     assert!(env > killed, "{out}");
     assert!(err.contains("checks failed"), "{err}");
+    // The killed child's model folder does not outlive it.
+    let left: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("lora-selftest-model-") && n.ends_with("-rslora"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 const TINY: [&str; 12] = [

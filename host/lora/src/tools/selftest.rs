@@ -276,6 +276,17 @@ fn run_child(device: Device, seed: u64, family: &str, timeout: Duration, sink: &
         }
     }
     let status = proc.wait();
+    if !matches!(&status, Ok(s) if s.success()) {
+        // A killed or crashed child cannot remove the model folder its training family wrote.
+        let prefix = format!("lora-selftest-model-{}-", proc.id());
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
     let err_text = err_reader.join().unwrap_or_default();
     let tail: String = {
         let t = err_text.trim();
