@@ -1,145 +1,187 @@
 #!/usr/bin/env bash
-# The whole GPU proof of issue 7, in one command, for a lent GPU machine (H200, CUDA 13, driver,
-# python3 with torch 2.11 + transformers + peft; no Rust, no network). Writes every log under
-# $OUT (default ./gpu-out) and prints the tables:
-#   1. `lora selftest --device cuda`: every Backend op, GPU vs its CPU twin, on random inputs of
-#      several shapes; then 20 training steps of a tiny model on GPU and CPU (loss per step within
-#      1e-2 relative, adapter within bf16 tolerance, same seed twice on GPU = identical bytes).
-#   2. `lora bench --device cuda --shape qwen2.5-1.5b` (rows of 8192, 32768 tokens per step).
-#   3. tests/gpu/peft_bench.py: PyTorch + PEFT on the same shape and batch, sdpa, plain and with
-#      gradient checkpointing, and with Liger kernels if a liger_kernel wheel was carried in
-#      tests/gpu/wheels/ (get it here with: pip download liger-kernel --no-deps -d tests/gpu/wheels).
-#   4. A side-by-side summary with the ratio.
+# The GPU proof in one device call of at most ~8 minutes (the phase limits add up to 475 s), for a lent GPU machine (H200, CUDA 13,
+# driver, python3 with the nvidia wheels; no Rust, no network). Every phase has its own time limit
+# and its own file under $OUT (7 files; the device tool returns at most 8), and prints as it goes,
+# so a phase that hangs or crashes costs that phase only:
+#   preflight.txt          driver, GPU, the libraries on the loader path and whether NVRTC (with its
+#                          builtins) and cuBLASLt actually load; LD_LIBRARY_PATH set from the
+#                          toolkit and the pip wheels; `lora selftest --stage env` (versions, SMs,
+#                          shared-memory limit, L2)
+#   selftest-ops.txt       every op vs the bf16-faithful CPU oracle, one row per line as it
+#                          finishes, one child process per op family, LORA_CUDA_SYNC=1
+#   sanitizer.txt          compute-sanitizer memcheck and racecheck on small shapes
+#   selftest-training.txt  first-step gradients, loss per step, same-seed rerun bytes
+#   per-op.txt             one layer's forward + backward timed per op at t = 8192 and 32768
+#   bench.jsonl            one bench step at 8192 tokens, one JSON line per step, then the result
+#   summary.txt            what passed, what failed, each phase's wall time
+# PEFT is not re-measured (its numbers are in ../shared/gpu/ANCHORS.md; tests/gpu/peft_bench.py
+# still runs by hand).
 #
 #   bash tests/gpu/run.sh target/release/lora            # on the GPU machine
-#   bash tests/gpu/run.sh --dry target/debug/lora        # here, CPU only: shakes out the script
+#   bash tests/gpu/run.sh --dry target/debug/lora        # here: the same phases on the CPU device
+#                                                        # emulator (--device emu), small shapes
 #
-# With the session's device tool (no Rust there, so carry the binary; tests/gpu/bin and
-# tests/gpu/wheels are git-ignored):
+# With the session's device tool (no Rust there, so carry the binary; tests/gpu/bin is ignored):
 #   cargo build --release -p lora && mkdir -p tests/gpu/bin && cp "$CARGO_TARGET_DIR/release/lora" tests/gpu/bin/
-#   pip download liger-kernel --no-deps -d tests/gpu/wheels
-#   run: command "bash tests/gpu/run.sh tests/gpu/bin/lora", carry ["tests/gpu/bin", "tests/gpu/wheels"],
-#        timeout_s 600. It writes 7 files under $OUT (the tool returns at most 8).
-# Each phase has its own time limit (SELFTEST_TIMEOUT 120 s, BENCH_TIMEOUT 240 s,
-# PEFT_TIMEOUT 200 s; 560 s in all, under the tool's 600 s) so one slow phase cannot eat the budget.
+#   run: command "bash tests/gpu/run.sh tests/gpu/bin/lora", carry ["tests/gpu/bin"], timeout_s 560.
 #
-# Environment: LORA_BENCH_ARGS overrides the bench arguments; PEFT_CONFIGS the PEFT list;
-# LORA_CUDA_INCLUDE / CUDA_HOME point NVRTC at the CUDA headers (default /usr/local/cuda/include).
+# Environment: PHASE_SCALE multiplies every phase's limit; LORA_CUDA_INCLUDE / CUDA_HOME point
+# NVRTC at the CUDA headers (default /usr/local/cuda/include, else the nvidia wheels').
 set -uo pipefail
 dry=0
 if [ "${1:-}" = "--dry" ]; then dry=1; shift; fi
 bin=${1:?usage: tests/gpu/run.sh [--dry] <path to the lora binary>}
 bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
-here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$PWD/gpu-out}
 mkdir -p "$out"
 py=${PYTHON:-python3}
+scale=${PHASE_SCALE:-1}
 status=0
-note() { printf '\n== %s\n' "$*" | tee -a "$out/summary.txt"; }
-fail() { echo "FAILED: $*" | tee -a "$out/summary.txt"; status=1; }
-: > "$out/summary.txt"
+t_all=$(date +%s)
+summary=$out/summary.txt
+: > "$summary"
+say() { echo "$*" | tee -a "$summary"; }
+# phase NAME LIMIT FILE CMD...: runs CMD under `timeout -k 5`, output streamed to FILE and the
+# terminal; records pass/fail and wall time in the summary.
+phase() {
+    local name=$1 limit=$2 file=$3; shift 3
+    limit=$(( limit * scale ))
+    printf '\n== %s (limit %s s)\n' "$name" "$limit" | tee -a "$out/$file"
+    local t0; t0=$(date +%s)
+    # Through bash so that the phase can be one of the functions below (exported).
+    timeout -k 5 "$limit" bash -c '"$@"' phase "$@" 2>&1 | tee -a "$out/$file"
+    local rc=${PIPESTATUS[0]}
+    local secs=$(( $(date +%s) - t0 ))
+    if [ "$rc" -eq 0 ]; then
+        say "ok    $name (${secs} s)"
+    else
+        status=1
+        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+            say "FAIL  $name: timed out after ${secs} s (limit ${limit} s); see $file"
+        else
+            say "FAIL  $name: exit $rc after ${secs} s; see $file"
+        fi
+    fi
+}
 
 if [ $dry = 1 ]; then
-    device=cpu; shape=smollm2-135m; seq_len=128; bench_args=${LORA_BENCH_ARGS:---device cpu --shape smollm2-135m --rows 1 --seq-len 128 --steps 1 --warmup 0}
-    peft_args="--device cpu --shape tiny --seq-len 64 --tokens 128 --steps 2 --warmup 1"  # shake-out only
+    device=emu
+    ops_args=(--family gemm --family elementwise --family attention --family cross_entropy --family dequant)
+    san_families=""
+    train_args=(--family training:rslora)
+    # One layer of a small shape (the emulator runs every CUDA thread as a fiber).
+    perop_shape="--layers 1 --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 --vocab 256"
+    perop_lens="32 64"
+    bench_shape=(--layers 2 --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 --vocab 256)
+    bench_len=64
 else
-    device=cuda; shape=qwen2.5-1.5b; seq_len=8192; bench_args=${LORA_BENCH_ARGS:---device cuda --shape qwen2.5-1.5b}
-    peft_args="--device cuda --shape qwen2.5-1.5b --seq-len 8192 --tokens 32768"
-    command -v nvidia-smi >/dev/null && nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-    # NVRTC from the toolkit, or from the pip wheels that come with torch.
-    if [ -z "${LORA_CUDA_INCLUDE:-}" ] && [ ! -f "${CUDA_HOME:-/usr/local/cuda}/include/cuda_bf16.h" ]; then
-        cu13=$("$py" -c 'import nvidia, os; print(next((os.path.join(p, "cu13") for p in nvidia.__path__ if os.path.isfile(os.path.join(p, "cu13/include/cuda_bf16.h"))), ""))' 2>/dev/null)
-        if [ -n "$cu13" ]; then
+    device=cuda
+    ops_args=()
+    san_families="gemm elementwise embedding rmsnorm rope attention swiglu cross_entropy adapters adamw dequant"
+    train_args=()
+    perop_shape="--shape qwen2.5-1.5b --layers 1"
+    perop_lens="8192 32768"
+    bench_shape=(--shape qwen2.5-1.5b)
+    bench_len=8192
+fi
+export dry bin device py scale san_families perop_shape perop_lens
+say "binary: $bin ($("$bin" --version 2>&1 | head -1)); device $device; logs in $out"
+
+# --- preflight ---------------------------------------------------------------------------
+preflight() {
+    if [ $dry = 1 ]; then
+        echo "dry run: no driver or CUDA libraries are needed for --device emu"
+    else
+        if command -v nvidia-smi > /dev/null; then
+            nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm,power.limit --format=csv
+            nvidia-smi -q | grep -E 'CUDA Version|Product Name|MIG Mode|Persistence|Compute Mode' -A0 | head -20
+        else
+            echo "no nvidia-smi on PATH"
+        fi
+        echo "-- loader cache:"
+        ldconfig -p 2>/dev/null | grep -E 'libcuda\.so|libnvrtc|libcublasLt' || echo "(none of libcuda, libnvrtc, libcublasLt in ldconfig -p)"
+        echo "-- ${CUDA_HOME:-/usr/local/cuda}/lib64:"
+        ls "${CUDA_HOME:-/usr/local/cuda}/lib64" 2>/dev/null | grep -E 'nvrtc|cublasLt' || echo "(missing or no nvrtc/cublasLt there)"
+        echo "-- LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+        echo "-- LORA_CUDA_INCLUDE=${LORA_CUDA_INCLUDE:-<unset>}"
+        # Each library by the name cudarc asks for, from the path just set; the builtins are
+        # opened by libnvrtc by name, so their folder must be on the loader path (CUDA-REVIEW S1).
+        "$py" - <<'PY'
+import ctypes
+ok = True
+for name in ["libcuda.so.1", "libnvrtc.so.13", "libnvrtc-builtins.so.13.0", "libcublasLt.so.13"]:
+    try:
+        ctypes.CDLL(name)
+        print(f"loads: {name}")
+    except OSError as e:
+        ok = False
+        print(f"DOES NOT LOAD: {name}: {e}")
+raise SystemExit(0 if ok else 1)
+PY
+    fi
+    "$bin" selftest --device "$device" --stage env --seed 1
+}
+if [ $dry = 0 ]; then
+    # NVRTC, its builtins and cuBLASLt from the toolkit and from the pip wheels, both on the
+    # loader path whether or not the toolkit has headers (CUDA-REVIEW S1).
+    cuda_home=${CUDA_HOME:-/usr/local/cuda}
+    [ -d "$cuda_home/lib64" ] && export LD_LIBRARY_PATH=$cuda_home/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    cu13=$("$py" -c 'import nvidia, os; print(next((os.path.join(p, "cu13") for p in nvidia.__path__ if os.path.isdir(os.path.join(p, "cu13/lib"))), ""))' 2>/dev/null)
+    if [ -n "$cu13" ]; then
+        export LD_LIBRARY_PATH=$cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        if [ -z "${LORA_CUDA_INCLUDE:-}" ] && [ ! -f "$cuda_home/include/cuda_bf16.h" ] && [ -f "$cu13/include/cuda_bf16.h" ]; then
             export LORA_CUDA_INCLUDE=$cu13/include
-            export LD_LIBRARY_PATH=$cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
         fi
     fi
 fi
-echo "binary: $bin ($("$bin" --version 2>&1 | head -1)); device $device; logs in $out" | tee -a "$out/summary.txt"
+export -f preflight
+phase "preflight" 60 preflight.txt preflight
 
-note "1. lora selftest --device $device"
-if "$bin" selftest --help > /dev/null 2>&1; then
-    timeout "${SELFTEST_TIMEOUT:-120}" "$bin" selftest --device "$device" > "$out/selftest.txt" 2>&1 || fail "selftest (exit $?; 124 = timed out)"
-    tail -n 80 "$out/selftest.txt" | tee -a "$out/summary.txt"
-else
-    fail "this binary has no 'selftest' subcommand (wire lora_engine::selftest::run into the CLI)"
-fi
+# --- ops, streamed, one child per family, synchronised after every launch ------------------
+phase "ops" 75 selftest-ops.txt env LORA_CUDA_SYNC=1 "$bin" selftest --device "$device" --stage ops --seed 2026 --family-timeout 60 "${ops_args[@]}"
 
-note "2. lora bench $bench_args"
-if "$bin" bench --help > /dev/null 2>&1; then
-    # The issue's batch: rows of 8192, 32768 tokens per step (4 rows), if the CLI takes sizes.
-    if [ $dry = 0 ] && [ -z "${LORA_BENCH_ARGS:-}" ] && "$bin" bench --help 2>&1 | grep -q -- "--rows"; then
-        bench_args="$bench_args --rows 4 --seq-len 8192"
-        # Keeping every f32 activation of 28 layers x 32768 tokens needs ~150 GB: recompute each
-        # layer in backward (the counterpart of PEFT's gradient checkpointing).
-        if "$bin" bench --help 2>&1 | grep -q -- "--recompute"; then bench_args="$bench_args --recompute"; fi
+# --- compute-sanitizer -----------------------------------------------------------------------
+sanitize() {
+    local cs
+    cs=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null || true)
+    if [ $dry = 1 ] || [ -z "$cs" ]; then
+        echo "skipped: ${cs:-no compute-sanitizer found}${cs:+ (dry run)}; on the emulator every access is bounds-checked by guard pages already"
+        return 0
     fi
-    echo "lora bench $bench_args" | tee -a "$out/summary.txt"
-    # shellcheck disable=SC2086
-    timeout "${BENCH_TIMEOUT:-240}" "$bin" bench $bench_args > "$out/bench_lora.txt" 2>&1 || fail "lora bench (exit $?; 124 = timed out)"
-    cat "$out/bench_lora.txt" | tee -a "$out/summary.txt"
-else
-    fail "this binary has no 'bench' subcommand"
-fi
+    local fams=() f rc=0
+    for f in $san_families; do fams+=(--family "$f"); done
+    # Small shapes (no real-vocabulary cross-entropy), in one process so the tool sees every launch.
+    export LORA_SELFTEST_SMALL=1
+    echo "-- memcheck"
+    timeout -k 5 $(( 70 * scale )) "$cs" --tool memcheck --leak-check no --error-exitcode 99 "$bin" selftest --device cuda --in-process --stage ops --seed 3 "${fams[@]}" || rc=1
+    echo "-- racecheck (shared-memory hazards)"
+    timeout -k 5 $(( 45 * scale )) "$cs" --tool racecheck --racecheck-report hazard --error-exitcode 99 "$bin" selftest --device cuda --in-process --stage ops --seed 3 --family attention --family rmsnorm --family cross_entropy --family adapters --family elementwise || rc=1
+    return $rc
+}
+export -f sanitize
+phase "compute-sanitizer" 120 sanitizer.txt sanitize
 
-note "3. PyTorch + PEFT ($peft_args)"
-if [ -d "$here/wheels" ] && ls "$here"/wheels/*.whl > /dev/null 2>&1; then
-    "$py" -m pip install --no-index --find-links "$here/wheels" --no-deps --quiet "$here"/wheels/*.whl \
-        > "$out/pip_liger.txt" 2>&1 || echo "liger wheel did not install (see pip_liger.txt); Liger rows are skipped"
-fi
-# shellcheck disable=SC2086
-timeout "${PEFT_TIMEOUT:-200}" "$py" "$here/peft_bench.py" $peft_args --configs "${PEFT_CONFIGS:-peft,peft+ckpt,liger,liger+ckpt}" \
-    > "$out/bench_peft.jsonl" 2> "$out/bench_peft.stderr" || fail "peft_bench.py (exit $?; 124 = timed out; see bench_peft.stderr)"
-cat "$out/bench_peft.jsonl" | tee -a "$out/summary.txt"
+# --- training parity --------------------------------------------------------------------------
+phase "training" 75 selftest-training.txt env LORA_CUDA_SYNC=1 "$bin" selftest --device "$device" --stage training --seed 2026 --family-timeout 70 "${train_args[@]}"
 
-note "4. side by side"
-"$py" - "$out/bench_lora.txt" "$out/bench_peft.jsonl" "$here" "$shape" "${seq_len}" <<'PY' 2>&1 | tee -a "$out/summary.txt"
-# Our bench prints lora_engine::bench::BenchResult as JSON (tokens_per_sec, peak_device_bytes);
-# plain "N tokens/s" text is accepted too. MFU uses peft_bench.py's formula for both sides.
-import json, os, re, sys
-sys.path.insert(0, sys.argv[3])
-from peft_bench import SHAPES, PEAK_TFLOPS, model_flops_per_token
-shape, seq = sys.argv[4], int(sys.argv[5])
-text = open(sys.argv[1]).read() if os.path.exists(sys.argv[1]) else ""
-ours, ours_mem = None, None
-for line in text.splitlines():
-    try:
-        r = json.loads(line)
-    except ValueError:
-        continue
-    if isinstance(r, dict) and "tokens_per_sec" in r:
-        ours = r["tokens_per_sec"]
-        b = r.get("peak_device_bytes") or r.get("peak_rss_bytes")
-        ours_mem = f"{b / 2**30:.2f} GiB" if b else None
-if ours is None:
-    m = re.search(r"([0-9][0-9,.]*)\s*tokens/s", text)
-    ours = float(m.group(1).replace(",", "")) if m else None
-    m = re.search(r"peak[^\n]*?([0-9][0-9.]*)\s*(GiB|MiB)", text)
-    ours_mem = f"{m.group(1)} {m.group(2)}" if m else None
-peft = []
-for line in (open(sys.argv[2]) if os.path.exists(sys.argv[2]) else []):
-    try:
-        peft.append(json.loads(line))
-    except ValueError:
-        pass
-gpu = next((r["gpu"] for r in peft if "gpu" in r), "")
-peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-fpt = model_flops_per_token(SHAPES[shape], seq) if shape in SHAPES else None
-def mfu(tps):
-    return f"{fpt * tps / (peak * 1e12):.3f}" if (tps and fpt and peak) else "-"
-print(f"{'system':<12} {'tokens/s':>10} {'MFU':>6} {'peak mem':>11} {'lora/this':>10}")
-print(f"{'lora':<12} {ours if ours else float('nan'):>10.1f} {mfu(ours):>6} {ours_mem or '?':>11} {'1.00':>10}")
-for r in peft:
-    tps = r.get("tokens_per_s")
-    mem = f"{r['peak_gib']} GiB" if "peak_gib" in r else ("OOM" if r.get("oom") else "-")
-    ratio = f"{ours / tps:.2f}" if (ours and tps) else "-"
-    note = f"  ({r['skipped']})" if "skipped" in r else ""
-    print(f"{r['config']:<12} {tps if tps else float('nan'):>10.1f} {mfu(tps):>6} {mem:>11} {ratio:>10}{note}")
-if ours is None:
-    print("(could not read tokens/s from the lora bench output)")
-PY
+# --- per-op time of one layer ---------------------------------------------------------------------
+perop() {
+    local t rc=0
+    for t in $perop_lens; do
+        echo "-- one layer, t = $t"
+        # shellcheck disable=SC2086
+        "$bin" bench --device "$device" $perop_shape --rows 1 --seq-len "$t" --steps 1 --warmup 1 --per-op || rc=1
+    done
+    return $rc
+}
+export -f perop
+phase "per-op" 100 per-op.txt perop
 
+# --- one bench step, a JSON line per step -------------------------------------------------------
+phase "bench" 45 bench.jsonl "$bin" bench --device "$device" "${bench_shape[@]}" --rows 1 --seq-len "$bench_len" --steps 1 --warmup 0 --step-json --json
+
+say "total $(( $(date +%s) - t_all )) s"
 if [ $dry = 1 ]; then
-    if [ $status = 0 ]; then note "dry run passed (CPU only: nothing ran on a GPU; the shapes of lora and PEFT differ here)"; else note "DRY RUN FAILED"; fi
-elif [ $status = 0 ]; then note "all GPU checks passed"; else note "SOME GPU CHECKS FAILED"; fi
+    if [ $status = 0 ]; then say "dry run passed (CPU device emulator: nothing ran on a GPU)"; else say "DRY RUN FAILED"; fi
+elif [ $status = 0 ]; then say "all GPU checks passed"; else say "SOME GPU CHECKS FAILED"; fi
 exit $status

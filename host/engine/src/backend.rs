@@ -68,6 +68,9 @@ pub enum Device {
     Cpu,
     /// A CUDA device by ordinal (after `CUDA_VISIBLE_DEVICES`).
     Cuda(usize),
+    /// The CUDA backend on the CPU device emulator: the same ops and `.cu` kernels, run on the
+    /// CPU (slow; for proving kernels without a GPU).
+    Emu,
 }
 
 impl std::fmt::Display for Device {
@@ -75,6 +78,7 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::Emu => write!(f, "emu"),
         }
     }
 }
@@ -300,6 +304,28 @@ pub trait Backend: Send + Sync {
     /// process's VmHWM instead).
     fn peak_memory_bytes(&self) -> Option<u64> {
         None
+    }
+    /// `(what, value)` lines about the device (name, compute capability, library versions, SM
+    /// count, shared memory limits), for `lora selftest --stage env`; none on the CPU.
+    fn device_details(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+    /// Starts (or stops) timing every device call by op: each launch and product is timed (CUDA
+    /// events on a GPU, host time on the emulator), waited for, and added to its op's total.
+    /// False when the backend cannot (the CPU).
+    fn set_profiling(&self, on: bool) -> bool {
+        let _ = on;
+        false
+    }
+    /// The per-op totals since profiling started, `(op, calls, seconds)`, largest first; resets
+    /// them.
+    fn take_profile(&self) -> Vec<(String, u64, f64)> {
+        Vec::new()
+    }
+    /// The kernels and products launched since the last call, each once, in first-launch order
+    /// (so a failed selftest row can name the kernels behind it); none on the CPU.
+    fn take_launched(&self) -> Vec<String> {
+        Vec::new()
     }
     /// Bytes that can still be allocated for this backend's buffers, if known: the device's free
     /// memory on a GPU; on CPU the smaller of the kernel's `MemAvailable` and what the process's

@@ -50,11 +50,33 @@ pub struct BenchOptions {
     pub recompute: bool,
     /// Hold the projections 4-bit or 8-bit.
     pub quant: Option<QuantConfig>,
+    /// Time every device call of the timed steps by op ([`Backend::set_profiling`]: CUDA events
+    /// on a GPU, each call waited for, so the step itself is slower): [`BenchResult::per_op`].
+    pub per_op: bool,
+}
+
+/// One finished step, as [`run_with`] reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepReport {
+    pub step: usize,
+    pub warmup: bool,
+    pub seconds: f64,
+    pub loss: f64,
+    pub tokens: usize,
+    pub step_tokens_per_sec: f64,
+}
+
+/// Device time of one op over the timed steps.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpTime {
+    pub op: String,
+    pub calls: u64,
+    pub seconds: f64,
 }
 
 impl BenchOptions {
     pub fn new(cfg: ModelConfig) -> Self {
-        BenchOptions { cfg, rows: 4, row_len: 512, docs_per_row: 1, steps: 3, warmup: 1, adapter: AdapterConfig::default(), recompute: false, quant: None }
+        BenchOptions { cfg, rows: 4, row_len: 512, docs_per_row: 1, steps: 3, warmup: 1, adapter: AdapterConfig::default(), recompute: false, quant: None, per_op: false }
     }
 }
 
@@ -83,6 +105,9 @@ pub struct BenchResult {
     pub projection_bytes: u64,
     /// The quantization the run used ([`crate::QuantInfo::to_json`]), if any.
     pub quantization: Option<serde_json::Value>,
+    /// With [`BenchOptions::per_op`]: device time per op over the timed steps, largest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_op: Vec<OpTime>,
 }
 
 /// Resets the process's peak resident memory (`VmHWM`) to the current resident size, so the
@@ -122,6 +147,11 @@ pub fn bench_batch(vocab: usize, rows: usize, row_len: usize, docs_per_row: usiz
 
 /// Runs the benchmark on `backend`.
 pub fn run(opts: &BenchOptions, backend: Arc<dyn Backend>) -> Result<BenchResult> {
+    run_with(opts, backend, &mut |_| {})
+}
+
+/// [`run`], reporting each step to `on_step` as it finishes.
+pub fn run_with(opts: &BenchOptions, backend: Arc<dyn Backend>, on_step: &mut dyn FnMut(&StepReport)) -> Result<BenchResult> {
     let c = &opts.cfg;
     let base_params: usize = crate::model::tensor_specs(c).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     let name = backend.name().to_string();
@@ -139,17 +169,29 @@ pub fn run(opts: &BenchOptions, backend: Arc<dyn Backend>) -> Result<BenchResult
     let estimated_activation_bytes = tr.activation_bytes(batch.input_ids.len(), opts.recompute);
     let mut times = Vec::new();
     let mut loss = 0.0;
+    let tokens = batch.input_ids.len();
     for i in 0..opts.warmup + opts.steps {
+        if opts.per_op && i == opts.warmup && !backend.set_profiling(true) {
+            return Err(crate::EngineError::Backend { backend: backend.name(), op: "bench", msg: "per-op timing needs a device backend (--device cuda or emu)".into() });
+        }
         let t0 = Instant::now();
         let st = tr.forward_backward(&batch, batch.input_ids.len() as f32)?;
         tr.optimizer_step(1e-4)?;
         backend.synchronize()?;
         loss = st.loss_sum / st.trained_tokens.max(1) as f64;
+        let seconds = t0.elapsed().as_secs_f64();
         if i >= opts.warmup {
-            times.push(t0.elapsed().as_secs_f64());
+            times.push(seconds);
         }
+        on_step(&StepReport { step: i, warmup: i < opts.warmup, seconds, loss, tokens, step_tokens_per_sec: tokens as f64 / seconds.max(1e-12) });
     }
-    let tokens = batch.input_ids.len();
+    let per_op = if opts.per_op {
+        let v = backend.take_profile();
+        backend.set_profiling(false);
+        v.into_iter().map(|(op, calls, seconds)| OpTime { op, calls, seconds }).collect()
+    } else {
+        Vec::new()
+    };
     let total: f64 = times.iter().sum();
     Ok(BenchResult {
         backend: name,
@@ -166,5 +208,6 @@ pub fn run(opts: &BenchOptions, backend: Arc<dyn Backend>) -> Result<BenchResult
         projection_params,
         projection_bytes,
         quantization,
+        per_op,
     })
 }

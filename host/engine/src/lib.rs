@@ -4,7 +4,8 @@
 //! and its CPU implementation, adapter math (LoRA, rsLoRA, DoRA), quantized base weights in
 //! bitsandbytes' formats (4-bit NF4/FP4 with double quant, 8-bit; [`quant`]), the hand-written
 //! forward and backward of the decoder, AdamW with global-norm clipping, and the trainer state;
-//! the CUDA kernels and a CPU device emulator that runs them (`cuda::emu`).
+//! the CUDA kernels and a CPU device emulator that runs them (`cuda::emu`); the CUDA backend over
+//! either device (`Device::Cuda(i)` or `Device::Emu`, one device trait: `cuda::device`).
 //! Must not: read datasets, tokenize, schedule learning rates, write run outputs other than the
 //! adapter/merged-model tensors it is asked for, print, or exit.
 //!

@@ -192,6 +192,7 @@ pub fn backend_for(device: Device) -> Result<Arc<dyn Backend>> {
     match device {
         Device::Cpu => Ok(Arc::new(CpuBackend::new())),
         Device::Cuda(i) => crate::cuda::open(i),
+        Device::Emu => crate::cuda::open_emulated(),
     }
 }
 

@@ -136,14 +136,22 @@ fn selftest_cpu_passes_and_prints_the_table() {
         Some("selftest on cpu against float64 formulas (seed 7)")
     );
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["op", "shape", "max", "abs", "max", "rel", "pass"]);
+    assert_eq!(
+        header,
+        ["op", "shape", "max", "abs", "max", "rel", "secs", "pass"]
+    );
     let rows: Vec<&str> = out.lines().filter(|l| l.contains("  ok")).collect();
     assert!(rows.len() > 40, "only {} rows:\n{out}", rows.len());
     assert!(!out.contains("FAIL"), "{out}");
+    // Lines about the device start with `#`; every other line between header and summary is a row.
+    let body = out.lines().count() - 3;
+    let comments = out.lines().filter(|l| l.starts_with("# ")).count();
+    assert!(out.contains("# backend: cpu"), "{out}");
+    assert_eq!(rows.len(), body - comments, "{out}");
     let last = out.lines().last().unwrap();
-    assert_eq!(
-        last,
-        format!("{n} of {n} checks passed", n = out.lines().count() - 3)
+    assert!(
+        last.starts_with(&format!("{n} of {n} checks passed (", n = rows.len())) && last.ends_with(" s)"),
+        "{last}"
     );
     for op in ["gemm", "rmsnorm", "rope", "attention", "swiglu", "adamw"] {
         assert!(
@@ -175,7 +183,61 @@ fn selftest_cuda_fails_cleanly_without_a_gpu() {
     );
     assert_clean_failure(&o, 1, "no CUDA driver found");
     let o = lora(&dir, &["selftest", "--device", "tpu"]);
-    assert_clean_failure(&o, 2, "--device: expected cpu, cuda or cuda:N, got `tpu`");
+    assert_clean_failure(&o, 2, "--device: expected cpu, cuda, cuda:N or emu, got `tpu`");
+    let o = lora(&dir, &["selftest", "--stage", "gpu"]);
+    assert_clean_failure(&o, 2, "--stage: expected env, ops, training or all, got `gpu`");
+    let o = lora(&dir, &["selftest", "--family", "attn"]);
+    assert_clean_failure(&o, 2, "--family: no family `attn` on cpu (families: env, gemm,");
+}
+
+/// The CUDA backend on the CPU device emulator, one family per child process: rows stream with
+/// their wall time, a family named alone runs alone, and the exit code reflects every row.
+#[test]
+fn selftest_emu_runs_a_family_in_a_child_and_reports_every_row() {
+    if !lora_engine::cuda::emu::BUILT {
+        eprintln!("no emulator in this build: skipped");
+        return;
+    }
+    let dir = temp_dir("selftest-emu");
+    let o = lora(
+        &dir,
+        &["selftest", "--device", "emu", "--seed", "3", "--family", "attention", "--family", "env"],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.starts_with("selftest on emu against the cpu backend with CUDA's bf16 rounding (seed 3)"),
+        "{out}"
+    );
+    assert!(out.contains("# name: CPU device emulator"), "{out}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.ends_with("  ok")).collect();
+    assert!(rows.iter().any(|r| r.starts_with("attention_bwd.dk")), "{out}");
+    assert!(rows.iter().all(|r| r.starts_with("attention") || r.starts_with("open the backend")), "{out}");
+
+    // A family that overruns its limit is killed and recorded as a failed row naming what it was
+    // running; the next family still runs, and the exit code says a row failed.
+    let o = lora(
+        &dir,
+        &[
+            "selftest", "--device", "emu", "--seed", "3", "--family", "training:rslora", "--family", "env",
+            "--family-timeout", "1",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    let killed = out.lines().position(|l| l.starts_with("training:rslora (child process)")).expect(&out);
+    assert!(out.lines().nth(killed).unwrap().contains("FAIL  (killed after 1 s (--family-timeout) while running train rslora"), "{out}");
+    let env = out.lines().position(|l| l.starts_with("open the backend")).expect(&out);
+    assert!(env > killed, "{out}");
+    assert!(err.contains("checks failed"), "{err}");
+    // The killed child's model folder does not outlive it.
+    let left: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("lora-selftest-model-") && n.ends_with("-rslora"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 const TINY: [&str; 12] = [
@@ -499,4 +561,37 @@ fn plugin_check_runs_an_example_preprocessor_on_sample_records() {
     // A preprocessor without sample input is refused by name.
     let o = lora(&dir, &["plugin", "check", file]);
     assert_clean_failure(&o, 2, "--input");
+}
+
+/// `--step-json` prints one flushed JSON line per step; `--per-op` prints a per-op device-time
+/// table on the emulated CUDA backend and is refused on the CPU, which cannot time device calls.
+#[test]
+fn bench_step_lines_and_per_op_table() {
+    let dir = temp_dir("bench-per-op");
+    let mut args = vec!["bench", "--device", "cpu", "--rows", "1", "--seq-len", "16", "--steps", "2", "--warmup", "1", "--step-json"];
+    args.extend(TINY);
+    let o = lora(&dir, &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    let steps: Vec<serde_json::Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert_eq!(steps.len(), 3, "{out}");
+    assert_eq!(steps[0]["warmup"], true);
+    assert_eq!(steps[2]["step"], 2);
+    assert!(steps.iter().all(|s| s["seconds"].as_f64().is_some_and(|x| x > 0.0) && s["loss"].is_number()), "{out}");
+
+    let mut args = vec!["bench", "--device", "cpu", "--rows", "1", "--seq-len", "16", "--steps", "1", "--per-op"];
+    args.extend(TINY);
+    assert_clean_failure(&lora(&dir, &args), 1, "per-op timing needs a device backend");
+    if !lora_engine::cuda::emu::BUILT {
+        return;
+    }
+    let mut args = vec!["bench", "--device", "emu", "--rows", "1", "--seq-len", "16", "--steps", "1", "--warmup", "0", "--per-op"];
+    args.extend(TINY);
+    let o = lora(&dir, &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("per-op device time, 16 tokens, per step"), "{out}");
+    for op in ["attention_fwd (attention_fwd_f32)", "linear_cross_entropy (cross_entropy_fwd_bwd_f32)", "gemm (cublasLt Bf16", "adamw (adamw_f32)"] {
+        assert!(out.lines().any(|l| l.starts_with(op)), "no `{op}` row:\n{out}");
+    }
 }

@@ -31,8 +31,23 @@ const RED_CHUNK: usize = 1 << 14;
 const CE_CHUNK_ELEMS: usize = 1 << 23;
 
 /// The CPU backend (stateless; threads come from rayon's global pool).
+///
+/// [`CpuBackend::cuda_numerics`] is the same backend rounding to bf16 exactly where the CUDA
+/// backend stores bf16, the oracle a GPU (or the emulated CUDA backend) is held to within about
+/// 1e-3: base weights are bf16 buffers (their values are bf16 already); the f32 operand of a
+/// matrix product with a bf16 one is rounded to bf16 first (`gemm`'s mixed case); the fused
+/// cross-entropy rounds its hidden rows, an f32 `w`, and the logit gradients to bf16 before the
+/// products that use them; a copy or fill into a bf16 buffer rounds; dequantized bf16 compute
+/// goes to bf16 buffers. Everything else stays f32, as on the GPU.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    cuda_numerics: bool,
+}
+
+/// Rounds to the nearest bf16 (ties to even), as `__float2bfloat16` does.
+fn rb(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
 
 fn f32s<'a>(op: &'static str, b: &'a Buf) -> Result<&'a [f32]> {
     match b.store::<Store>() {
@@ -73,7 +88,23 @@ fn fixed_sum(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend
+        CpuBackend { cuda_numerics: false }
+    }
+
+    /// The bf16-faithful oracle of the CUDA backend (see the type's doc).
+    pub fn cuda_numerics() -> Self {
+        CpuBackend { cuda_numerics: true }
+    }
+
+    /// Whether this is the [`CpuBackend::cuda_numerics`] oracle.
+    pub fn is_cuda_numerics(&self) -> bool {
+        self.cuda_numerics
+    }
+
+    /// The dtype a buffer asked for as `dtype` carries: bf16 stays bf16 (values rounded) in the
+    /// CUDA-numerics mode; otherwise every float buffer is f32.
+    fn float_dtype(&self, dtype: DType) -> DType {
+        if self.cuda_numerics && dtype == DType::BF16 { DType::BF16 } else { DType::F32 }
     }
 }
 
@@ -110,7 +141,10 @@ impl Backend for CpuBackend {
         DType::F32
     }
     fn base_weight_dtype(&self, _file_dtype: DType) -> DType {
-        DType::F32
+        if self.cuda_numerics { DType::BF16 } else { DType::F32 }
+    }
+    fn dequant_dtype(&self, compute: DType) -> DType {
+        if self.cuda_numerics && compute == DType::BF16 { DType::BF16 } else { DType::F32 }
     }
     fn available_memory_bytes(&self) -> Option<u64> {
         let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
@@ -129,7 +163,7 @@ impl Backend for CpuBackend {
     fn zeros(&self, len: usize, dtype: DType) -> Result<Buf> {
         Ok(match dtype {
             DType::U32 => Buf::from_store(len, DType::U32, Store::U32(vec![0; len])),
-            _ => Buf::from_store(len, DType::F32, Store::F32(vec![0.0; len])),
+            d => Buf::from_store(len, self.float_dtype(d), Store::F32(vec![0.0; len])),
         })
     }
 
@@ -141,9 +175,13 @@ impl Backend for CpuBackend {
                 op: "upload",
                 msg: "U32 data must be uploaded as U32 and only U32".into(),
             }),
-            (d, _) => {
-                let v = d.to_f32();
-                Ok(Buf::from_store(v.len(), DType::F32, Store::F32(v)))
+            (d, dtype) => {
+                let mut v = d.to_f32();
+                let dt = self.float_dtype(dtype);
+                if dt == DType::BF16 {
+                    v.iter_mut().for_each(|x| *x = rb(*x));
+                }
+                Ok(Buf::from_store(v.len(), dt, Store::F32(v)))
             }
         }
     }
@@ -158,7 +196,9 @@ impl Backend for CpuBackend {
 
     fn copy(&self, src: &Buf, dst: &mut Buf) -> Result<()> {
         check_len("copy", "dst", dst, src.len())?;
+        let round = dst.dtype() == DType::BF16 && src.dtype() != DType::BF16;
         match (src.store::<Store>(), dst.store_mut::<Store>()) {
+            (Some(Store::F32(s)), Some(Store::F32(d))) if round => d.iter_mut().zip(s).for_each(|(d, &s)| *d = rb(s)),
             (Some(Store::F32(s)), Some(Store::F32(d))) => d.copy_from_slice(s),
             (Some(Store::U32(s)), Some(Store::U32(d))) => d.copy_from_slice(s),
             _ => return Err(EngineError::Backend { backend: "cpu", op: "copy", msg: "dtype or backend mismatch".into() }),
@@ -167,6 +207,7 @@ impl Backend for CpuBackend {
     }
 
     fn fill(&self, buf: &mut Buf, value: f32) -> Result<()> {
+        let value = if buf.dtype() == DType::BF16 { rb(value) } else { value };
         f32s_mut("fill", buf)?.fill(value);
         Ok(())
     }
@@ -175,8 +216,16 @@ impl Backend for CpuBackend {
         check_len("gemm", "a", a, g.m * g.k)?;
         check_len("gemm", "b", b, g.k * g.n)?;
         check_len("gemm", "c", c, g.m * g.n)?;
+        // CUDA: an f32 operand next to a bf16 one is rounded to bf16 (bf16 in, f32 accumulate).
+        let (round_a, round_b) = (
+            a.dtype() == DType::F32 && b.dtype() == DType::BF16,
+            b.dtype() == DType::F32 && a.dtype() == DType::BF16,
+        );
         let (a, b) = (f32s("gemm", a)?, f32s("gemm", b)?);
         let c = f32s_mut("gemm", c)?;
+        let rounded = |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| rb(v)).collect() };
+        let (ar, br) = (round_a.then(|| rounded(a)), round_b.then(|| rounded(b)));
+        let (a, b) = (ar.as_deref().unwrap_or(a), br.as_deref().unwrap_or(b));
         sgemm(g.m, g.n, g.k, g.ta, g.tb, g.alpha, a, b, if g.accumulate { 1.0 } else { 0.0 }, c);
         Ok(())
     }
@@ -425,7 +474,14 @@ impl Backend for CpuBackend {
         check_len(OP, "hidden", hidden, c.tokens * c.dim)?;
         check_len(OP, "w", w, c.vocab * c.dim)?;
         check_len(OP, "targets", targets, c.tokens)?;
-        let (h, w, tg) = (f32s(OP, hidden)?, f32s(OP, w)?, u32s(OP, targets)?);
+        let bf16 = self.cuda_numerics;
+        // CUDA: an f32 w is cast to bf16 before the products.
+        let w_rounded = (bf16 && w.dtype() != DType::BF16).then(|| f32s(OP, w).map(|w| w.iter().map(|&x| rb(x)).collect::<Vec<f32>>())).transpose()?;
+        let (h, tg) = (f32s(OP, hidden)?, u32s(OP, targets)?);
+        let w = match &w_rounded {
+            Some(v) => &v[..],
+            None => f32s(OP, w)?,
+        };
         let mut dh = match dhidden {
             Some(b) => {
                 check_len(OP, "dhidden", b, c.tokens * c.dim)?;
@@ -449,6 +505,10 @@ impl Backend for CpuBackend {
             for (k, &i) in rs.iter().enumerate() {
                 xs[k * c.dim..(k + 1) * c.dim].copy_from_slice(&h[i * c.dim..(i + 1) * c.dim]);
             }
+            if bf16 {
+                // CUDA: the hidden rows are cast to bf16 for the logits product.
+                xs[..n * c.dim].iter_mut().for_each(|x| *x = rb(*x));
+            }
             let lg = &mut logits[..n * c.vocab];
             sgemm(n, c.vocab, c.dim, false, true, c.logit_scale, &xs[..n * c.dim], w, 0.0, lg);
             let want_grad = dh.is_some();
@@ -467,6 +527,10 @@ impl Backend for CpuBackend {
                             *x = (((*x as f64) - lse).exp() as f32) * g;
                         }
                         row[t] -= g;
+                        if bf16 {
+                            // CUDA: dlogits are stored as bf16.
+                            row.iter_mut().for_each(|x| *x = rb(*x));
+                        }
                     }
                     loss
                 })
@@ -593,5 +657,84 @@ mod memory_tests {
         let v1_unlimited = Some(("9223372036854771712".to_string(), "5".to_string()));
         assert_eq!(available_memory(Some(meminfo), v1_unlimited), Some(20_000_000 * 1024));
         assert_eq!(available_memory(None, None), None);
+    }
+}
+
+#[cfg(test)]
+mod cuda_numerics_tests {
+    use super::*;
+
+    fn rounded(x: &[f32]) -> Vec<f32> {
+        x.iter().map(|&v| rb(v)).collect()
+    }
+
+    fn vals(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = crate::backend::splitmix64(s);
+                (s >> 40) as f32 / 8_388_608.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A base weight is a bf16 buffer; the f32 operand of a product with it is rounded to bf16
+    /// first (CUDA's cast before cuBLASLt), and an f32 x f32 product is not.
+    #[test]
+    fn mixed_products_round_the_f32_operand_and_f32_products_do_not() {
+        let (m, n, k) = (5, 7, 33);
+        let (a, w) = (vals(m * k, 1), rounded(&vals(k * n, 2)));
+        let exact = CpuBackend::new();
+        let oracle = CpuBackend::cuda_numerics();
+        assert_eq!(oracle.base_weight_dtype(DType::BF16), DType::BF16);
+        assert_eq!(exact.base_weight_dtype(DType::BF16), DType::F32);
+        let g = Gemm { m, n, k, ta: false, tb: false, alpha: 1.0, accumulate: false };
+        let run = |be: &CpuBackend, a: &[f32], bdt: DType| {
+            let ab = be.upload(HostData::F32(a), DType::F32).unwrap();
+            let bb = be.upload(HostData::F32(&w), bdt).unwrap();
+            let mut c = be.zeros(m * n, DType::F32).unwrap();
+            be.gemm(g, &ab, &bb, &mut c).unwrap();
+            be.download_f32(&c).unwrap()
+        };
+        let want = run(&exact, &rounded(&a), DType::F32);
+        assert_eq!(run(&oracle, &a, DType::BF16), want, "f32 x bf16 = round(f32) x bf16");
+        assert_ne!(run(&exact, &a, DType::F32), want, "the exact backend does not round");
+        assert_eq!(run(&oracle, &a, DType::F32), run(&exact, &a, DType::F32), "f32 x f32 stays exact");
+        // A copy or fill into a bf16 buffer rounds, as cast_f32_bf16 / fill_bf16 do.
+        let src = oracle.upload(HostData::F32(&a), DType::F32).unwrap();
+        let mut dst = oracle.zeros(a.len(), DType::BF16).unwrap();
+        oracle.copy(&src, &mut dst).unwrap();
+        assert_eq!(oracle.download_f32(&dst).unwrap(), rounded(&a));
+        oracle.fill(&mut dst, 0.1).unwrap();
+        assert!(oracle.download_f32(&dst).unwrap().iter().all(|&v| v == rb(0.1)));
+    }
+
+    /// The fused cross-entropy rounds the hidden rows and the logit gradients to bf16: its loss
+    /// equals the exact backend's on pre-rounded hidden rows, and its dhidden differs from the
+    /// exact one (rounded dlogits) by about bf16's precision.
+    #[test]
+    fn cross_entropy_rounds_hidden_rows_and_logit_gradients() {
+        let (t, d, v) = (6, 16, 40);
+        let (h, w) = (vals(t * d, 3), rounded(&vals(v * d, 4)));
+        let tg: Vec<u32> = (0..t as u32).map(|i| (i * 7) % v as u32).collect();
+        let c = CrossEntropy { tokens: t, dim: d, vocab: v, logit_scale: 1.0, grad_scale: 0.5 };
+        let run = |be: &CpuBackend, h: &[f32]| {
+            let hb = be.upload(HostData::F32(h), DType::F32).unwrap();
+            let wb = be.upload(HostData::F32(&w), be.base_weight_dtype(DType::BF16)).unwrap();
+            let tb = be.upload(HostData::U32(&tg), DType::U32).unwrap();
+            let mut dh = be.zeros(t * d, DType::F32).unwrap();
+            let loss = be.linear_cross_entropy(c, &hb, &wb, &tb, Some(&mut dh)).unwrap();
+            (loss, be.download_f32(&dh).unwrap())
+        };
+        let (l_oracle, dh_oracle) = run(&CpuBackend::cuda_numerics(), &h);
+        let (l_exact, dh_exact) = run(&CpuBackend::new(), &rounded(&h));
+        assert_eq!(l_oracle, l_exact);
+        let (mut e2, mut r2) = (0.0f64, 0.0f64);
+        for (a, b) in dh_oracle.iter().zip(&dh_exact) {
+            e2 += f64::from(a - b).powi(2);
+            r2 += f64::from(*b).powi(2);
+        }
+        let rel = (e2 / r2).sqrt();
+        assert!(rel > 0.0 && rel < 1e-2, "dhidden relative L2 {rel}");
     }
 }

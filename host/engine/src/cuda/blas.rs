@@ -1,8 +1,7 @@
-//! Matrix products through cuBLASLt: row-major `c[m,n] = alpha * op(a) @ op(b) + beta * c`,
-//! with a and b both bf16 or both f32, c f32, f32 accumulation (`CUBLAS_COMPUTE_32F`, no TF32).
-//!
-//! cuBLASLt is column-major, so the row-major product is computed as its transpose:
-//! `c^T[n,m] = op(b)^T @ op(a)^T`, i.e. cuBLAS "A" is our `b` and cuBLAS "B" is our `a`.
+//! Matrix products through cuBLASLt, described by a [`MatmulPlan`] (`plan.rs`): every descriptor,
+//! layout and attribute set here comes from the plan's values, so the emulated device's reference
+//! (which interprets the same values) checks this mapping on a CPU. f32 accumulation
+//! (`CUBLAS_COMPUTE_32F`, no TF32), f32 scale type, D = C in place.
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -13,15 +12,17 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use crate::error::{EngineError, Result};
 
+use super::plan::{DataType, Epilogue, Layout as PlanLayout, MatmulPlan};
+
 fn err(msg: String) -> EngineError {
     EngineError::Backend { backend: "cuda", op: "gemm", msg }
 }
 
-/// Element type of the a/b operands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operand {
-    Bf16,
-    F32,
+fn cuda_type(t: DataType) -> sys::cudaDataType_t {
+    match t {
+        DataType::Bf16 => sys::cudaDataType_t::CUDA_R_16BF,
+        DataType::F32 => sys::cudaDataType_t::CUDA_R_32F,
+    }
 }
 
 /// A cuBLASLt handle, its workspace, and the stream it runs on.
@@ -61,18 +62,6 @@ impl Drop for Pref {
     }
 }
 
-/// Sizes of one row-major product; `ta`: a is stored `[k,m]`; `tb`: b is stored `[n,k]`.
-#[derive(Debug, Clone, Copy)]
-pub struct Product {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub ta: bool,
-    pub tb: bool,
-    pub alpha: f32,
-    pub beta: f32,
-}
-
 impl Lt {
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         // SAFETY: only dlopens libcublasLt by name.
@@ -95,26 +84,23 @@ impl Lt {
         self.workspace.len()
     }
 
-    /// Enqueues the product. `a`, `b`, `c` are device addresses of row-major matrices of the
-    /// sizes in `p` (checked by the caller).
+    /// The cuBLASLt library version (`cublasLtGetVersion`), e.g. 130000.
+    pub fn version() -> usize {
+        // SAFETY: a version query with no arguments; the library is loaded (checked in `new`).
+        unsafe { sys::cublasLtGetVersion() }
+    }
+
+    /// Enqueues the product `plan` describes; errors name `plan.op` and every value.
     ///
     /// # Safety
-    /// `a`, `b` must hold at least `m*k`, `k*n` elements of `ty`, `c` at least `m*n` f32, all
-    /// alive until the stream has run the product.
-    pub unsafe fn matmul(&self, p: Product, ty: Operand, a: u64, b: u64, c: u64) -> Result<()> {
-        let shape = format!("m={} n={} k={} ta={} tb={} {:?}", p.m, p.n, p.k, p.ta, p.tb, ty);
-        let e = |what: &str, x: lt::CublasError| err(format!("{what} ({shape}): {x}"));
+    /// `a`, `b`, `c` hold the spans of the plan's A, B and C layouts, alive until the stream has
+    /// run the product.
+    pub unsafe fn matmul(&self, plan: &MatmulPlan, a: u64, b: u64, c: u64) -> Result<()> {
+        let shape = plan.describe();
+        let e = |what: &str, x: lt::CublasError| EngineError::Backend { backend: "cuda", op: plan.op, msg: format!("{what} ({shape}): {x}") };
+        plan.validate().map_err(|m| EngineError::Backend { backend: "cuda", op: plan.op, msg: format!("{m} ({shape})") })?;
         // cuBLASLt runs in the calling thread's current context: make it ours.
         self.stream.context().bind_to_thread().map_err(|x| err(format!("binding the context ({shape}): {x}")))?;
-        let ab_type = match ty {
-            Operand::Bf16 => sys::cudaDataType_t::CUDA_R_16BF,
-            Operand::F32 => sys::cudaDataType_t::CUDA_R_32F,
-        };
-        let (m, n, k) = (p.m as u64, p.n as u64, p.k as u64);
-        // Column-major view: C'[n,m] = B'[n,k] @ A'[k,m], B' = op(b)^T, A' = op(a)^T.
-        // Our row-major b [k,n] (or [n,k] when tb) is column-major [n,k] (or [k,n]).
-        let (ca_rows, ca_cols, ca_ld, ca_t) = if p.tb { (k, n, k, true) } else { (n, k, n, false) };
-        let (cb_rows, cb_cols, cb_ld, cb_t) = if p.ta { (m, k, m, true) } else { (k, m, k, false) };
         let desc = Desc(
             lt::create_matmul_desc(
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -123,8 +109,8 @@ impl Lt {
             .map_err(|x| e("matmul desc", x))?,
         );
         for (attr, t) in [
-            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, ca_t),
-            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, cb_t),
+            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, plan.transa),
+            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, plan.transb),
         ] {
             let op: i32 = if t { 1 } else { 0 };
             // SAFETY: the descriptor is live; the buffer is an i32 (cublasOperation_t) of that size.
@@ -133,16 +119,28 @@ impl Lt {
             }
             .map_err(|x| e("transpose attribute", x))?;
         }
-        let la = Layout(
-            lt::create_matrix_layout(ab_type, ca_rows, ca_cols, ca_ld as i64).map_err(|x| e("layout of b", x))?,
-        );
-        let lb = Layout(
-            lt::create_matrix_layout(ab_type, cb_rows, cb_cols, cb_ld as i64).map_err(|x| e("layout of a", x))?,
-        );
-        let lc = Layout(
-            lt::create_matrix_layout(sys::cudaDataType_t::CUDA_R_32F, n, m, n as i64)
-                .map_err(|x| e("layout of c", x))?,
-        );
+        match plan.epilogue {
+            // CUBLASLT_EPILOGUE_DEFAULT is the descriptor's initial value: nothing to set.
+            Epilogue::Default => {}
+        }
+        let layout = |l: &PlanLayout, what: &str| -> Result<Layout> {
+            let h = Layout(lt::create_matrix_layout(cuda_type(l.dtype), l.rows, l.cols, l.ld).map_err(|x| e(what, x))?);
+            if l.batch_count != 1 {
+                use sys::cublasLtMatrixLayoutAttribute_t as A;
+                let (count, stride) = (l.batch_count, l.batch_stride);
+                // SAFETY: live layout; BATCH_COUNT is an i32, STRIDED_BATCH_OFFSET an i64.
+                unsafe {
+                    lt::set_matrix_layout_attribute(h.0, A::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, (&count) as *const i32 as *const c_void, 4)
+                        .map_err(|x| e(what, x))?;
+                    lt::set_matrix_layout_attribute(h.0, A::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, (&stride) as *const i64 as *const c_void, 8)
+                        .map_err(|x| e(what, x))?;
+                }
+            }
+            Ok(h)
+        };
+        let la = layout(&plan.a, "layout of A")?;
+        let lb = layout(&plan.b, "layout of B")?;
+        let lc = layout(&plan.c, "layout of C")?;
         let pref = Pref(lt::create_matmul_pref().map_err(|x| e("preference", x))?);
         let ws = self.workspace.len();
         // SAFETY: live preference; the buffer is a usize (u64 on our targets) of that size.
@@ -170,11 +168,11 @@ impl Lt {
         }
         .map_err(|x| e("reduction scheme preference", x))?;
         // The heuristic assumes 256-byte aligned operands unless told otherwise; offsets into
-        // buffers (chunked products) can be less aligned. cuBLAS "A" is our b, "B" our a.
+        // buffers (chunked products) can be less aligned.
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
         for (attr, addr) in [
-            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, b),
-            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, a),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, a),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, b),
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c),
             (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c),
         ] {
@@ -187,17 +185,17 @@ impl Lt {
         let heuristic = unsafe { lt::get_matmul_algo_heuristic(self.handle, desc.0, la.0, lb.0, lc.0, lc.0, pref.0) }
             .map_err(|x| e("no cuBLASLt algorithm for this product", x))?;
         let (w, _guard) = self.workspace.device_ptr(&self.stream);
-        // SAFETY: the caller guarantees the operand sizes and lifetimes; alpha/beta are f32 host
+        // SAFETY: the caller guarantees the operand spans and lifetimes; alpha/beta are f32 host
         // scalars (the default pointer mode), the workspace is ours and `ws` bytes long.
         unsafe {
             lt::matmul(
                 self.handle,
                 desc.0,
-                (&p.alpha) as *const f32 as *const c_void,
-                (&p.beta) as *const f32 as *const c_void,
-                b as *const c_void,
-                la.0,
+                (&plan.alpha) as *const f32 as *const c_void,
+                (&plan.beta) as *const f32 as *const c_void,
                 a as *const c_void,
+                la.0,
+                b as *const c_void,
                 lb.0,
                 c as *const c_void,
                 lc.0,

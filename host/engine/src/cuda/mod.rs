@@ -1,9 +1,17 @@
-//! The CUDA backend: the [`Backend`](crate::Backend) op set on one NVIDIA GPU.
+//! The CUDA backend: the [`Backend`](crate::Backend) op set on one NVIDIA GPU, or on the CPU
+//! device emulator (`--device emu`), through the same code.
 //!
-//! Owns: the device context and its one stream, device memory (with a peak counter), kernels
-//! compiled at run time from `host/engine/kernels/*.cu` with NVRTC for the device's compute
-//! capability (cached on disk), and matrix products through cuBLASLt (bf16 or f32 operands, f32
-//! accumulation). Must not: decide model structure (that is the engine's), synchronise with the
+//! Layout: `ops.rs`/`xent.rs` are the ops (buffer checks, launch shapes, kernel arguments); they
+//! reach the device only through [`device::GpuDevice`] (alloc/free, copies, memset, launch by
+//! kernel name, matmul by [`plan::MatmulPlan`], synchronise). `driver.rs` implements it with
+//! cudarc: one context and stream, stream-ordered allocations, kernels compiled at run time from
+//! `host/engine/kernels/*.cu` with NVRTC for the device's compute capability (cached on disk),
+//! products through cuBLASLt (`blas.rs`, descriptors built from the plan; bf16 or f32 operands,
+//! f32 accumulation). `emulated.rs` implements it with [`emu`]: the same `.cu` text compiled as
+//! C++, guarded memory, and [`plan::reference`] for the products. `LORA_CUDA_SYNC=1`
+//! synchronises after every launch and product, so an asynchronous fault names its op.
+//!
+//! Owns: device memory (with a peak counter), the device calls above. Must not: decide model structure (that is the engine's), synchronise with the
 //! host inside an op except where the op returns a scalar or must name a bad input, or use
 //! atomics whose order changes a result (runs are bit-reproducible).
 //!
@@ -15,13 +23,21 @@
 #[cfg(feature = "cuda")]
 mod blas;
 #[cfg(feature = "cuda")]
+pub mod device;
+#[cfg(feature = "cuda")]
+mod driver;
+#[cfg(feature = "cuda")]
 pub mod emu;
+#[cfg(feature = "cuda")]
+mod emulated;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 #[cfg(feature = "cuda")]
 mod ops;
+#[cfg(feature = "cuda")]
+pub mod plan;
 #[cfg(feature = "cuda")]
 mod xent;
 
@@ -77,6 +93,21 @@ pub fn open(ordinal: usize) -> crate::error::Result<std::sync::Arc<dyn crate::ba
     }
 }
 
+/// The CUDA backend on the CPU device emulator (`--device emu`): the same op code and the same
+/// `.cu` kernels, with the emulator's guarded memory and the reference cuBLASLt product. Thread
+/// order from `LORA_EMU_SCHEDULE` (forward, reverse, shuffled:<seed>).
+pub fn open_emulated() -> crate::error::Result<std::sync::Arc<dyn crate::backend::Backend>> {
+    #[cfg(feature = "cuda")]
+    {
+        let opts = emu::EmuOptions { schedule: emulated::schedule_from_env()?, ..Default::default() };
+        Ok(std::sync::Arc::new(CudaBackend::emulated(opts)?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(stub::built_without())
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 mod stub {
     use crate::error::{EngineError, Result};
@@ -105,16 +136,19 @@ mod stub {
 #[cfg(feature = "cuda")]
 mod imp {
     use std::collections::HashMap;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
 
-    use cudarc::driver::sys::CUfunction_attribute;
-    use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+    use cudarc::driver::LaunchConfig;
 
-    use super::blas::Lt;
-    use super::kernels::FAMILIES;
-    use super::nvrtc;
-    use crate::backend::{Buf, DType};
+    pub use super::device::Arg;
+    use super::device::GpuDevice;
+    pub use super::driver::{available, ensure_driver};
+    use super::driver::DriverDevice;
+    use super::emu::EmuOptions;
+    use super::emulated::EmulatedDevice;
+    use super::plan::MatmulPlan;
+    use crate::backend::{Buf, DType, Device};
     use crate::error::{EngineError, Result};
 
     pub(crate) fn err(op: &'static str, msg: impl Into<String>) -> EngineError {
@@ -138,73 +172,52 @@ mod imp {
         }
     }
 
-    /// The storage behind a CUDA [`Buf`]: raw device bytes on the backend's stream.
+    /// The storage behind a CUDA [`Buf`]: device bytes, freed (in stream order) on drop.
     pub(crate) struct Mem {
-        slice: CudaSlice<u8>,
-        stream: Arc<CudaStream>,
+        ptr: u64,
+        bytes: usize,
+        dev: Arc<dyn GpuDevice>,
         tracker: Arc<Tracker>,
     }
 
     impl Mem {
         /// The device address of the first element.
         pub(crate) fn ptr(&self) -> u64 {
-            // Event tracking is off (one stream, in-order), so the guard does nothing.
-            let (p, _guard) = self.slice.device_ptr(&self.stream);
-            p
+            self.ptr
         }
-        pub(crate) fn slice(&self) -> &CudaSlice<u8> {
-            &self.slice
-        }
-        pub(crate) fn slice_mut(&mut self) -> &mut CudaSlice<u8> {
-            &mut self.slice
+        /// Bytes allocated (at least 1).
+        pub(crate) fn bytes(&self) -> usize {
+            self.bytes
         }
     }
 
     impl Drop for Mem {
         fn drop(&mut self) {
-            self.tracker.sub(self.slice.len() as u64);
+            self.tracker.sub(self.bytes as u64);
+            // SAFETY: `ptr` came from this device's alloc and is freed only here; the free is
+            // ordered after every enqueued use. Nothing can be done about an error in drop.
+            let _ = unsafe { self.dev.free(self.ptr) };
         }
     }
 
-    /// One kernel argument, kept alive until the launch has read it.
-    pub(crate) enum Arg {
-        Ptr(u64),
-        I32(i32),
-        F32(f32),
-        U64(u64),
-        Size(usize),
-        U32(u32),
-    }
-
-    /// The CUDA backend for one device.
+    /// The CUDA backend over one device: a GPU (cudarc) or the CPU device emulator.
     pub struct CudaBackend {
-        pub(crate) ordinal: usize,
+        pub(crate) device: Device,
         pub(crate) name: String,
         pub(crate) compute_capability: (i32, i32),
-        pub(crate) ctx: Arc<CudaContext>,
-        pub(crate) stream: Arc<CudaStream>,
-        pub(crate) kernels: HashMap<&'static str, CudaFunction>,
-        pub(crate) lt: Lt,
+        pub(crate) dev: Arc<dyn GpuDevice>,
         pub(crate) tracker: Arc<Tracker>,
+        /// `LORA_CUDA_SYNC=1`: synchronise after every launch and product, so an asynchronous
+        /// fault is reported by the op that caused it.
+        pub(crate) sync_each: bool,
+        /// Per-op (calls, seconds) while profiling (`lora bench --per-op`).
+        profile: Mutex<Option<HashMap<String, (u64, f64)>>>,
+        /// Kernels (and "cublasLt") launched since the last `take_launched`, each once.
+        launched: Mutex<Vec<&'static str>>,
     }
 
-    /// Clear errors for a machine without the CUDA driver (cudarc would panic).
-    pub fn ensure_driver() -> Result<()> {
-        // SAFETY: only tries to dlopen libcuda by its candidate names; no symbol is called.
-        if unsafe { cudarc::driver::sys::is_culib_present() } {
-            Ok(())
-        } else {
-            Err(err(
-                "init",
-                "no CUDA driver found (libcuda.so could not be loaded): this machine has no NVIDIA \
-                 driver, or it is not on the library path; use --device cpu",
-            ))
-        }
-    }
-
-    /// Whether a CUDA device can be used here (driver present and at least one device visible).
-    pub fn available() -> bool {
-        ensure_driver().is_ok() && CudaContext::device_count().map(|n| n > 0).unwrap_or(false)
+    fn sync_from_env() -> bool {
+        std::env::var("LORA_CUDA_SYNC").is_ok_and(|v| !v.is_empty() && v != "0")
     }
 
     impl CudaBackend {
@@ -214,42 +227,92 @@ mod imp {
             Self::new(super::local_rank_ordinal()?)
         }
 
-        /// Opens device `ordinal` (after `CUDA_VISIBLE_DEVICES`), makes its stream, compiles or
+        /// Opens GPU `ordinal` (after `CUDA_VISIBLE_DEVICES`), makes its stream, compiles or
         /// loads the kernels and creates the cuBLASLt handle.
         pub fn new(ordinal: usize) -> Result<Self> {
-            ensure_driver()?;
-            let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "<unset>".into());
-            let count = CudaContext::device_count().map_err(|e| err("init", format!("cuDeviceGetCount: {e}")))?;
-            if count <= 0 {
-                return Err(err("init", format!("no CUDA device visible (CUDA_VISIBLE_DEVICES={visible})")));
+            let d = DriverDevice::open(ordinal)?;
+            let fixed = d.fixed_bytes() as u64;
+            let be = Self::over(Arc::new(d), Device::Cuda(ordinal));
+            be.tracker.add(fixed);
+            Ok(be)
+        }
+
+        /// The same backend on the CPU device emulator.
+        pub fn emulated(opts: EmuOptions) -> Result<Self> {
+            Ok(Self::over(Arc::new(EmulatedDevice::new(opts)?), Device::Emu))
+        }
+
+        fn over(dev: Arc<dyn GpuDevice>, device: Device) -> Self {
+            let info = dev.info().clone();
+            CudaBackend {
+                device,
+                name: info.name,
+                compute_capability: info.compute_capability,
+                dev,
+                tracker: Arc::new(Tracker::default()),
+                sync_each: sync_from_env(),
+                profile: Mutex::new(None),
+                launched: Mutex::new(Vec::new()),
             }
-            if ordinal >= count as usize {
-                return Err(err(
-                    "init",
-                    format!(
-                        "device {ordinal} asked for (LOCAL_RANK or --device cuda:{ordinal}) but only {count} \
-                         visible (CUDA_VISIBLE_DEVICES={visible})"
-                    ),
-                ));
+        }
+
+        fn note_launch(&self, kernel: &'static str) {
+            if let Ok(mut l) = self.launched.lock()
+                && !l.contains(&kernel)
+            {
+                l.push(kernel);
             }
-            let ctx = CudaContext::new(ordinal).map_err(|e| err("init", format!("creating a context on device {ordinal}: {e}")))?;
-            // SAFETY: the backend uses exactly one stream, so work is ordered without events;
-            // cudarc's per-slice events would only add overhead.
-            unsafe { ctx.disable_event_tracking() };
-            let stream = ctx.new_stream().map_err(|e| err("init", format!("creating a stream: {e}")))?;
-            keep_pool_memory(&ctx)?;
-            let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-            let cc = ctx.compute_capability().map_err(|e| err("init", format!("compute capability: {e}")))?;
-            let kernels = load_kernels(&ctx, cc)?;
-            let lt = Lt::new(stream.clone())?;
-            let tracker = Arc::new(Tracker::default());
-            tracker.add(lt.workspace_bytes() as u64);
-            Ok(CudaBackend { ordinal, name, compute_capability: cc, ctx, stream, kernels, lt, tracker })
+        }
+
+        pub(crate) fn take_launched_names(&self) -> Vec<String> {
+            self.launched.lock().map(|mut l| l.drain(..).map(str::to_string).collect()).unwrap_or_default()
+        }
+
+        pub(crate) fn set_profile(&self, on: bool) {
+            let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+            *p = on.then(HashMap::new);
+        }
+
+        pub(crate) fn take_profile_table(&self) -> Vec<(String, u64, f64)> {
+            let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+            let mut v: Vec<(String, u64, f64)> = match p.as_mut() {
+                Some(t) => t.drain().map(|(k, (n, s))| (k, n, s)).collect(),
+                None => Vec::new(),
+            };
+            v.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+            v
+        }
+
+        fn profiling(&self) -> bool {
+            self.profile.lock().map(|p| p.is_some()).unwrap_or(false)
+        }
+
+        /// Runs `call` timed under `key()` when profiling (CUDA events on a GPU; on the emulator
+        /// host time, synchronised before and after).
+        fn timed(&self, key: impl FnOnce() -> String, call: impl FnOnce() -> Result<()>) -> Result<()> {
+            if !self.profiling() {
+                return call();
+            }
+            let mut call = Some(call);
+            let s = self.dev.time(&mut || call.take().map_or(Ok(()), |c| c()))?;
+            if let Ok(mut p) = self.profile.lock()
+                && let Some(t) = p.as_mut()
+            {
+                let e = t.entry(key()).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += s;
+            }
+            Ok(())
         }
 
         /// The device's marketing name (e.g. "NVIDIA H200").
         pub fn device_name(&self) -> &str {
             &self.name
+        }
+
+        /// What the device reports about itself (versions, SM count, shared memory, L2).
+        pub fn device_details(&self) -> Vec<(String, String)> {
+            self.dev.info().details.clone()
         }
 
         /// Dense bf16 peak of this device, see [`super::peak_bf16_tflops`].
@@ -264,22 +327,18 @@ mod imp {
 
         /// Total device memory in bytes.
         pub fn total_memory(&self) -> Result<u64> {
-            self.ctx.total_mem().map(|b| b as u64).map_err(|e| err("init", format!("total memory: {e}")))
+            self.dev.memory().map(|(_, t)| t).ok_or_else(|| err("init", "the device does not report its memory"))
         }
 
         /// Allocates `len` elements of `dtype`, zeroed when `zero`.
         pub(crate) fn alloc(&self, op: &'static str, len: usize, dtype: DType, zero: bool) -> Result<Buf> {
             let bytes = (len * dtype.size()).max(1);
-            let slice = if zero {
-                self.stream.alloc_zeros::<u8>(bytes)
-            } else {
-                // SAFETY: uninitialised device bytes; every caller writes the whole buffer before
-                // it is read.
-                unsafe { self.stream.alloc::<u8>(bytes) }
-            }
-            .map_err(|e| err(op, format!("allocating {len} x {dtype:?} ({bytes} bytes): {e}")))?;
+            let ptr = self
+                .dev
+                .alloc(bytes, zero)
+                .map_err(|e| err(op, format!("allocating {len} x {dtype:?} ({bytes} bytes): {e}")))?;
             self.tracker.add(bytes as u64);
-            let mem = Mem { slice, stream: self.stream.clone(), tracker: self.tracker.clone() };
+            let mem = Mem { ptr, bytes, dev: self.dev.clone(), tracker: self.tracker.clone() };
             Ok(Buf::from_store(len, dtype, mem))
         }
 
@@ -289,102 +348,109 @@ mod imp {
                 .ok_or_else(|| err(op, format!("`{arg}` is not a buffer of the cuda backend")))
         }
 
-        pub(crate) fn mem_mut<'a>(&self, op: &'static str, arg: &str, buf: &'a mut Buf) -> Result<&'a mut Mem> {
-            buf.store_mut::<Mem>()
-                .ok_or_else(|| err(op, format!("`{arg}` is not a buffer of the cuda backend")))
-        }
-
         /// Device address of `buf`, after checking it is ours.
         pub(crate) fn ptr(&self, op: &'static str, arg: &str, buf: &Buf) -> Result<u64> {
             Ok(self.mem(op, arg, buf)?.ptr())
         }
 
+        /// Copies host bytes into `buf` (from its start); returns once `bytes` may be dropped.
+        pub(crate) fn write_bytes(&self, op: &'static str, buf: &Buf, bytes: &[u8]) -> Result<()> {
+            let mem = self.mem(op, "buf", buf)?;
+            if bytes.len() > mem.bytes() {
+                return Err(err(op, format!("{} bytes into a buffer of {}", bytes.len(), mem.bytes())));
+            }
+            // SAFETY: the range lies in `buf`'s allocation (checked above), alive for the call.
+            unsafe { self.dev.copy_htod(mem.ptr(), bytes) }.map_err(|e| err(op, format!("copy to the device: {e}")))
+        }
+
+        /// The first `bytes` bytes of `buf`, after all enqueued work.
+        pub(crate) fn read_bytes(&self, op: &'static str, buf: &Buf, bytes: usize) -> Result<Vec<u8>> {
+            let mem = self.mem(op, "buf", buf)?;
+            if bytes > mem.bytes() {
+                return Err(err(op, format!("{bytes} bytes from a buffer of {}", mem.bytes())));
+            }
+            let mut host = vec![0u8; bytes];
+            // SAFETY: the range lies in `buf`'s allocation (checked above), alive for the call.
+            unsafe { self.dev.copy_dtoh(mem.ptr(), &mut host) }.map_err(|e| err(op, format!("copy to the host: {e}")))?;
+            Ok(host)
+        }
+
+        /// Device-to-device copy of the first `bytes` bytes.
+        pub(crate) fn copy_bytes(&self, op: &'static str, src: &Buf, dst: &Buf, bytes: usize) -> Result<()> {
+            let (s, d) = (self.mem(op, "src", src)?, self.mem(op, "dst", dst)?);
+            if bytes > s.bytes() || bytes > d.bytes() {
+                return Err(err(op, format!("{bytes} bytes between buffers of {} and {}", s.bytes(), d.bytes())));
+            }
+            // SAFETY: both ranges lie in their allocations (checked above); two distinct
+            // buffers never overlap.
+            unsafe { self.dev.copy_dtod(d.ptr(), s.ptr(), bytes) }.map_err(|e| err(op, format!("device copy of {bytes} bytes: {e}")))?;
+            self.after(op, || format!("copy of {bytes} bytes"))
+        }
+
+        /// With `LORA_CUDA_SYNC=1`, waits for the work just enqueued and names it on a fault.
+        fn after(&self, op: &'static str, what: impl FnOnce() -> String) -> Result<()> {
+            if self.sync_each {
+                self.dev.synchronize().map_err(|e| err(op, format!("{} faulted (LORA_CUDA_SYNC=1): {e}", what())))?;
+            }
+            Ok(())
+        }
+
         /// Enqueues `kernel` with `args`.
         pub(crate) fn launch(&self, op: &'static str, kernel: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-            let f = self
-                .kernels
-                .get(kernel)
-                .ok_or_else(|| err(op, format!("kernel `{kernel}` is not loaded")))?;
-            if cfg.shared_mem_bytes > 48 * 1024 {
-                f.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    cfg.shared_mem_bytes as i32,
+            let what = || {
+                let scalars: Vec<String> = args
+                    .iter()
+                    .filter_map(|a| match a {
+                        Arg::Ptr(_) => None,
+                        Arg::I32(v) => Some(v.to_string()),
+                        Arg::U32(v) => Some(v.to_string()),
+                        Arg::F32(v) => Some(v.to_string()),
+                        Arg::U64(v) => Some(v.to_string()),
+                        Arg::Size(v) => Some(v.to_string()),
+                    })
+                    .collect();
+                format!(
+                    "{kernel} (grid {:?}, block {:?}, {} bytes of shared memory, scalar arguments [{}])",
+                    cfg.grid_dim,
+                    cfg.block_dim,
+                    cfg.shared_mem_bytes,
+                    scalars.join(", ")
                 )
-                .map_err(|e| err(op, format!("{kernel}: {} bytes of shared memory: {e}", cfg.shared_mem_bytes)))?;
-            }
-            let mut b = self.stream.launch_builder(f);
-            for a in args {
-                match a {
-                    Arg::Ptr(p) | Arg::U64(p) => b.arg(p),
-                    Arg::I32(v) => b.arg(v),
-                    Arg::F32(v) => b.arg(v),
-                    Arg::Size(v) => b.arg(v),
-                    Arg::U32(v) => b.arg(v),
-                };
-            }
+            };
             // SAFETY: each kernel's argument list is built by its op in ops.rs to match the
             // kernel's C signature in kernels/*.cu; the op checked every buffer's length against
             // the sizes passed, so the kernel stays inside the allocations.
-            unsafe { b.launch(cfg) }
-                .map(|_| ())
-                .map_err(|e| err(op, format!("launching {kernel} (grid {:?}, block {:?}): {e}", cfg.grid_dim, cfg.block_dim)))
+            self.note_launch(kernel);
+            self.timed(|| format!("{op} ({kernel})"), || unsafe { self.dev.launch(kernel, cfg, args) }.map_err(|e| err(op, format!("launching {}: {e}", what()))))?;
+            self.after(op, what)
+        }
+
+        /// Enqueues the product `plan` describes.
+        ///
+        /// # Safety
+        /// `a`, `b`, `c` hold the spans of the plan's layouts, alive until the product has run.
+        pub(crate) unsafe fn matmul(&self, plan: &MatmulPlan, a: u64, b: u64, c: u64) -> Result<()> {
+            // SAFETY: the caller's contract.
+            self.note_launch("cublasLt matmul");
+            let key = || {
+                let (m, n, k) = plan.mnk();
+                format!("{} (cublasLt {:?} m{m} n{n} k{k})", plan.op, plan.a.dtype)
+            };
+            self.timed(key, || unsafe { self.dev.matmul(plan, a, b, c) })?;
+            self.after(plan.op, || plan.describe())
+        }
+
+        pub(crate) fn synchronize_device(&self) -> Result<()> {
+            self.dev.synchronize()
+        }
+
+        pub(crate) fn free_memory(&self) -> Option<u64> {
+            self.dev.memory().map(|(f, _)| f)
         }
 
         pub(crate) fn peak(&self) -> u64 {
             self.tracker.peak.load(Ordering::Relaxed)
         }
-    }
-
-    /// Stream-ordered allocations come from the device's default memory pool; by default the pool
-    /// returns freed memory to the driver at every synchronisation, which makes the per-op
-    /// temporaries slow. Keep it instead (the peak counter still counts live buffers only).
-    fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
-        use cudarc::driver::sys;
-        if !ctx.has_async_alloc() {
-            return Ok(());
-        }
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut threshold: u64 = u64::MAX;
-        // SAFETY: the driver is loaded and the context current; `pool` and `threshold` are valid
-        // for the duration of the calls, and the attribute takes a u64.
-        let status = unsafe {
-            ctx.bind_to_thread().map_err(|e| err("init", e.to_string()))?;
-            let s = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
-            if s != sys::CUresult::CUDA_SUCCESS {
-                s
-            } else {
-                sys::cuMemPoolSetAttribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                    (&mut threshold) as *mut u64 as *mut std::ffi::c_void,
-                )
-            }
-        };
-        if status == sys::CUresult::CUDA_SUCCESS {
-            Ok(())
-        } else {
-            Err(err("init", format!("setting the memory pool's release threshold: {status:?}")))
-        }
-    }
-
-    fn load_kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<HashMap<&'static str, CudaFunction>> {
-        nvrtc::ensure_nvrtc()?;
-        let include = nvrtc::include_dir()?;
-        let arch = format!("{}{}", cc.0, cc.1);
-        let mut out = HashMap::new();
-        for f in FAMILIES {
-            let ptx = nvrtc::compile_family(f, &arch, &include, true)?;
-            let module = ctx
-                .load_module(nvrtc::to_ptx(ptx))
-                .map_err(|e| err("init", format!("loading the PTX of {} for sm_{arch}: {e}", f.file)))?;
-            for k in f.kernels {
-                let func = module
-                    .load_function(k)
-                    .map_err(|e| err("init", format!("kernel `{k}` of {}: {e}", f.file)))?;
-                out.insert(*k, func);
-            }
-        }
-        Ok(out)
     }
 }
 

@@ -3,11 +3,35 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::blas::{Operand, Product};
+use super::plan::{DataType, MatmulPlan, Product};
 use super::{Arg, CudaBackend, err};
 use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, Gemm, HostData, check_len};
 use crate::error::Result;
 use crate::quant::{DeviceQuant, NESTED_BLOCKSIZE, QuantFormat, QuantType};
+
+/// `kernels/attention.cu`'s `ATT_WARPS` (queries or keys per block, one warp each), `ATT_TILE`
+/// (keys or queries per shared-memory tile) and `ATT_MAXC` (values per lane: head_dim <= 32 x
+/// this); a test holds them equal to the `#define`s (CUDA-REVIEW S6).
+const ATT_WARPS: usize = 4;
+const ATT_TILE: usize = 32;
+const ATT_MAXC: usize = 8;
+
+/// Dynamic shared memory (floats) of the three attention kernels for head_dim `hd`, from their
+/// layouts: K and V tiles `[ATT_TILE][hd + 1]`, then q rows `[ATT_WARPS][hd]` (fwd); plus dout
+/// rows (dq); q and dout tiles, lse and delta of the tile, k and v rows (dkv).
+fn attention_smem_floats(hd: usize) -> (usize, usize, usize) {
+    let tiles = 2 * ATT_TILE * (hd + 1);
+    (tiles + ATT_WARPS * hd, tiles + 2 * ATT_WARPS * hd, tiles + 2 * ATT_TILE + 2 * ATT_WARPS * hd)
+}
+
+/// The attention launch: one block of ATT_WARPS warps per ATT_WARPS rows, per head.
+fn attention_cfg(rows: usize, heads: usize, smem_floats: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(ATT_WARPS) as u32, heads as u32, 1),
+        block_dim: ((32 * ATT_WARPS) as u32, 1, 1),
+        shared_mem_bytes: (smem_floats * 4) as u32,
+    }
+}
 
 /// Grid-stride launch over `n` elements.
 fn grid1d(n: usize) -> LaunchConfig {
@@ -75,26 +99,28 @@ impl CudaBackend {
         Ok(dst)
     }
 
+    /// A U32 buffer's values, exact (download_f32 goes through f32, exact only below 2^24).
+    pub(crate) fn download_u32(&self, op: &'static str, buf: &Buf) -> Result<Vec<u32>> {
+        need(op, "buf", buf, &[DType::U32])?;
+        let b = self.download_bytes(op, buf)?;
+        Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
     fn download_bytes(&self, op: &'static str, buf: &Buf) -> Result<Vec<u8>> {
-        let mem = self.mem(op, "buf", buf)?;
-        let bytes = buf.len() * buf.dtype().size();
-        let mut host = vec![0u8; mem.slice().len()];
-        self.stream
-            .memcpy_dtoh(mem.slice(), &mut host[..])
-            .map_err(|e| err(op, format!("copy to host: {e}")))?;
-        self.stream.synchronize().map_err(|e| err(op, format!("synchronize: {e}")))?;
-        host.truncate(bytes);
-        Ok(host)
+        self.read_bytes(op, buf, buf.len() * buf.dtype().size())
     }
 }
 
 impl Backend for CudaBackend {
     fn name(&self) -> &'static str {
-        "cuda"
+        match self.device {
+            Device::Emu => "emu",
+            _ => "cuda",
+        }
     }
 
     fn device(&self) -> Device {
-        Device::Cuda(self.ordinal)
+        self.device
     }
 
     fn activation_dtype(&self) -> DType {
@@ -121,15 +147,10 @@ impl Backend for CudaBackend {
             (DType::F16, d) => d.to_f32().iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
         };
         let len = data.len();
-        let mut buf = self.alloc(op, len, dtype, false)?;
+        let buf = self.alloc(op, len, dtype, false)?;
         if !bytes.is_empty() {
-            let stream = self.stream.clone();
-            let mem = self.mem_mut(op, "buf", &mut buf)?;
-            stream
-                .memcpy_htod(&bytes[..], &mut mem.slice_mut().slice_mut(0..bytes.len()))
-                .map_err(|e| err(op, format!("copy {} bytes to the device: {e}", bytes.len())))?;
-            // The host vector is dropped at the end of this call: wait for the copy.
-            stream.synchronize().map_err(|e| err(op, format!("synchronize: {e}")))?;
+            // Returns once the host vector may be dropped.
+            self.write_bytes(op, &buf, &bytes)?;
         }
         Ok(buf)
     }
@@ -150,15 +171,7 @@ impl Backend for CudaBackend {
         let n = src.len();
         let (s, d) = (self.ptr(op, "src", src)?, self.ptr(op, "dst", dst)?);
         match (src.dtype(), dst.dtype()) {
-            (a, b) if a == b => {
-                let bytes = n * a.size();
-                let stream = self.stream.clone();
-                let src_mem = self.mem(op, "src", src)?;
-                let dst_mem = self.mem_mut(op, "dst", dst)?;
-                stream
-                    .memcpy_dtod(&src_mem.slice().slice(0..bytes), &mut dst_mem.slice_mut().slice_mut(0..bytes))
-                    .map_err(|e| err(op, format!("device copy of {bytes} bytes: {e}")))
-            }
+            (a, b) if a == b => self.copy_bytes(op, src, dst, n * a.size()),
             (DType::F32, DType::BF16) => self.launch(op, "cast_f32_bf16", grid1d(n), &[Arg::Ptr(s), Arg::Ptr(d), Arg::Size(n)]),
             (DType::BF16, DType::F32) => self.launch(op, "cast_bf16_f32", grid1d(n), &[Arg::Ptr(s), Arg::Ptr(d), Arg::Size(n)]),
             (a, b) => Err(err(op, format!("no conversion from {a:?} to {b:?} on cuda"))),
@@ -183,7 +196,27 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| err("synchronize", e.to_string()))
+        self.synchronize_device().map_err(|e| err("synchronize", e.to_string()))
+    }
+
+    fn set_profiling(&self, on: bool) -> bool {
+        self.set_profile(on);
+        true
+    }
+
+    fn take_profile(&self) -> Vec<(String, u64, f64)> {
+        self.take_profile_table()
+    }
+
+    fn take_launched(&self) -> Vec<String> {
+        self.take_launched_names()
+    }
+
+    fn device_details(&self) -> Vec<(String, String)> {
+        let (a, b) = self.compute_capability;
+        let mut v = vec![("name".to_string(), self.name.clone()), ("compute capability".to_string(), format!("{a}.{b}"))];
+        v.extend(self.dev.info().details.clone());
+        v
     }
 
     fn peak_memory_bytes(&self) -> Option<u64> {
@@ -191,8 +224,7 @@ impl Backend for CudaBackend {
     }
 
     fn available_memory_bytes(&self) -> Option<u64> {
-        self.ctx.bind_to_thread().ok()?;
-        self.ctx.mem_get_info().ok().map(|(free, _total)| free as u64)
+        self.free_memory()
     }
 
     fn gemm(&self, g: Gemm, a: &Buf, b: &Buf, c: &mut Buf) -> Result<()> {
@@ -213,12 +245,15 @@ impl Backend for CudaBackend {
         let a_tmp = (a.dtype() == DType::F32 && b.dtype() == DType::BF16).then(|| self.to_bf16(op, a)).transpose()?;
         let b_tmp = (b.dtype() == DType::F32 && a.dtype() == DType::BF16).then(|| self.to_bf16(op, b)).transpose()?;
         let (a_use, b_use) = (a_tmp.as_ref().unwrap_or(a), b_tmp.as_ref().unwrap_or(b));
-        let ty = if a_use.dtype() == DType::BF16 { Operand::Bf16 } else { Operand::F32 };
+        let ty = if a_use.dtype() == DType::BF16 { DataType::Bf16 } else { DataType::F32 };
         let p = Product { m: g.m, n: g.n, k: g.k, ta: g.ta, tb: g.tb, alpha: g.alpha, beta: if g.accumulate { 1.0 } else { 0.0 } };
+        let plan = MatmulPlan::row_major(op, p, ty);
         let (pa, pb, pc) = (self.ptr(op, "a", a_use)?, self.ptr(op, "b", b_use)?, self.ptr(op, "c", c)?);
-        // SAFETY: lengths checked above against m, n, k; the temporaries live until the end of this
-        // call and their device memory is freed in stream order (after the product has run).
-        unsafe { self.lt.matmul(p, ty, pa, pb, pc) }
+        // cuBLAS "A" is our b, "B" our a (plan.rs).
+        // SAFETY: lengths checked above against m, n, k, which give the plan's spans; the
+        // temporaries live until the end of this call and their device memory is freed in stream
+        // order (after the product has run).
+        unsafe { self.matmul(&plan, pb, pa, pc) }
     }
 
     fn axpy(&self, alpha: f32, x: &Buf, y: &mut Buf) -> Result<()> {
@@ -319,7 +354,11 @@ impl Backend for CudaBackend {
             if n == 0 {
                 continue;
             }
-            let cfg = LaunchConfig { grid_dim: (BLOCKS as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // At most one block per 256 elements (a small buffer does not start 1024 blocks of
+            // idle threads); the partials of unused blocks stay 0. The block count depends on
+            // `n` only, so the sum's order, and its bits, are fixed.
+            let blocks = n.div_ceil(256).min(BLOCKS) as u32;
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             self.launch(op, "sum_squares_f32", cfg, &[
                 Arg::Ptr(self.ptr(op, "buf", b)?),
                 Arg::Size(n),
@@ -341,8 +380,9 @@ impl Backend for CudaBackend {
         }
         let vocab = table.len() / dim;
         let k = kname("embedding_fwd", suffix(op, "table", table)?);
-        let mut bad = self.alloc(op, 1, DType::U32, false)?;
-        self.fill(&mut bad, u32::MAX as f32)?;
+        // "no bad id" sentinel, written as a u32 (not through an f32 fill value).
+        let bad = self.alloc(op, 1, DType::U32, false)?;
+        self.write_bytes(op, &bad, &u32::MAX.to_le_bytes())?;
         let cfg = per_row(tokens, dim);
         if tokens > 0 {
             self.launch(op, k, cfg, &[
@@ -359,7 +399,7 @@ impl Backend for CudaBackend {
         let b = self.download_bytes(op, &bad)?;
         let pos = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         if pos != u32::MAX {
-            let all = self.download_f32(ids)?;
+            let all = self.download_u32(op, ids)?;
             return Err(err(op, format!("token id {} at position {pos} is outside the vocabulary (size {vocab})", all[pos as usize])));
         }
         Ok(())
@@ -452,8 +492,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let hd = a.head_dim;
-        let smem = (2 * 32 * (hd + 1) + 4 * hd) * 4;
-        let cfg = LaunchConfig { grid_dim: (a.tokens.div_ceil(4) as u32, a.n_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = attention_cfg(a.tokens, a.n_heads, attention_smem_floats(hd).0);
         let mut args = vec![
             Arg::Ptr(self.ptr(op, "q", q)?),
             Arg::Ptr(self.ptr(op, "k", k)?),
@@ -503,14 +542,12 @@ impl Backend for CudaBackend {
             Arg::Ptr(self.ptr(op, "delta", &delta)?),
             Arg::Ptr(self.ptr(op, "dout", dout)?),
         ];
-        let smem = (2 * 32 * (hd + 1) + 8 * hd) * 4;
-        let cfg = LaunchConfig { grid_dim: (a.tokens.div_ceil(4) as u32, a.n_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = attention_cfg(a.tokens, a.n_heads, attention_smem_floats(hd).1);
         let mut args: Vec<Arg> = common.iter().map(copy_arg).collect();
         args.push(Arg::Ptr(self.ptr(op, "dq", dq)?));
         args.extend(self.attn_sizes(op, a)?);
         self.launch(op, "attention_bwd_dq_f32", cfg, &args)?;
-        let smem = (2 * 32 * (hd + 1) + 64 + 8 * hd) * 4;
-        let cfg = LaunchConfig { grid_dim: (a.tokens.div_ceil(4) as u32, a.n_kv_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = attention_cfg(a.tokens, a.n_kv_heads, attention_smem_floats(hd).2);
         let mut args: Vec<Arg> = common.iter().map(copy_arg).collect();
         args.push(Arg::Ptr(self.ptr(op, "dk", dk)?));
         args.push(Arg::Ptr(self.ptr(op, "dv", dv)?));
@@ -724,8 +761,8 @@ impl CudaBackend {
         if a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
             return Err(err(op, format!("{} query heads are not a multiple of {} kv heads", a.n_heads, a.n_kv_heads)));
         }
-        if a.head_dim == 0 || a.head_dim > 256 {
-            return Err(err(op, format!("head_dim {} is outside 1..=256", a.head_dim)));
+        if a.head_dim == 0 || a.head_dim > 32 * ATT_MAXC {
+            return Err(err(op, format!("head_dim {} is outside 1..={}", a.head_dim, 32 * ATT_MAXC)));
         }
         if a.n_docs == 0 && a.tokens > 0 {
             return Err(err(op, "n_docs is 0 but there are tokens"));
@@ -749,5 +786,32 @@ impl CudaBackend {
             Arg::I32(i32_of(op, "head_dim", a.head_dim)?),
             Arg::F32(a.scale),
         ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host's attention constants are the kernel's `#define`s, and its shared-memory sizes
+    /// are the review's (hd 128: 35-37 KB; hd 256: 69.9 KB fwd, 74.2 KB dkv).
+    #[test]
+    fn attention_launch_constants_match_the_kernel_source() {
+        let src = super::super::kernels::FAMILIES.iter().find(|f| f.file == "attention.cu").expect("attention.cu").source;
+        let define = |name: &str| -> usize {
+            let line = src.lines().find(|l| l.starts_with(&format!("#define {name} "))).unwrap_or_else(|| panic!("no #define {name}"));
+            line.split_whitespace().nth(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+        };
+        assert_eq!(define("ATT_WARPS"), ATT_WARPS);
+        assert_eq!(define("ATT_TILE"), ATT_TILE);
+        assert_eq!(define("ATT_MAXC"), ATT_MAXC);
+        let bytes = |hd| {
+            let (f, q, k) = attention_smem_floats(hd);
+            (4 * f, 4 * q, 4 * k)
+        };
+        assert_eq!(bytes(256), (69_888, 73_984, 74_240));
+        assert_eq!(bytes(128), (35_072, 37_120, 37_376));
+        let cfg = attention_cfg(70, 3, 10);
+        assert_eq!((cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes), ((18, 3, 1), (128, 1, 1), 40));
     }
 }

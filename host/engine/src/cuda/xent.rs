@@ -6,7 +6,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::blas::{Operand, Product};
+use super::plan::{DataType, MatmulPlan, Product};
 use super::{Arg, CudaBackend, err};
 use crate::backend::{Backend, Buf, CrossEntropy, DType, check_len};
 use crate::error::Result;
@@ -47,8 +47,8 @@ pub(crate) fn linear_cross_entropy(
     }
     // Targets are checked once on the host (they are small): an out-of-range target is an error
     // naming its row, not a silent read past the logits.
-    let host_targets = be.download_f32(targets)?;
-    if let Some((row, tgt)) = host_targets.iter().enumerate().find(|(_, x)| **x as u32 != u32::MAX && **x as usize >= v) {
+    let host_targets = be.download_u32(op, targets)?;
+    if let Some((row, tgt)) = host_targets.iter().enumerate().find(|(_, x)| **x != u32::MAX && **x as usize >= v) {
         return Err(err(op, format!("target {tgt} at row {row} is outside the vocabulary (size {v})")));
     }
     let w_bf16_tmp = match w.dtype() {
@@ -85,9 +85,10 @@ pub(crate) fn linear_cross_entropy(
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }, &[Arg::Ptr(p_hidden + (r0 * d * 4) as u64), Arg::Ptr(p_h16), Arg::Size(n)])?;
-        let fwd = Product { m: rows, n: v, k: d, ta: false, tb: true, alpha: 1.0, beta: 0.0 };
-        // SAFETY: h16 holds chunk*d >= rows*d bf16, w holds v*d bf16, logits chunk*v f32.
-        unsafe { be.lt.matmul(fwd, Operand::Bf16, p_h16, p_w, p_logits) }?;
+        let fwd = MatmulPlan::row_major("linear_cross_entropy (logits)", Product { m: rows, n: v, k: d, ta: false, tb: true, alpha: 1.0, beta: 0.0 }, DataType::Bf16);
+        // SAFETY: h16 holds chunk*d >= rows*d bf16, w holds v*d bf16, logits chunk*v f32
+        // (cuBLAS "A" is w, "B" is h16).
+        unsafe { be.matmul(&fwd, p_w, p_h16, p_logits) }?;
         be.launch(op, "cross_entropy_fwd_bwd_f32", LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (threads, 1, 1),
@@ -103,9 +104,10 @@ pub(crate) fn linear_cross_entropy(
             Arg::F32(c.grad_scale),
         ])?;
         if let Some(p_dh) = p_dhidden {
-            let bwd = Product { m: rows, n: d, k: v, ta: false, tb: false, alpha: 1.0, beta: 0.0 };
-            // SAFETY: dlogits holds rows*v bf16, w v*d bf16, dhidden rows r0.. of t*d f32.
-            unsafe { be.lt.matmul(bwd, Operand::Bf16, p_dlogits, p_w, p_dh + (r0 * d * 4) as u64) }?;
+            let bwd = MatmulPlan::row_major("linear_cross_entropy (dhidden)", Product { m: rows, n: d, k: v, ta: false, tb: false, alpha: 1.0, beta: 0.0 }, DataType::Bf16);
+            // SAFETY: dlogits holds rows*v bf16, w v*d bf16, dhidden rows r0.. of t*d f32
+            // (cuBLAS "A" is w, "B" is dlogits).
+            unsafe { be.matmul(&bwd, p_w, p_dlogits, p_dh + (r0 * d * 4) as u64) }?;
         }
     }
     let losses = be.download_f32(&loss)?;

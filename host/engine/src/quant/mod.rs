@@ -681,10 +681,10 @@ mod tests {
                     // The widest gap between neighbouring codes is 1/3 of the range (FP4 2/3..1).
                     assert!((a - b).abs() <= absmax[i / 64] * 0.17 + 1e-3, "{t:?} dq {dq} [{i}] {a} vs {b}");
                 }
-                let dev = QuantTensor::Four(q.clone()).upload(&CpuBackend).unwrap();
-                let mut out = CpuBackend.zeros(w.len(), DType::F32).unwrap();
-                CpuBackend.dequantize(&dev, DType::BF16, &mut out).unwrap();
-                let got = CpuBackend.download_f32(&out).unwrap();
+                let dev = QuantTensor::Four(q.clone()).upload(&CpuBackend::new()).unwrap();
+                let mut out = CpuBackend::new().zeros(w.len(), DType::F32).unwrap();
+                CpuBackend::new().dequantize(&dev, DType::BF16, &mut out).unwrap();
+                let got = CpuBackend::new().download_f32(&out).unwrap();
                 assert_eq!(got, q.dequantize(DType::BF16), "the backend decodes what the host quantized");
             }
         }

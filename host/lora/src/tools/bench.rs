@@ -133,6 +133,8 @@ pub(super) fn command() -> Command {
                 .help_heading("Quantization (training_lora_load_in_4bit / _8bit / _bnb_4bit_*)"),
         )
         .arg(Arg::new("json").long("json").action(ArgAction::SetTrue).help("Print one JSON object instead of the text report"))
+        .arg(Arg::new("step_json").long("step-json").action(ArgAction::SetTrue).help("Print one JSON line per step as it finishes (step, warmup, seconds, loss, step_tokens_per_sec), flushed, so a killed run keeps what it measured"))
+        .arg(Arg::new("per_op").long("per-op").action(ArgAction::SetTrue).help("Time every device call of the timed steps by op (CUDA events on a GPU, host time on the emulator; cuda and emu only) and print the table"))
 }
 
 /// The quantization the flags ask for; a 4-bit setting without `--load-in-4bit` is an error
@@ -280,6 +282,7 @@ fn options(m: &ArgMatches, cfg: ModelConfig) -> Result<BenchOptions, ToolError> 
     o.steps = num(m, "steps").unwrap_or(o.steps);
     o.warmup = m.get_one::<u64>("warmup").map_or(o.warmup, |&v| v as usize);
     o.recompute = m.get_flag("recompute");
+    o.per_op = m.get_flag("per_op");
     if o.docs_per_row > o.row_len {
         return Err(ToolError::input(
             anyhow::anyhow!(
@@ -333,6 +336,9 @@ fn options(m: &ArgMatches, cfg: ModelConfig) -> Result<BenchOptions, ToolError> 
     a.use_rslora = m.get_flag("rslora");
     a.use_dora = m.get_flag("dora");
     o.quant = quant_options(m)?;
+    if o.per_op && o.quant.is_some() {
+        return Err(ToolError::input(anyhow::anyhow!("bench: --per-op times one run; it cannot be combined with --load-in-4bit/--load-in-8bit (which also run a 16-bit baseline)"), HINT));
+    }
     Ok(o)
 }
 
@@ -398,6 +404,7 @@ fn open(device: Device) -> lora_engine::Result<(Arc<dyn Backend>, GpuInfo)> {
             let gpu = (be.device_name().to_string(), be.peak_bf16_tflops());
             Ok((Arc::new(be), Some(gpu)))
         }
+        Device::Emu => Ok((lora_engine::cuda::open_emulated()?, None)),
     }
 }
 
@@ -430,7 +437,18 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
     };
     // The quantized run first: without a peak reset, the larger 16-bit peak after it still
     // measures right.
-    let r = lora_engine::bench::run(&opts, backend.clone()).map_err(|e| failed("", e))?;
+    let step_json = m.get_flag("step_json");
+    let mut on_step = |s: &lora_engine::bench::StepReport| {
+        if step_json {
+            use std::io::Write;
+            let mut v = serde_json::to_value(s).unwrap_or_default();
+            v["device"] = device.to_string().into();
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{v}");
+            let _ = out.flush();
+        }
+    };
+    let r = lora_engine::bench::run_with(&opts, backend.clone(), &mut on_step).map_err(|e| failed("", e))?;
     let baseline = match opts.quant {
         Some(_) => {
             let peak_reset = reset_peak_rss();
@@ -486,8 +504,33 @@ pub(super) fn run(m: &ArgMatches) -> Result<(), ToolError> {
         if let Some((b, peak_reset)) = &baseline {
             print!("{}", side_by_side(&r, b, *peak_reset));
         }
+        if !r.per_op.is_empty() {
+            print!("{}", per_op_table(&r));
+        }
     }
     Ok(())
+}
+
+/// Device time per op over the timed steps.
+fn per_op_table(r: &BenchResult) -> String {
+    let total: f64 = r.per_op.iter().map(|o| o.seconds).sum();
+    let steps = r.step_seconds.len().max(1) as f64;
+    let mut s = format!(
+        "per-op device time, {} tokens, per step ({}; every call waited for):\n{:<70} {:>7} {:>11} {:>7}\n",
+        r.tokens_per_step,
+        if r.backend == "cuda" { "CUDA events" } else { "host time" }, "op", "calls", "ms/step", "share"
+    );
+    for o in &r.per_op {
+        s += &format!(
+            "{:<70} {:>7} {:>11.3} {:>6.1}%\n",
+            o.op,
+            (o.calls as f64 / steps).round(),
+            o.seconds * 1e3 / steps,
+            100.0 * o.seconds / total.max(1e-30)
+        );
+    }
+    s += &format!("{:<70} {:>7} {:>11.3}\n", "total", "", total * 1e3 / steps);
+    s
 }
 
 /// The quantized run next to the 16-bit one: peak memory, the projections' bytes, throughput.

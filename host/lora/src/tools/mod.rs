@@ -88,21 +88,21 @@ impl std::error::Error for ToolError {
 }
 
 /// Help text of every `--device` flag.
-pub(crate) const DEVICE_HELP: &str =
-    "cpu, cuda (the GPU of LOCAL_RANK, default 0, among CUDA_VISIBLE_DEVICES) or cuda:N";
+pub(crate) const DEVICE_HELP: &str = "cpu, cuda (the GPU of LOCAL_RANK, default 0, among CUDA_VISIBLE_DEVICES), cuda:N, or emu (the CUDA backend on the CPU device emulator: the same kernels, slowly, no GPU needed)";
 
 /// Parses `--device`: `cpu`, `cuda` or `cuda:N`.
 pub(crate) fn parse_device(s: &str) -> Result<Device, ToolError> {
-    const HINT: &str = "hint: --device takes cpu, cuda or cuda:N";
+    const HINT: &str = "hint: --device takes cpu, cuda, cuda:N or emu";
     match s {
         "cpu" => Ok(Device::Cpu),
+        "emu" => Ok(Device::Emu),
         "cuda" => lora_engine::cuda::local_rank_ordinal()
             .map(Device::Cuda)
             .map_err(|e| ToolError::input(e, HINT)),
         _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => Ok(Device::Cuda(i)),
             _ => Err(ToolError::input(
-                anyhow::anyhow!("--device: expected cpu, cuda or cuda:N, got `{s}`"),
+                anyhow::anyhow!("--device: expected cpu, cuda, cuda:N or emu, got `{s}`"),
                 HINT,
             )),
         },
@@ -113,6 +113,7 @@ pub(crate) fn parse_device(s: &str) -> Result<Device, ToolError> {
 pub(crate) fn device_hint(device: Device) -> &'static str {
     match device {
         Device::Cpu => "",
+        Device::Emu => "hint: --device emu needs a build with a C++17 compiler (LORA_EMU unset); LORA_EMU_SCHEDULE takes forward, reverse or shuffled:<seed>; --device cpu runs without either",
         Device::Cuda(_) => {
             "hint: a GPU needs the NVIDIA driver (libcuda.so) on the library path and a visible device (nvidia-smi lists them); --device cpu runs without one"
         }
@@ -136,6 +137,7 @@ mod tests {
     fn device_flag_forms() {
         assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
         assert_eq!(parse_device("cuda:3").unwrap(), Device::Cuda(3));
+        assert_eq!(parse_device("emu").unwrap(), Device::Emu);
         for bad in ["", "CPU", "cuda:", "cuda:x", "tpu", "cuda:-1"] {
             let e = parse_device(bad).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{bad}");
