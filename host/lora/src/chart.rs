@@ -425,7 +425,9 @@ svg{width:100%;height:auto;display:block}
 .grid3 .panel{margin-bottom:0}
 .grid3 .readout{padding-left:10px}
 footer{color:var(--muted);font-size:11.5px;margin-top:16px;text-align:right}
-@media (max-width:900px){.cards{grid-template-columns:repeat(3,1fr)}.grid3{grid-template-columns:1fr}}
+@media (max-width:900px){.cards{grid-template-columns:repeat(3,1fr)}.grid3{grid-template-columns:repeat(2,1fr)}}
+@media (max-width:560px){.grid3{grid-template-columns:1fr}}
+@media (max-width:760px){#loss .tick,#loss .axis-label{font-size:19px}}
 "#;
 
 const JS: &str = r#"
