@@ -3,7 +3,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::plan::{DataType, MatmulPlan, Product};
+use super::plan::{DataType, MatmulPlan};
 use super::{Arg, CudaBackend, err};
 use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, Gemm, HostData, check_len};
 use crate::error::Result;
@@ -246,8 +246,7 @@ impl Backend for CudaBackend {
         let b_tmp = (b.dtype() == DType::F32 && a.dtype() == DType::BF16).then(|| self.to_bf16(op, b)).transpose()?;
         let (a_use, b_use) = (a_tmp.as_ref().unwrap_or(a), b_tmp.as_ref().unwrap_or(b));
         let ty = if a_use.dtype() == DType::BF16 { DataType::Bf16 } else { DataType::F32 };
-        let p = Product { m: g.m, n: g.n, k: g.k, ta: g.ta, tb: g.tb, alpha: g.alpha, beta: if g.accumulate { 1.0 } else { 0.0 } };
-        let plan = MatmulPlan::row_major(op, p, ty);
+        let plan = MatmulPlan::row_major(op, g, ty);
         let (pa, pb, pc) = (self.ptr(op, "a", a_use)?, self.ptr(op, "b", b_use)?, self.ptr(op, "c", c)?);
         // cuBLAS "A" is our b, "B" our a (plan.rs).
         // SAFETY: lengths checked above against m, n, k, which give the plan's spans; the

@@ -14,6 +14,8 @@
 //! as their transpose `c^T[n,m] = op(b)^T @ op(a)^T`: cuBLAS "A" is our `b`, cuBLAS "B" our `a`
 //! ([`MatmulPlan::row_major`]).
 
+use crate::backend::Gemm;
+
 /// Element type of a matrix (`cudaDataType_t`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataType {
@@ -89,29 +91,17 @@ pub struct MatmulPlan {
     pub epilogue: Epilogue,
 }
 
-/// Sizes of one row-major product; `ta`: a is stored `[k,m]`; `tb`: b is stored `[n,k]`.
-#[derive(Debug, Clone, Copy)]
-pub struct Product {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub ta: bool,
-    pub tb: bool,
-    pub alpha: f32,
-    pub beta: f32,
-}
-
 impl MatmulPlan {
     /// The cuBLASLt call for the row-major product `p` with a/b of type `ab` and f32 c: cuBLAS
     /// "A" is our b (`[n,k]` column-major when not `tb`... see the module doc), "B" is our a.
-    pub fn row_major(op: &'static str, p: Product, ab: DataType) -> Self {
+    pub fn row_major(op: &'static str, p: Gemm, ab: DataType) -> Self {
         let (m, n, k) = (p.m as u64, p.n as u64, p.k as u64);
         // Our row-major b [k,n] is column-major [n,k] with ld n; when tb it is stored [n,k]
         // row-major = column-major [k,n] with ld k, and cuBLAS transposes it.
         let a = if p.tb { Layout::new(ab, k, n, k as i64) } else { Layout::new(ab, n, k, n as i64) };
         let b = if p.ta { Layout::new(ab, m, k, m as i64) } else { Layout::new(ab, k, m, k as i64) };
         let c = Layout::new(DataType::F32, n, m, n as i64);
-        MatmulPlan { op, transa: p.tb, transb: p.ta, a, b, c, alpha: p.alpha, beta: p.beta, epilogue: Epilogue::Default }
+        MatmulPlan { op, transa: p.tb, transb: p.ta, a, b, c, alpha: p.alpha, beta: if p.accumulate { 1.0 } else { 0.0 }, epilogue: Epilogue::Default }
     }
 
     /// The same product repeated `count` times, each operand `stride_*` elements after the last
@@ -263,7 +253,8 @@ mod tests {
 
     /// Row-major `c = alpha * op(a) @ op(b) + beta * c`, written from the definition.
     #[allow(clippy::too_many_arguments)]
-    fn naive(p: Product, a: &[f32], b: &[f32], c: &[f32]) -> Vec<f32> {
+    fn naive(p: Gemm, a: &[f32], b: &[f32], c: &[f32]) -> Vec<f32> {
+        let beta = if p.accumulate { 1.0 } else { 0.0 };
         let mut out = c.to_vec();
         for i in 0..p.m {
             for j in 0..p.n {
@@ -273,7 +264,7 @@ mod tests {
                     let y = if p.tb { b[j * p.k + q] } else { b[q * p.n + j] };
                     s += f64::from(x) * f64::from(y);
                 }
-                out[i * p.n + j] = (f64::from(p.alpha) * s + f64::from(p.beta) * f64::from(c[i * p.n + j])) as f32;
+                out[i * p.n + j] = (f64::from(p.alpha) * s + beta * f64::from(c[i * p.n + j])) as f32;
             }
         }
         out
@@ -297,9 +288,9 @@ mod tests {
         for (m, n, k) in [(7usize, 13usize, 19usize), (1, 257, 3), (16, 5, 1), (9, 17, 31)] {
             for ta in [false, true] {
                 for tb in [false, true] {
-                    for beta in [0.0f32, 1.0] {
+                    for accumulate in [false, true] {
                         for t in [DataType::Bf16, DataType::F32] {
-                            let p = Product { m, n, k, ta, tb, alpha: 0.75, beta };
+                            let p = Gemm { m, n, k, ta, tb, alpha: 0.75, accumulate };
                             let (a, b, c0) = (vals(m * k, 1), vals(k * n, 2), vals(m * n, 3));
                             let plan = MatmulPlan::row_major("test", p, t);
                             let mut c = bytes(&c0, DataType::F32);
@@ -319,7 +310,7 @@ mod tests {
     fn batched_plans_compute_each_batch_at_its_stride() {
         let (m, n, k, count) = (5usize, 6usize, 7usize, 3usize);
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let p = Product { m, n, k, ta, tb, alpha: 1.5, beta: 1.0 };
+            let p = Gemm { m, n, k, ta, tb, alpha: 1.5, accumulate: true };
             let (sa, sb, sc) = (m * k + 3, k * n + 1, m * n + 2);
             let (a, b, c0) = (vals(sa * count, 4), vals(sb * count, 5), vals(sc * count, 6));
             let plan = MatmulPlan::row_major("test", p, DataType::F32).batched(count as i32, sb as i64, sa as i64, sc as i64);
@@ -340,7 +331,7 @@ mod tests {
     /// reads other elements, or it needs more bytes than the operand has.
     #[test]
     fn a_wrong_leading_dimension_or_transpose_is_caught() {
-        let p = Product { m: 4, n: 6, k: 5, ta: false, tb: true, alpha: 1.0, beta: 0.0 };
+        let p = Gemm::linear(4, 6, 5);
         let good = MatmulPlan::row_major("test", p, DataType::F32);
         // cuBLAS A is our b [n=6, k=5], B our a [m=4, k=5].
         let (a, b) = (bytes(&vals(30, 8), DataType::F32), bytes(&vals(20, 7), DataType::F32));

@@ -6,9 +6,9 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::plan::{DataType, MatmulPlan, Product};
+use super::plan::{DataType, MatmulPlan};
 use super::{Arg, CudaBackend, err};
-use crate::backend::{Backend, Buf, CrossEntropy, DType, check_len};
+use crate::backend::{Backend, Buf, CrossEntropy, DType, Gemm, check_len};
 use crate::error::Result;
 
 /// Bytes of f32 logits one chunk may hold.
@@ -85,7 +85,7 @@ pub(crate) fn linear_cross_entropy(
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }, &[Arg::Ptr(p_hidden + (r0 * d * 4) as u64), Arg::Ptr(p_h16), Arg::Size(n)])?;
-        let fwd = MatmulPlan::row_major("linear_cross_entropy (logits)", Product { m: rows, n: v, k: d, ta: false, tb: true, alpha: 1.0, beta: 0.0 }, DataType::Bf16);
+        let fwd = MatmulPlan::row_major("linear_cross_entropy (logits)", Gemm::linear(rows, v, d), DataType::Bf16);
         // SAFETY: h16 holds chunk*d >= rows*d bf16, w holds v*d bf16, logits chunk*v f32
         // (cuBLAS "A" is w, "B" is h16).
         unsafe { be.matmul(&fwd, p_w, p_h16, p_logits) }?;
@@ -104,7 +104,7 @@ pub(crate) fn linear_cross_entropy(
             Arg::F32(c.grad_scale),
         ])?;
         if let Some(p_dh) = p_dhidden {
-            let bwd = MatmulPlan::row_major("linear_cross_entropy (dhidden)", Product { m: rows, n: d, k: v, ta: false, tb: false, alpha: 1.0, beta: 0.0 }, DataType::Bf16);
+            let bwd = MatmulPlan::row_major("linear_cross_entropy (dhidden)", Gemm { m: rows, n: d, k: v, ta: false, tb: false, alpha: 1.0, accumulate: false }, DataType::Bf16);
             // SAFETY: dlogits holds rows*v bf16, w v*d bf16, dhidden rows r0.. of t*d f32
             // (cuBLAS "A" is w, "B" is dlogits).
             unsafe { be.matmul(&bwd, p_w, p_dlogits, p_dh + (r0 * d * 4) as u64) }?;
