@@ -171,16 +171,16 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     Ok(RunOutcome { output: OUTPUT.into(), metrics, model_metadata })
 }
 
-/// What a run reads before it trains: the model's tokenizer, the dataset source (resolved in the
-/// reference's order), and the prepared samples (a preprocessor plugin's, or the built-in
-/// format's). The run and `--dry-run` both make it here, so a dry run fails on what the run would
-/// fail on, with the same error. `cache`: use the processed-data cache (the dry run neither reads
-/// nor writes it).
+/// What a run reads before it trains: the dataset source and the prepared samples.
 pub(crate) struct RunData {
     pub source: lora_data::DatasetSource,
     pub prepared: PreparedData,
 }
 
+/// Reads the model's tokenizer, resolves the dataset source (in the reference's order) and
+/// prepares the samples (a preprocessor plugin's, or the built-in format's). The run and
+/// `--dry-run` both come here, so a dry run fails on what the run would fail on, with the same
+/// error. `cache`: use the processed-data cache (the dry run neither reads nor writes it).
 pub(crate) fn read_data(req: &RunRequest, model_dir: &Path, plugins: Option<&plugins::PluginSet>, cache: bool) -> Result<RunData> {
     let p = &req.params;
     let tools = Arc::new(
