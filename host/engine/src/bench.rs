@@ -153,7 +153,7 @@ pub fn run(opts: &BenchOptions, backend: Arc<dyn Backend>) -> Result<BenchResult
 /// [`run`], reporting each step to `on_step` as it finishes.
 pub fn run_with(opts: &BenchOptions, backend: Arc<dyn Backend>, on_step: &mut dyn FnMut(&StepReport)) -> Result<BenchResult> {
     let c = &opts.cfg;
-    let base_params: usize = crate::model::tensor_specs(c).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let base_params = crate::model::parameter_count(c);
     let name = backend.name().to_string();
     let model = Model::random_with(c.clone(), &LoadOptions { backend: backend.clone(), quant: opts.quant }, 0)?;
     let rss_after_load_bytes = proc_status_bytes("VmRSS:");

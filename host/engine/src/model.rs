@@ -214,6 +214,11 @@ pub struct Model {
     pub(crate) dequant: Dequantizer,
 }
 
+/// How many parameters the base model of a config has (every tensor of [`tensor_specs`]).
+pub fn parameter_count(c: &ModelConfig) -> usize {
+    tensor_specs(c).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+}
+
 /// Every base tensor of a config: (name, shape), in checkpoint naming.
 pub fn tensor_specs(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let d = c.hidden_size;

@@ -194,16 +194,6 @@ pub fn plan(req: &RunRequest, command: &str, env: &[(String, String)]) -> anyhow
     }))
 }
 
-/// Parameters of the base model, from its config (the weights need not be downloaded yet).
-fn base_parameters(c: &ModelConfig) -> u64 {
-    let (h, i, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64);
-    let q = (c.num_attention_heads * c.head_dim) as u64;
-    let kv = (c.num_key_value_heads * c.head_dim) as u64;
-    let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
-    let head = if c.tie_word_embeddings { 0 } else { v * h };
-    v * h + c.num_hidden_layers as u64 * layer + h + head
-}
-
 fn gib(b: u64) -> String {
     format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
 }
@@ -268,13 +258,14 @@ pub fn data_plan(req: &RunRequest) -> anyhow::Result<(Map<String, Value>, Vec<St
     }
 
     // The memory plan, from the config (the run makes it again once the weights are loaded).
-    let cfg = lora_engine::ModelConfig::from_model_dir(&model.dir)?;
+    let cfg = ModelConfig::from_model_dir(&model.dir)?;
     let adapter = crate::run::adapter_config(p);
     let device = crate::run::pick_device(&p.device)?;
     let backend = lora_engine::backend_for(device)?;
     let dtype = backend.activation_dtype();
     let tokens = prepared.largest_micro_batch_tokens(shape.epochs_run);
-    let params = base_parameters(&cfg);
+    // From the config: the weights need not be downloaded yet.
+    let params = lora_engine::model::parameter_count(&cfg) as u64;
     let weight_bytes = if p.load_in_4bit || p.load_in_8bit {
         None
     } else {
