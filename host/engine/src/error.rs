@@ -43,6 +43,8 @@ pub enum EngineError {
     State { name: String, msg: String },
     #[error("cannot write {path}: {msg}")]
     Write { path: PathBuf, msg: String },
+    #[error("data parallel: {0}")]
+    Collective(String),
 }
 
 impl EngineError {

@@ -37,6 +37,7 @@
 pub mod adapter;
 pub mod backend;
 pub mod bench;
+pub mod collective;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
@@ -57,6 +58,7 @@ pub use backend::{
     dropout_keep, splitmix64,
 };
 pub use adapter::AdapterConfig;
+pub use collective::{Collective, Single};
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::{EngineError, Result};
 pub use model::{LoadOptions, Model, Module, backend_for};

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::adapter::{AdapterConfig, Adapters, Param};
+use crate::collective::Collective;
 use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Gemm, HostData, IGNORE_TARGET, splitmix64};
 use crate::error::{EngineError, Result};
 use crate::layer::{self, Ctx, LayerActs};
@@ -82,7 +83,12 @@ pub struct Trainer {
     pub optim: OptimConfig,
     step: u64,
     micro: u64,
+    /// `micro` when this optimizer step began (data parallel re-bases the counter per step).
+    micro_base: u64,
     dropout_seed: u64,
+    /// Data parallel: this trainer's rank and the number of ranks (0 and 1 otherwise).
+    rank: u64,
+    world: u64,
     pub recompute: bool,
 }
 
@@ -134,7 +140,18 @@ impl Trainer {
             return Err(EngineError::Optim("eps must be positive; weight_decay and max_grad_norm non-negative".into()));
         }
         let adapters = Adapters::init(&model, &adapter)?;
-        Ok(Trainer { model, adapters, optim, step: 0, micro: 0, dropout_seed: splitmix64(seed ^ 0x6472_6f70), recompute: false })
+        Ok(Trainer {
+            model,
+            adapters,
+            optim,
+            step: 0,
+            micro: 0,
+            micro_base: 0,
+            dropout_seed: splitmix64(seed ^ 0x6472_6f70),
+            rank: 0,
+            world: 1,
+            recompute: false,
+        })
     }
 
     /// Estimated peak bytes a forward + backward of a micro-batch of `tokens` tokens allocates
@@ -157,6 +174,66 @@ impl Trainer {
     /// Optimizer steps taken.
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Makes this trainer rank `rank` of `world` data-parallel ranks: its micro-batches draw
+    /// dropout masks no other rank draws (micro-batch `m` of rank `r` uses stream `m·world + r`,
+    /// which for one rank is the stream of an ordinary run), and its state records `world`.
+    pub fn set_data_parallel(&mut self, rank: usize, world: usize) -> Result<()> {
+        if world == 0 || rank >= world {
+            return Err(EngineError::Collective(format!("rank {rank} of a world of {world}")));
+        }
+        (self.rank, self.world) = (rank as u64, world as u64);
+        Ok(())
+    }
+
+    /// Data parallel, once per optimizer step, after this rank's micro-batches and before
+    /// [`Trainer::optimizer_step`]: sums the accumulated adapter gradients and the step's
+    /// statistics over the ranks of `c`, so that every rank takes the same optimizer step; the
+    /// returned stats are the whole step's. The dropout counter moves past every rank's
+    /// micro-batches, so it is the same on every rank and a checkpoint of rank 0 resumes any
+    /// rank. With one rank nothing is communicated or copied.
+    ///
+    /// The loss of each micro-batch was already divided by the step's trained tokens over all
+    /// ranks (the data plan's count, which every rank computes alike); the reduced count is
+    /// checked against `step_trained_tokens`, so ranks that planned differently stop here
+    /// instead of training on a wrong normaliser.
+    pub fn all_reduce_step(&mut self, c: &dyn Collective, local: StepStats, step_trained_tokens: u64) -> Result<StepStats> {
+        if c.world() as u64 != self.world || c.rank() as u64 != self.rank {
+            return Err(EngineError::Collective(format!(
+                "the trainer is rank {} of {}, the collective rank {} of {}",
+                self.rank,
+                self.world,
+                c.rank(),
+                c.world()
+            )));
+        }
+        if self.world == 1 {
+            return Ok(local);
+        }
+        let mut stats = [local.loss_sum, local.trained_tokens as f64, local.tokens as f64, (self.micro - self.micro_base) as f64];
+        c.all_reduce_sum_f64(&mut stats)?;
+        if stats[1] as u64 != step_trained_tokens {
+            return Err(EngineError::Collective(format!(
+                "the ranks trained {} tokens in optimizer step {}, their data plan says {step_trained_tokens}: the ranks do not share one data plan (same dataset, parameters and world size?)",
+                stats[1] as u64,
+                self.step + 1
+            )));
+        }
+        let be = self.model.backend.clone();
+        let mut flat = Vec::new();
+        for p in self.adapters.params() {
+            flat.extend(be.download_f32(&p.grad)?);
+        }
+        c.all_reduce_sum_f32(&mut flat)?;
+        let mut at = 0;
+        for p in self.adapters.params_mut() {
+            let n: usize = p.shape.iter().product();
+            p.grad = be.upload(HostData::F32(&flat[at..at + n]), DType::F32)?;
+            at += n;
+        }
+        self.micro = self.micro_base + stats[3] as u64;
+        Ok(StepStats { loss_sum: stats[0], trained_tokens: stats[1] as usize, tokens: stats[2] as usize })
     }
 
     fn prepare(&self, b: &Batch) -> Result<Prepared> {
@@ -231,7 +308,7 @@ impl Trainer {
             cu: p.cu,
             inv_freq: p.inv_freq,
             dropout: if train { self.adapters.cfg.dropout_f32() } else { 0.0 },
-            seed_base: splitmix64(self.dropout_seed ^ self.micro),
+            seed_base: splitmix64(self.dropout_seed ^ (self.micro * self.world + self.rank)),
             scale: self.adapters.scale,
             act: self.model.backend.activation_dtype(),
         };
@@ -371,6 +448,7 @@ impl Trainer {
             be.adamw(o, &mut p.value, &p.grad, &mut p.m, &mut p.v)?;
             be.fill(&mut p.grad, 0.0)?;
         }
+        self.micro_base = self.micro;
         Ok(OptimStats { grad_norm, clip_coef, step: self.step })
     }
 
@@ -422,7 +500,7 @@ impl Trainer {
         let mut tensors = self.download(|p| &p.value, "")?;
         tensors.extend(self.download(|p| &p.m, ".exp_avg")?);
         tensors.extend(self.download(|p| &p.v, ".exp_avg_sq")?);
-        let meta = json!({
+        let mut meta = json!({
             "format": "lora-engine-trainer-state/1",
             "step": self.step,
             "micro": self.micro,
@@ -430,6 +508,10 @@ impl Trainer {
             "adapter": self.adapters.cfg,
             "optim": self.optim,
         });
+        // Only data-parallel states say so: a one-rank state stays what it always was.
+        if self.world > 1 {
+            meta["world_size"] = json!(self.world);
+        }
         Ok(TrainerState { tensors, meta })
     }
 
@@ -446,6 +528,14 @@ impl Trainer {
         }
         let step = m["step"].as_u64().ok_or_else(|| bad("meta.step", "missing".into()))?;
         let micro = m["micro"].as_u64().ok_or_else(|| bad("meta.micro", "missing".into()))?;
+        // States from before data parallel have no `world_size`: they are of one rank.
+        let world = m.get("world_size").map_or(Some(1), |v| v.as_u64()).ok_or_else(|| bad("meta.world_size", "not a number".into()))?;
+        if world != self.world {
+            return Err(bad(
+                "meta.world_size",
+                format!("saved by a run of {world} data-parallel rank(s), this run has {}: resume with the same number of ranks", self.world),
+            ));
+        }
         let seed: u64 = m["dropout_seed"].as_str().and_then(|s| s.parse().ok()).ok_or_else(|| bad("meta.dropout_seed", "missing".into()))?;
         let be = self.model.backend.clone();
         let find = |name: &str, shape: &[usize]| -> Result<&NamedTensor> {
@@ -470,6 +560,7 @@ impl Trainer {
         }
         self.step = step;
         self.micro = micro;
+        self.micro_base = micro;
         self.dropout_seed = seed;
         Ok(())
     }

@@ -243,7 +243,8 @@ pub fn prune(root: &Path, keep: u64) -> Result<Vec<PathBuf>, CheckpointError> {
 /// Fault injection for the kill tests (`tests/e2e`): `LORA_FAULT_INJECT=<point>:<step>` aborts
 /// the process at that point, as a SIGKILL would. Points: `checkpoint-mid` (half-way through
 /// writing checkpoint `<step>`), `checkpoint-prune` (after its rename, before pruning), and the
-/// output points of `crate::run::outputs` (`<step>` = the run's last step).
+/// output points of `crate::run::outputs` (`<step>` = the run's last step), and `rank<r>-step`
+/// (data-parallel rank `r`, after its micro-batches of step `<step>`).
 pub fn fault_point(name: &str, step: u64) {
     if let Some(spec) = std::env::var_os("LORA_FAULT_INJECT")
         && spec.to_str() == Some(&format!("{name}:{step}"))

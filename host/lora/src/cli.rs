@@ -536,7 +536,7 @@ fn finish(
         })?;
     }
     let outcome = execute(&request).map_err(|e| run_failed(&request, e))?;
-    if let Some(input) = &request.kfp {
+    if let Some(input) = request.kfp.as_ref().filter(|_| !crate::parallel::secondary_rank()) {
         // After the outputs: a failure here leaves a complete final checkpoint to rerun from.
         crate::kfp::write_executor_output(input, &outcome).map_err(|e| run_failed(&request, e.into()))?;
     }

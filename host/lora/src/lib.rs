@@ -14,5 +14,6 @@ pub mod manifest;
 pub mod checkpoint;
 pub mod fs;
 pub mod redact;
+pub mod parallel;
 pub mod run;
 pub mod trackers;

@@ -57,7 +57,7 @@ pub struct ResolvedParams {
     pub effective_batch_size: u64,
     pub micro_batch_size: u64,
     pub gradient_accumulation_steps: u64,
-    /// Processes training together (1 in this build).
+    /// Processes training together (data-parallel ranks; see [`resolve_for_world`]).
     pub world_size: u64,
     pub max_tokens_per_gpu: u64,
     pub max_seq_len: u64,
@@ -261,10 +261,29 @@ impl Checker<'_> {
     }
 }
 
-/// Validates `params` and resolves training_hub's defaults.
+/// Validates `params` and resolves training_hub's defaults, for the processes this one was
+/// started with ([`launched_world_size`]: 1 unless `mpirun` started several).
 pub fn resolve(
     params: Params,
+    sources: BTreeMap<&'static str, Source>,
+) -> Result<ResolvedParams, ParamErrors> {
+    resolve_for_world(params, sources, launched_world_size().unwrap_or(1) as u64)
+}
+
+/// The number of processes `mpirun` started this one with (Open MPI's `OMPI_COMM_WORLD_SIZE`,
+/// or PMIx's / PMI's), None when no launcher started it. What the run's data-parallel world will
+/// be, known before any parameter is resolved.
+pub fn launched_world_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE"].iter().find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+}
+
+/// As [`resolve`], for a run whose `world_size` data-parallel processes are already running (under
+/// `mpirun`): `training_resource_num_procs_per_worker` must be `auto` or that count, and the
+/// reference's micro-batch arithmetic divides by it.
+pub fn resolve_for_world(
+    params: Params,
     mut sources: BTreeMap<&'static str, Source>,
+    world_size: u64,
 ) -> Result<ResolvedParams, ParamErrors> {
     let mut notes = Vec::new();
     let mut c = Checker {
@@ -275,7 +294,9 @@ pub fn resolve(
     let p = &params;
 
     for u in UNAVAILABLE {
-        if (u.requested)(p) {
+        // The processes exist: whether their count is the one asked for is checked below.
+        let launched = world_size > 1 && u.param == "training_resource_num_procs_per_worker";
+        if (u.requested)(p) && !launched {
             c.err(
                 u.param,
                 format!("not available in this build: {}", u.reason),
@@ -408,6 +429,11 @@ pub fn resolve(
             "training_resource_num_procs_per_worker",
             "must be auto or an integer >= 1",
         );
+    } else if world_size > 1 && procs != "auto" && procs.parse::<u64>() != Ok(world_size) {
+        c.err(
+            "training_resource_num_procs_per_worker",
+            format!("this run was started as {world_size} processes (mpirun -np {world_size}): set it to {world_size} or auto"),
+        );
     }
     if resource_gpu_per_worker > 1 {
         notes.push(format!(
@@ -507,7 +533,6 @@ pub fn resolve(
     let ga_set = p
         .training_gradient_accumulation_steps
         .map(|v| c.positive("training_gradient_accumulation_steps", v));
-    let world_size = 1u64;
     let (micro_batch_size, gradient_accumulation_steps) = match (micro_set, ga_set) {
         (None, ga) => {
             let ga = ga.unwrap_or(1);

@@ -550,6 +550,27 @@ fn micro_batch_follows_gradient_accumulation() {
     assert_eq!((r.micro_batch_size, r.gradient_accumulation_steps), (8, 8));
 }
 
+/// Issue 17: the reference's arithmetic divides by the real number of data-parallel processes,
+/// and a process count that disagrees with the processes mpirun started is refused by name.
+#[test]
+fn micro_batch_divides_by_the_real_world_size_and_the_process_count_must_match_it() {
+    let mut l = Loader::new();
+    l.apply_cli("training_effective_batch_size", "64").apply_cli("training_gradient_accumulation_steps", "4");
+    let two = lora_params::resolve_for_world(l.params().clone(), Default::default(), 2).unwrap();
+    assert_eq!((two.micro_batch_size, two.gradient_accumulation_steps, two.world_size), (8, 4, 2));
+    let mut l = Loader::new();
+    l.apply_cli("training_resource_num_procs_per_worker", "3");
+    let e = l.finish().unwrap_err().to_string();
+    assert!(e.contains("training_resource_num_procs_per_worker") && e.contains("not available"), "{e}");
+    let mut l = Loader::new();
+    l.apply_cli("training_resource_num_procs_per_worker", "2");
+    let params = l.params().clone();
+    let ok = lora_params::resolve_for_world(params.clone(), Default::default(), 2).unwrap();
+    assert_eq!(ok.world_size, 2);
+    let e = lora_params::resolve_for_world(params, Default::default(), 3).unwrap_err().to_string();
+    assert!(e.contains("training_resource_num_procs_per_worker") && e.contains("started as 3 processes"), "{e}");
+}
+
 /// Issue 11 item 14: micro batch x accumulation x world size that cannot make the effective batch
 /// size was accepted with a note; now refused, naming all three.
 #[test]

@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use lora_api::{Preprocessor, Reporter, ScheduleContext, Scheduler};
 use lora_data::{BadRecords, DataConfig, DatasetType, HfTextTools, LongSamplePolicy, PreparedData};
 use lora_engine::quant::bnb::parse_torch_dtype;
-use lora_engine::{AdapterConfig, Device, LoadOptions, Model, OptimConfig, QuantConfig, QuantInfo, QuantSource, QuantType, Trainer, backend_for};
+use lora_engine::{AdapterConfig, Collective, Device, LoadOptions, Model, OptimConfig, QuantConfig, QuantInfo, QuantSource, QuantType, Trainer, backend_for};
 use lora_params::ResolvedParams;
 use serde_json::{Map, Value, json};
 
@@ -45,16 +45,37 @@ pub fn training_started() -> bool {
 /// What the reference component returns as `Output`.
 pub const OUTPUT: &str = "training completed";
 
-/// Runs one training run described by `req` and writes all its outputs.
+/// Runs one training run described by `req` and writes all its outputs. Started as one of
+/// several data-parallel processes (see [`crate::parallel`]), it trains its share of every step;
+/// only rank 0 writes, and a rank that fails stops them all.
 pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
+    let coll = crate::parallel::join(&req.params)?;
+    let result = execute_in(req, coll.as_ref());
+    let (rank, world) = (coll.rank(), coll.world());
+    if let Err(e) = &result
+        && world > 1
+    {
+        // The other ranks wait in their next collective call: end them all, naming this rank.
+        eprintln!("lora: rank {rank} of {world} failed: {e:#}");
+        coll.abort(1);
+    }
+    result
+}
+
+fn execute_in(req: &RunRequest, coll: &dyn Collective) -> Result<RunOutcome> {
     let p = &req.params;
     let ws = req.workspace();
     let run_started = Instant::now();
+    let rank0 = coll.rank() == 0;
     outputs::check_paths(req)?;
-    let _lock = outputs::WorkspaceLock::acquire(&req.pvc_path)?;
+    let _lock = if rank0 { Some(outputs::WorkspaceLock::acquire(&req.pvc_path)?) } else { None };
     // Trackers first: bad settings or an unreachable tracking server stop the run before any work.
     let tracker_settings = trackers::TrackerSettings::resolve(p, &req.pvc_path, &trackers::process_env)?;
-    let trackers = trackers::Trackers::connect(&tracker_settings, &ws.checkpoints)?;
+    let no_trackers = trackers::TrackerSettings { tensorboard: None, mlflow: None, wandb: None };
+    let trackers = trackers::Trackers::connect(if rank0 { &tracker_settings } else { &no_trackers }, &ws.checkpoints)?;
+    if coll.world() > 1 && rank0 {
+        eprintln!("lora: {} data-parallel processes ({}); rank 0 writes the checkpoints and outputs", coll.world(), coll.name());
+    }
 
     // Model and tokenizer.
     let model = hub::resolve_model(&p.base_model, &HubOptions::from_env())?;
@@ -64,8 +85,15 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
         eprintln!("lora: warning: {note}");
     }
     let plugins = plugin_set(req)?;
-    let RunData { source, prepared } = read_data(req, &model.dir, plugins.as_ref(), true)?;
-    log_data(&prepared);
+    // Rank 0 fills the processed-data cache; the others then read it instead of racing to write it.
+    if !rank0 {
+        coll.barrier()?;
+    }
+    let RunData { source, prepared } = read_data_for(req, &model.dir, plugins.as_ref(), true, coll.rank())?;
+    if rank0 {
+        coll.barrier()?;
+        log_data(&prepared);
+    }
 
     // Engine.
     let device = pick_device(&p.device)?;
@@ -78,6 +106,7 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     let targets: Vec<String> = adapter_cfg.resolve_targets()?.iter().map(|m| m.name().to_string()).collect();
     let optim = OptimConfig { weight_decay: p.weight_decay, max_grad_norm: p.max_grad_norm, ..OptimConfig::default() };
     let mut trainer = Trainer::new(loaded, adapter_cfg.clone(), optim, p.seed)?;
+    trainer.set_data_parallel(coll.rank(), coll.world())?;
 
     // Plan and schedule.
     let RunShape { steps_per_epoch, total_steps, epochs_run } = RunShape::of(p, &prepared);
@@ -101,19 +130,27 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
 
     // Manifest and reporters.
     let mut run_manifest = build_manifest(p, &model, &source, device, model_notes, trainer.model.quant.as_ref())?;
-    run_manifest.trackers = tracker_settings.describe();
-    let mut reporters: Vec<Box<dyn Reporter>> = vec![Box::new(JsonlReporter::new(ws.checkpoints.join("training_metrics.jsonl")))];
-    if let Some(set) = &plugins {
-        reporters.extend(set.load_reporters()?);
+    if coll.world() > 1 {
+        // Part of the resume key: a checkpoint resumes only with as many ranks as wrote it.
+        run_manifest.device = format!("{device}, {} data-parallel ranks ({})", coll.world(), coll.name());
     }
-    reporters.extend(trackers.reporter(&run_manifest));
+    run_manifest.trackers = tracker_settings.describe();
+    let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
+    if rank0 {
+        reporters.push(Box::new(JsonlReporter::new(ws.checkpoints.join("training_metrics.jsonl"))));
+        if let Some(set) = &plugins {
+            reporters.extend(set.load_reporters()?);
+        }
+        reporters.extend(trackers.reporter(&run_manifest));
+    }
 
     let adapter_config_json = outputs::peft_config(&adapter_cfg, &targets, &model.name);
     let mut run = train::Run {
         trainer,
         scheduler,
         reporters,
-        progress: ProgressReporter::stderr(),
+        progress: if rank0 { ProgressReporter::stderr() } else { ProgressReporter::new(false, Box::new(std::io::sink())) },
+        coll,
         prepared: &prepared,
         params: p,
         manifest: &run_manifest,
@@ -124,6 +161,12 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
         names: crate::request::ParamNames::of(req),
     };
     let finished = run.train()?;
+    if !rank0 {
+        // Rank 0 writes the outputs; this rank waits so that the run ends when they are written.
+        drop(run);
+        coll.barrier()?;
+        return Ok(RunOutcome::default());
+    }
 
     // Outputs: all staged next to their destinations, then published together.
     let adapter = run.trainer.adapter_tensors()?;
@@ -158,6 +201,7 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     for line in crate::dry_run::output_lines(req) {
         eprintln!("lora: {line}");
     }
+    coll.barrier()?;
 
     let mut model_metadata = Map::new();
     model_metadata.insert("base_model".into(), json!(model.name));
@@ -182,12 +226,18 @@ pub(crate) struct RunData {
 /// `--dry-run` both come here, so a dry run fails on what the run would fail on, with the same
 /// error. `cache`: use the processed-data cache (the dry run neither reads nor writes it).
 pub(crate) fn read_data(req: &RunRequest, model_dir: &Path, plugins: Option<&plugins::PluginSet>, cache: bool) -> Result<RunData> {
+    read_data_for(req, model_dir, plugins, cache, 0)
+}
+
+/// [`read_data`] for data-parallel rank `rank` (its share of the plan).
+fn read_data_for(req: &RunRequest, model_dir: &Path, plugins: Option<&plugins::PluginSet>, cache: bool, rank: usize) -> Result<RunData> {
     let p = &req.params;
     let tools = Arc::new(
         HfTextTools::from_dir(model_dir)
             .with_context(|| format!("loading the tokenizer of training_base_model from {}", model_dir.display()))?,
     );
     let mut data_cfg = data_config(p, &req.workspace().data_output_dir)?;
+    data_cfg.rank = rank;
     if !cache {
         data_cfg.cache_dir = None;
     }

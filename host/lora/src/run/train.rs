@@ -19,7 +19,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use lora_api::{CheckpointInfo, EvalMetrics, Reporter, RunInfo, RunSummary, Scheduler, StepMetrics};
 use lora_data::{MicroBatch, PreparedData};
-use lora_engine::{Batch, Trainer, TrainerState};
+use lora_engine::trainer::StepStats;
+use lora_engine::{Batch, Collective, Trainer, TrainerState};
 use lora_params::ResolvedParams;
 use serde_json::{Value, json};
 
@@ -43,6 +44,8 @@ pub(super) struct Run<'a> {
     pub steps_per_epoch: u64,
     /// How messages name parameters (flags in a `lora train` run).
     pub names: crate::request::ParamNames,
+    /// The data-parallel world; only rank 0 reports and writes checkpoints.
+    pub coll: &'a dyn Collective,
 }
 
 pub(super) struct Finished {
@@ -115,7 +118,9 @@ impl Run<'_> {
     /// Eval loss (mean over trained tokens) and perplexity on the validation split.
     fn evaluate(&self, step: u64) -> Result<Option<EvalMetrics>> {
         let batches = self.prepared.eval_batches();
-        if batches.is_empty() {
+        // Every rank takes part in the reduction, with or without rows of its own.
+        let parallel = self.coll.world() > 1;
+        if batches.is_empty() && !parallel {
             return Ok(None);
         }
         let (mut loss, mut tokens) = (0.0f64, 0usize);
@@ -123,6 +128,11 @@ impl Run<'_> {
             let (l, n) = self.trainer.eval_loss(&to_batch(mb)).context("evaluating on the validation split")?;
             loss += l;
             tokens += n;
+        }
+        if parallel {
+            let mut sums = [loss, tokens as f64];
+            self.coll.all_reduce_sum_f64(&mut sums)?;
+            (loss, tokens) = (sums[0], sums[1] as usize);
         }
         if tokens == 0 {
             return Ok(None);
@@ -142,7 +152,19 @@ impl Run<'_> {
         format!("the learning rate of step {step} was {lr:e}, from {from}")
     }
 
+    /// Rank 0 writes the checkpoint; every rank returns once it is complete.
     fn save(&mut self, pos: Position, history: &History, last_lr: Option<f64>) -> Result<f64> {
+        let t0 = Instant::now();
+        if self.coll.rank() != 0 {
+            self.coll.barrier()?;
+            return Ok(t0.elapsed().as_secs_f64());
+        }
+        let secs = self.write_checkpoint(pos, history, last_lr)?;
+        self.coll.barrier()?;
+        Ok(secs)
+    }
+
+    fn write_checkpoint(&mut self, pos: Position, history: &History, last_lr: Option<f64>) -> Result<f64> {
         let t0 = Instant::now();
         let state: TrainerState = self.trainer.save_state()?;
         let (optimizer, adapter): (Vec<_>, Vec<_>) =
@@ -175,11 +197,49 @@ impl Run<'_> {
         Ok(secs)
     }
 
-    /// Restores the newest intact matching checkpoint (the resume rule in `checkpoint`), or starts
-    /// fresh; prunes checkpoints beyond `training_save_total_limit` an earlier run left.
+    /// Rank 0 decides what to resume from (and tidies the checkpoint folder), then every other
+    /// rank loads the same checkpoint, read only.
     fn resume(&mut self) -> Result<(Position, History)> {
+        if self.coll.world() == 1 {
+            return self.resume_rank0().map(|(pos, history, _)| (pos, history));
+        }
+        let (mut chosen, found) = match self.coll.rank() {
+            0 => {
+                let r = self.resume_rank0()?;
+                (r.2.map(|p| p.to_string_lossy().into_owned().into_bytes()).unwrap_or_default(), Some((r.0, r.1)))
+            }
+            _ => (Vec::new(), None),
+        };
+        self.coll.broadcast_bytes(&mut chosen, 0)?;
+        if let Some(found) = found {
+            return Ok(found);
+        }
+        if chosen.is_empty() {
+            return Ok((Position { step: 0, epoch: 0, step_in_epoch: 0 }, History::default()));
+        }
+        let dir = PathBuf::from(String::from_utf8_lossy(&chosen).into_owned());
+        let loaded = checkpoint::load(&dir).with_context(|| format!("rank {}: reading the checkpoint rank 0 resumes from", self.coll.rank()))?;
+        self.restore(loaded)
+    }
+
+    fn restore(&mut self, loaded: checkpoint::Loaded) -> Result<(Position, History)> {
+        let dir = loaded.path.clone();
+        self.trainer
+            .load_state(&TrainerState { tensors: loaded.tensors, meta: loaded.state.trainer.clone() })
+            .with_context(|| format!("restoring the trainer from {}", dir.display()))?;
+        let history = loaded.state.history;
+        for (i, loss) in history.losses.iter().enumerate() {
+            self.scheduler.observe_loss(i as u64, *loss)?;
+        }
+        Ok((loaded.state.position, history))
+    }
+
+    /// Restores the newest intact matching checkpoint (the resume rule in `checkpoint`), or starts
+    /// fresh; prunes checkpoints beyond `training_save_total_limit` an earlier run left. Also
+    /// returns the checkpoint it resumed from.
+    fn resume_rank0(&mut self) -> Result<(Position, History, Option<PathBuf>)> {
         checkpoint::remove_stale_temps(&self.checkpoints);
-        let fresh = (Position { step: 0, epoch: 0, step_in_epoch: 0 }, History::default());
+        let fresh = (Position { step: 0, epoch: 0, step_in_epoch: 0 }, History::default(), None);
         if self.params.resume == "never" {
             let n = checkpoint::remove_all(&self.checkpoints)?;
             if n > 0 {
@@ -209,15 +269,9 @@ impl Run<'_> {
             return Ok(fresh);
         };
         let dir = loaded.path.clone();
-        self.trainer
-            .load_state(&TrainerState { tensors: loaded.tensors, meta: loaded.state.trainer.clone() })
-            .with_context(|| format!("restoring the trainer from {}", dir.display()))?;
-        let history = loaded.state.history;
-        for (i, loss) in history.losses.iter().enumerate() {
-            self.scheduler.observe_loss(i as u64, *loss)?;
-        }
-        eprintln!("lora: resuming from {} (step {})", dir.display(), loaded.state.position.step);
-        Ok((loaded.state.position, history))
+        let (pos, history) = self.restore(loaded)?;
+        eprintln!("lora: resuming from {} (step {})", dir.display(), pos.step);
+        Ok((pos, history, Some(dir)))
     }
 
     pub fn train(&mut self) -> Result<Finished> {
@@ -267,15 +321,19 @@ impl Run<'_> {
                 let lr = self.scheduler.learning_rate(step_index).with_context(|| format!("scheduler at step {step_index}"))?;
                 let t0 = Instant::now();
                 let denom = (ostep.trained_tokens as f32).max(1.0);
-                let (mut loss_sum, mut tokens, mut trained) = (0.0f64, 0u64, 0u64);
+                let mut local = StepStats::default();
                 for mb in &ostep.micro_batches {
                     let s = self.trainer.forward_backward(&to_batch(mb), denom).with_context(|| {
                         format!("training step {} (epoch {}, step {} of the epoch)", step_index + 1, pos.epoch + 1, i + 1)
                     })?;
-                    loss_sum += s.loss_sum;
-                    tokens += s.tokens as u64;
-                    trained += s.trained_tokens as u64;
+                    local.loss_sum += s.loss_sum;
+                    local.tokens += s.tokens;
+                    local.trained_tokens += s.trained_tokens;
                 }
+                // The kill tests' crashing rank (`LORA_FAULT_INJECT=rank<r>-step:<step>`).
+                checkpoint::fault_point(&format!("rank{}-step", self.coll.rank()), step_index + 1);
+                let s = self.trainer.all_reduce_step(self.coll, local, ostep.trained_tokens).with_context(|| format!("training step {}", step_index + 1))?;
+                let (loss_sum, tokens, trained) = (s.loss_sum, s.tokens as u64, s.trained_tokens as u64);
                 let o = self.trainer.optimizer_step(lr).with_context(|| format!("optimizer step {}: {}", step_index + 1, self.lr_origin(step_index + 1, lr)))?;
                 last_lr = Some(lr);
                 let secs = clock.secs_since(t0);
@@ -343,6 +401,9 @@ impl Run<'_> {
         let mut summary = history.summary(self.epoch_of(pos.step), 0.0, clock.peak_memory_bytes());
         summary.train_runtime = history.prior_runtime_s;
         report_all(&mut self.progress, &mut self.reporters, |r| r.on_finish(&summary))?;
+        if self.coll.rank() != 0 {
+            return Ok(Finished { history, summary });
+        }
         eprintln!(
             "lora: {} steps in {:.1}s of optimizer steps ({:.0} tokens/s in steps), {:.2}s writing checkpoints",
             pos.step - start_step,
