@@ -5,7 +5,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use lora_engine::Device;
 use lora_engine::collective::{self, Collective, Single};
 
 /// Set when this process is a rank other than 0 of a data-parallel run: it writes no outputs
@@ -17,9 +18,22 @@ pub fn secondary_rank() -> bool {
     SECONDARY.load(Ordering::SeqCst)
 }
 
-/// Joins the world this process was started in, which the parameters were resolved for.
-pub fn join(params: &lora_params::ResolvedParams) -> Result<Box<dyn Collective>> {
-    let c: Box<dyn Collective> = world()?;
+/// The GPU of this process on its node: `LOCAL_RANK` (torchrun, Kubeflow Trainer), else the
+/// local rank `mpirun` gave it (`OMPI_COMM_WORLD_LOCAL_RANK`), else 0.
+pub fn local_gpu() -> Result<usize> {
+    if std::env::var_os("LOCAL_RANK").is_some() || lora_params::launched_world_size().is_none() {
+        return Ok(lora_engine::cuda::local_rank_ordinal()?);
+    }
+    match std::env::var("OMPI_COMM_WORLD_LOCAL_RANK") {
+        Ok(v) => v.trim().parse().with_context(|| format!("OMPI_COMM_WORLD_LOCAL_RANK={v:?} is not a non-negative integer")),
+        Err(_) => Ok(0),
+    }
+}
+
+/// Joins the world this process was started in, which the parameters were resolved for, on
+/// `device`: on GPUs the gradients go over NCCL.
+pub fn join(params: &lora_params::ResolvedParams, device: Device) -> Result<Box<dyn Collective>> {
+    let c: Box<dyn Collective> = world(device)?;
     if c.world() as u64 != params.world_size {
         anyhow::bail!("the parameters were resolved for {} data-parallel processes, this run has {}", params.world_size, c.world());
     }
@@ -28,15 +42,68 @@ pub fn join(params: &lora_params::ResolvedParams) -> Result<Box<dyn Collective>>
 }
 
 #[cfg(feature = "mpi")]
-fn world() -> Result<Box<dyn Collective>> {
-    Ok(match lora_params::launched_world_size() {
-        Some(_) => Box::new(collective::mpi::Mpi::init()?),
-        None => Box::new(Single),
-    })
+fn world(device: Device) -> Result<Box<dyn Collective>> {
+    if lora_params::launched_world_size().is_none() {
+        return Ok(Box::new(Single));
+    }
+    let mpi = collective::mpi::Mpi::init()?;
+    match device {
+        Device::Cuda(ordinal) if mpi.world() > 1 => Ok(Box::new(NcclOverMpi::join(mpi, ordinal)?)),
+        _ => Ok(Box::new(mpi)),
+    }
+}
+
+/// NCCL for the reductions, with its id handed out over MPI (which stays up until the end: MPI
+/// must be finalized after the last NCCL call).
+#[cfg(feature = "mpi")]
+struct NcclOverMpi {
+    nccl: collective::nccl::Nccl,
+    mpi: collective::mpi::Mpi,
+}
+
+#[cfg(feature = "mpi")]
+impl NcclOverMpi {
+    fn join(mpi: collective::mpi::Mpi, ordinal: usize) -> Result<Self> {
+        let mut id = if mpi.rank() == 0 { collective::nccl::Nccl::unique_id()?.to_vec() } else { Vec::new() };
+        mpi.broadcast_bytes(&mut id, 0)?;
+        let id: [u8; 128] = id.try_into().map_err(|v: Vec<u8>| anyhow::anyhow!("rank 0 sent an NCCL id of {} bytes, not 128", v.len()))?;
+        let nccl = collective::nccl::Nccl::new(ordinal, mpi.rank(), mpi.world(), id)
+            .with_context(|| format!("rank {} joining NCCL on GPU {ordinal}", mpi.rank()))?;
+        Ok(NcclOverMpi { nccl, mpi })
+    }
+}
+
+#[cfg(feature = "mpi")]
+impl Collective for NcclOverMpi {
+    fn rank(&self) -> usize {
+        self.nccl.rank()
+    }
+    fn world(&self) -> usize {
+        self.nccl.world()
+    }
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> lora_engine::error::Result<()> {
+        self.nccl.all_reduce_sum_f32(buf)
+    }
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> lora_engine::error::Result<()> {
+        self.nccl.all_reduce_sum_f64(buf)
+    }
+    fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> lora_engine::error::Result<()> {
+        self.nccl.broadcast_bytes(buf, root)
+    }
+    fn barrier(&self) -> lora_engine::error::Result<()> {
+        self.nccl.barrier()
+    }
+    fn abort(&self, code: i32) {
+        self.nccl.abort(code);
+        self.mpi.abort(code)
+    }
 }
 
 #[cfg(not(feature = "mpi"))]
-fn world() -> Result<Box<dyn Collective>> {
+fn world(_: Device) -> Result<Box<dyn Collective>> {
     match lora_params::launched_world_size() {
         Some(n) if n > 1 => anyhow::bail!(
             "this process was started by mpirun as one of {n} data-parallel processes, but this lora binary was built without the `mpi` cargo feature (cargo build -p lora --features mpi): every process would train alone"

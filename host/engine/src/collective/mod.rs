@@ -3,12 +3,15 @@
 //!
 //! [`Single`] is the world of one process every ordinary run uses: its operations do nothing,
 //! so a run that is not data parallel pays nothing. [`mpi::Mpi`] (cargo feature `mpi`) is Open
-//! MPI, which the tests use to run the real data-parallel code on several CPU processes. The
+//! MPI, which the tests use to run the real data-parallel code on several CPU processes;
+//! `nccl::Nccl` (with the CUDA backend) is NCCL, one process per GPU. The
 //! contract every implementation keeps: after a reduction every rank holds the same bits, so
 //! the optimizer steps of all ranks stay identical without ever comparing adapters.
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 
 use crate::error::Result;
 
@@ -30,8 +33,10 @@ pub trait Collective {
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
-    /// Ends every rank's process with `code`: a rank that fails calls this, so that the others do
-    /// not wait in their next collective call forever. A world of one returns (the caller exits).
+    /// Stops the other ranks: a rank that fails calls this, so that they do not wait in their
+    /// next collective call forever. MPI ends every rank's process with `code`; NCCL aborts the
+    /// communicator, so the others' calls fail; a world of one has nothing to stop. The caller
+    /// still exits with its error.
     fn abort(&self, code: i32);
 }
 

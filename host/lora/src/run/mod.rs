@@ -49,8 +49,9 @@ pub const OUTPUT: &str = "training completed";
 /// several data-parallel processes (see [`crate::parallel`]), it trains its share of every step;
 /// only rank 0 writes, and a rank that fails stops them all.
 pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
-    let coll = crate::parallel::join(&req.params)?;
-    let result = execute_in(req, coll.as_ref());
+    let device = pick_device(&req.params.device)?;
+    let coll = crate::parallel::join(&req.params, device)?;
+    let result = execute_in(req, device, coll.as_ref());
     let (rank, world) = (coll.rank(), coll.world());
     if let Err(e) = &result
         && world > 1
@@ -62,7 +63,7 @@ pub fn execute(req: &RunRequest) -> Result<RunOutcome> {
     result
 }
 
-fn execute_in(req: &RunRequest, coll: &dyn Collective) -> Result<RunOutcome> {
+fn execute_in(req: &RunRequest, device: Device, coll: &dyn Collective) -> Result<RunOutcome> {
     let p = &req.params;
     let ws = req.workspace();
     let run_started = Instant::now();
@@ -96,7 +97,6 @@ fn execute_in(req: &RunRequest, coll: &dyn Collective) -> Result<RunOutcome> {
     }
 
     // Engine.
-    let device = pick_device(&p.device)?;
     let loaded = Model::load(&model.dir, &LoadOptions { backend: backend_for(device)?, quant: quant_config(p) })
         .with_context(|| format!("loading the base model from {}", model.dir.display()))?;
     if let Some(q) = &loaded.quant {
@@ -555,11 +555,12 @@ pub(crate) fn pick_device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         "cuda" => {
-            backend_for(Device::Cuda(0)).context("training_device=cuda")?;
-            Ok(Device::Cuda(0))
+            let gpu = Device::Cuda(crate::parallel::local_gpu()?);
+            backend_for(gpu).context("training_device=cuda")?;
+            Ok(gpu)
         }
-        "auto" => match backend_for(Device::Cuda(0)) {
-            Ok(_) => Ok(Device::Cuda(0)),
+        "auto" => match backend_for(Device::Cuda(crate::parallel::local_gpu()?)) {
+            Ok(b) => Ok(b.device()),
             Err(e) => {
                 eprintln!("lora: training_device=auto: using the CPU ({e})");
                 Ok(Device::Cpu)
