@@ -30,7 +30,7 @@ pub static UNAVAILABLE: &[Unavailable] = &[
                 .parse::<i64>()
                 .is_ok_and(|n| n > 1)
         },
-        reason: "more than one process per worker needs the multi-process launcher, which is not built; use auto or 1",
+        reason: "more than one process per worker needs the multi-process launcher, which is not built: start them with `mpirun -np N lora train ...` (lora built with the `mpi` cargo feature), or use auto or 1",
     },
     Unavailable {
         param: "training_enable_model_splitting",

@@ -437,7 +437,7 @@ pub fn resolve_for_world(
     }
     if resource_gpu_per_worker > 1 {
         notes.push(format!(
-            "training_resource_gpu_per_worker = {resource_gpu_per_worker}: this build trains in one process on one GPU; the pod's other GPUs stay idle"
+            "training_resource_gpu_per_worker = {resource_gpu_per_worker}: each lora process trains on one GPU; the pod's other GPUs stay idle unless `mpirun` starts one process per GPU (the `mpi` cargo feature)"
         ));
     }
     let metadata_labels = c.kv("training_metadata_labels", &p.training_metadata_labels);

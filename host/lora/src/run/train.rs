@@ -8,6 +8,13 @@
 //! `training_seed + epoch` (data plan, recomputed). Nothing else is random, so a resumed run
 //! continues bit for bit.
 //!
+//! Data parallel (several ranks, see `crate::parallel`): every rank walks the same plan and
+//! trains its share of each step's rows; `Trainer::all_reduce_step` sums gradients and stats once
+//! per step, so the scheduler, the optimizer and the logged numbers are the same on every rank.
+//! Rank 0 alone reports and writes checkpoints (the others wait for each at a barrier) and
+//! decides what to resume from. Dropout masks differ per rank, so with `training_lora_dropout`
+//! above 0 N ranks are not the 1-rank run (they are with 0: only the summation order differs).
+//!
 //! Timings (step seconds, tokens/s, elapsed and run time) and the peak memory are the only values
 //! an interrupted run cannot reproduce. `LORA_TEST_FROZEN_CLOCK=1` (for the kill tests) makes
 //! every optimizer step last exactly one second by the run's clock and the peak memory 0, so that
