@@ -1,7 +1,8 @@
 //! Data parallel for real: `mpirun -np N lora train …` on this machine's CPU (Open MPI from
 //! Debian, the binary built with `--features mpi`). N ranks must give the adapter of one process
 //! with the same global batch, up to float summation order; a rerun must give the same bits; a
-//! crashing rank must stop the run, naming it, and leave the checkpoints resumable.
+//! crashing rank must stop the run, naming it, and leave the checkpoints resumable. `lora train
+//! --training-resource-num-procs-per-worker N` starts its N ranks under mpirun itself.
 //!
 //! Run: `tests/ci.d/65-mpi.sh` (installs Open MPI, then
 //! `cargo test -p lora --features mpi --test mpi`).
@@ -157,9 +158,12 @@ fn a_crashing_rank_stops_the_run_naming_it_and_the_run_resumes_with_the_same_ran
     let whole = root.join("whole");
     run_ok(with(train(&whole, &model, 2, &[]), FROZEN));
 
+    // Started by lora itself (`training_resource_num_procs_per_worker` 2 becomes mpirun -np 2).
     let work = root.join("crash");
-    let out = fails(with(train(&work, &model, 2, &[]), &[FROZEN[0], ("LORA_FAULT_INJECT", "rank1-step:3")]));
+    let launched = || train(&work, &model, 0, &["--training-resource-num-procs-per-worker", "2"]);
+    let out = fails(with(launched(), &[FROZEN[0], ("LORA_FAULT_INJECT", "rank1-step:3")]));
     let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("starting 2 processes with mpirun"), "{log}");
     assert!(log.contains("rank1-step:3: aborting now") && log.contains("rank 1"), "the failure must name rank 1:\n{log}");
     assert!(processes_in(&work).is_empty(), "left behind: {:?}", processes_in(&work));
     let kept: Vec<u64> = lora::run::list_checkpoints(&work.join("pvc/checkpoints")).into_iter().map(|(s, _)| s).collect();
@@ -173,7 +177,7 @@ fn a_crashing_rank_stops_the_run_naming_it_and_the_run_resumes_with_the_same_ran
     let out = fails(with(train(&work, &model, 0, &[]), FROZEN));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("2 data-parallel ranks"), "{log}");
-    let out = run_ok(with(train(&work, &model, 2, &[]), FROZEN));
+    let out = run_ok(with(launched(), FROZEN));
     assert!(String::from_utf8_lossy(&out.stderr).contains("(step 2)"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(adapter_bytes(&work) == adapter_bytes(&whole), "the resumed 2-rank run must end where the uninterrupted one did");
     let _ = std::fs::remove_dir_all(&root);
@@ -186,8 +190,5 @@ fn a_process_count_that_disagrees_with_mpirun_is_refused_by_name() {
     let out = fails(train(&root, &model, 2, &["--training-resource-num-procs-per-worker", "3"]));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("training_resource_num_procs_per_worker") && log.contains("started as 2 processes"), "{log}");
-    // Asking for 2 processes without mpirun is still refused: nothing would start them.
-    let out = fails(train(&root, &model, 0, &["--training-resource-num-procs-per-worker", "2"]));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("training_resource_num_procs_per_worker"));
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -351,10 +351,11 @@ pub fn run(
     args: impl IntoIterator<Item = OsString>,
     env: impl IntoIterator<Item = (OsString, OsString)>,
 ) -> Result<(), CliError> {
-    let matches = command().try_get_matches_from(args)?;
+    let args: Vec<OsString> = args.into_iter().collect();
+    let matches = command().try_get_matches_from(&args)?;
     let env = text_env(env)?;
     match matches.subcommand() {
-        Some(("train", m)) => train(m, env),
+        Some(("train", m)) => train(m, env, &args),
         Some(("kfp", m)) => kfp(m, env),
         Some(("component", m)) => {
             let yaml = crate::component::component_yaml().map_err(|e| CliError::Run(e.into()))?;
@@ -397,12 +398,15 @@ fn base_loader(m: &ArgMatches, env: &[(String, String)]) -> Loader {
     loader
 }
 
-fn train(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
+fn train(m: &ArgMatches, env: Vec<(String, String)>, args: &[OsString]) -> Result<(), CliError> {
     let mut loader = base_loader(m, &env);
     for d in PARAMS {
         if let Some(v) = m.get_one::<String>(d.name) {
             loader.apply_cli(d.name, v);
         }
+    }
+    if dry_run_mode(m) == DryRun::No {
+        crate::parallel::launch(loader.params(), args).map_err(CliError::Run)?;
     }
     let params = loader.finish()?;
     crate::run::check_schedule(&params)?;

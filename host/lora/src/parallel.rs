@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use lora_engine::Device;
-use lora_engine::collective::{self, Collective, Single};
+#[cfg(feature = "mpi")]
+use lora_engine::collective;
+use lora_engine::collective::{Collective, Single};
 
 /// Set when this process is a rank other than 0 of a data-parallel run: it writes no outputs
 /// (the KFP executor output included).
@@ -16,6 +18,40 @@ static SECONDARY: AtomicBool = AtomicBool::new(false);
 /// Whether this process is a data-parallel rank other than 0.
 pub fn secondary_rank() -> bool {
     SECONDARY.load(Ordering::SeqCst)
+}
+
+/// `training_resource_num_procs_per_worker` N > 1 in a process no launcher started: becomes
+/// `mpirun -np N` of this same command (this process is replaced, so mpirun owns the ranks and
+/// nothing is left behind when it ends; a failing rank stops the others and mpirun names it).
+/// Returns when there is nothing to launch. Without the `mpi` feature the parameter is refused
+/// when it is resolved.
+#[cfg(feature = "mpi")]
+pub fn launch(params: &lora_params::Params, args: &[std::ffi::OsString]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let procs = params.training_resource_num_procs_per_worker.trim();
+    let Ok(n) = procs.parse::<u64>() else { return Ok(()) };
+    if n <= 1 || lora_params::launched_world_size().is_some() {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("training_resource_num_procs_per_worker: finding this lora binary to start its processes")?;
+    let mut cmd = std::process::Command::new("mpirun");
+    // Unbound: each rank's thread pool uses every core it is given (Open MPI binds 2 ranks to one
+    // core each by default). Oversubscribed: more ranks than cores is slow, not an error.
+    cmd.args(["--bind-to", "none", "--oversubscribe", "-np", &n.to_string()]);
+    if std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false) {
+        cmd.arg("--allow-run-as-root");
+    }
+    cmd.arg(exe).args(args.iter().skip(1));
+    eprintln!("lora: training_resource_num_procs_per_worker={n}: starting {n} processes with mpirun");
+    let e = cmd.exec();
+    Err(anyhow::Error::new(e).context(format!(
+        "training_resource_num_procs_per_worker={n}: the processes are started by mpirun, which could not run (Debian: apt-get install openmpi-bin)"
+    )))
+}
+
+#[cfg(not(feature = "mpi"))]
+pub fn launch(_: &lora_params::Params, _: &[std::ffi::OsString]) -> Result<()> {
+    Ok(())
 }
 
 /// The GPU of this process on its node: `LOCAL_RANK` (torchrun, Kubeflow Trainer), else the
