@@ -15,5 +15,6 @@ pub mod checkpoint;
 pub mod fs;
 pub mod redact;
 pub mod parallel;
+pub mod rendezvous;
 pub mod run;
 pub mod trackers;
