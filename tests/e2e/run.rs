@@ -9,6 +9,7 @@ mod merged;
 mod outputs;
 mod qlora;
 mod oci;
+mod workers;
 #[cfg(feature = "plugins")]
 mod plugin_sandbox;
 

@@ -408,7 +408,7 @@ fn train(m: &ArgMatches, env: Vec<(String, String)>, args: &[OsString]) -> Resul
     if dry_run_mode(m) == DryRun::No {
         crate::parallel::launch(loader.params(), args).map_err(CliError::Run)?;
     }
-    let params = loader.finish()?;
+    let params = loader.finish_for_world(crate::parallel::planned_world(&env).map_err(CliError::Input)?)?;
     crate::run::check_schedule(&params)?;
     let path = |k: &str| m.get_one::<PathBuf>(k).cloned().unwrap_or_default();
     let request = RunRequest {
@@ -442,6 +442,7 @@ fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
     let input = ExecutorInput::parse_arg(arg)?;
     let mut loader = base_loader(m, &env);
     loader.apply_kfp(&input.training_parameters());
+    let world = crate::parallel::planned_world(&env).map_err(CliError::Input)?;
     let pvc_path = input.pvc_path();
     let outputs = (
         input.output_path("output_model"),
@@ -449,7 +450,7 @@ fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
         input.output_path("output_loss_chart"),
     );
     // Parameter problems first (all of them), then the executor input's own.
-    let params = loader.finish()?;
+    let params = loader.finish_for_world(world)?;
     crate::run::check_schedule(&params)?;
     let pvc_path = pvc_path?;
     let (model, metrics, loss_chart) = (outputs.0?, outputs.1?, outputs.2?);

@@ -1,5 +1,7 @@
-//! The data-parallel world of this process: alone (every ordinary run), or one of the ranks
-//! `mpirun` started (cargo feature `mpi`). The run trains the same way in both; what differs is
+//! The data-parallel world of this process: alone (every ordinary run), one of the ranks
+//! `mpirun` started (cargo feature `mpi`), or a worker of a Kubeflow Trainer TrainJob (the
+//! `PET_*` variables of its torch runtime; GPUs only: NCCL, its id handed out by
+//! [`crate::rendezvous`]). The run trains the same way in both; what differs is
 //! who writes: rank 0 holds the workspace lock and writes checkpoints, metrics, trackers and
 //! outputs, the other ranks only train.
 
@@ -7,9 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use lora_engine::Device;
-#[cfg(feature = "mpi")]
-use lora_engine::collective;
-use lora_engine::collective::{Collective, Single};
+use lora_engine::collective::{self, Collective, Single};
 
 /// Set when this process is a rank other than 0 of a data-parallel run: it writes no outputs
 /// (the KFP executor output included).
@@ -66,10 +66,62 @@ pub fn local_gpu() -> Result<usize> {
     }
 }
 
+/// How long ranks wait for each other at the rendezvous (pods of a TrainJob start in any order,
+/// each pulling its image): torchrun's default join timeout.
+const RENDEZVOUS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(900);
+
+fn worker_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<crate::rendezvous::WorkerEnv>> {
+    crate::rendezvous::WorkerEnv::from_vars(var, collective::nccl::visible_gpus)
+}
+
+/// How many data-parallel processes this run has, known before its parameters are resolved:
+/// mpirun's count, a TrainJob worker's `PET_NNODES` × `PET_NPROC_PER_NODE`, else 1. `env`: the
+/// process environment as the CLI read it.
+pub fn planned_world(env: &[(String, String)]) -> Result<u64> {
+    if let Some(n) = lora_params::launched_world_size() {
+        return Ok(n as u64);
+    }
+    let var = |k: &str| env.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    Ok(worker_env(var)?.map_or(1, |w| w.world as u64))
+}
+
+/// A TrainJob worker's world: rank 0 listens, makes the NCCL id and hands it out once every rank
+/// has joined with the same parameters; then NCCL. None when this is not a worker of several.
+fn trainjob_world(params: &lora_params::ResolvedParams, device: Device) -> Result<Option<Box<dyn Collective>>> {
+    let Some(w) = worker_env(|k| std::env::var(k).ok())? else { return Ok(None) };
+    if w.world == 1 {
+        return Ok(None);
+    }
+    let Device::Cuda(_) = device else {
+        anyhow::bail!(
+            "this process is rank {} of a TrainJob of {} processes (PET_NNODES × PET_NPROC_PER_NODE), which train on GPUs over NCCL, but training_device is {device}: run the TrainJob with GPUs, or several CPU processes under mpirun (a lora built with the `mpi` feature)",
+            w.rank,
+            w.world
+        );
+    };
+    // What every rank must agree on before any work: the parameters as used (secrets hidden).
+    let mut used = params.params_as_used();
+    crate::redact::params(&mut used);
+    let hash = crate::manifest::canonical_hash(&serde_json::Value::Object(used));
+    let id = if w.rank == 0 {
+        let listener = crate::rendezvous::listen(w.master_port)?;
+        let id = collective::nccl::Nccl::unique_id()?;
+        crate::rendezvous::serve(listener, w.world, &hash, &id, RENDEZVOUS_DEADLINE)?;
+        id
+    } else {
+        crate::rendezvous::join(&format!("{}:{}", w.master_addr, w.master_port), w.rank, w.world, &hash, RENDEZVOUS_DEADLINE)?
+    };
+    let nccl = collective::nccl::Nccl::new(w.local_rank, w.rank, w.world, id).with_context(|| format!("rank {} joining NCCL on GPU {}", w.rank, w.local_rank))?;
+    Ok(Some(Box::new(nccl)))
+}
+
 /// Joins the world this process was started in, which the parameters were resolved for, on
 /// `device`: on GPUs the gradients go over NCCL.
 pub fn join(params: &lora_params::ResolvedParams, device: Device) -> Result<Box<dyn Collective>> {
-    let c: Box<dyn Collective> = world(device)?;
+    let c: Box<dyn Collective> = match trainjob_world(params, device)? {
+        Some(c) => c,
+        None => world(device)?,
+    };
     if c.world() as u64 != params.world_size {
         anyhow::bail!("the parameters were resolved for {} data-parallel processes, this run has {}", params.world_size, c.world());
     }

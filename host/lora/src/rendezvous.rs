@@ -43,7 +43,14 @@ impl WorkerEnv {
             v => number("PET_NPROC_PER_NODE", v)?,
         };
         let node_rank = number("PET_NODE_RANK", &need("PET_NODE_RANK")?)?;
-        let local_rank = var("LOCAL_RANK").map(|v| number("LOCAL_RANK", &v)).transpose()?.unwrap_or(0);
+        let local_rank = match var("LOCAL_RANK") {
+            Some(v) => number("LOCAL_RANK", &v)?,
+            None if nproc == 1 => 0,
+            // Else the other local ranks would never come, and rank 0 would wait out its deadline.
+            None => bail!(
+                "PET_NPROC_PER_NODE={nproc} asks for {nproc} processes on this node, one per GPU, and lora does not start them itself: start it under torchrun (which sets LOCAL_RANK), or give the TrainJob numProcPerNode 1"
+            ),
+        };
         let master_addr = need("PET_MASTER_ADDR")?;
         let port = need("PET_MASTER_PORT")?;
         let master_port = port.trim().parse::<u16>().with_context(|| format!("PET_MASTER_PORT={port:?} is not a port number"))?;
@@ -217,6 +224,9 @@ mod tests {
         assert!(e.contains("PET_MASTER_ADDR is not set"), "{e}");
         let e = WorkerEnv::from_vars(env(&[PET[0], ("PET_NPROC_PER_NODE", "two")]), || 4).unwrap_err().to_string();
         assert!(e.contains("PET_NPROC_PER_NODE=\"two\""), "{e}");
+        // Several processes per node but nobody started them (no LOCAL_RANK): refused, not a hang.
+        let e = WorkerEnv::from_vars(env(&PET[..5]), || 4).unwrap_err().to_string();
+        assert!(e.contains("PET_NPROC_PER_NODE=4") && e.contains("torchrun"), "{e}");
     }
 
     fn start(world: usize, manifest: &'static str, deadline: Duration) -> (u16, std::thread::JoinHandle<Result<()>>) {

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::defs::{PARAMS, Params, param_def};
 use crate::error::{ParamError, ParamErrors, Source};
-use crate::resolve::{ResolvedParams, resolve};
+use crate::resolve::ResolvedParams;
 
 /// Collects parameter values from their sources. Apply sources lowest precedence first, then
 /// [`Loader::finish`] validates and resolves.
@@ -203,12 +203,19 @@ impl Loader {
 
     /// Validates everything and resolves training_hub defaults, reporting every problem at once.
     pub fn finish(self) -> Result<ResolvedParams, ParamErrors> {
+        let world = crate::resolve::launched_world_size().unwrap_or(1) as u64;
+        self.finish_for_world(world)
+    }
+
+    /// [`Loader::finish`] for a run of `world_size` data-parallel processes (see
+    /// [`crate::resolve_for_world`]).
+    pub fn finish_for_world(self, world_size: u64) -> Result<ResolvedParams, ParamErrors> {
         let Loader {
             params,
             sources,
             mut errors,
         } = self;
-        match resolve(params, sources) {
+        match crate::resolve::resolve_for_world(params, sources, world_size) {
             Ok(r) if errors.is_empty() => Ok(r),
             Ok(_) => Err(ParamErrors(errors)),
             Err(ParamErrors(more)) => {

@@ -129,3 +129,11 @@ impl Collective for Nccl {
         drop(self.comm.borrow_mut().take());
     }
 }
+
+/// GPUs this process can see (0 without a driver): what `PET_NPROC_PER_NODE=auto` means.
+pub fn visible_gpus() -> usize {
+    if crate::cuda::ensure_driver().is_err() {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
