@@ -220,7 +220,7 @@ mod tests {
         assert!(WorkerEnv::from_vars(env(&[]), || 4).unwrap().is_none());
         let e = WorkerEnv::from_vars(env(PET), || 0).unwrap_err().to_string();
         assert!(e.contains("PET_NPROC_PER_NODE=auto") && e.contains("none visible"), "{e}");
-        let e = WorkerEnv::from_vars(env(&PET[..3]), || 4).unwrap_err().to_string();
+        let e = WorkerEnv::from_vars(env(&[PET[0], PET[1], PET[2], PET[5]]), || 4).unwrap_err().to_string();
         assert!(e.contains("PET_MASTER_ADDR is not set"), "{e}");
         let e = WorkerEnv::from_vars(env(&[PET[0], ("PET_NPROC_PER_NODE", "two")]), || 4).unwrap_err().to_string();
         assert!(e.contains("PET_NPROC_PER_NODE=\"two\""), "{e}");
