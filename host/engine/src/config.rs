@@ -408,6 +408,11 @@ impl ModelConfig {
         if self.arch == Arch::SmolLM3 {
             let flags: Vec<u8> = (0..self.num_hidden_layers).map(|i| u8::from(self.layer_uses_rope(i))).collect();
             o.insert("no_rope_layers".into(), json!(flags));
+            // SmolLM3Config's default pad id (128004) lies outside a smaller vocabulary, which
+            // transformers refuses; the engine knows no special tokens, so it names none.
+            for key in ["pad_token_id", "bos_token_id", "eos_token_id"] {
+                o.insert(key.into(), Value::Null);
+            }
         }
         let scaling = match &self.rope_scaling {
             RopeScaling::None => Value::Null,
