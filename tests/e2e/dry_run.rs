@@ -115,3 +115,27 @@ fn a_hub_model_is_planned_without_downloading_its_weights() {
     assert_eq!(hub.downloads.load(std::sync::atomic::Ordering::SeqCst), 6, "the run downloads only the weights");
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// `--dry-run` names the model family, the decoder switches its config turns on and the LoRA
+/// targets (issue 19): a SmolLM3 with a no-RoPE layer, tied embeddings and GQA.
+#[test]
+fn the_dry_run_shows_the_family_its_switches_and_the_lora_targets() {
+    let work = temp_dir("dry-family");
+    let cfg = lora_engine::ModelConfig {
+        arch: lora_engine::Arch::SmolLM3,
+        tie_word_embeddings: true,
+        nope_layers: vec![false, true],
+        ..lora_engine::ModelConfig::tiny_llama(49152)
+    };
+    let model = tiny_model_of(&work.join("base"), &cfg, DType::F32);
+    let args = ["--training-lora-target-modules", "q_proj,down_proj", "--dry-run"];
+    let plan: Value = serde_json::from_slice(&run_ok(train_cmd(&work, &model, &capitals(), &[&args[..], &["--json"]].concat())).stdout).unwrap();
+    let a = &plan["architecture"];
+    assert_eq!(a["family"], "smollm3", "{a}");
+    assert_eq!(a["architecture"], "SmolLM3ForCausalLM", "{a}");
+    assert_eq!(a["switches"], serde_json::json!(["GQA 4/2", "tied embeddings", "no RoPE on layers 1"]), "{a}");
+    assert_eq!(a["lora_targets"], serde_json::json!(["q_proj", "down_proj"]), "{a}");
+    let text = String::from_utf8_lossy(&run_ok(train_cmd(&work, &model, &capitals(), &args)).stdout).into_owned();
+    let want = "architecture: smollm3 (SmolLM3ForCausalLM), 2 layers; switches: GQA 4/2, tied embeddings, no RoPE on layers 1; LoRA on q_proj, down_proj";
+    assert!(text.contains(want), "`{want}` missing from:\n{text}");
+}

@@ -2,7 +2,8 @@
 fixture written by `cargo test -p lora --test e2e write_interop_fixture -- --ignored`
 (LORA_INTEROP_DIR=<dir>).
 
-For each variant (LoRA, rsLoRA, DoRA) it checks:
+For each variant (LoRA, rsLoRA, DoRA on a Llama; LoRA on a SmolLM3 with a no-RoPE layer and on a
+Mistral whose sliding window is shorter than the prompt) it checks:
 1. `output_model/adapter/` loads with `PeftModel.from_pretrained(base, ...)` and its logits
    match our engine's logits for the same tokens (f32 model: |ours - peft| <= 2e-4 + 1e-4 |peft|);
 2. `output_model/` (our merged model) loads with `AutoModelForCausalLM.from_pretrained` and its
@@ -44,7 +45,7 @@ def compare(name, ours, ref):
 def main(root):
     torch.manual_seed(0)
     ok = True
-    for variant in ["lora", "rslora", "dora"]:
+    for variant in ["lora", "rslora", "dora", "smollm3", "mistral_sw"]:
         work = pathlib.Path(root) / variant
         if not work.exists():
             continue

@@ -15,7 +15,7 @@ mod plugin_sandbox;
 
 use common::*;
 use lora_data::{DataConfig, DatasetSource, HfTextTools};
-use lora_engine::{AdapterConfig, DType, LoadOptions, Model, OptimConfig, QuantConfig, Trainer};
+use lora_engine::{AdapterConfig, DType, LoadOptions, Model, ModelConfig, OptimConfig, QuantConfig, Trainer};
 use serde_json::Value;
 
 /// 24 Q/A pairs, batch 8: 3 optimizer steps per epoch.
@@ -179,9 +179,20 @@ fn write_interop_fixture() {
     let dir = std::path::PathBuf::from(std::env::var("LORA_INTEROP_DIR").expect("set LORA_INTEROP_DIR"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    for (variant, extra) in [("lora", &[][..]), ("rslora", &["--training-lora-use-rslora", "true"][..]), ("dora", &["--training-lora-use-dora", "true"][..])] {
+    // The families beyond Llama whose switches change the forward: SmolLM3 (no RoPE on layer 1)
+    // and Mistral with a sliding window (6 tokens: shorter than the prompt below).
+    let llama = ModelConfig::tiny_llama(49152);
+    let smollm3 = ModelConfig { arch: lora_engine::Arch::SmolLM3, tie_word_embeddings: true, nope_layers: vec![false, true], ..llama.clone() };
+    let mistral_sw = ModelConfig { arch: lora_engine::Arch::Mistral, sliding_window: Some(6), ..llama.clone() };
+    for (variant, cfg, extra) in [
+        ("lora", &llama, &[][..]),
+        ("rslora", &llama, &["--training-lora-use-rslora", "true"][..]),
+        ("dora", &llama, &["--training-lora-use-dora", "true"][..]),
+        ("smollm3", &smollm3, &[][..]),
+        ("mistral_sw", &mistral_sw, &[][..]),
+    ] {
         let work = dir.join(variant);
-        let model = learnable_model(&work.join("base"), 4.0);
+        let model = learnable_model_of(&work.join("base"), cfg, 4.0, DType::F32);
         let args = [SMALL, &["--training-num-epochs", "3", "--training-learning-rate", "5e-3"], extra].concat();
         run_ok(train_cmd(&work, &model, &capitals(), &args));
         // Our forward: the base model plus the adapter as written.

@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Writes the engine's golden files with transformers + PEFT (torch on CPU, float32).
 
-    /work/venv/bin/python tests/engine/make_goldens.py     # rewrites tests/engine/golden/
+    .venv-interop/bin/python tests/engine/make_goldens.py          # rewrites tests/engine/golden/
+    .venv-interop/bin/python tests/engine/make_goldens.py CASE...  # rewrites only these cases
+
+Pinned (the interop stage's venv): torch 2.11, transformers 5.17, peft 0.21.2; another version
+is refused, since goldens are only comparable when made by the same reference.
 
 For each case: a tiny random model folder (models/<name>/: config.json + model.safetensors),
 and cases/<case>.safetensors + cases/<case>.json holding a packed batch of several documents
@@ -18,12 +22,18 @@ targets in the batch.
 import json
 import os
 import shutil
+import sys
 
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
+import peft
+import transformers
 from transformers import (AutoModelForCausalLM, GraniteConfig, LlamaConfig, MistralConfig,
-                          Qwen2Config, Qwen3Config)
+                          Qwen2Config, Qwen3Config, SmolLM3Config)
+
+PINNED = {"torch": (torch.__version__, "2.11."), "transformers": (transformers.__version__, "5.17."),
+          "peft": (peft.__version__, "0.21.2")}
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 VOCAB = 96
@@ -42,6 +52,10 @@ MODELS = {
                                     max_position_embeddings=8), True, torch.float32),
     "granite": (GraniteConfig, dict(embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5,
                                     logits_scaling=2.5), False, torch.bfloat16),
+    # SmolLM3-3B's layout (tied, no RoPE on every 4th layer) shrunk to 2 layers: layer 1 has no RoPE.
+    "smollm3": (SmolLM3Config, dict(no_rope_layers=[1, 0], rope_theta=5000000.0, pad_token_id=0), True, torch.bfloat16),
+    # A window of 6 cuts every document of the batch (17, 13, 9, 11 tokens).
+    "mistral_sw": (MistralConfig, dict(sliding_window=6, rope_theta=10000.0), False, torch.float32),
 }
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -62,6 +76,10 @@ CASES = {
     "granite_lora": ("granite", dict(target_modules=ALL7)),
     "granite_rslora": ("granite", dict(target_modules=ALL7, use_rslora=True)),
     "granite_dora": ("granite", dict(target_modules=["k_proj", "o_proj", "gate_proj"], use_dora=True)),
+    "smollm3_lora": ("smollm3", dict(target_modules=ALL7)),
+    "smollm3_dora": ("smollm3", dict(target_modules=["q_proj", "k_proj", "up_proj"], use_dora=True)),
+    "mistral_sw_lora": ("mistral_sw", dict(target_modules=ALL7)),
+    "mistral_sw_rslora": ("mistral_sw", dict(target_modules=["q_proj", "k_proj", "o_proj"], use_rslora=True)),
 }
 R, ALPHA = 4, 8.0
 # eps 1e-4 (not torch's 1e-8): with eps ~0 Adam's first update is lr * sign(grad), so an element
@@ -183,10 +201,20 @@ def run_case(case, model_name, adapter, base):
 
 
 def main():
+    for lib, (have, want) in PINNED.items():
+        if not have.startswith(want):
+            sys.exit(f"make_goldens.py needs {lib} {want}*, found {have} (pip install as tests/ci.d/40-interop.sh does)")
     torch.set_num_threads(2)
-    shutil.rmtree(OUT, ignore_errors=True)
-    os.makedirs(os.path.join(OUT, "cases"))
+    only = sys.argv[1:]
+    unknown = [c for c in only if c not in CASES]
+    if unknown:
+        sys.exit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    if not only:
+        shutil.rmtree(OUT, ignore_errors=True)
+    os.makedirs(os.path.join(OUT, "cases"), exist_ok=True)
     for case, (model_name, adapter) in CASES.items():
+        if only and case not in only:
+            continue
         base = make_model(model_name)  # same seed -> same weights every time
         run_case(case, model_name, adapter, base)
     for name in MODELS:

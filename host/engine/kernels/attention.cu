@@ -2,7 +2,8 @@
 // registers, a tile of 32 keys (or queries) at a time, so memory is linear in sequence length.
 //   q, out, dout, dq [t, h, hd] f32; k, v, dk, dv [t, hkv, hd] f32;
 //   lse, delta [h, t] f32; cu_seqlens [n_docs + 1] u32 (document starts, first 0, last t).
-// Token i attends to tokens j of its own document with j <= i. Query head h uses kv head
+// Token i attends to tokens j of its own document with j <= i (and i - window < j when
+// window > 0: a sliding window; tiles wholly outside it are skipped). Query head h uses kv head
 // h / (h_total / hkv). hd <= 256 (8 values per lane). One warp owns one (token, head) row;
 // ATT_WARPS warps per block share each shared-memory tile. No atomics: every sum runs in a
 // fixed order, so results are bit-identical run to run.
@@ -23,7 +24,7 @@ __device__ __forceinline__ int doc_of(const u32* cu, int n_docs, int t) {
 // Dynamic shared memory: K tile, V tile [ATT_TILE][hd + 1], then q rows [ATT_WARPS][hd].
 extern "C" __global__ void attention_fwd_f32(const float* q, const float* k, const float* v, const u32* cu,
                                              float* out, float* lse, int tokens, int n_docs, int heads,
-                                             int kv_heads, int hd, float scale) {
+                                             int kv_heads, int hd, float scale, int window) {
     DYNAMIC_SMEM(float, smem);
     const int ld = hd + 1;
     float* ks = smem;
@@ -35,7 +36,8 @@ extern "C" __global__ void attention_fwd_f32(const float* q, const float* k, con
     const int t = t0 + warp;
     const bool active = t < tokens;
     const int t_last = min(t0 + ATT_WARPS, tokens) - 1;
-    const int kmin = (int)cu[doc_of(cu, n_docs, t0)];
+    int kmin = (int)cu[doc_of(cu, n_docs, t0)];
+    if (window > 0) kmin = max(kmin, t0 - window + 1);
     const int my_start = active ? (int)cu[doc_of(cu, n_docs, t)] : 0;
 
     if (active)
@@ -61,7 +63,7 @@ extern "C" __global__ void attention_fwd_f32(const float* q, const float* k, con
         if (!active) continue;
         const int j = j0 + lane;
         float s = NEG_INF;
-        if (j >= my_start && j <= t) {
+        if (j >= my_start && j <= t && (window == 0 || j > t - window)) {
             float acc = 0.0f;
             for (int d = 0; d < hd; ++d) acc += qs[warp * hd + d] * ks[lane * ld + d];
             s = acc * scale;
@@ -108,7 +110,8 @@ extern "C" __global__ void attention_bwd_delta_f32(const float* out, const float
 // Shared: K tile, V tile [ATT_TILE][hd + 1], q rows and dout rows [ATT_WARPS][hd].
 extern "C" __global__ void attention_bwd_dq_f32(const float* q, const float* k, const float* v, const u32* cu,
                                                 const float* lse, const float* delta, const float* dout, float* dq,
-                                                int tokens, int n_docs, int heads, int kv_heads, int hd, float scale) {
+                                                int tokens, int n_docs, int heads, int kv_heads, int hd, float scale,
+                                                int window) {
     DYNAMIC_SMEM(float, smem);
     const int ld = hd + 1;
     float* ks = smem;
@@ -121,7 +124,8 @@ extern "C" __global__ void attention_bwd_dq_f32(const float* q, const float* k, 
     const int t = t0 + warp;
     const bool active = t < tokens;
     const int t_last = min(t0 + ATT_WARPS, tokens) - 1;
-    const int kmin = (int)cu[doc_of(cu, n_docs, t0)];
+    int kmin = (int)cu[doc_of(cu, n_docs, t0)];
+    if (window > 0) kmin = max(kmin, t0 - window + 1);
     const int my_start = active ? (int)cu[doc_of(cu, n_docs, t)] : 0;
     float my_lse = 0.0f, my_delta = 0.0f;
     if (active) {
@@ -152,7 +156,7 @@ extern "C" __global__ void attention_bwd_dq_f32(const float* q, const float* k, 
         if (!active) continue;
         const int j = j0 + lane;
         float ds = 0.0f;
-        if (j >= my_start && j <= t) {
+        if (j >= my_start && j <= t && (window == 0 || j > t - window)) {
             float s = 0.0f, dp = 0.0f;
             for (int d = 0; d < hd; ++d) {
                 s += qs[warp * hd + d] * ks[lane * ld + d];
@@ -183,7 +187,7 @@ extern "C" __global__ void attention_bwd_dq_f32(const float* q, const float* k, 
 extern "C" __global__ void attention_bwd_dkv_f32(const float* q, const float* k, const float* v, const u32* cu,
                                                  const float* lse, const float* delta, const float* dout, float* dk,
                                                  float* dv, int tokens, int n_docs, int heads, int kv_heads, int hd,
-                                                 float scale) {
+                                                 float scale, int window) {
     DYNAMIC_SMEM(float, smem);
     const int ld = hd + 1;
     float* qs = smem;
@@ -198,7 +202,8 @@ extern "C" __global__ void attention_bwd_dkv_f32(const float* q, const float* k,
     const int j = j0b + warp;
     const bool active = j < tokens;
     const int j_last = min(j0b + ATT_WARPS, tokens) - 1;
-    const int qmax = (int)cu[doc_of(cu, n_docs, j_last) + 1];  // exclusive end of the last key's doc
+    int qmax = (int)cu[doc_of(cu, n_docs, j_last) + 1];  // exclusive end of the last key's doc
+    if (window > 0) qmax = min(qmax, j_last + window);
     const int my_end = active ? (int)cu[doc_of(cu, n_docs, j) + 1] : 0;
     if (active)
         for (int d = lane; d < hd; d += 32) {
@@ -232,7 +237,7 @@ extern "C" __global__ void attention_bwd_dkv_f32(const float* q, const float* k,
             if (!active) continue;
             const int i = i0 + lane;
             float p = 0.0f, ds = 0.0f;
-            if (i >= j && i < my_end) {
+            if (i >= j && i < my_end && (window == 0 || i < j + window)) {
                 float s = 0.0f, dp = 0.0f;
                 for (int d = 0; d < hd; ++d) {
                     s += qs[lane * ld + d] * kr[warp * hd + d];

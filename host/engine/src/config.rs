@@ -8,12 +8,13 @@ use serde_json::{Map, Value, json};
 use crate::error::{EngineError, Result};
 
 /// Supported `architectures` entries.
-pub const SUPPORTED_ARCHITECTURES: [&str; 5] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 6] = [
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "MistralForCausalLM",
     "GraniteForCausalLM",
+    "SmolLM3ForCausalLM",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +24,7 @@ pub enum Arch {
     Qwen3,
     Mistral,
     Granite,
+    SmolLM3,
 }
 
 impl Arch {
@@ -30,10 +32,10 @@ impl Arch {
         SUPPORTED_ARCHITECTURES[self as usize]
     }
     pub fn model_type(self) -> &'static str {
-        ["llama", "qwen2", "qwen3", "mistral", "granite"][self as usize]
+        ["llama", "qwen2", "qwen3", "mistral", "granite", "smollm3"][self as usize]
     }
     fn from_name(s: &str) -> Option<Self> {
-        let all = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Mistral, Arch::Granite];
+        let all = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Mistral, Arch::Granite, Arch::SmolLM3];
         all.into_iter().find(|a| a.hf_name() == s || a.model_type() == s)
     }
 }
@@ -73,8 +75,16 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Qwen3's per-head RMSNorm of q and k.
     pub qk_norm: bool,
-    /// Documents longer than this are refused (Mistral / Qwen2 sliding-window attention).
+    /// Sliding-window attention (Mistral; Qwen2/Qwen3/SmolLM3 with `use_sliding_window`): a
+    /// token sees the `sliding_window` latest tokens of its document, itself included, on the
+    /// layers [`ModelConfig::layer_window`] names.
     pub sliding_window: Option<usize>,
+    /// Per layer, from `layer_types`: true for `sliding_attention`. Empty: every layer slides
+    /// when `sliding_window` is set.
+    pub sliding_layers: Vec<bool>,
+    /// Per layer: true where RoPE is skipped (SmolLM3's `no_rope_layers` zeros). Empty: every
+    /// layer rotates.
+    pub nope_layers: Vec<bool>,
     /// Granite multipliers (1 elsewhere): embeddings, residual branches, logits divisor.
     pub embedding_multiplier: f32,
     pub residual_multiplier: f32,
@@ -98,6 +108,70 @@ fn get_usize(m: &Map<String, Value>, path: &Path, key: &str) -> Result<usize> {
 
 fn get_f64(m: &Map<String, Value>, key: &str) -> Option<f64> {
     m.get(key).and_then(Value::as_f64)
+}
+
+/// `sliding_window` and which layers use it, as transformers reads them: Mistral slides on
+/// every layer whenever `sliding_window` is set (it ignores `layer_types`); Qwen2/Qwen3/SmolLM3
+/// only with `use_sliding_window`, on the layers `layer_types` (transformers 5) marks, else by
+/// their configs' rule: Qwen from `max_window_layers` (default 28) on, SmolLM3 its no-RoPE layers.
+fn sliding_of(m: &Map<String, Value>, path: &Path, arch: Arch, layers: usize, nope: &[bool]) -> Result<(Option<usize>, Vec<bool>)> {
+    let on = match arch {
+        Arch::Mistral => true,
+        Arch::Qwen2 | Arch::Qwen3 | Arch::SmolLM3 => m.get("use_sliding_window").and_then(Value::as_bool) == Some(true),
+        Arch::Llama | Arch::Granite => false,
+    };
+    let window = match m.get("sliding_window") {
+        Some(Value::Null) | None => None,
+        Some(v) => Some(v.as_u64().filter(|&w| w > 0).ok_or_else(|| cfg_err(path, format!("`sliding_window` is {v}; expected a positive integer or null")))? as usize),
+    };
+    let Some(window) = window.filter(|_| on) else { return Ok((None, Vec::new())) };
+    let types = match m.get("layer_types") {
+        _ if arch == Arch::Mistral => Vec::new(),
+        Some(Value::Array(a)) => {
+            if a.len() != layers {
+                return Err(cfg_err(path, format!("`layer_types` has {} entries for {layers} layers", a.len())));
+            }
+            a.iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(cfg_err(path, format!("`layer_types[{i}]` is {t}; supported: \"full_attention\", \"sliding_attention\""))),
+                })
+                .collect::<Result<Vec<bool>>>()?
+        }
+        _ if arch == Arch::SmolLM3 => nope.to_vec(),
+        _ => {
+            let mwl = m.get("max_window_layers").and_then(Value::as_u64).unwrap_or(28);
+            (0..layers).map(|i| i as u64 >= mwl).collect()
+        }
+    };
+    Ok((Some(window), types))
+}
+
+/// SmolLM3's layers without RoPE: `no_rope_layers[i] == 0` (1 rotates), or when the list is
+/// absent every `no_rope_layer_interval`-th layer (default 4), as transformers builds it.
+fn nope_of(m: &Map<String, Value>, path: &Path, layers: usize) -> Result<Vec<bool>> {
+    match m.get("no_rope_layers") {
+        Some(Value::Array(a)) => {
+            if a.len() != layers {
+                return Err(cfg_err(path, format!("`no_rope_layers` has {} entries for {layers} layers", a.len())));
+            }
+            a.iter()
+                .enumerate()
+                .map(|(i, v)| match v.as_u64() {
+                    Some(0) => Ok(true),
+                    Some(1) => Ok(false),
+                    _ => Err(cfg_err(path, format!("`no_rope_layers[{i}]` is {v}; expected 0 (no RoPE) or 1 (RoPE)"))),
+                })
+                .collect()
+        }
+        Some(Value::Null) | None => {
+            let every = m.get("no_rope_layer_interval").and_then(Value::as_u64).unwrap_or(4).max(1) as usize;
+            Ok((0..layers).map(|i| (i + 1) % every == 0).collect())
+        }
+        Some(v) => Err(cfg_err(path, format!("`no_rope_layers` is {v}; expected a list of 0/1 per layer"))),
+    }
 }
 
 impl ModelConfig {
@@ -191,15 +265,16 @@ impl ModelConfig {
             Arch::Qwen2 => (true, false),
             Arch::Qwen3 => (attention_bias, attention_bias),
             Arch::Mistral => (false, false),
-            Arch::Llama | Arch::Granite => (attention_bias, attention_bias),
+            Arch::Llama | Arch::Granite | Arch::SmolLM3 => (attention_bias, attention_bias),
         };
-        let sliding_window = match arch {
-            Arch::Mistral => m.get("sliding_window").and_then(Value::as_u64).map(|v| v as usize),
-            Arch::Qwen2 | Arch::Qwen3 if m.get("use_sliding_window").and_then(Value::as_bool) == Some(true) => {
-                m.get("sliding_window").and_then(Value::as_u64).map(|v| v as usize)
+        let num_hidden_layers = get_usize(m, path, "num_hidden_layers")?;
+        let nope_layers = if arch == Arch::SmolLM3 { nope_of(m, path, num_hidden_layers)? } else { Vec::new() };
+        let (sliding_window, sliding_layers) = sliding_of(m, path, arch, num_hidden_layers, &nope_layers)?;
+        for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+            if let Some(v) = m.get(key).filter(|v| !v.is_null()) {
+                return Err(cfg_err(path, format!("`{key}` is {v}; logit soft-capping is not supported (only null)")));
             }
-            _ => None,
-        };
+        }
         let granite = arch == Arch::Granite;
         let gm = |k: &str| if granite { get_f64(m, k).unwrap_or(1.0) as f32 } else { 1.0 };
         let attention_scale = if granite {
@@ -212,7 +287,7 @@ impl ModelConfig {
             vocab_size: get_usize(m, path, "vocab_size")?,
             hidden_size,
             intermediate_size: get_usize(m, path, "intermediate_size")?,
-            num_hidden_layers: get_usize(m, path, "num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -225,6 +300,8 @@ impl ModelConfig {
             o_bias,
             qk_norm: arch == Arch::Qwen3,
             sliding_window,
+            sliding_layers,
+            nope_layers,
             embedding_multiplier: gm("embedding_multiplier"),
             residual_multiplier: gm("residual_multiplier"),
             logits_scaling: gm("logits_scaling"),
@@ -257,6 +334,8 @@ impl ModelConfig {
             o_bias: false,
             qk_norm: false,
             sliding_window: None,
+            sliding_layers: Vec::new(),
+            nope_layers: Vec::new(),
             embedding_multiplier: 1.0,
             residual_multiplier: 1.0,
             logits_scaling: 1.0,
@@ -303,7 +382,7 @@ impl ModelConfig {
         });
         let o = v.as_object_mut().expect("object literal");
         match self.arch {
-            Arch::Llama | Arch::Granite | Arch::Qwen3 => {
+            Arch::Llama | Arch::Granite | Arch::Qwen3 | Arch::SmolLM3 => {
                 o.insert("attention_bias".into(), json!(self.qkv_bias));
             }
             _ => {}
@@ -316,8 +395,24 @@ impl ModelConfig {
         }
         if let Some(w) = self.sliding_window {
             o.insert("sliding_window".into(), json!(w));
+            if self.arch != Arch::Mistral {
+                o.insert("use_sliding_window".into(), json!(true));
+            }
         } else if self.arch == Arch::Mistral {
             o.insert("sliding_window".into(), Value::Null);
+        }
+        if self.sliding_window.is_some() && self.arch != Arch::Mistral {
+            let types: Vec<&str> = (0..self.num_hidden_layers).map(|i| if self.layer_window(i) > 0 { "sliding_attention" } else { "full_attention" }).collect();
+            o.insert("layer_types".into(), json!(types));
+        }
+        if self.arch == Arch::SmolLM3 {
+            let flags: Vec<u8> = (0..self.num_hidden_layers).map(|i| u8::from(self.layer_uses_rope(i))).collect();
+            o.insert("no_rope_layers".into(), json!(flags));
+            // SmolLM3Config's default pad id (128004) lies outside a smaller vocabulary, which
+            // transformers refuses; the engine knows no special tokens, so it names none.
+            for key in ["pad_token_id", "bos_token_id", "eos_token_id"] {
+                o.insert(key.into(), Value::Null);
+            }
         }
         let scaling = match &self.rope_scaling {
             RopeScaling::None => Value::Null,
@@ -330,6 +425,60 @@ impl ModelConfig {
         };
         o.insert("rope_scaling".into(), scaling);
         v
+    }
+
+    /// The switches of the one decoder implementation this config turns on, in words (for
+    /// `--dry-run` and logs), e.g. `GQA 4/2`, `no RoPE on layers 3, 7`.
+    pub fn switches(&self) -> Vec<String> {
+        let layers = |pick: &dyn Fn(usize) -> bool| -> String {
+            let l: Vec<String> = (0..self.num_hidden_layers).filter(|&i| pick(i)).map(|i| i.to_string()).collect();
+            if l.len() == self.num_hidden_layers { "every layer".into() } else { format!("layers {}", l.join(", ")) }
+        };
+        let mut v = Vec::new();
+        if self.num_key_value_heads != self.num_attention_heads {
+            v.push(format!("GQA {}/{}", self.num_attention_heads, self.num_key_value_heads));
+        }
+        if self.qkv_bias {
+            v.push(if self.o_bias { "q/k/v/o bias".into() } else { "q/k/v bias".into() });
+        }
+        if self.qk_norm {
+            v.push("q/k RMSNorm".into());
+        }
+        if self.tie_word_embeddings {
+            v.push("tied embeddings".into());
+        }
+        match &self.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => v.push(format!("linear RoPE scaling x{factor}")),
+            RopeScaling::Dynamic { factor } => v.push(format!("dynamic RoPE scaling x{factor}")),
+            RopeScaling::Llama3 { factor, .. } => v.push(format!("llama3 RoPE scaling x{factor}")),
+        }
+        if self.nope_layers.iter().any(|&n| n) {
+            v.push(format!("no RoPE on {}", layers(&|i| !self.layer_uses_rope(i))));
+        }
+        if let Some(w) = self.sliding_window {
+            v.push(format!("sliding window {w} on {}", layers(&|i| self.layer_window(i) > 0)));
+        }
+        if self.arch == Arch::Granite {
+            v.push(format!(
+                "Granite multipliers (embedding {}, residual {}, attention {}, logits / {})",
+                self.embedding_multiplier, self.residual_multiplier, self.attention_scale, self.logits_scaling
+            ));
+        }
+        v
+    }
+
+    /// Does layer `li` rotate q and k (false on SmolLM3's no-RoPE layers)?
+    pub fn layer_uses_rope(&self, li: usize) -> bool {
+        !self.nope_layers.get(li).copied().unwrap_or(false)
+    }
+
+    /// The attention window of layer `li` ([`crate::backend::Attn::window`]; 0: plain causal).
+    pub fn layer_window(&self, li: usize) -> usize {
+        match self.sliding_window {
+            Some(w) if self.sliding_layers.is_empty() || self.sliding_layers.get(li) == Some(&true) => w,
+            _ => 0,
+        }
     }
 
     /// RoPE inverse frequencies `[head_dim/2]` for a batch whose largest position is
@@ -375,5 +524,57 @@ impl ModelConfig {
                     .collect()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: Value) -> Result<ModelConfig> {
+        let mut v = json!({
+            "architectures": ["SmolLM3ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+        });
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        ModelConfig::from_json(&v, Path::new("config.json"))
+    }
+
+    #[test]
+    fn smollm3_skips_rope_where_no_rope_layers_says_0_or_every_fourth_layer_by_default() {
+        let c = parse(json!({})).unwrap();
+        assert_eq!((0..8).filter(|&i| !c.layer_uses_rope(i)).collect::<Vec<_>>(), [3, 7]);
+        let c = parse(json!({"no_rope_layers": [1, 0, 1, 1, 1, 1, 1, 0]})).unwrap();
+        assert_eq!((0..8).filter(|&i| !c.layer_uses_rope(i)).collect::<Vec<_>>(), [1, 7]);
+        assert!(c.switches().contains(&"no RoPE on layers 1, 7".to_string()), "{:?}", c.switches());
+        let back = ModelConfig::from_json(&c.to_hf_json("float32"), Path::new("x")).unwrap();
+        assert_eq!(back.nope_layers, c.nope_layers);
+        let e = parse(json!({"no_rope_layers": [1, 0]})).unwrap_err().to_string();
+        assert!(e.contains("`no_rope_layers` has 2 entries for 8 layers"), "{e}");
+        let e = parse(json!({"no_rope_layers": [1, 2, 1, 1, 1, 1, 1, 1]})).unwrap_err().to_string();
+        assert!(e.contains("`no_rope_layers[1]` is 2"), "{e}");
+    }
+
+    #[test]
+    fn sliding_layers_follow_layer_types_and_use_sliding_window() {
+        let types = json!(["sliding_attention", "full_attention", "sliding_attention", "full_attention", "full_attention", "full_attention", "full_attention", "sliding_attention"]);
+        let c = parse(json!({"sliding_window": 16, "layer_types": types})).unwrap();
+        assert_eq!(c.layer_window(0), 0, "no use_sliding_window: no window");
+        let c = parse(json!({"sliding_window": 16, "use_sliding_window": true, "layer_types": types})).unwrap();
+        assert_eq!((0..8).map(|i| c.layer_window(i)).collect::<Vec<_>>(), [16, 0, 16, 0, 0, 0, 0, 16]);
+        let e = parse(json!({"sliding_window": 16, "use_sliding_window": true, "layer_types": vec!["chunked_attention"; 8]})).unwrap_err().to_string();
+        assert!(e.contains("`layer_types[0]`") && e.contains("sliding_attention"), "{e}");
+        let mistral = json!({"architectures": ["MistralForCausalLM"], "sliding_window": 5});
+        let c = parse(mistral).unwrap();
+        assert!((0..8).all(|i| c.layer_window(i) == 5));
+    }
+
+    #[test]
+    fn soft_capping_and_unknown_architectures_are_refused_by_name() {
+        let e = parse(json!({"attn_logit_softcapping": 50.0})).unwrap_err().to_string();
+        assert!(e.contains("`attn_logit_softcapping`"), "{e}");
+        assert!(parse(json!({"final_logit_softcapping": null})).is_ok());
+        let e = parse(json!({"architectures": ["Gemma3ForCausalLM"]})).unwrap_err().to_string();
+        assert!(e.contains("Gemma3ForCausalLM") && e.contains("GraniteForCausalLM, SmolLM3ForCausalLM"), "{e}");
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! xn  = rmsnorm(x)                    q,k,v = lin(xn) (+bias, +adapter); Qwen3: per-head rmsnorm
-//! q,k = rope(q,k)                     ao    = attention(q, k, v)      (packed, causal, GQA)
+//! q,k = rope(q,k) (not on SmolLM3's    ao    = attention(q, k, v)      (packed, causal, GQA;
+//!       no-RoPE layers)                        a sliding window on the layers that have one)
 //! x2  = x + rm * lin_o(ao)            xn2   = rmsnorm(x2)
 //! hh  = silu(lin_gate(xn2)) * lin_up(xn2)
 //! out = x2 + rm * lin_down(hh)        (rm: Granite residual_multiplier, else 1)
@@ -48,6 +49,10 @@ pub(crate) struct Ctx<'a> {
 impl Ctx<'_> {
     fn zeros(&self, n: usize) -> Result<Buf> {
         self.be.zeros(n, self.act)
+    }
+    /// The batch's attention sizes with layer `li`'s window.
+    fn layer_attn(&self, li: usize) -> Attn {
+        Attn { window: self.cfg.layer_window(li), ..self.attn }
     }
     fn seed(&self, layer: usize, m: Module) -> u64 {
         splitmix64(self.seed_base ^ ((layer as u64) << 8 | m as u64))
@@ -233,11 +238,13 @@ pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>]
         rstd_q = Some(rq);
         rstd_k = Some(rk);
     }
-    be.rope(&mut q, &ctx.pos, &ctx.inv_freq, t, h, hd, false)?;
-    be.rope(&mut k, &ctx.pos, &ctx.inv_freq, t, hkv, hd, false)?;
+    if c.layer_uses_rope(li) {
+        be.rope(&mut q, &ctx.pos, &ctx.inv_freq, t, h, hd, false)?;
+        be.rope(&mut k, &ctx.pos, &ctx.inv_freq, t, hkv, hd, false)?;
+    }
     let mut ao = ctx.zeros(t * h * hd)?;
     let mut lse = be.zeros(h * t, DType::F32)?;
-    be.attention_fwd(ctx.attn, &q, &k, &v, &ctx.cu, &mut ao, &mut lse)?;
+    be.attention_fwd(ctx.layer_attn(li), &q, &k, &v, &ctx.cu, &mut ao, &mut lse)?;
     let o = proj(Module::O, &ao, &mut lin)?;
     let mut x2 = ctx.zeros(t * d)?;
     be.copy(x, &mut x2)?;
@@ -293,10 +300,12 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
     lb(Module::O, &a.ao, do_own.as_ref().unwrap_or(dres), &mut dao, false, lora)?;
     drop(do_own);
     let (mut dq, mut dk, mut dv) = (ctx.zeros(t * h * hd)?, ctx.zeros(t * hkv * hd)?, ctx.zeros(t * hkv * hd)?);
-    be.attention_bwd(ctx.attn, &a.q, &a.k, &a.v, &ctx.cu, &a.ao, &a.lse, &dao, &mut dq, &mut dk, &mut dv)?;
+    be.attention_bwd(ctx.layer_attn(li), &a.q, &a.k, &a.v, &ctx.cu, &a.ao, &a.lse, &dao, &mut dq, &mut dk, &mut dv)?;
     drop(dao);
-    be.rope(&mut dq, &ctx.pos, &ctx.inv_freq, t, h, hd, true)?;
-    be.rope(&mut dk, &ctx.pos, &ctx.inv_freq, t, hkv, hd, true)?;
+    if c.layer_uses_rope(li) {
+        be.rope(&mut dq, &ctx.pos, &ctx.inv_freq, t, h, hd, true)?;
+        be.rope(&mut dk, &ctx.pos, &ctx.inv_freq, t, hkv, hd, true)?;
+    }
     if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
         let mut dqp = ctx.zeros(t * h * hd)?;
         be.rmsnorm_bwd(&dq, a.q_pre.as_ref().ok_or_else(|| missing("q_pre"))?, qn, a.rstd_q.as_ref().ok_or_else(|| missing("rstd_q"))?, &mut dqp, t * h, hd, false)?;

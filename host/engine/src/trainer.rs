@@ -253,13 +253,6 @@ impl Trainer {
             return Err(EngineError::Batch(format!("token id {} at position {p} is outside the vocabulary of {}", b.input_ids[p], c.vocab_size)));
         }
         let max_len = *b.seq_lens.iter().max().unwrap_or(&0) as usize;
-        if let Some(w) = c.sliding_window
-            && max_len > w
-        {
-            return Err(EngineError::Batch(format!(
-                "a document of {max_len} tokens is longer than the model's sliding_window of {w}; sliding-window attention is not implemented, so shorten max_seq_len to at most {w}"
-            )));
-        }
         let mut cu = vec![0u32];
         let mut pos = Vec::with_capacity(t);
         let mut targets = vec![IGNORE_TARGET; t];
@@ -287,6 +280,8 @@ impl Trainer {
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
                 scale: c.attention_scale,
+                // Set per layer (ModelConfig::layer_window).
+                window: 0,
             },
             ids: be.upload(HostData::U32(&b.input_ids), DType::U32)?,
             targets: be.upload(HostData::U32(&targets), DType::U32)?,

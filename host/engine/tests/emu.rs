@@ -350,7 +350,7 @@ fn bad_launches_are_refused_naming_the_kernel() {
     let info = dev.emu.kernel("attention_fwd_f32").unwrap();
     assert_eq!(info.file, "attention.cu");
     assert_eq!(info.params[0], "const float* q");
-    assert_eq!(info.param_sizes.len(), 12);
+    assert_eq!(info.param_sizes.len(), 13);
 }
 
 /// Launches from several threads at once (as cargo runs tests) are safe and each gets its own

@@ -156,7 +156,7 @@ fn rope_matches_the_cpu_backend_both_ways() {
 /// 2 kv heads, head_dim 40 (not a multiple of 32: the lanes' column split has a tail).
 fn attn() -> (Attn, Vec<u32>) {
     let cu = vec![0u32, 29, 30, 64];
-    let a = Attn { tokens: 64, n_docs: 3, max_seqlen: 34, n_heads: 4, n_kv_heads: 2, head_dim: 40, scale: 1.0 / 40f32.sqrt() };
+    let a = Attn { tokens: 64, n_docs: 3, max_seqlen: 34, n_heads: 4, n_kv_heads: 2, head_dim: 40, scale: 1.0 / 40f32.sqrt(), window: 0 };
     (a, cu)
 }
 
@@ -174,7 +174,7 @@ fn attention_on(dev: &Dev, a: Attn, cu: &[u32], q: &[f32], k: &[f32], v: &[f32],
     let (pq, pk, pv, pcu, pdo) = (dev.f32s(q), dev.f32s(k), dev.f32s(v), dev.u32s(cu), dev.f32s(dout));
     let (pout, plse, pdelta) = (dev.out(t * h * hd * 4), dev.out(h * t * 4), dev.out(h * t * 4));
     let (pdq, pdk, pdv) = (dev.out(t * h * hd * 4), dev.out(t * hkv * hd * 4), dev.out(t * hkv * hd * 4));
-    let sizes = [i32a(t), i32a(a.n_docs), i32a(h), i32a(hkv), i32a(hd), f32a(a.scale)];
+    let sizes = [i32a(t), i32a(a.n_docs), i32a(h), i32a(hkv), i32a(hd), f32a(a.scale), i32a(a.window)];
     let grid = ((t as u32).div_ceil(4), h as u32, 1);
     let mut args = vec![ptr(pq), ptr(pk), ptr(pv), ptr(pcu), ptr(pout), ptr(plse)];
     args.extend(sizes);
@@ -209,12 +209,19 @@ fn attention_inputs(a: Attn) -> [Vec<f32>; 4] {
     [values(nq, 10), values(nkv, 11), values(nkv, 12), values(nq, 13)]
 }
 
+/// Plain causal, and a sliding window of 7 (shorter than two of the documents, so it cuts them).
 #[test]
 fn attention_forward_and_backward_match_the_cpu_backend() {
+    for window in [0, 7] {
+        let (a, cu) = attn();
+        attention_matches_cpu(Attn { window, ..a }, &cu);
+    }
+}
+
+fn attention_matches_cpu(a: Attn, cu: &[u32]) {
     let cpu = CpuBackend::new();
-    let (a, cu) = attn();
     let [q, k, v, dout] = attention_inputs(a);
-    let (cq, ck, cv, ccu, cdo) = (cpu_buf(&cpu, &q), cpu_buf(&cpu, &k), cpu_buf(&cpu, &v), cpu_u32(&cpu, &cu), cpu_buf(&cpu, &dout));
+    let (cq, ck, cv, ccu, cdo) = (cpu_buf(&cpu, &q), cpu_buf(&cpu, &k), cpu_buf(&cpu, &v), cpu_u32(&cpu, cu), cpu_buf(&cpu, &dout));
     let (nq, nkv) = (q.len(), k.len());
     let mut cout = cpu.zeros(nq, DType::F32).unwrap();
     let mut clse = cpu.zeros(a.n_heads * a.tokens, DType::F32).unwrap();
@@ -223,7 +230,7 @@ fn attention_forward_and_backward_match_the_cpu_backend() {
     cpu.attention_bwd(a, &cq, &ck, &cv, &ccu, &cout, &clse, &cdo, &mut cdq, &mut cdk, &mut cdv).unwrap();
 
     let dev = Dev::new(Schedule::Forward);
-    let r = attention_on(&dev, a, &cu, &q, &k, &v, &dout);
+    let r = attention_on(&dev, a, cu, &q, &k, &v, &dout);
     assert_close("attention out", &as_f32(&r.out), &cpu_get(&cpu, &cout), 1e-6, 1e-5);
     assert_close("attention lse", &as_f32(&r.lse), &cpu_get(&cpu, &clse), 1e-6, 1e-5);
     assert_close("attention dq", &as_f32(&r.dq), &cpu_get(&cpu, &cdq), 1e-5, 1e-4);

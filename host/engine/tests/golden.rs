@@ -1,6 +1,7 @@
 //! The CPU engine against transformers + PEFT: logits, loss, every adapter gradient, and the
 //! adapter after 5 AdamW steps with clipping, for every case written by
-//! `tests/engine/make_goldens.py` (llama, qwen2, qwen3, mistral, granite × LoRA, rsLoRA, DoRA).
+//! `tests/engine/make_goldens.py` (llama, qwen2, qwen3, mistral, granite × LoRA, rsLoRA, DoRA;
+//! smollm3 with a no-RoPE layer; mistral with a sliding window shorter than the documents).
 
 mod common;
 
@@ -103,4 +104,6 @@ golden_cases!(
     qwen3_lora, qwen3_rslora, qwen3_dora,
     mistral_lora, mistral_rslora, mistral_dora,
     granite_lora, granite_rslora, granite_dora,
+    smollm3_lora, smollm3_dora,
+    mistral_sw_lora, mistral_sw_rslora,
 );

@@ -260,6 +260,20 @@ pub fn data_plan(req: &RunRequest) -> anyhow::Result<(Map<String, Value>, Vec<St
     // The memory plan, from the config (the run makes it again once the weights are loaded).
     let cfg = ModelConfig::from_model_dir(&model.dir)?;
     let adapter = crate::run::adapter_config(p);
+    let targets: Vec<&str> = adapter.resolve_targets()?.iter().map(|m| m.name()).collect();
+    let switches = cfg.switches();
+    lines.push(format!(
+        "architecture: {} ({}), {} layers; switches: {}; LoRA on {}",
+        cfg.arch.model_type(),
+        cfg.arch.hf_name(),
+        cfg.num_hidden_layers,
+        if switches.is_empty() { "none".to_string() } else { switches.join(", ") },
+        targets.join(", ")
+    ));
+    out.insert(
+        "architecture".into(),
+        json!({ "family": cfg.arch.model_type(), "architecture": cfg.arch.hf_name(), "layers": cfg.num_hidden_layers, "switches": switches, "lora_targets": targets }),
+    );
     let device = crate::run::pick_device(&p.device)?;
     let backend = lora_engine::backend_for(device)?;
     let dtype = backend.activation_dtype();

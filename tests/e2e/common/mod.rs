@@ -27,8 +27,12 @@ pub fn temp_dir(name: &str) -> PathBuf {
 
 /// Writes a tiny Llama (2 layers, hidden 64, vocab 49152) with the SmolLM2 tokenizer into `dir`.
 pub fn tiny_model(dir: &Path, dtype: DType) -> PathBuf {
-    let cfg = ModelConfig::tiny_llama(49152);
-    lora_engine::testing::write_random_model(dir, &cfg, dtype, 7).unwrap();
+    tiny_model_of(dir, &ModelConfig::tiny_llama(49152), dtype)
+}
+
+/// [`tiny_model`] of another config (another family's switches on the same sizes).
+pub fn tiny_model_of(dir: &Path, cfg: &ModelConfig, dtype: DType) -> PathBuf {
+    lora_engine::testing::write_random_model(dir, cfg, dtype, 7).unwrap();
     let fixture = repo_root().join("tests/data/fixtures/smollm2");
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
         std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
@@ -46,7 +50,12 @@ pub fn learnable_model(dir: &Path, norm_scale: f32) -> PathBuf {
 
 /// [`learnable_model`] stored in `dtype` (the scale is a power of two: exact in bf16 too).
 pub fn learnable_model_in(dir: &Path, norm_scale: f32, dtype: DType) -> PathBuf {
-    tiny_model(dir, dtype);
+    learnable_model_of(dir, &ModelConfig::tiny_llama(49152), norm_scale, dtype)
+}
+
+/// [`learnable_model_in`] of another config.
+pub fn learnable_model_of(dir: &Path, cfg: &ModelConfig, norm_scale: f32, dtype: DType) -> PathBuf {
+    tiny_model_of(dir, cfg, dtype);
     let path = dir.join("model.safetensors");
     let files = lora_engine::weights::WeightFiles::open(dir).unwrap();
     let tensors: Vec<lora_engine::weights::OutTensor> = files

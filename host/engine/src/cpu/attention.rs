@@ -4,7 +4,8 @@
 //! are processed one after another in blocks of `QBLOCK` query rows. A block's scores
 //! `[QBLOCK, keys]` are the only quadratic buffer (never the whole `[L, L]`). Each task writes
 //! only its own rows of `out`/`lse`/`dq` and its own `dk`/`dv` rows, so results do not depend on
-//! the thread count.
+//! the thread count. With a sliding window a block only multiplies the keys its rows can see
+//! (from `k0`), so the cost is linear in the document length.
 
 use rayon::prelude::*;
 
@@ -24,6 +25,11 @@ impl P {
     fn get(&self) -> *mut f32 {
         self.0
     }
+}
+
+/// The first key (within its document) that the query at document position `i` sees.
+fn first_key(a: &Attn, i: usize) -> usize {
+    if a.window > 0 { (i + 1).saturating_sub(a.window) } else { 0 }
 }
 
 /// All tasks: (doc start, doc end, kv head).
@@ -50,7 +56,8 @@ pub fn forward(a: Attn, q: &[f32], k: &[f32], v: &[f32], cu: &[u32], out: &mut [
         for hq in g * group..(g + 1) * group {
             for q0 in (0..len).step_by(QBLOCK) {
                 let q1 = (q0 + QBLOCK).min(len);
-                let (rows, keys) = (q1 - q0, q1); // keys 0..q1 of this doc are visible to some row
+                let k0 = first_key(&a, q0);
+                let (rows, keys) = (q1 - q0, q1 - k0); // keys k0..q1 of this doc are visible to some row
                 let sc = &mut scores[..rows * keys];
                 // scores = scale * Q_blk @ K^T
                 sgemm_strided(
@@ -60,7 +67,7 @@ pub fn forward(a: Attn, q: &[f32], k: &[f32], v: &[f32], cu: &[u32], out: &mut [
                     a.scale,
                     &q[((s + q0) * h + hq) * hd..],
                     View { rs: (h * hd) as isize, cs: 1 },
-                    &k[(s * hkv + g) * hd..],
+                    &k[((s + k0) * hkv + g) * hd..],
                     View { rs: 1, cs: (hkv * hd) as isize },
                     0.0,
                     sc,
@@ -68,18 +75,19 @@ pub fn forward(a: Attn, q: &[f32], k: &[f32], v: &[f32], cu: &[u32], out: &mut [
                 );
                 for i in 0..rows {
                     let row = &mut sc[i * keys..(i + 1) * keys];
-                    let visible = q0 + i + 1;
-                    let mx = row[..visible].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let (lo, hi) = (first_key(&a, q0 + i) - k0, q0 + i + 1 - k0);
+                    let mx = row[lo..hi].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                     let mut sum = 0f32;
-                    for x in row[..visible].iter_mut() {
+                    for x in row[lo..hi].iter_mut() {
                         *x = (*x - mx).exp();
                         sum += *x;
                     }
                     let inv = 1.0 / sum;
-                    for x in row[..visible].iter_mut() {
+                    for x in row[lo..hi].iter_mut() {
                         *x *= inv;
                     }
-                    row[visible..].fill(0.0);
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
                     // SAFETY: lse row (hq, s+q0+i) belongs to this task.
                     unsafe { *lp.get().add(hq * t + s + q0 + i) = mx + sum.ln() };
                 }
@@ -95,7 +103,7 @@ pub fn forward(a: Attn, q: &[f32], k: &[f32], v: &[f32], cu: &[u32], out: &mut [
                     1.0,
                     sc,
                     View { rs: keys as isize, cs: 1 },
-                    &v[(s * hkv + g) * hd..],
+                    &v[((s + k0) * hkv + g) * hd..],
                     View { rs: (hkv * hd) as isize, cs: 1 },
                     0.0,
                     out_blk,
@@ -138,13 +146,15 @@ pub fn backward(
         for hq in g * group..(g + 1) * group {
             for q0 in (0..len).step_by(QBLOCK) {
                 let q1 = (q0 + QBLOCK).min(len);
-                let (rows, keys) = (q1 - q0, q1);
+                let k0 = first_key(&a, q0);
+                let (rows, keys) = (q1 - q0, q1 - k0);
                 let qoff = ((s + q0) * h + hq) * hd;
+                let koff = ((s + k0) * hkv + g) * hd;
                 let pb = &mut p[..rows * keys];
                 sgemm_strided(
                     rows, keys, hd, a.scale,
                     &q[qoff..], q_view,
-                    &k[(s * hkv + g) * hd..], View { rs: 1, cs: (hkv * hd) as isize },
+                    &k[koff..], View { rs: 1, cs: (hkv * hd) as isize },
                     0.0, pb, View { rs: keys as isize, cs: 1 },
                 );
                 // dp = dO_blk @ V^T
@@ -152,39 +162,41 @@ pub fn backward(
                 sgemm_strided(
                     rows, keys, hd, 1.0,
                     &dout[qoff..], q_view,
-                    &v[(s * hkv + g) * hd..], View { rs: 1, cs: (hkv * hd) as isize },
+                    &v[koff..], View { rs: 1, cs: (hkv * hd) as isize },
                     0.0, dpb, View { rs: keys as isize, cs: 1 },
                 );
                 for i in 0..rows {
                     let ti = s + q0 + i;
                     let l = lse[hq * t + ti];
-                    let visible = q0 + i + 1;
+                    let (lo, hi) = (first_key(&a, q0 + i) - k0, q0 + i + 1 - k0);
                     let o = &out[(ti * h + hq) * hd..][..hd];
                     let dorow = &dout[(ti * h + hq) * hd..][..hd];
                     let di: f32 = o.iter().zip(dorow).map(|(x, y)| x * y).sum();
                     let prow = &mut pb[i * keys..(i + 1) * keys];
                     let dprow = &mut dpb[i * keys..(i + 1) * keys];
-                    for j in 0..visible {
+                    for j in lo..hi {
                         let pj = (prow[j] - l).exp();
                         prow[j] = pj;
                         dprow[j] = pj * (dprow[j] - di) * a.scale; // dS (includes the score scale)
                     }
-                    prow[visible..].fill(0.0);
-                    dprow[visible..].fill(0.0);
+                    for row in [prow, dprow] {
+                        row[..lo].fill(0.0);
+                        row[hi..].fill(0.0);
+                    }
                 }
                 // dv[keys] += P^T @ dO_blk
                 sgemm_strided(
                     keys, hd, rows, 1.0,
                     pb, View { rs: 1, cs: keys as isize },
                     &dout[qoff..], q_view,
-                    1.0, dv_doc, kv_view,
+                    1.0, &mut dv_doc[k0 * hkv * hd..], kv_view,
                 );
                 // dk[keys] += dS^T @ Q_blk
                 sgemm_strided(
                     keys, hd, rows, 1.0,
                     dpb, View { rs: 1, cs: keys as isize },
                     &q[qoff..], q_view,
-                    1.0, dk_doc, kv_view,
+                    1.0, &mut dk_doc[k0 * hkv * hd..], kv_view,
                 );
                 // dq_blk = dS @ K
                 // SAFETY: dq rows of head hq in this block belong to this task.
@@ -192,7 +204,7 @@ pub fn backward(
                 sgemm_strided(
                     rows, hd, keys, 1.0,
                     dpb, View { rs: keys as isize, cs: 1 },
-                    &k[(s * hkv + g) * hd..], kv_view,
+                    &k[koff..], kv_view,
                     0.0, dq_blk, q_view,
                 );
             }

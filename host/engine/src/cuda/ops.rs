@@ -784,6 +784,7 @@ impl CudaBackend {
             Arg::I32(i32_of(op, "n_kv_heads", a.n_kv_heads)?),
             Arg::I32(i32_of(op, "head_dim", a.head_dim)?),
             Arg::F32(a.scale),
+            Arg::I32(i32_of(op, "window", a.window)?),
         ])
     }
 }

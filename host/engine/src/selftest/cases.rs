@@ -432,20 +432,24 @@ fn rope(c: &mut Ctx) {
 }
 
 fn attention(c: &mut Ctx) {
-    for &(docs, h, hkv, hd, scale) in &[
-        (&[5usize, 17, 1, 9][..], 4usize, 2usize, 8usize, None),
-        (&[33, 40][..], 6, 1, 64, None),
-        (&[70][..], 3, 3, 128, Some(0.07f32)),
-        (&[37, 3][..], 2, 1, 256, None),
+    // The last number is the sliding window (0: none); 6 and 40 cut documents at both tile
+    // sizes, and 40 > 33 leaves one document whole.
+    for &(docs, h, hkv, hd, scale, window) in &[
+        (&[5usize, 17, 1, 9][..], 4usize, 2usize, 8usize, None, 0usize),
+        (&[33, 40][..], 6, 1, 64, None, 0),
+        (&[70][..], 3, 3, 128, Some(0.07f32), 0),
+        (&[37, 3][..], 2, 1, 256, None, 0),
+        (&[5, 17, 1, 9][..], 4, 2, 8, None, 6),
+        (&[33, 75][..], 2, 1, 64, None, 40),
     ] {
         let t: usize = docs.iter().sum();
         let mut cu = vec![0u32];
         for &n in docs {
             cu.push(cu.last().unwrap() + n as u32);
         }
-        let a = Attn { tokens: t, n_docs: docs.len(), max_seqlen: *docs.iter().max().unwrap(), n_heads: h, n_kv_heads: hkv, head_dim: hd, scale: scale.unwrap_or(1.0 / (hd as f32).sqrt()) };
+        let a = Attn { tokens: t, n_docs: docs.len(), max_seqlen: *docs.iter().max().unwrap(), n_heads: h, n_kv_heads: hkv, head_dim: hd, scale: scale.unwrap_or(1.0 / (hd as f32).sqrt()), window };
         let (q, k, v, dout) = (c.vec(t * h * hd, 1.0), c.vec(t * hkv * hd, 1.0), c.vec(t * hkv * hd, 1.0), c.vec(t * h * hd, 1.0));
-        let shape = format!("docs{docs:?} h{h}/{hkv} hd{hd}");
+        let shape = if window > 0 { format!("docs{docs:?} h{h}/{hkv} hd{hd} window{window}") } else { format!("docs{docs:?} h{h}/{hkv} hd{hd}") };
         let fwd = |be: &dyn Backend| -> Result<(Buf, Buf, Buf, Buf, Buf, Buf)> {
             let (qb, kb, vb, cb) = (up(be, &q)?, up(be, &k)?, up(be, &v)?, up_u(be, &cu)?);
             let (mut ob, mut lb) = (zeros(be, t * h * hd)?, zeros(be, h * t)?);

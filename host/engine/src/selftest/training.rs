@@ -13,7 +13,8 @@
 //! Not the adapter after many steps: Adam's first update is about `lr * sign(g)`, so comparing
 //! adapters counts sign flips of near-zero gradients, not errors (CUDA-REVIEW C1).
 //! Variants: LoRA with dropout (the dropout masks must agree across devices), rsLoRA, DoRA, on a
-//! Qwen2-like shape (q/k/v bias, tied embeddings, GQA 4/2) with packed documents. A failure of
+//! Qwen2-like shape (q/k/v bias, tied embeddings, GQA 4/2) with packed documents; LoRA on a
+//! SmolLM3 of that shape with a sliding-window layer and a no-RoPE layer. A failure of
 //! any part is a failed row, and the other parts still run.
 
 use std::path::{Path, PathBuf};
@@ -30,12 +31,13 @@ use crate::model::{LoadOptions, Model};
 use crate::trainer::{Batch, NamedTensor, OptimConfig, Trainer};
 
 /// The training variants, as `training:<name>` families.
-pub const VARIANTS: &[&str] = &["lora+dropout", "rslora", "dora"];
+pub const VARIANTS: &[&str] = &["lora+dropout", "rslora", "dora", "smollm3+window"];
 
 fn adapter(variant: &str) -> AdapterConfig {
     match variant {
         "lora+dropout" => AdapterConfig { r: 8, lora_alpha: 16.0, lora_dropout: 0.1, ..AdapterConfig::default() },
         "rslora" => AdapterConfig { r: 4, lora_alpha: 8.0, use_rslora: true, ..AdapterConfig::default() },
+        "smollm3+window" => AdapterConfig { r: 4, lora_alpha: 8.0, ..AdapterConfig::default() },
         _ => AdapterConfig { r: 4, lora_alpha: 8.0, use_dora: true, ..AdapterConfig::default() },
     }
 }
@@ -45,6 +47,17 @@ fn model_dir(seed: u64, variant: &str) -> Result<(PathBuf, ModelConfig)> {
     cfg.arch = crate::config::Arch::Qwen2;
     cfg.qkv_bias = true;
     cfg.tie_word_embeddings = true;
+    if variant == "smollm3+window" {
+        // Layer 0 slides (a window of 20 cuts the 37- and 64-token documents), layer 1 has no RoPE.
+        cfg = ModelConfig {
+            arch: crate::config::Arch::SmolLM3,
+            qkv_bias: false,
+            sliding_window: Some(20),
+            sliding_layers: vec![true, false],
+            nope_layers: vec![false, true],
+            ..cfg
+        };
+    }
     let tag: String = variant.chars().filter(char::is_ascii_alphanumeric).collect();
     let dir = std::env::temp_dir().join(format!("lora-selftest-model-{}-{seed:x}-{tag}", std::process::id()));
     crate::testing::write_random_model(&dir, &cfg, DType::BF16, seed)?;
