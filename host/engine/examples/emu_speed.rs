@@ -85,7 +85,7 @@ fn main() {
     // Attention at a small shape: 2 documents, 8 heads over 2 kv heads, head_dim 64.
     let (h, hkv, hd) = (8usize, 2usize, 64usize);
     let cu = [0u32, (tokens / 2) as u32, tokens as u32];
-    let a = Attn { tokens, n_docs: 2, max_seqlen: tokens / 2, n_heads: h, n_kv_heads: hkv, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
+    let a = Attn { tokens, n_docs: 2, max_seqlen: tokens / 2, n_heads: h, n_kv_heads: hkv, head_dim: hd, scale: 1.0 / (hd as f32).sqrt(), window: 0 };
     let fill = |n: usize, s: u32| (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(s) >> 8) as f32 / 16777216.0 - 0.5).collect::<Vec<f32>>();
     let (q, k, v, dout) = (fill(tokens * h * hd, 1), fill(tokens * hkv * hd, 2), fill(tokens * hkv * hd, 3), fill(tokens * h * hd, 4));
     let emu = emulator(ContextSwitch::Native);

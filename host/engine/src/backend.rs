@@ -218,6 +218,9 @@ pub struct Attn {
     pub head_dim: usize,
     /// Multiplies `q·k` before the softmax (`1/sqrt(hd)`, or Granite's `attention_multiplier`).
     pub scale: f32,
+    /// Sliding window (Gemma 3's local layers): a query at position i of a document sees the
+    /// keys j of that document with `i - window < j <= i`; 0 means no window (plain causal).
+    pub window: usize,
 }
 
 /// Sizes and scalars of the fused output projection + cross-entropy.

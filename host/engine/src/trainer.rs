@@ -210,6 +210,7 @@ impl Trainer {
                 n_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
                 scale: c.attention_scale,
+                window: 0,
             },
             ids: be.upload(HostData::U32(&b.input_ids), DType::U32)?,
             targets: be.upload(HostData::U32(&targets), DType::U32)?,

@@ -156,7 +156,7 @@ fn rope_matches_the_cpu_backend_both_ways() {
 /// 2 kv heads, head_dim 40 (not a multiple of 32: the lanes' column split has a tail).
 fn attn() -> (Attn, Vec<u32>) {
     let cu = vec![0u32, 29, 30, 64];
-    let a = Attn { tokens: 64, n_docs: 3, max_seqlen: 34, n_heads: 4, n_kv_heads: 2, head_dim: 40, scale: 1.0 / 40f32.sqrt() };
+    let a = Attn { tokens: 64, n_docs: 3, max_seqlen: 34, n_heads: 4, n_kv_heads: 2, head_dim: 40, scale: 1.0 / 40f32.sqrt(), window: 0 };
     (a, cu)
 }
 

@@ -26,6 +26,12 @@ impl P {
     }
 }
 
+/// The first key (document-relative) that the query at document position `i` sees: 0, or the
+/// window's start (`i - window < j`).
+fn first_visible(a: &Attn, i: usize) -> usize {
+    if a.window > 0 { (i + 1).saturating_sub(a.window) } else { 0 }
+}
+
 /// All tasks: (doc start, doc end, kv head).
 fn tasks(a: &Attn, cu: &[u32]) -> Vec<(usize, usize, usize)> {
     let mut out = Vec::with_capacity(a.n_docs * a.n_kv_heads);
@@ -68,17 +74,18 @@ pub fn forward(a: Attn, q: &[f32], k: &[f32], v: &[f32], cu: &[u32], out: &mut [
                 );
                 for i in 0..rows {
                     let row = &mut sc[i * keys..(i + 1) * keys];
-                    let visible = q0 + i + 1;
-                    let mx = row[..visible].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let (lo, visible) = (first_visible(&a, q0 + i), q0 + i + 1);
+                    let mx = row[lo..visible].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                     let mut sum = 0f32;
-                    for x in row[..visible].iter_mut() {
+                    for x in row[lo..visible].iter_mut() {
                         *x = (*x - mx).exp();
                         sum += *x;
                     }
                     let inv = 1.0 / sum;
-                    for x in row[..visible].iter_mut() {
+                    for x in row[lo..visible].iter_mut() {
                         *x *= inv;
                     }
+                    row[..lo].fill(0.0);
                     row[visible..].fill(0.0);
                     // SAFETY: lse row (hq, s+q0+i) belongs to this task.
                     unsafe { *lp.get().add(hq * t + s + q0 + i) = mx + sum.ln() };
@@ -158,17 +165,19 @@ pub fn backward(
                 for i in 0..rows {
                     let ti = s + q0 + i;
                     let l = lse[hq * t + ti];
-                    let visible = q0 + i + 1;
+                    let (lo, visible) = (first_visible(&a, q0 + i), q0 + i + 1);
                     let o = &out[(ti * h + hq) * hd..][..hd];
                     let dorow = &dout[(ti * h + hq) * hd..][..hd];
                     let di: f32 = o.iter().zip(dorow).map(|(x, y)| x * y).sum();
                     let prow = &mut pb[i * keys..(i + 1) * keys];
                     let dprow = &mut dpb[i * keys..(i + 1) * keys];
-                    for j in 0..visible {
+                    for j in lo..visible {
                         let pj = (prow[j] - l).exp();
                         prow[j] = pj;
                         dprow[j] = pj * (dprow[j] - di) * a.scale; // dS (includes the score scale)
                     }
+                    prow[..lo].fill(0.0);
+                    dprow[..lo].fill(0.0);
                     prow[visible..].fill(0.0);
                     dprow[visible..].fill(0.0);
                 }

@@ -78,14 +78,20 @@ fn doc_range(cu: &[u32], t: usize) -> (usize, usize) {
     (cu[d] as usize, cu[d + 1] as usize)
 }
 
-/// Causal GQA attention over packed documents, naive: (out [t,h,hd], lse [h,t]).
+/// The first key query `i` sees: its document's start, or its window's.
+fn first_key(a: &Attn, cu: &[u32], i: usize) -> usize {
+    let (start, _) = doc_range(cu, i);
+    if a.window > 0 { start.max((i + 1).saturating_sub(a.window)) } else { start }
+}
+
+/// Causal GQA attention over packed documents (sliding window when `a.window > 0`), naive: (out [t,h,hd], lse [h,t]).
 pub fn attention_fwd(a: &Attn, q: &[f64], k: &[f64], v: &[f64], cu: &[u32]) -> (Vec<f64>, Vec<f64>) {
     let (t, h, hkv, hd) = (a.tokens, a.n_heads, a.n_kv_heads, a.head_dim);
     let group = h / hkv;
     let mut out = vec![0.0; t * h * hd];
     let mut lse = vec![0.0; h * t];
     for i in 0..t {
-        let (start, _) = doc_range(cu, i);
+        let start = first_key(a, cu, i);
         for hh in 0..h {
             let hk = hh / group;
             let qi = &q[(i * h + hh) * hd..][..hd];
@@ -114,7 +120,7 @@ pub fn attention_bwd(a: &Attn, q: &[f64], k: &[f64], v: &[f64], cu: &[u32], dout
     let (out, lse) = attention_fwd(a, q, k, v, cu);
     let (mut dq, mut dk, mut dv) = (vec![0.0; t * h * hd], vec![0.0; t * hkv * hd], vec![0.0; t * hkv * hd]);
     for i in 0..t {
-        let (start, _) = doc_range(cu, i);
+        let start = first_key(a, cu, i);
         for hh in 0..h {
             let hk = hh / group;
             let row = (i * h + hh) * hd;
