@@ -11,7 +11,9 @@
 #                          finishes, one child process per op family, LORA_CUDA_SYNC=1
 #   sanitizer.txt          compute-sanitizer memcheck and racecheck on small shapes
 #   selftest-training.txt  first-step gradients, loss per step, same-seed rerun bytes
-#   per-op.txt             one layer's forward + backward timed per op at t = 8192 and 32768
+#   per-op.txt             one layer's forward + backward timed per op at t = 8192 and 32768, then
+#                          the flash attention kernels' TFLOP/s at each t (causal FLOPs: forward
+#                          2 t^2 hd h, backward 5 t^2 hd h; targets at t = 8192: >= 350 / >= 250)
 #   bench.jsonl            one bench step at 8192 tokens, one JSON line per step, then the result
 #   summary.txt            what passed, what failed, each phase's wall time
 # PEFT is not re-measured (its numbers are in ../shared/gpu/ANCHORS.md; tests/gpu/peft_bench.py
@@ -70,7 +72,9 @@ if [ $dry = 1 ]; then
     san_families=""
     train_args=(--family training:rslora)
     # One layer of a small shape (the emulator runs every CUDA thread as a fiber).
-    perop_shape="--layers 1 --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 --vocab 256"
+    # Head dim 64, so the flash kernels are in the table.
+    perop_shape="--layers 1 --hidden 256 --intermediate 128 --heads 4 --kv-heads 2 --vocab 256"
+    perop_heads=4
     perop_lens="32 64"
     bench_shape=(--layers 2 --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 --vocab 256)
     bench_len=64
@@ -80,11 +84,12 @@ else
     san_families="gemm elementwise embedding rmsnorm rope attention swiglu cross_entropy adapters adamw dequant"
     train_args=()
     perop_shape="--shape qwen2.5-1.5b --layers 1"
+    perop_heads=12
     perop_lens="8192 32768"
     bench_shape=(--shape qwen2.5-1.5b)
     bench_len=8192
 fi
-export dry bin device py scale san_families perop_shape perop_lens
+export dry bin device py scale san_families perop_shape perop_heads perop_lens
 say "binary: $bin ($("$bin" --version 2>&1 | head -1)); device $device; logs in $out"
 
 # --- preflight ---------------------------------------------------------------------------
@@ -166,15 +171,49 @@ phase "training" 75 selftest-training.txt env LORA_CUDA_SYNC=1 "$bin" selftest -
 
 # --- per-op time of one layer ---------------------------------------------------------------------
 perop() {
-    local t rc=0
+    local t rc=0 table
+    table=$(mktemp)
     for t in $perop_lens; do
         echo "-- one layer, t = $t"
         # shellcheck disable=SC2086
-        "$bin" bench --device "$device" $perop_shape --rows 1 --seq-len "$t" --steps 1 --warmup 1 --per-op || rc=1
+        "$bin" bench --device "$device" $perop_shape --rows 1 --seq-len "$t" --steps 1 --warmup 1 --per-op | tee "$table" || rc=1
+        flash_rate "$t" "$perop_heads" "$table" || rc=1
     done
+    rm -f "$table"
     return $rc
 }
-export -f perop
+# flash_rate T HEADS TABLE (a per-op table): TFLOP/s of the flash kernels of one layer at one document of
+# T tokens (rows 1), causal FLOPs counted: forward 2 T^2 hd h; backward (delta + dq + dk/dv)
+# 5 T^2 hd h. The bf16 casts around them are listed apart (they go once activations are bf16).
+flash_rate() {
+    "$py" - "$1" "$2" "$3" <<'PY'
+import re, sys
+t, h = int(sys.argv[1]), int(sys.argv[2])
+rows = {}
+for line in open(sys.argv[3]):
+    m = re.match(r"^(attention_(?:fwd|bwd)) \((\w+)\)\s+(\d+)\s+([\d.]+)", line)
+    if m:
+        rows[(m.group(1), m.group(2))] = (int(m.group(3)), float(m.group(4)))
+hd = next((int(k[1].rsplit("hd", 1)[1]) for k in rows if k[1].startswith("flash_fwd_hd")), None)
+if hd is None:
+    print(f"flash attention at t = {t}: no flash kernel in the per-op table (head dim not 64/128/256?)")
+    raise SystemExit(1)
+def per_call(keys):
+    ms = 0.0
+    for k in keys:
+        calls, ms_step = rows.get(k, (0, 0.0))
+        ms += ms_step / max(calls, 1)
+    return ms
+fwd = per_call([("attention_fwd", f"flash_fwd_hd{hd}")])
+bwd = per_call([("attention_bwd", "flash_bwd_delta"), ("attention_bwd", f"flash_bwd_dq_hd{hd}"), ("attention_bwd", f"flash_bwd_dkv_hd{hd}")])
+casts = sum(rows.get(k, (0, 0.0))[1] for k in [("attention_fwd", "cast_f32_bf16"), ("attention_bwd", "cast_f32_bf16")])
+for name, ms, flops, target in [("forward", fwd, 2 * t * t * hd * h, 350), ("backward", bwd, 5 * t * t * hd * h, 250)]:
+    rate = flops / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")
+    print(f"flash {name} t={t} h={h} hd={hd}: {ms:.3f} ms per call, {rate:.1f} TFLOP/s causal (target at t=8192: >= {target})")
+print(f"bf16 casts around them (q, k, v; again with dout): {casts:.3f} ms per step")
+PY
+}
+export -f perop flash_rate
 phase "per-op" 100 per-op.txt perop
 
 # --- one bench step, a JSON line per step -------------------------------------------------------

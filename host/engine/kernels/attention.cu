@@ -11,16 +11,6 @@
 #define ATT_TILE 32
 #define ATT_MAXC 8
 
-// Index d of the document holding token t: cu[d] <= t < cu[d + 1].
-__device__ __forceinline__ int doc_of(const u32* cu, int n_docs, int t) {
-    int lo = 0, hi = n_docs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if ((int)cu[mid] <= t) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
 // Dynamic shared memory: K tile, V tile [ATT_TILE][hd + 1], then q rows [ATT_WARPS][hd].
 extern "C" __global__ void attention_fwd_f32(const float* q, const float* k, const float* v, const u32* cu,
                                              float* out, float* lse, int tokens, int n_docs, int heads,

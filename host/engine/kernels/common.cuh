@@ -25,6 +25,16 @@ typedef unsigned long long u64;
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 
+// Packed documents (attention.cu, flash_attention.cu): index d of the document holding token t: cu[d] <= t < cu[d + 1].
+__device__ __forceinline__ int doc_of(const u32* cu, int n_docs, int t) {
+    int lo = 0, hi = n_docs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if ((int)cu[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -7,10 +7,12 @@
 //! `tests/determinism.rs` checks this by running a training step on 1 and 2 threads.
 
 mod attention;
+mod attention_flash;
 mod gemm;
 
 use rayon::prelude::*;
 
+pub use attention_flash::{FLASH_BM, FLASH_BN, FLASH_HEAD_DIMS};
 pub use gemm::{View, sgemm, sgemm_strided};
 
 use crate::backend::{
@@ -38,7 +40,8 @@ const CE_CHUNK_ELEMS: usize = 1 << 23;
 /// matrix product with a bf16 one is rounded to bf16 first (`gemm`'s mixed case); the fused
 /// cross-entropy rounds its hidden rows, an f32 `w`, and the logit gradients to bf16 before the
 /// products that use them; a copy or fill into a bf16 buffer rounds; dequantized bf16 compute
-/// goes to bf16 buffers. Everything else stays f32, as on the GPU.
+/// goes to bf16 buffers; attention at the flash kernels' head dims rounds as they do
+/// (`attention_flash.rs`). Everything else stays f32, as on the GPU.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend {
     cuda_numerics: bool,
@@ -99,6 +102,12 @@ impl CpuBackend {
     /// Whether this is the [`CpuBackend::cuda_numerics`] oracle.
     pub fn is_cuda_numerics(&self) -> bool {
         self.cuda_numerics
+    }
+
+    /// Whether attention of this shape rounds as the CUDA flash kernels do (the oracle, at the
+    /// head dims they serve).
+    fn flash_numerics(&self, a: &Attn) -> bool {
+        self.cuda_numerics && FLASH_HEAD_DIMS.contains(&a.head_dim)
     }
 
     /// The dtype a buffer asked for as `dtype` carries: bf16 stays bf16 (values rounded) in the
@@ -397,7 +406,11 @@ impl Backend for CpuBackend {
         check_cu("attention_fwd", &a, cu)?;
         let (q, k, v) = (f32s("attention_fwd", q)?, f32s("attention_fwd", k)?, f32s("attention_fwd", v)?);
         let lse = f32s_mut("attention_fwd", lse)?;
-        attention::forward(a, q, k, v, cu, f32s_mut("attention_fwd", out)?, lse);
+        if self.flash_numerics(&a) {
+            attention_flash::forward(a, q, k, v, cu, f32s_mut("attention_fwd", out)?, lse);
+        } else {
+            attention::forward(a, q, k, v, cu, f32s_mut("attention_fwd", out)?, lse);
+        }
         Ok(())
     }
 
@@ -413,7 +426,8 @@ impl Backend for CpuBackend {
         check_len(OP, "dv", dv, nkv)?;
         let cu = u32s(OP, cu)?;
         check_cu(OP, &a, cu)?;
-        attention::backward(
+        let pass = if self.flash_numerics(&a) { attention_flash::backward } else { attention::backward };
+        pass(
             a,
             f32s(OP, q)?,
             f32s(OP, k)?,

@@ -45,6 +45,8 @@ impl EmulatedDevice {
             ("schedule".into(), format!("{:?}", opts.schedule)),
             ("memory limit (bytes)".into(), opts.memory_limit.to_string()),
             ("time limit per launch".into(), format!("{:?}", opts.time_limit)),
+            // sm_90's, so the host's shared-memory checks run here as on an H100/H200.
+            (super::flash::SMEM_OPTIN_DETAIL.into(), "232448".into()),
         ];
         let emu = Emulator::new(opts)?;
         Ok(EmulatedDevice { emu, info: DeviceInfo { name: "CPU device emulator".into(), compute_capability: (9, 0), details } })

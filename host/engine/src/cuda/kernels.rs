@@ -54,6 +54,22 @@ pub const FAMILIES: &[Family] = &[
         ],
     },
     Family {
+        file: "flash_attention.cu",
+        source: include_str!("../../kernels/flash_attention.cu"),
+        kernels: &[
+            "flash_fwd_hd64",
+            "flash_fwd_hd128",
+            "flash_fwd_hd256",
+            "flash_bwd_delta",
+            "flash_bwd_dq_hd64",
+            "flash_bwd_dq_hd128",
+            "flash_bwd_dq_hd256",
+            "flash_bwd_dkv_hd64",
+            "flash_bwd_dkv_hd128",
+            "flash_bwd_dkv_hd256",
+        ],
+    },
+    Family {
         file: "swiglu.cu",
         source: include_str!("../../kernels/swiglu.cu"),
         kernels: &["swiglu_fwd_f32", "swiglu_bwd_f32"],

@@ -31,6 +31,10 @@ pub mod emu;
 #[cfg(feature = "cuda")]
 mod emulated;
 #[cfg(feature = "cuda")]
+mod flash;
+#[cfg(feature = "cuda")]
+pub use flash::{FLASH_HEAD_DIMS, flash_cfg, flash_smem_bytes, flash_supported};
+#[cfg(feature = "cuda")]
 pub mod kernels;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;

@@ -3,6 +3,7 @@
 
 use cudarc::driver::LaunchConfig;
 
+use super::flash::flash_supported;
 use super::plan::{DataType, MatmulPlan};
 use super::{Arg, CudaBackend, err};
 use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, Gemm, HostData, check_len};
@@ -88,7 +89,7 @@ fn bf16_bytes(xs: &[f32]) -> Vec<u8> {
 
 impl CudaBackend {
     /// A bf16 copy of an f32 buffer (for a matrix product with a bf16 operand).
-    fn to_bf16(&self, op: &'static str, src: &Buf) -> Result<Buf> {
+    pub(crate) fn to_bf16(&self, op: &'static str, src: &Buf) -> Result<Buf> {
         let dst = self.alloc(op, src.len(), DType::BF16, false)?;
         let n = src.len();
         self.launch(op, "cast_f32_bf16", grid1d(n), &[
@@ -490,6 +491,9 @@ impl Backend for CudaBackend {
         if a.tokens == 0 {
             return Ok(());
         }
+        if flash_supported(a.head_dim) {
+            return self.flash_fwd(op, a, q, k, v, cu_seqlens, out, lse);
+        }
         let hd = a.head_dim;
         let cfg = attention_cfg(a.tokens, a.n_heads, attention_smem_floats(hd).0);
         let mut args = vec![
@@ -519,6 +523,9 @@ impl Backend for CudaBackend {
         }
         if a.tokens == 0 {
             return Ok(());
+        }
+        if flash_supported(a.head_dim) {
+            return self.flash_bwd(op, a, q, k, v, cu_seqlens, out, lse, dout, dq, dk, dv);
         }
         let delta = self.alloc(op, a.n_heads * a.tokens, DType::F32, false)?;
         let rows = a.tokens * a.n_heads;

@@ -89,6 +89,14 @@ pub const FAULT_PROBES: Family = Family {
     ],
 };
 
+/// `flash_attention.cu` with a planted bug in its dk/dv kernel (`PLANTED_MUTATION`: the causal
+/// bound off by one) and its kernels renamed `planted_<name>`, compiled by `build.rs` into the
+/// emulator only, so a test can prove that the flash tests fail on a wrong backward.
+pub const PLANTED_BUG: Family = Family { file: "planted_flash_attention.cu", source: generated::PLANTED_SOURCE, kernels: generated::PLANTED_KERNELS };
+
+/// The planted bug's mutation: (file, text, replaced by).
+pub const PLANTED_MUTATION: (&str, &str, &str) = generated::PLANTED_MUTATION;
+
 /// The order in which runnable threads (and blocks) run between synchronisation points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Schedule {
@@ -571,7 +579,7 @@ mod tests {
     #[test]
     fn the_emulator_compiles_exactly_the_nvrtc_text_of_every_family() {
         use super::super::kernels::{FAMILIES, PROBES, full_source};
-        let all: Vec<&Family> = FAMILIES.iter().chain(PROBES).chain([&FAULT_PROBES]).collect();
+        let all: Vec<&Family> = FAMILIES.iter().chain(PROBES).chain([&FAULT_PROBES, &PLANTED_BUG]).collect();
         assert_eq!(COMPILED_SOURCES.len(), all.len(), "families compiled vs registered");
         for f in all {
             let (_, text) = COMPILED_SOURCES
