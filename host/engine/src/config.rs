@@ -457,7 +457,7 @@ impl ModelConfig {
         }
         if self.arch == Arch::Gemma3 {
             o.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
-            o.insert("query_pre_attn_scalar".into(), json!(self.attention_scale.powi(-2).round()));
+            o.insert("query_pre_attn_scalar".into(), json!(self.attention_scale.powi(-2).round() as u64));
             o.insert("rope_local_base_freq".into(), json!(self.rope_local_theta));
         }
         if self.arch == Arch::SmolLM3 {
