@@ -108,3 +108,12 @@ golden_cases!(
     mistral_sw_lora, mistral_sw_rslora,
     gemma3_lora, gemma3_dora,
 );
+
+/// Gemma 3 has no CUDA kernels for GeGLU and keeps its `1 + w` norms f32: on the CUDA backend
+/// (here its emulator) loading refuses by name rather than computing something else.
+#[test]
+fn gemma3_is_refused_on_the_cuda_backend_by_name() {
+    let opts = lora_engine::LoadOptions::for_device(lora_engine::Device::Emu).unwrap();
+    let e = lora_engine::Model::load(&golden_dir().join("models/gemma3"), &opts).err().expect("gemma3 must not load on the emulator").to_string();
+    assert!(e.contains("Gemma3ForCausalLM") && e.contains("--device cpu"), "{e}");
+}
