@@ -139,3 +139,38 @@ fn the_dry_run_shows_the_family_its_switches_and_the_lora_targets() {
     let want = "architecture: smollm3 (SmolLM3ForCausalLM), 2 layers; switches: GQA 4/2, tied embeddings, no RoPE on layers 1; LoRA on q_proj, down_proj";
     assert!(text.contains(want), "`{want}` missing from:\n{text}");
 }
+
+/// Gemma 3's switches in `--dry-run`: its norms, GeGLU, scaled embeddings and two RoPE bases,
+/// and which layer slides.
+#[test]
+fn the_dry_run_shows_gemma3s_switches() {
+    let work = temp_dir("dry-gemma3");
+    let llama = lora_engine::ModelConfig::tiny_llama(49152);
+    let cfg = lora_engine::ModelConfig {
+        arch: lora_engine::Arch::Gemma3,
+        tie_word_embeddings: true,
+        qk_norm: true,
+        gemma_norms: true,
+        gelu_mlp: true,
+        rope_local_theta: Some(100.0),
+        sliding_window: Some(6),
+        sliding_layers: vec![true, false],
+        embedding_multiplier: 8.0,
+        ..llama
+    };
+    let model = tiny_model_of(&work.join("base"), &cfg, DType::F32);
+    let plan: Value = serde_json::from_slice(&run_ok(train_cmd(&work, &model, &capitals(), &["--dry-run", "--json"])).stdout).unwrap();
+    let a = &plan["architecture"];
+    assert_eq!(a["architecture"], "Gemma3ForCausalLM", "{a}");
+    let want = [
+        "GQA 4/2",
+        "q/k RMSNorm",
+        "(1+w) RMSNorm in f32, norms after attention and MLP",
+        "GeGLU (gelu_pytorch_tanh)",
+        "embeddings x 8",
+        "RoPE base 100 on sliding layers, 10000 on full layers",
+        "tied embeddings",
+        "sliding window 6 on layers 0",
+    ];
+    assert_eq!(a["switches"], serde_json::json!(want), "{a}");
+}

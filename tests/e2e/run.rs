@@ -184,12 +184,27 @@ fn write_interop_fixture() {
     let llama = ModelConfig::tiny_llama(49152);
     let smollm3 = ModelConfig { arch: lora_engine::Arch::SmolLM3, tie_word_embeddings: true, nope_layers: vec![false, true], ..llama.clone() };
     let mistral_sw = ModelConfig { arch: lora_engine::Arch::Mistral, sliding_window: Some(6), ..llama.clone() };
+    // Gemma 3: a sliding layer (window 6, local RoPE base) then a global one, query_pre_attn_scalar 64.
+    let gemma3 = ModelConfig {
+        arch: lora_engine::Arch::Gemma3,
+        tie_word_embeddings: true,
+        qk_norm: true,
+        gemma_norms: true,
+        gelu_mlp: true,
+        rope_local_theta: Some(100.0),
+        sliding_window: Some(6),
+        sliding_layers: vec![true, false],
+        embedding_multiplier: (llama.hidden_size as f32).sqrt(),
+        attention_scale: 0.125,
+        ..llama.clone()
+    };
     for (variant, cfg, extra) in [
         ("lora", &llama, &[][..]),
         ("rslora", &llama, &["--training-lora-use-rslora", "true"][..]),
         ("dora", &llama, &["--training-lora-use-dora", "true"][..]),
         ("smollm3", &smollm3, &[][..]),
         ("mistral_sw", &mistral_sw, &[][..]),
+        ("gemma3", &gemma3, &[][..]),
     ] {
         let work = dir.join(variant);
         let model = learnable_model_of(&work.join("base"), cfg, 4.0, DType::F32);

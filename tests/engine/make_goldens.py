@@ -29,7 +29,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 import peft
 import transformers
-from transformers import (AutoModelForCausalLM, GraniteConfig, LlamaConfig, MistralConfig,
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GraniteConfig, LlamaConfig, MistralConfig,
                           Qwen2Config, Qwen3Config, SmolLM3Config)
 
 PINNED = {"torch": (torch.__version__, "2.11."), "transformers": (transformers.__version__, "5.17."),
@@ -56,6 +56,13 @@ MODELS = {
     "smollm3": (SmolLM3Config, dict(no_rope_layers=[1, 0], rope_theta=5000000.0, pad_token_id=0), True, torch.bfloat16),
     # A window of 6 cuts every document of the batch (17, 13, 9, 11 tokens).
     "mistral_sw": (MistralConfig, dict(sliding_window=6, rope_theta=10000.0), False, torch.float32),
+    # Gemma 3's layout in 2 layers: layer 0 slides (window 6, local RoPE base), layer 1 is global
+    # (its own base, linear scaling); query_pre_attn_scalar differs from head_dim.
+    "gemma3": (Gemma3TextConfig, dict(sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                                      query_pre_attn_scalar=16,
+                                      rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+                                                       "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}),
+               True, torch.float32),
 }
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -80,6 +87,8 @@ CASES = {
     "smollm3_dora": ("smollm3", dict(target_modules=["q_proj", "k_proj", "up_proj"], use_dora=True)),
     "mistral_sw_lora": ("mistral_sw", dict(target_modules=ALL7)),
     "mistral_sw_rslora": ("mistral_sw", dict(target_modules=["q_proj", "k_proj", "o_proj"], use_rslora=True)),
+    "gemma3_lora": ("gemma3", dict(target_modules=ALL7)),
+    "gemma3_dora": ("gemma3", dict(target_modules=["q_proj", "o_proj", "gate_proj", "down_proj"], use_dora=True)),
 }
 R, ALPHA = 4, 8.0
 # eps 1e-4 (not torch's 1e-8): with eps ~0 Adam's first update is lr * sign(grad), so an element
@@ -105,7 +114,8 @@ def make_model(name):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n:
-                p.copy_(1.0 + 0.2 * torch.rand_like(p) - 0.1)
+                # Gemma 3 scales by 1 + w: its weights sit around 0.
+                p.copy_((0.0 if name == "gemma3" else 1.0) + 0.2 * torch.rand_like(p) - 0.1)
             elif n.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
             else:

@@ -400,6 +400,16 @@ pub trait Backend: Send + Sync {
     fn swiglu_fwd(&self, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()>;
     /// SwiGLU backward: `dgate = dh * up * silu'(gate)`, `dup = dh * silu(gate)` (written).
     fn swiglu_bwd(&self, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()>;
+    /// `h = gelu_pytorch_tanh(gate) * up` (Gemma 3's GeGLU), all `[len]`.
+    fn geglu_fwd(&self, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
+        let _ = (gate, up, h);
+        Err(EngineError::Backend { backend: self.name(), op: "geglu_fwd", msg: "GeGLU (Gemma 3) has no kernel on this backend yet; use --device cpu".into() })
+    }
+    /// GeGLU backward, as [`Backend::swiglu_bwd`] with GELU (tanh approximation) for SiLU.
+    fn geglu_bwd(&self, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
+        let _ = (gate, up, dh, dgate, dup);
+        Err(EngineError::Backend { backend: self.name(), op: "geglu_bwd", msg: "GeGLU (Gemma 3) has no kernel on this backend yet; use --device cpu".into() })
+    }
     /// Fused output projection + cross-entropy, chunked over tokens so the `[t, v]` logits are
     /// never held at once (see [`CrossEntropy`]). Returns the loss summed over target rows (f64).
     /// With `dhidden [t, d]`, writes the gradient of `grad_scale * loss_sum` w.r.t. `hidden`

@@ -8,13 +8,14 @@ use serde_json::{Map, Value, json};
 use crate::error::{EngineError, Result};
 
 /// Supported `architectures` entries.
-pub const SUPPORTED_ARCHITECTURES: [&str; 6] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 7] = [
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "MistralForCausalLM",
     "GraniteForCausalLM",
     "SmolLM3ForCausalLM",
+    "Gemma3ForCausalLM",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +26,7 @@ pub enum Arch {
     Mistral,
     Granite,
     SmolLM3,
+    Gemma3,
 }
 
 impl Arch {
@@ -32,10 +34,10 @@ impl Arch {
         SUPPORTED_ARCHITECTURES[self as usize]
     }
     pub fn model_type(self) -> &'static str {
-        ["llama", "qwen2", "qwen3", "mistral", "granite", "smollm3"][self as usize]
+        ["llama", "qwen2", "qwen3", "mistral", "granite", "smollm3", "gemma3_text"][self as usize]
     }
     fn from_name(s: &str) -> Option<Self> {
-        let all = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Mistral, Arch::Granite, Arch::SmolLM3];
+        let all = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Mistral, Arch::Granite, Arch::SmolLM3, Arch::Gemma3];
         all.into_iter().find(|a| a.hf_name() == s || a.model_type() == s)
     }
 }
@@ -73,8 +75,17 @@ pub struct ModelConfig {
     /// for Llama/Granite `attention_bias`, see `o_bias`).
     pub qkv_bias: bool,
     pub o_bias: bool,
-    /// Qwen3's per-head RMSNorm of q and k.
+    /// Qwen3's and Gemma 3's per-head RMSNorm of q and k.
     pub qk_norm: bool,
+    /// Gemma 3: every RMSNorm scales by `1 + w` (computed in f32), attention and MLP outputs
+    /// are normed before their residual adds (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`; the MLP input norm is `pre_feedforward_layernorm`), and the
+    /// MLP is GeGLU with tanh-approximated GELU (`gelu_pytorch_tanh`).
+    pub gemma_norms: bool,
+    pub gelu_mlp: bool,
+    /// Gemma 3's RoPE base on its sliding layers (`rope_parameters.sliding_attention` or
+    /// `rope_local_base_freq`); `rope_theta`/`rope_scaling` then hold the full layers' RoPE.
+    pub rope_local_theta: Option<f64>,
     /// Sliding-window attention (Mistral; Qwen2/Qwen3/SmolLM3 with `use_sliding_window`): a
     /// token sees the `sliding_window` latest tokens of its document, itself included, on the
     /// layers [`ModelConfig::layer_window`] names.
@@ -116,7 +127,7 @@ fn get_f64(m: &Map<String, Value>, key: &str) -> Option<f64> {
 /// their configs' rule: Qwen from `max_window_layers` (default 28) on, SmolLM3 its no-RoPE layers.
 fn sliding_of(m: &Map<String, Value>, path: &Path, arch: Arch, layers: usize, nope: &[bool]) -> Result<(Option<usize>, Vec<bool>)> {
     let on = match arch {
-        Arch::Mistral => true,
+        Arch::Mistral | Arch::Gemma3 => true,
         Arch::Qwen2 | Arch::Qwen3 | Arch::SmolLM3 => m.get("use_sliding_window").and_then(Value::as_bool) == Some(true),
         Arch::Llama | Arch::Granite => false,
     };
@@ -141,6 +152,10 @@ fn sliding_of(m: &Map<String, Value>, path: &Path, arch: Arch, layers: usize, no
                 .collect::<Result<Vec<bool>>>()?
         }
         _ if arch == Arch::SmolLM3 => nope.to_vec(),
+        _ if arch == Arch::Gemma3 => {
+            let every = m.get("sliding_window_pattern").or_else(|| m.get("_sliding_window_pattern")).and_then(Value::as_u64).unwrap_or(6).max(1) as usize;
+            (0..layers).map(|i| (i + 1) % every != 0).collect()
+        }
         _ => {
             let mwl = m.get("max_window_layers").and_then(Value::as_u64).unwrap_or(28);
             (0..layers).map(|i| i as u64 >= mwl).collect()
@@ -197,10 +212,13 @@ impl ModelConfig {
                 SUPPORTED_ARCHITECTURES.join(", ")
             ))
         })?;
-        if let Some(act) = m.get("hidden_act").and_then(Value::as_str)
-            && act != "silu"
+        let gemma = arch == Arch::Gemma3;
+        // Gemma 3 names its activation `hidden_activation` (transformers ignores `hidden_act` there).
+        let (act_key, want) = if gemma { ("hidden_activation", "gelu_pytorch_tanh") } else { ("hidden_act", "silu") };
+        if let Some(act) = m.get(act_key).and_then(Value::as_str)
+            && act != want
         {
-            return Err(cfg_err(path, format!("`hidden_act` is `{act}`; only `silu` (SwiGLU) is supported")));
+            return Err(cfg_err(path, format!("`{act_key}` is `{act}`; only `{want}` is supported for {}", arch.hf_name())));
         }
         if m.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
             return Err(cfg_err(path, "`mlp_bias: true` is not supported"));
@@ -226,10 +244,30 @@ impl ModelConfig {
         {
             return Err(cfg_err(path, format!("`partial_rotary_factor` {p} is not supported")));
         }
-        let rope_params = m.get("rope_parameters").and_then(Value::as_object);
+        let mut rope_params = m.get("rope_parameters").and_then(Value::as_object);
+        let mut rope_local_theta = None;
+        if gemma {
+            // transformers 5 nests Gemma 3's RoPE per layer type; older configs use
+            // `rope_theta`/`rope_scaling` for full layers and `rope_local_base_freq`.
+            let by_type = |t: &str| rope_params.and_then(|p| p.get(t)).and_then(Value::as_object);
+            let local = by_type("sliding_attention");
+            if let Some(l) = local {
+                let kind = l.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+                if kind != "default" {
+                    return Err(EngineError::Unsupported(format!(
+                        "`rope_parameters.sliding_attention.rope_type` `{kind}` in {} is not supported; supported: default",
+                        path.display()
+                    )));
+                }
+            }
+            rope_local_theta = Some(local.and_then(|l| get_f64(l, "rope_theta")).or_else(|| get_f64(m, "rope_local_base_freq")).unwrap_or(10000.0));
+            if rope_params.is_some() {
+                rope_params = by_type("full_attention");
+            }
+        }
         let rope_theta = get_f64(m, "rope_theta")
             .or_else(|| rope_params.and_then(|p| get_f64(p, "rope_theta")))
-            .unwrap_or(10000.0);
+            .unwrap_or(if gemma { 1_000_000.0 } else { 10000.0 });
         let scaling_obj = match m.get("rope_scaling") {
             Some(Value::Object(o)) => Some(o),
             _ => rope_params,
@@ -265,11 +303,14 @@ impl ModelConfig {
             Arch::Qwen2 => (true, false),
             Arch::Qwen3 => (attention_bias, attention_bias),
             Arch::Mistral => (false, false),
-            Arch::Llama | Arch::Granite | Arch::SmolLM3 => (attention_bias, attention_bias),
+            Arch::Llama | Arch::Granite | Arch::SmolLM3 | Arch::Gemma3 => (attention_bias, attention_bias),
         };
         let num_hidden_layers = get_usize(m, path, "num_hidden_layers")?;
         let nope_layers = if arch == Arch::SmolLM3 { nope_of(m, path, num_hidden_layers)? } else { Vec::new() };
         let (sliding_window, sliding_layers) = sliding_of(m, path, arch, num_hidden_layers, &nope_layers)?;
+        if m.get("use_bidirectional_attention").and_then(Value::as_bool) == Some(true) {
+            return Err(cfg_err(path, "`use_bidirectional_attention: true` is not supported (causal attention only)"));
+        }
         for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
             if let Some(v) = m.get(key).filter(|v| !v.is_null()) {
                 return Err(cfg_err(path, format!("`{key}` is {v}; logit soft-capping is not supported (only null)")));
@@ -279,6 +320,8 @@ impl ModelConfig {
         let gm = |k: &str| if granite { get_f64(m, k).unwrap_or(1.0) as f32 } else { 1.0 };
         let attention_scale = if granite {
             get_f64(m, "attention_multiplier").unwrap_or(1.0) as f32
+        } else if gemma {
+            (get_f64(m, "query_pre_attn_scalar").unwrap_or(256.0) as f32).powf(-0.5)
         } else {
             1.0 / (head_dim as f32).sqrt()
         };
@@ -295,14 +338,18 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings,
-            tie_word_embeddings: m.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            tie_word_embeddings: m.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(gemma),
             qkv_bias,
             o_bias,
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: arch == Arch::Qwen3 || gemma,
+            gemma_norms: gemma,
+            gelu_mlp: gemma,
+            rope_local_theta,
             sliding_window,
             sliding_layers,
             nope_layers,
-            embedding_multiplier: gm("embedding_multiplier"),
+            // Gemma 3 scales embeddings by sqrt(hidden) (in the model dtype: f32 here).
+            embedding_multiplier: if gemma { (hidden_size as f32).sqrt() } else { gm("embedding_multiplier") },
             residual_multiplier: gm("residual_multiplier"),
             logits_scaling: gm("logits_scaling"),
             attention_scale,
@@ -333,6 +380,9 @@ impl ModelConfig {
             qkv_bias: false,
             o_bias: false,
             qk_norm: false,
+            gemma_norms: false,
+            gelu_mlp: false,
+            rope_local_theta: None,
             sliding_window: None,
             sliding_layers: Vec::new(),
             nope_layers: Vec::new(),
@@ -373,7 +423,7 @@ impl ModelConfig {
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": if self.gelu_mlp { "gelu_pytorch_tanh" } else { "silu" },
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
@@ -395,7 +445,7 @@ impl ModelConfig {
         }
         if let Some(w) = self.sliding_window {
             o.insert("sliding_window".into(), json!(w));
-            if self.arch != Arch::Mistral {
+            if !matches!(self.arch, Arch::Mistral | Arch::Gemma3) {
                 o.insert("use_sliding_window".into(), json!(true));
             }
         } else if self.arch == Arch::Mistral {
@@ -404,6 +454,11 @@ impl ModelConfig {
         if self.sliding_window.is_some() && self.arch != Arch::Mistral {
             let types: Vec<&str> = (0..self.num_hidden_layers).map(|i| if self.layer_window(i) > 0 { "sliding_attention" } else { "full_attention" }).collect();
             o.insert("layer_types".into(), json!(types));
+        }
+        if self.arch == Arch::Gemma3 {
+            o.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+            o.insert("query_pre_attn_scalar".into(), json!(self.attention_scale.powi(-2).round() as u64));
+            o.insert("rope_local_base_freq".into(), json!(self.rope_local_theta));
         }
         if self.arch == Arch::SmolLM3 {
             let flags: Vec<u8> = (0..self.num_hidden_layers).map(|i| u8::from(self.layer_uses_rope(i))).collect();
@@ -443,6 +498,18 @@ impl ModelConfig {
         }
         if self.qk_norm {
             v.push("q/k RMSNorm".into());
+        }
+        if self.gemma_norms {
+            v.push("(1+w) RMSNorm in f32, norms after attention and MLP".into());
+        }
+        if self.gelu_mlp {
+            v.push("GeGLU (gelu_pytorch_tanh)".into());
+        }
+        if self.embedding_multiplier != 1.0 && self.arch != Arch::Granite {
+            v.push(format!("embeddings x {}", self.embedding_multiplier));
+        }
+        if let Some(b) = self.rope_local_theta {
+            v.push(format!("RoPE base {b} on sliding layers, {} on full layers", self.rope_theta));
         }
         if self.tie_word_embeddings {
             v.push("tied embeddings".into());
@@ -485,14 +552,7 @@ impl ModelConfig {
     /// `max_pos` (only `dynamic` scaling depends on it), as transformers computes them (f32).
     pub fn rope_inv_freq(&self, max_pos: usize) -> Vec<f32> {
         let dim = self.head_dim;
-        let base_inv = |base: f64| -> Vec<f32> {
-            (0..dim / 2)
-                .map(|i| {
-                    let e = (2 * i) as f32 / dim as f32;
-                    1.0 / (base as f32).powf(e)
-                })
-                .collect()
-        };
+        let base_inv = |base: f64| plain_inv_freq(base, dim);
         match &self.rope_scaling {
             RopeScaling::None => base_inv(self.rope_theta),
             RopeScaling::Linear { factor } => base_inv(self.rope_theta).into_iter().map(|x| x / *factor as f32).collect(),
@@ -524,6 +584,23 @@ impl ModelConfig {
                     .collect()
             }
         }
+    }
+}
+
+/// Plain RoPE inverse frequencies `base^(-2i/dim)` (f32, as transformers computes them).
+fn plain_inv_freq(base: f64, dim: usize) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|i| {
+            let e = (2 * i) as f32 / dim as f32;
+            1.0 / (base as f32).powf(e)
+        })
+        .collect()
+}
+
+impl ModelConfig {
+    /// Gemma 3's sliding layers' inverse frequencies (plain RoPE at `rope_local_theta`).
+    pub fn rope_local_inv_freq(&self) -> Option<Vec<f32>> {
+        self.rope_local_theta.map(|b| plain_inv_freq(b, self.head_dim))
     }
 }
 
@@ -574,7 +651,19 @@ mod tests {
         let e = parse(json!({"attn_logit_softcapping": 50.0})).unwrap_err().to_string();
         assert!(e.contains("`attn_logit_softcapping`"), "{e}");
         assert!(parse(json!({"final_logit_softcapping": null})).is_ok());
-        let e = parse(json!({"architectures": ["Gemma3ForCausalLM"]})).unwrap_err().to_string();
-        assert!(e.contains("Gemma3ForCausalLM") && e.contains("GraniteForCausalLM, SmolLM3ForCausalLM"), "{e}");
+        let e = parse(json!({"architectures": ["Phi3ForCausalLM"]})).unwrap_err().to_string();
+        assert!(e.contains("Phi3ForCausalLM") && e.contains("SmolLM3ForCausalLM, Gemma3ForCausalLM"), "{e}");
+    }
+
+    #[test]
+    fn gemma3_reads_nested_rope_parameters_layer_types_and_its_scales() {
+        let c = parse(json!({"architectures": ["Gemma3ForCausalLM"], "head_dim": 16, "query_pre_attn_scalar": 64, "sliding_window": 4,
+            "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}))
+        .unwrap();
+        assert_eq!((c.rope_theta, c.rope_local_theta, &c.rope_scaling), (1e6, Some(1e4), &RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!((0..8).map(|i| c.layer_window(i)).collect::<Vec<_>>(), [4, 4, 4, 4, 4, 0, 4, 4], "sliding_window_pattern 6");
+        assert_eq!((c.attention_scale, c.embedding_multiplier, c.tie_word_embeddings), (0.125, 32f32.sqrt(), true));
+        let e = parse(json!({"architectures": ["Gemma3ForCausalLM"], "hidden_activation": "gelu"})).unwrap_err().to_string();
+        assert!(e.contains("`hidden_activation` is `gelu`"), "{e}");
     }
 }

@@ -8,6 +8,9 @@
 //! hh  = silu(lin_gate(xn2)) * lin_up(xn2)
 //! out = x2 + rm * lin_down(hh)        (rm: Granite residual_multiplier, else 1)
 //! ```
+//! Gemma 3 (`gemma_norms`): `x2 = x + rmsnorm(lin_o(ao))`, `xn2 = rmsnorm_preff(x2)`,
+//! `out = x2 + rmsnorm_postff(lin_down(hh))`, GeGLU for SwiGLU, and its sliding layers rotate
+//! with their own RoPE base.
 //! An adapted linear (PEFT semantics, `xd = dropout(x)`, `s` = scaling):
 //! LoRA `y = x W^T + b + s (xd A^T) B^T`;
 //! DoRA `y = x W^T + b + (mn - 1) (xd W^T) + mn s (xd A^T) B^T`, `mn = mag / ||W + s B A||_row`
@@ -38,6 +41,8 @@ pub(crate) struct Ctx<'a> {
     pub pos: Buf,
     pub cu: Buf,
     pub inv_freq: Buf,
+    /// Gemma 3's sliding layers' inverse frequencies.
+    pub inv_freq_local: Option<Buf>,
     /// Adapter dropout probability (0 in eval).
     pub dropout: f32,
     /// Base of this micro-batch's dropout seeds.
@@ -53,6 +58,16 @@ impl Ctx<'_> {
     /// The batch's attention sizes with layer `li`'s window.
     fn layer_attn(&self, li: usize) -> Attn {
         Attn { window: self.cfg.layer_window(li), ..self.attn }
+    }
+    /// Layer `li`'s RoPE inverse frequencies.
+    fn inv_freq(&self, li: usize) -> &Buf {
+        match &self.inv_freq_local {
+            Some(local) if self.cfg.layer_window(li) > 0 => local,
+            _ => &self.inv_freq,
+        }
+    }
+    fn gated(&self, g: &Buf, u: &Buf, h: &mut Buf) -> Result<()> {
+        if self.cfg.gelu_mlp { self.be.geglu_fwd(g, u, h) } else { self.be.swiglu_fwd(g, u, h) }
     }
     fn seed(&self, layer: usize, m: Module) -> u64 {
         splitmix64(self.seed_base ^ ((layer as u64) << 8 | m as u64))
@@ -89,6 +104,9 @@ pub(crate) struct LayerActs {
     g: Buf,
     u: Buf,
     hh: Buf,
+    /// Gemma 3: the attention and MLP outputs before their norms, and those norms' rstd.
+    o: Option<(Buf, Buf)>,
+    down: Option<(Buf, Buf)>,
     lin: Vec<LinActs>,
 }
 
@@ -239,29 +257,42 @@ pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>]
         rstd_k = Some(rk);
     }
     if c.layer_uses_rope(li) {
-        be.rope(&mut q, &ctx.pos, &ctx.inv_freq, t, h, hd, false)?;
-        be.rope(&mut k, &ctx.pos, &ctx.inv_freq, t, hkv, hd, false)?;
+        be.rope(&mut q, &ctx.pos, ctx.inv_freq(li), t, h, hd, false)?;
+        be.rope(&mut k, &ctx.pos, ctx.inv_freq(li), t, hkv, hd, false)?;
     }
     let mut ao = ctx.zeros(t * h * hd)?;
     let mut lse = be.zeros(h * t, DType::F32)?;
     be.attention_fwd(ctx.layer_attn(li), &q, &k, &v, &ctx.cu, &mut ao, &mut lse)?;
+    // Gemma 3 norms a branch's output before its residual add (keeping the pre-norm output).
+    let branch_norm = |y: Buf, w: Option<&Buf>| -> Result<(Buf, Option<(Buf, Buf)>)> {
+        let Some(w) = w else { return Ok((y, None)) };
+        let (mut yn, mut rstd) = (ctx.zeros(t * d)?, be.zeros(t, DType::F32)?);
+        be.rmsnorm_fwd(&y, w, &mut yn, &mut rstd, t, d, eps)?;
+        Ok((yn, Some((y, rstd))))
+    };
+    let (pre_ff, post_ff) = match &layer.ffn_norms {
+        Some((pre, post)) => (pre, Some(post)),
+        None => (&layer.post_norm, None),
+    };
     let o = proj(Module::O, &ao, &mut lin)?;
+    let (o, o_acts) = branch_norm(o, post_ff.map(|_| &layer.post_norm))?;
     let mut x2 = ctx.zeros(t * d)?;
     be.copy(x, &mut x2)?;
     be.axpy(c.residual_multiplier, &o, &mut x2)?;
     drop(o);
     let mut rstd2 = be.zeros(t, DType::F32)?;
     let mut xn2 = ctx.zeros(t * d)?;
-    be.rmsnorm_fwd(&x2, &layer.post_norm, &mut xn2, &mut rstd2, t, d, eps)?;
+    be.rmsnorm_fwd(&x2, pre_ff, &mut xn2, &mut rstd2, t, d, eps)?;
     let g = proj(Module::Gate, &xn2, &mut lin)?;
     let u = proj(Module::Up, &xn2, &mut lin)?;
     let mut hh = ctx.zeros(t * f)?;
-    be.swiglu_fwd(&g, &u, &mut hh)?;
+    ctx.gated(&g, &u, &mut hh)?;
     let down = proj(Module::Down, &hh, &mut lin)?;
+    let (down, down_acts) = branch_norm(down, post_ff)?;
     let mut out = ctx.zeros(t * d)?;
     be.copy(&x2, &mut out)?;
     be.axpy(c.residual_multiplier, &down, &mut out)?;
-    Ok((out, LayerActs { rstd1, xn, q_pre, rstd_q, k_pre, rstd_k, q, k, v, ao, lse, x2, rstd2, xn2, g, u, hh, lin }))
+    Ok((out, LayerActs { rstd1, xn, q_pre, rstd_q, k_pre, rstd_k, q, k, v, ao, lse, x2, rstd2, xn2, g, u, hh, o: o_acts, down: down_acts, lin }))
 }
 
 /// One layer's backward. On entry `dres` is d(loss)/d(layer output); on exit d(loss)/d(input).
@@ -269,7 +300,13 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
     let (be, c, t) = (ctx.be, ctx.cfg, ctx.t);
     let (d, f, h, hkv, hd) = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     let rm = c.residual_multiplier;
-    let scaled = |g: &Buf| -> Result<Option<Buf>> {
+    // The gradient into a branch's output: through Gemma 3's post-branch norm, else scaled by rm.
+    let scaled = |g: &Buf, normed: Option<(&(Buf, Buf), &Buf)>| -> Result<Option<Buf>> {
+        if let Some(((y, rstd), w)) = normed {
+            let mut dy = ctx.zeros(t * d)?;
+            be.rmsnorm_bwd(g, y, w, rstd, &mut dy, t, d, false)?;
+            return Ok(Some(dy));
+        }
         if rm == 1.0 {
             return Ok(None);
         }
@@ -282,20 +319,28 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
         linear_bwd(ctx, &layer.linears[m as usize], input, dy, dx, acc, lora[m as usize].as_mut(), ctx.seed(li, m), &a.lin[m as usize])
     };
     // MLP
-    let dd_own = scaled(dres)?;
+    let (pre_ff, post_ff) = match &layer.ffn_norms {
+        Some((pre, post)) => (pre, Some(post)),
+        None => (&layer.post_norm, None),
+    };
+    let dd_own = scaled(dres, a.down.as_ref().zip(post_ff))?;
     let mut dhh = ctx.zeros(t * f)?;
     lb(Module::Down, &a.hh, dd_own.as_ref().unwrap_or(dres), &mut dhh, false, lora)?;
     drop(dd_own);
     let (mut dg, mut du) = (ctx.zeros(t * f)?, ctx.zeros(t * f)?);
-    be.swiglu_bwd(&a.g, &a.u, &dhh, &mut dg, &mut du)?;
+    if c.gelu_mlp {
+        be.geglu_bwd(&a.g, &a.u, &dhh, &mut dg, &mut du)?;
+    } else {
+        be.swiglu_bwd(&a.g, &a.u, &dhh, &mut dg, &mut du)?;
+    }
     drop(dhh);
     let mut dxn2 = ctx.zeros(t * d)?;
     lb(Module::Gate, &a.xn2, &dg, &mut dxn2, false, lora)?;
     lb(Module::Up, &a.xn2, &du, &mut dxn2, true, lora)?;
     drop((dg, du));
-    be.rmsnorm_bwd(&dxn2, &a.x2, &layer.post_norm, &a.rstd2, dres, t, d, true)?;
+    be.rmsnorm_bwd(&dxn2, &a.x2, pre_ff, &a.rstd2, dres, t, d, true)?;
     // attention
-    let do_own = scaled(dres)?;
+    let do_own = scaled(dres, a.o.as_ref().map(|o| (o, &layer.post_norm)))?;
     let mut dao = ctx.zeros(t * h * hd)?;
     lb(Module::O, &a.ao, do_own.as_ref().unwrap_or(dres), &mut dao, false, lora)?;
     drop(do_own);
@@ -303,8 +348,8 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
     be.attention_bwd(ctx.layer_attn(li), &a.q, &a.k, &a.v, &ctx.cu, &a.ao, &a.lse, &dao, &mut dq, &mut dk, &mut dv)?;
     drop(dao);
     if c.layer_uses_rope(li) {
-        be.rope(&mut dq, &ctx.pos, &ctx.inv_freq, t, h, hd, true)?;
-        be.rope(&mut dk, &ctx.pos, &ctx.inv_freq, t, hkv, hd, true)?;
+        be.rope(&mut dq, &ctx.pos, ctx.inv_freq(li), t, h, hd, true)?;
+        be.rope(&mut dk, &ctx.pos, ctx.inv_freq(li), t, hkv, hd, true)?;
     }
     if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
         let mut dqp = ctx.zeros(t * h * hd)?;

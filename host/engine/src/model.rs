@@ -88,7 +88,11 @@ pub struct Linear {
 /// The frozen weights of one decoder layer.
 pub struct Layer {
     pub input_norm: Buf,
+    /// Applied to the MLP input; on Gemma 3 (`gemma_norms`) to the attention output.
     pub post_norm: Buf,
+    /// Gemma 3's `pre_feedforward_layernorm` (the MLP input) and `post_feedforward_layernorm`
+    /// (the MLP output).
+    pub ffn_norms: Option<(Buf, Buf)>,
     /// Qwen3's per-head q/k RMSNorm weights `[head_dim]`.
     pub q_norm: Option<Buf>,
     pub k_norm: Option<Buf>,
@@ -227,6 +231,10 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         let p = format!("model.layers.{i}");
         v.push((format!("{p}.input_layernorm.weight"), vec![d]));
         v.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+        if c.gemma_norms {
+            v.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![d]));
+            v.push((format!("{p}.post_feedforward_layernorm.weight"), vec![d]));
+        }
         for m in Module::ALL {
             let (o, inp) = m.dims(c);
             v.push((format!("{p}.{}.weight", m.path()), vec![o, inp]));
@@ -365,7 +373,25 @@ impl Model {
         get_linear: &mut dyn FnMut(&str, &[usize]) -> Result<Weight>,
     ) -> Result<Self> {
         let d = cfg.hidden_size;
+        if cfg.gemma_norms && backend.device() != Device::Cpu {
+            return Err(EngineError::Unsupported(format!(
+                "{} runs on --device cpu only for now: its (1+w) f32 RMSNorm weights and GeGLU have no CUDA kernels yet (device {})",
+                cfg.arch.hf_name(),
+                backend.device()
+            )));
+        }
         let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+        // Gemma 3 scales by `1 + w`: held that way, so the one RMSNorm op serves. Only on the
+        // CPU, whose base weights are f32 (a bf16 `1 + w` would round what transformers keeps f32).
+        let offset = cfg.gemma_norms;
+        let be = backend.clone();
+        let fix = |b: Buf| -> Result<Buf> {
+            if !offset {
+                return Ok(b);
+            }
+            let w: Vec<f32> = be.download_f32(&b)?.into_iter().map(|w| 1.0 + w).collect();
+            be.upload(HostData::F32(&w), b.dtype())
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -383,21 +409,26 @@ impl Model {
             }
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
-                    Some(get(&format!("{p}.self_attn.q_norm.weight"), &[cfg.head_dim])?),
-                    Some(get(&format!("{p}.self_attn.k_norm.weight"), &[cfg.head_dim])?),
+                    Some(fix(get(&format!("{p}.self_attn.q_norm.weight"), &[cfg.head_dim])?)?),
+                    Some(fix(get(&format!("{p}.self_attn.k_norm.weight"), &[cfg.head_dim])?)?),
                 )
             } else {
                 (None, None)
             };
             layers.push(Layer {
-                input_norm: get(&format!("{p}.input_layernorm.weight"), &[d])?,
-                post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                input_norm: fix(get(&format!("{p}.input_layernorm.weight"), &[d])?)?,
+                post_norm: fix(get(&format!("{p}.post_attention_layernorm.weight"), &[d])?)?,
+                ffn_norms: if cfg.gemma_norms {
+                    Some((fix(get(&format!("{p}.pre_feedforward_layernorm.weight"), &[d])?)?, fix(get(&format!("{p}.post_feedforward_layernorm.weight"), &[d])?)?))
+                } else {
+                    None
+                },
                 q_norm,
                 k_norm,
                 linears,
             });
         }
-        let norm = get("model.norm.weight", &[d])?;
+        let norm = fix(get("model.norm.weight", &[d])?)?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("lm_head.weight", &[cfg.vocab_size, d])?) };
         let dequant = Dequantizer::new(DType::F32, DType::F32);
         Ok(Model { cfg, backend, embed, layers, norm, lm_head, source: None, file_dtype: DType::F32, quant: None, dequant })

@@ -101,6 +101,7 @@ struct Prepared {
     pos: Buf,
     cu: Buf,
     inv_freq: Buf,
+    inv_freq_local: Option<Buf>,
     trained: usize,
 }
 
@@ -116,7 +117,9 @@ pub fn activation_bytes(c: &ModelConfig, cfg: &AdapterConfig, tokens: usize, rec
         .sum();
     let qk_norm = if c.qk_norm { q + kv + 2 * c.num_attention_heads } else { 0 };
     // Per token, one layer's saved activations (floats).
-    let layer = 3 * h + 2 * q + 2 * kv + c.num_attention_heads + 2 + 3 * i + lora + qk_norm;
+    // Gemma 3 keeps the attention and MLP outputs before their norms, and those norms' rstd.
+    let sandwich = if c.gemma_norms { 2 * h + 2 } else { 0 };
+    let layer = 3 * h + 2 * q + 2 * kv + c.num_attention_heads + 2 + 3 * i + lora + qk_norm + sandwich;
     let layers = c.num_hidden_layers;
     // Kept between forward and backward, plus backward workspace (a layer's gradients and
     // the loss chunk, counted as two layers' activations) and the residual-stream gradients.
@@ -288,6 +291,7 @@ impl Trainer {
             pos: be.upload(HostData::U32(&pos), DType::U32)?,
             cu: be.upload(HostData::U32(&cu), DType::U32)?,
             inv_freq: be.upload(HostData::F32(&inv), DType::F32)?,
+            inv_freq_local: c.rope_local_inv_freq().map(|f| be.upload(HostData::F32(&f), DType::F32)).transpose()?,
             trained,
         })
     }
@@ -302,6 +306,7 @@ impl Trainer {
             pos: p.pos,
             cu: p.cu,
             inv_freq: p.inv_freq,
+            inv_freq_local: p.inv_freq_local,
             dropout: if train { self.adapters.cfg.dropout_f32() } else { 0.0 },
             seed_base: splitmix64(self.dropout_seed ^ (self.micro * self.world + self.rank)),
             scale: self.adapters.scale,

@@ -1,7 +1,7 @@
 //! The CPU engine against transformers + PEFT: logits, loss, every adapter gradient, and the
 //! adapter after 5 AdamW steps with clipping, for every case written by
 //! `tests/engine/make_goldens.py` (llama, qwen2, qwen3, mistral, granite × LoRA, rsLoRA, DoRA;
-//! smollm3 with a no-RoPE layer; mistral with a sliding window shorter than the documents).
+//! smollm3 with a no-RoPE layer; mistral with a sliding window shorter than the documents; gemma3 with a sliding and a global layer).
 
 mod common;
 
@@ -106,4 +106,14 @@ golden_cases!(
     granite_lora, granite_rslora, granite_dora,
     smollm3_lora, smollm3_dora,
     mistral_sw_lora, mistral_sw_rslora,
+    gemma3_lora, gemma3_dora,
 );
+
+/// Gemma 3 has no CUDA kernels for GeGLU and keeps its `1 + w` norms f32: on the CUDA backend
+/// (here its emulator) loading refuses by name rather than computing something else.
+#[test]
+fn gemma3_is_refused_on_the_cuda_backend_by_name() {
+    let opts = lora_engine::LoadOptions::for_device(lora_engine::Device::Emu).unwrap();
+    let e = lora_engine::Model::load(&golden_dir().join("models/gemma3"), &opts).err().expect("gemma3 must not load on the emulator").to_string();
+    assert!(e.contains("Gemma3ForCausalLM") && e.contains("--device cpu"), "{e}");
+}

@@ -444,43 +444,19 @@ impl Backend for CpuBackend {
     }
 
     fn swiglu_fwd(&self, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
-        check_len("swiglu_fwd", "up", up, gate.len())?;
-        check_len("swiglu_fwd", "h", h, gate.len())?;
-        let (g, u) = (f32s("swiglu_fwd", gate)?, f32s("swiglu_fwd", up)?);
-        f32s_mut("swiglu_fwd", h)?.par_chunks_mut(RED_CHUNK).enumerate().for_each(|(c, h)| {
-            let o = c * RED_CHUNK;
-            for (i, h) in h.iter_mut().enumerate() {
-                let x = g[o + i];
-                *h = x / (1.0 + (-x).exp()) * u[o + i];
-            }
-        });
-        Ok(())
+        glu_fwd("swiglu_fwd", gate, up, h, |x| silu_and_grad(x).0)
     }
 
     fn swiglu_bwd(&self, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
-        let n = gate.len();
-        for (name, b) in [("up", up), ("dh", dh)] {
-            check_len("swiglu_bwd", name, b, n)?;
-        }
-        check_len("swiglu_bwd", "dgate", dgate, n)?;
-        check_len("swiglu_bwd", "dup", dup, n)?;
-        let (g, u, dh) = (f32s("swiglu_bwd", gate)?, f32s("swiglu_bwd", up)?, f32s("swiglu_bwd", dh)?);
-        let dup = f32s_mut("swiglu_bwd", dup)?;
-        f32s_mut("swiglu_bwd", dgate)?
-            .par_chunks_mut(RED_CHUNK)
-            .zip(dup.par_chunks_mut(RED_CHUNK))
-            .enumerate()
-            .for_each(|(c, (dg, du))| {
-                let o = c * RED_CHUNK;
-                for i in 0..dg.len() {
-                    let x = g[o + i];
-                    let sig = 1.0 / (1.0 + (-x).exp());
-                    let silu = x * sig;
-                    du[i] = dh[o + i] * silu;
-                    dg[i] = dh[o + i] * u[o + i] * (sig * (1.0 + x * (1.0 - sig)));
-                }
-            });
-        Ok(())
+        glu_bwd("swiglu_bwd", gate, up, dh, dgate, dup, silu_and_grad)
+    }
+
+    fn geglu_fwd(&self, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
+        glu_fwd("geglu_fwd", gate, up, h, |x| gelu_tanh_and_grad(x).0)
+    }
+
+    fn geglu_bwd(&self, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
+        glu_bwd("geglu_bwd", gate, up, dh, dgate, dup, gelu_tanh_and_grad)
     }
 
     fn linear_cross_entropy(&self, c: CrossEntropy, hidden: &Buf, w: &Buf, targets: &Buf, dhidden: Option<&mut Buf>) -> Result<f64> {
@@ -751,4 +727,56 @@ mod cuda_numerics_tests {
         let rel = (e2 / r2).sqrt();
         assert!(rel > 0.0 && rel < 1e-2, "dhidden relative L2 {rel}");
     }
+}
+
+/// `silu(x)` and its derivative.
+fn silu_and_grad(x: f32) -> (f32, f32) {
+    let sig = 1.0 / (1.0 + (-x).exp());
+    (x * sig, sig * (1.0 + x * (1.0 - sig)))
+}
+
+/// `gelu_pytorch_tanh(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` and its derivative.
+fn gelu_tanh_and_grad(x: f32) -> (f32, f32) {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    let th = (C * (x + 0.044715 * x * x * x)).tanh();
+    (0.5 * x * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * C * (1.0 + 3.0 * 0.044715 * x * x))
+}
+
+/// A gated MLP's `h = act(gate) * up`.
+fn glu_fwd(op: &'static str, gate: &Buf, up: &Buf, h: &mut Buf, act: impl Fn(f32) -> f32 + Sync) -> Result<()> {
+    check_len(op, "up", up, gate.len())?;
+    check_len(op, "h", h, gate.len())?;
+    let (g, u) = (f32s(op, gate)?, f32s(op, up)?);
+    f32s_mut(op, h)?.par_chunks_mut(RED_CHUNK).enumerate().for_each(|(c, h)| {
+        let o = c * RED_CHUNK;
+        for (i, h) in h.iter_mut().enumerate() {
+            *h = act(g[o + i]) * u[o + i];
+        }
+    });
+    Ok(())
+}
+
+/// Its backward: `dgate = dh * up * act'(gate)`, `dup = dh * act(gate)`; `act_grad` gives both.
+fn glu_bwd(op: &'static str, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf, act_grad: impl Fn(f32) -> (f32, f32) + Sync) -> Result<()> {
+    let n = gate.len();
+    for (name, b) in [("up", up), ("dh", dh)] {
+        check_len(op, name, b, n)?;
+    }
+    check_len(op, "dgate", dgate, n)?;
+    check_len(op, "dup", dup, n)?;
+    let (g, u, dh) = (f32s(op, gate)?, f32s(op, up)?, f32s(op, dh)?);
+    let dup = f32s_mut(op, dup)?;
+    f32s_mut(op, dgate)?
+        .par_chunks_mut(RED_CHUNK)
+        .zip(dup.par_chunks_mut(RED_CHUNK))
+        .enumerate()
+        .for_each(|(c, (dg, du))| {
+            let o = c * RED_CHUNK;
+            for i in 0..dg.len() {
+                let (a, da) = act_grad(g[o + i]);
+                du[i] = dh[o + i] * a;
+                dg[i] = dh[o + i] * u[o + i] * da;
+            }
+        });
+    Ok(())
 }
