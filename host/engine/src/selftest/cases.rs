@@ -14,6 +14,11 @@ pub enum Tol {
     F32,
     F32Long,
     Mixed,
+    /// Like `Mixed`, but products also take computed values rounded to bf16 (the flash kernels'
+    /// softmax probabilities and dS): where the device and the oracle round such a value to
+    /// neighbouring bf16 numbers, each product it enters moves by up to one bf16 ulp (2^-8) of
+    /// its size, and with few keys per query (small windows) nothing averages that out.
+    Rounded,
 }
 
 /// What a case's run returns: named outputs, each downloaded as f64.
@@ -103,10 +108,11 @@ impl<'a, 's> Ctx<'a, 's> {
         match (t, self.cpu.is_some()) {
             (Tol::Exact, _) => (0.0, 0.0),
             (Tol::F32, _) => (1e-4, 1e-5),
-            (Tol::F32Long, _) | (Tol::Mixed, false) => (1e-3, 1e-4),
+            (Tol::F32Long, _) | (Tol::Mixed | Tol::Rounded, false) => (1e-3, 1e-4),
             // Against the bf16-faithful oracle both sides round the same operands: what is left
             // is f32 accumulation order and the odd bf16 rounding flip of a computed value.
             (Tol::Mixed, true) => (1e-3, 1e-3),
+            (Tol::Rounded, true) => (1e-3, 4e-3),
         }
     }
 
@@ -463,8 +469,9 @@ fn attention(c: &mut Ctx) {
             be.attention_fwd(a, &qb, &kb, &vb, &cb, &mut ob, &mut lb)?;
             Ok((qb, kb, vb, cb, ob, lb))
         };
-        // The flash kernels multiply bf16 operands (the oracle rounds the same ones): Mixed.
-        let tol = if crate::cpu::FLASH_HEAD_DIMS.contains(&hd) { Tol::Mixed } else { Tol::F32Long };
+        // The flash kernels multiply bf16 operands (the oracle rounds the same ones), some of
+        // them computed (p, dS): Rounded.
+        let tol = if crate::cpu::FLASH_HEAD_DIMS.contains(&hd) { Tol::Rounded } else { Tol::F32Long };
         c.compare("attention_fwd", &shape, tol, &["out", "lse"], &|be| {
             let (_, _, _, _, ob, lb) = fwd(be)?;
             Ok(vec![down(be, &ob)?, down(be, &lb)?])
