@@ -38,7 +38,10 @@ ptxas="$cu13/bin/ptxas"
 "$ptxas" --version | tail -1
 count=0
 for f in "$ptx"/*.ptx; do
-    "$ptxas" -arch=sm_90 "$f" -o "${f%.ptx}.cubin" || { echo "50-nvrtc: ptxas rejects $(basename "$f")" >&2; exit 1; }
+    log=$("$ptxas" -v -arch=sm_90 "$f" -o "${f%.ptx}.cubin" 2>&1) || { echo "$log" >&2; echo "50-nvrtc: ptxas rejects $(basename "$f")" >&2; exit 1; }
+    # Registers and spills per kernel of the flash family (the kernels whose register pressure
+    # decides their speed); the other families use few.
+    case "$f" in *flash*) echo "$log" | awk -v q="'" '/Compiling entry function/ {split($0, a, q); k=a[2]} /spill stores/ {split($0, b, ","); s=b[2]} /Used [0-9]+ registers/ {match($0, /Used [0-9]+ registers/); print "  " k ": " substr($0, RSTART, RLENGTH) "," s}' ;; esac
     count=$((count + 1))
 done
 [ "$count" -gt 0 ] || { echo "50-nvrtc: no PTX was written" >&2; exit 1; }
