@@ -14,18 +14,8 @@ use crate::backend::Attn;
 
 const QBLOCK: usize = 64;
 
-#[derive(Clone, Copy)]
-struct P(*mut f32);
-// SAFETY: tasks write disjoint rows (see module docs).
-unsafe impl Send for P {}
-unsafe impl Sync for P {}
-
-impl P {
-    /// The pointer (a method, so closures capture the whole Send wrapper).
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
+// Tasks write disjoint rows (see module docs), through `SendPtr`.
+use super::gemm::SendPtr as P;
 
 /// The first key (within its document) that the query at document position `i` sees.
 fn first_key(a: &Attn, i: usize) -> usize {

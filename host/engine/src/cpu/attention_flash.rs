@@ -22,17 +22,8 @@ fn rb(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
-#[derive(Clone, Copy)]
-struct P(*mut f32);
-// SAFETY: tasks write disjoint rows (see module docs).
-unsafe impl Send for P {}
-unsafe impl Sync for P {}
-
-impl P {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
+// Tasks write disjoint rows (see module docs), through `SendPtr`.
+use super::gemm::SendPtr as P;
 
 /// Index of the document holding token `i`.
 fn doc_of(cu: &[u32], i: usize) -> usize {

@@ -12,15 +12,17 @@ const COL_BLOCK: usize = 256;
 /// Below this many multiply-adds one sequential call is cheaper than splitting.
 const SPLIT_MIN_WORK: usize = 1 << 20;
 
+/// A raw output pointer shared by parallel tasks of the CPU kernels (gemm, attention).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: each parallel block writes a disjoint set of rows/columns of `c`.
+pub(super) struct SendPtr(pub(super) *mut f32);
+// SAFETY: every user's parallel tasks write disjoint parts of the buffer behind it (each user
+// says which: rows/columns of `c` here, rows per (head, query block) in attention).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     /// The pointer (a method, so closures capture the whole Send wrapper).
-    fn get(&self) -> *mut f32 {
+    pub(super) fn get(&self) -> *mut f32 {
         self.0
     }
 }
