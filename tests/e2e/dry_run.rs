@@ -145,19 +145,7 @@ fn the_dry_run_shows_the_family_its_switches_and_the_lora_targets() {
 #[test]
 fn the_dry_run_shows_gemma3s_switches() {
     let work = temp_dir("dry-gemma3");
-    let llama = lora_engine::ModelConfig::tiny_llama(49152);
-    let cfg = lora_engine::ModelConfig {
-        arch: lora_engine::Arch::Gemma3,
-        tie_word_embeddings: true,
-        qk_norm: true,
-        gemma_norms: true,
-        gelu_mlp: true,
-        rope_local_theta: Some(100.0),
-        sliding_window: Some(6),
-        sliding_layers: vec![true, false],
-        embedding_multiplier: 8.0,
-        ..llama
-    };
+    let cfg = tiny_gemma3(49152);
     let model = tiny_model_of(&work.join("base"), &cfg, DType::F32);
     let plan: Value = serde_json::from_slice(&run_ok(train_cmd(&work, &model, &capitals(), &["--dry-run", "--json"])).stdout).unwrap();
     let a = &plan["architecture"];

@@ -185,19 +185,7 @@ fn write_interop_fixture() {
     let smollm3 = ModelConfig { arch: lora_engine::Arch::SmolLM3, tie_word_embeddings: true, nope_layers: vec![false, true], ..llama.clone() };
     let mistral_sw = ModelConfig { arch: lora_engine::Arch::Mistral, sliding_window: Some(6), ..llama.clone() };
     // Gemma 3: a sliding layer (window 6, local RoPE base) then a global one, query_pre_attn_scalar 64.
-    let gemma3 = ModelConfig {
-        arch: lora_engine::Arch::Gemma3,
-        tie_word_embeddings: true,
-        qk_norm: true,
-        gemma_norms: true,
-        gelu_mlp: true,
-        rope_local_theta: Some(100.0),
-        sliding_window: Some(6),
-        sliding_layers: vec![true, false],
-        embedding_multiplier: (llama.hidden_size as f32).sqrt(),
-        attention_scale: 0.125,
-        ..llama.clone()
-    };
+    let gemma3 = ModelConfig { attention_scale: 0.125, ..common::tiny_gemma3(llama.vocab_size) };
     for (variant, cfg, extra) in [
         ("lora", &llama, &[][..]),
         ("rslora", &llama, &["--training-lora-use-rslora", "true"][..]),

@@ -44,6 +44,22 @@ __device__ __forceinline__ void fa_load(bf16* dst, const bf16* src, int r0, int 
     }
 }
 
+// Double buffering of K/V tiles: starts the copy of tile `it + 1` (rows from j0 + BN) into the
+// buffer tile `it` does not use, then waits until tile `it` has landed (the last tile waits for all).
+template <int HD, int BN>
+__device__ __forceinline__ void fa_next_kv(bf16* ks, bf16* vs, const bf16* k, const bf16* v, int it, int n_tiles, int j0,
+                                           int tokens, int kv_heads, int hk) {
+    if (it + 1 < n_tiles) {
+        const int nb = (it + 1) & 1;
+        fa_load<HD>(ks + nb * BN * (HD + FLASH_PAD), k, j0 + BN, BN, tokens, kv_heads, hk);
+        fa_load<HD>(vs + nb * BN * (HD + FLASH_PAD), v, j0 + BN, BN, tokens, kv_heads, hk);
+        cp_async_commit();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+}
+
 // mma A operand: rows [r0, r0 + 16), columns [k0, k0 + 16) of a row-major tile.
 __device__ __forceinline__ void fa_a(u32 a[4], const bf16* tile, int ld, int r0, int k0) {
     const int lane = threadIdx.x & 31;
@@ -140,15 +156,7 @@ __device__ __forceinline__ void fa_fwd(const bf16* q, const bf16* k, const bf16*
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     for (int it = 0; it < n_tiles; ++it) {
         const int j0 = kmin + it * FLASH_BN;
-        if (it + 1 < n_tiles) {
-            const int nb = (it + 1) & 1;
-            fa_load<HD>(ks + nb * FLASH_BN * LD, k, j0 + FLASH_BN, FLASH_BN, tokens, kv_heads, hk);
-            fa_load<HD>(vs + nb * FLASH_BN * LD, v, j0 + FLASH_BN, FLASH_BN, tokens, kv_heads, hk);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        fa_next_kv<HD, FLASH_BN>(ks, vs, k, v, it, n_tiles, j0, tokens, kv_heads, hk);
         __syncthreads();
         const bf16* kt = ks + (it & 1) * FLASH_BN * LD;
         const bf16* vt = vs + (it & 1) * FLASH_BN * LD;
@@ -245,15 +253,7 @@ __device__ __forceinline__ void fa_dq(const bf16* q, const bf16* k, const bf16* 
     for (int nd = 0; nd < ND; ++nd) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
     for (int it = 0; it < n_tiles; ++it) {
         const int j0 = kmin + it * BN;
-        if (it + 1 < n_tiles) {
-            const int nb = (it + 1) & 1;
-            fa_load<HD>(ks + nb * BN * LD, k, j0 + BN, BN, tokens, kv_heads, hk);
-            fa_load<HD>(vs + nb * BN * LD, v, j0 + BN, BN, tokens, kv_heads, hk);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        fa_next_kv<HD, BN>(ks, vs, k, v, it, n_tiles, j0, tokens, kv_heads, hk);
         __syncthreads();
         const bf16* kt = ks + (it & 1) * BN * LD;
         const bf16* vt = vs + (it & 1) * BN * LD;

@@ -30,6 +30,24 @@ pub fn tiny_model(dir: &Path, dtype: DType) -> PathBuf {
     tiny_model_of(dir, &ModelConfig::tiny_llama(49152), dtype)
 }
 
+/// A tiny Gemma 3 text config: layer 0 slides (window 6, local RoPE base 100), layer 1 is global;
+/// `(1+w)` norms, GeGLU, q/k norm, tied embeddings scaled by √hidden as Gemma 3 does.
+pub fn tiny_gemma3(vocab: usize) -> ModelConfig {
+    let llama = ModelConfig::tiny_llama(vocab);
+    ModelConfig {
+        arch: lora_engine::Arch::Gemma3,
+        tie_word_embeddings: true,
+        qk_norm: true,
+        gemma_norms: true,
+        gelu_mlp: true,
+        rope_local_theta: Some(100.0),
+        sliding_window: Some(6),
+        sliding_layers: vec![true, false],
+        embedding_multiplier: (llama.hidden_size as f32).sqrt(),
+        ..llama
+    }
+}
+
 /// [`tiny_model`] of another config (another family's switches on the same sizes).
 pub fn tiny_model_of(dir: &Path, cfg: &ModelConfig, dtype: DType) -> PathBuf {
     lora_engine::testing::write_random_model(dir, cfg, dtype, 7).unwrap();
