@@ -29,8 +29,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 import peft
 import transformers
-from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GraniteConfig, LlamaConfig, MistralConfig,
-                          Qwen2Config, Qwen3Config, SmolLM3Config)
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteMoeHybridConfig, LlamaConfig,
+                          MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
 PINNED = {"torch": (torch.__version__, "2.11."), "transformers": (transformers.__version__, "5.17."),
           "peft": (peft.__version__, "0.21.2")}
@@ -63,6 +63,20 @@ MODELS = {
                                       rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
                                                        "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}),
                True, torch.float32),
+    # Phi-4-mini's layout: fused qkv_proj / gate_up_proj, RoPE on 6 of 8 head dims.
+    "phi3": (Phi3Config, dict(partial_rotary_factor=0.75, rope_theta=1000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+             False, torch.float32),
+    # LongRoPE on 4 of 8 head dims; every document is longer than original_max_position_embeddings
+    # (8), so the long factors apply, and the attention factor is sqrt(1 + ln 8 / ln 8).
+    "phi3_longrope": (Phi3Config, dict(rope_parameters={"rope_type": "longrope", "rope_theta": 500.0, "partial_rotary_factor": 0.5,
+                                                        "short_factor": [1.0, 1.7], "long_factor": [1.3, 4.5]},
+                                       original_max_position_embeddings=8, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                      True, torch.bfloat16),
+    # Granite 4.0 dense: GraniteMoeHybrid with attention layers only, no experts, RoPE, multipliers.
+    "granite4": (GraniteMoeHybridConfig, dict(shared_intermediate_size=40, num_local_experts=0, layer_types=["attention", "attention"],
+                                              position_embedding_type="rope", rope_theta=10000.0, mamba_n_heads=4,
+                                              embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5,
+                                              logits_scaling=2.5), False, torch.bfloat16),
 }
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -89,6 +103,11 @@ CASES = {
     "mistral_sw_rslora": ("mistral_sw", dict(target_modules=["q_proj", "k_proj", "o_proj"], use_rslora=True)),
     "gemma3_lora": ("gemma3", dict(target_modules=ALL7)),
     "gemma3_dora": ("gemma3", dict(target_modules=["q_proj", "o_proj", "gate_proj", "down_proj"], use_dora=True)),
+    "phi3_lora": ("phi3", dict(target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
+    "phi3_dora": ("phi3", dict(target_modules=["qkv_proj", "gate_up_proj"], use_dora=True)),
+    "phi3_longrope_lora": ("phi3_longrope", dict(target_modules="all-linear")),
+    "granite4_lora": ("granite4", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "input_linear", "output_linear"])),
+    "granite4_dora": ("granite4", dict(target_modules=["v_proj", "input_linear", "output_linear"], use_dora=True)),
 }
 R, ALPHA = 4, 8.0
 # eps 1e-4 (not torch's 1e-8): with eps ~0 Adam's first update is lr * sign(grad), so an element

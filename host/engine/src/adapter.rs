@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Buf, DType, HostData};
 use crate::error::{EngineError, Result};
+use crate::config::Layout;
 use crate::model::{Model, Module};
 use crate::rng::{Rng, hash_str};
 
@@ -40,29 +41,60 @@ impl Default for AdapterConfig {
 }
 
 impl AdapterConfig {
-    /// The adapted modules, validated; an unknown name is an error listing the valid ones.
+    /// The adapted modules of the usual layout (`q_proj` … `down_proj`), validated; a name
+    /// of no layout is an error listing the valid ones. Names of fused layouts (`qkv_proj`,
+    /// `gate_up_proj`, `input_linear`, `output_linear`) are accepted here and resolved by
+    /// [`AdapterConfig::resolve_targets_for`] once the model's layout is known.
     pub fn resolve_targets(&self) -> Result<Vec<Module>> {
-        if self.target_modules.is_empty() || self.target_modules.iter().any(|t| t == "all-linear") {
-            if self.target_modules.len() > 1 {
-                return Err(EngineError::Adapter("`target_modules`: `all-linear` cannot be combined with other names".into()));
-            }
+        if self.all_linear()? {
             return Ok(Module::ALL.to_vec());
         }
+        let layouts = [Layout::Split, Layout::Phi3, Layout::Granite4];
         let mut out = Vec::new();
         for t in &self.target_modules {
-            let m = Module::from_name(t).ok_or_else(|| {
-                let hint = if t == "lm_head" || t == "embed_tokens" { " (the output head and embeddings are never adapted)" } else { "" };
-                EngineError::Adapter(format!(
-                    "`target_modules`: `{t}` is not an adaptable module{hint}; valid: {}, or all-linear",
-                    Module::ALL.map(|m| m.name()).join(", ")
-                ))
-            })?;
+            let m = layouts.iter().find_map(|&l| Module::from_name_in(l, t)).ok_or_else(|| self.unknown(t, Layout::Split))?;
             if !out.contains(&m) {
                 out.push(m);
             }
         }
         out.sort();
         Ok(out)
+    }
+
+    /// The adapted modules of a model with this layout; a name the layout lacks (e.g.
+    /// `q_proj` on Phi-3, whose attention is one `qkv_proj`) is an error listing its names.
+    pub fn resolve_targets_for(&self, layout: Layout) -> Result<Vec<Module>> {
+        if self.all_linear()? {
+            return Ok(Module::present(layout).to_vec());
+        }
+        let mut out = Vec::new();
+        for t in &self.target_modules {
+            let m = Module::from_name_in(layout, t).ok_or_else(|| self.unknown(t, layout))?;
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn all_linear(&self) -> Result<bool> {
+        if self.target_modules.is_empty() || self.target_modules.iter().any(|t| t == "all-linear") {
+            if self.target_modules.len() > 1 {
+                return Err(EngineError::Adapter("`target_modules`: `all-linear` cannot be combined with other names".into()));
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn unknown(&self, t: &str, layout: Layout) -> EngineError {
+        let hint = if t == "lm_head" || t == "embed_tokens" { " (the output head and embeddings are never adapted)" } else { "" };
+        let of = if layout == Layout::Split { "" } else { " of this model" };
+        EngineError::Adapter(format!(
+            "`target_modules`: `{t}` is not an adaptable module{of}{hint}; valid: {}, or all-linear",
+            Module::present(layout).iter().map(|m| m.name_in(layout)).collect::<Vec<_>>().join(", ")
+        ))
     }
 
     /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA, in f32 as the kernels use it.
@@ -134,8 +166,8 @@ impl Lora {
 }
 
 /// The PEFT key prefix of a module: `base_model.model.model.layers.{i}.self_attn.q_proj`.
-pub fn peft_prefix(layer: usize, m: Module) -> String {
-    format!("base_model.model.model.layers.{layer}.{}", m.path())
+pub fn peft_prefix(layer: usize, m: Module, layout: Layout) -> String {
+    format!("base_model.model.model.layers.{layer}.{}", m.path_in(layout))
 }
 
 /// All adapters of a model: `slots[layer][module]`.
@@ -150,7 +182,8 @@ impl Adapters {
     /// the seeded stream, B zeros, DoRA magnitude = row norms of the base weight.
     pub fn init(model: &Model, cfg: &AdapterConfig) -> Result<Self> {
         cfg.validate()?;
-        let targets = cfg.resolve_targets()?;
+        let layout = model.cfg.layout;
+        let targets = cfg.resolve_targets_for(layout)?;
         let be = model.backend.as_ref();
         let scale = cfg.scaling();
         let r = cfg.r;
@@ -162,9 +195,9 @@ impl Adapters {
                     row.push(None);
                     continue;
                 }
-                let lin = &layer.linears[m as usize];
+                let lin = layer.lin(m)?;
                 let (out_f, in_f) = (lin.out_f, lin.in_f);
-                let prefix = peft_prefix(li, m);
+                let prefix = peft_prefix(li, m, layout);
                 let a_name = format!("{prefix}.lora_A.weight");
                 let mut rng = Rng::new(cfg.init_seed ^ hash_str(&a_name));
                 let bound = 1.0 / (in_f as f32).sqrt();
@@ -192,5 +225,23 @@ impl Adapters {
 
     pub fn params_mut(&mut self) -> impl Iterator<Item = &mut Param> {
         self.slots.iter_mut().flatten().flatten().flat_map(|l| l.params_mut())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_layouts_take_their_own_module_names_and_refuse_the_split_ones() {
+        let cfg = |t: &[&str]| AdapterConfig { target_modules: t.iter().map(|s| s.to_string()).collect(), ..AdapterConfig::default() };
+        assert_eq!(cfg(&["qkv_proj", "gate_up_proj"]).resolve_targets_for(Layout::Phi3).unwrap(), [Module::Q, Module::Gate]);
+        assert_eq!(cfg(&[]).resolve_targets_for(Layout::Phi3).unwrap(), [Module::Q, Module::O, Module::Gate, Module::Down]);
+        let e = cfg(&["q_proj"]).resolve_targets_for(Layout::Phi3).unwrap_err().to_string();
+        assert!(e.contains("`q_proj` is not an adaptable module of this model") && e.contains("qkv_proj, o_proj, gate_up_proj, down_proj"), "{e}");
+        let e = cfg(&["up_proj"]).resolve_targets_for(Layout::Granite4).unwrap_err().to_string();
+        assert!(e.contains("input_linear, output_linear"), "{e}");
+        assert!(cfg(&["qkv_proj"]).validate().is_ok(), "fused names pass before the model is known");
+        assert!(cfg(&["qkv_proj"]).resolve_targets_for(Layout::Split).is_err());
     }
 }

@@ -376,6 +376,39 @@ pub trait Backend: Send + Sync {
     /// `inverse` rotates by the negative angle: the backward of the forward rotation.
     #[allow(clippy::too_many_arguments)]
     fn rope(&self, x: &mut Buf, pos: &Buf, inv_freq: &Buf, tokens: usize, heads: usize, head_dim: usize, inverse: bool) -> Result<()>;
+    /// [`Backend::rope`] on only the first `rotary_dim` dims of each head (pairs
+    /// `(i, i + rotary_dim/2)`, `inv_freq [rotary_dim/2]`; the other dims pass through), with
+    /// cos and sin scaled by `scale` (LongRoPE's attention factor). The default serves only the
+    /// plain case and refuses the rest by name on backends without a kernel for it.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_partial(&self, x: &mut Buf, pos: &Buf, inv_freq: &Buf, tokens: usize, heads: usize, head_dim: usize, rotary_dim: usize, scale: f32, inverse: bool) -> Result<()> {
+        if rotary_dim == head_dim && scale == 1.0 {
+            return self.rope(x, pos, inv_freq, tokens, heads, head_dim, inverse);
+        }
+        Err(EngineError::Unsupported(format!(
+            "partial rotary ({rotary_dim} of {head_dim} head dims) / RoPE attention factor {scale} has no kernel on the {} backend",
+            self.name()
+        )))
+    }
+    /// Copies a block of `width` columns of the row-major `src [rows, src_cols]` starting at
+    /// column `src_col` into `dst [rows, dst_cols]` at column `dst_col` (how a fused projection's
+    /// output is split into its parts and their gradients joined). The default goes through
+    /// the host; backends override it.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_cols(&self, src: &Buf, src_cols: usize, src_col: usize, dst: &mut Buf, dst_cols: usize, dst_col: usize, rows: usize, width: usize) -> Result<()> {
+        check_len("copy_cols", "src", src, rows * src_cols)?;
+        check_len("copy_cols", "dst", dst, rows * dst_cols)?;
+        if src_col + width > src_cols || dst_col + width > dst_cols {
+            return Err(EngineError::Backend { backend: self.name(), op: "copy_cols", msg: format!("columns {src_col}+{width} of {src_cols} into {dst_col}+{width} of {dst_cols}") });
+        }
+        let from = self.download_f32(src)?;
+        let mut to = self.download_f32(dst)?;
+        for r in 0..rows {
+            to[r * dst_cols + dst_col..r * dst_cols + dst_col + width].copy_from_slice(&from[r * src_cols + src_col..r * src_cols + src_col + width]);
+        }
+        *dst = self.upload(HostData::F32(&to), dst.dtype())?;
+        Ok(())
+    }
     /// Causal GQA attention over packed documents; see [`Attn`] for shapes. Writes `out` and
     /// the per-row log-sum-exp `lse [h, t]` (f32) for the backward.
     #[allow(clippy::too_many_arguments)]

@@ -157,7 +157,7 @@ pub fn run_with(opts: &BenchOptions, backend: Arc<dyn Backend>, on_step: &mut dy
     let name = backend.name().to_string();
     let model = Model::random_with(c.clone(), &LoadOptions { backend: backend.clone(), quant: opts.quant }, 0)?;
     let rss_after_load_bytes = proc_status_bytes("VmRSS:");
-    let projection_params: u64 = Module::ALL.iter().map(|m| (m.dims(c).0 * m.dims(c).1) as u64).sum::<u64>() * c.num_hidden_layers as u64;
+    let projection_params: u64 = Module::present(c.layout).iter().map(|m| (m.dims(c).0 * m.dims(c).1) as u64).sum::<u64>() * c.num_hidden_layers as u64;
     let (projection_bytes, quantization) = match &model.quant {
         Some(q) => (q.linear_bytes, Some(q.to_json())),
         None => (projection_params * backend.base_weight_dtype(crate::DType::F32).size() as u64, None),

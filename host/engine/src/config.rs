@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 use crate::error::{EngineError, Result};
 
 /// Supported `architectures` entries.
-pub const SUPPORTED_ARCHITECTURES: [&str; 7] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 9] = [
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
@@ -16,6 +16,8 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 7] = [
     "GraniteForCausalLM",
     "SmolLM3ForCausalLM",
     "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+    "GraniteMoeHybridForCausalLM",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +29,10 @@ pub enum Arch {
     Granite,
     SmolLM3,
     Gemma3,
+    /// Phi-3 / Phi-4: fused `qkv_proj` and `gate_up_proj`, partial rotary, LongRoPE.
+    Phi3,
+    /// Granite 4.0 dense (GraniteMoeHybrid with attention layers only and no experts).
+    Granite4,
 }
 
 impl Arch {
@@ -34,10 +40,10 @@ impl Arch {
         SUPPORTED_ARCHITECTURES[self as usize]
     }
     pub fn model_type(self) -> &'static str {
-        ["llama", "qwen2", "qwen3", "mistral", "granite", "smollm3", "gemma3_text"][self as usize]
+        ["llama", "qwen2", "qwen3", "mistral", "granite", "smollm3", "gemma3_text", "phi3", "granitemoehybrid"][self as usize]
     }
     fn from_name(s: &str) -> Option<Self> {
-        let all = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Mistral, Arch::Granite, Arch::SmolLM3, Arch::Gemma3];
+        let all = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Mistral, Arch::Granite, Arch::SmolLM3, Arch::Gemma3, Arch::Phi3, Arch::Granite4];
         all.into_iter().find(|a| a.hf_name() == s || a.model_type() == s)
     }
 }
@@ -53,6 +59,23 @@ pub enum RopeScaling {
     Dynamic { factor: f64 },
     /// Llama 3.1 frequency-dependent scaling.
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// Phi-3's LongRoPE: per-frequency divisors, `short_factor` while a batch's longest
+    /// position fits `original_max_position_embeddings`, else `long_factor`; cos and sin are
+    /// scaled by `attention_factor`.
+    LongRope { short_factor: Vec<f64>, long_factor: Vec<f64>, original_max_position_embeddings: usize, attention_factor: f64 },
+}
+
+/// How a layer's projections are stored (and named, in the checkpoint and in PEFT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`.
+    Split,
+    /// Phi-3: `self_attn.qkv_proj` (rows q | k | v), `self_attn.o_proj`,
+    /// `mlp.gate_up_proj` (rows gate | up), `mlp.down_proj`.
+    Phi3,
+    /// Granite 4: split attention, `shared_mlp.input_linear` (rows gate | up),
+    /// `shared_mlp.output_linear`.
+    Granite4,
 }
 
 /// A decoder's configuration. Field names follow config.json.
@@ -104,6 +127,11 @@ pub struct ModelConfig {
     pub attention_scale: f32,
     /// `torch_dtype`/`dtype` of config.json, if given.
     pub torch_dtype: Option<String>,
+    /// Fused or split projections.
+    pub layout: Layout,
+    /// The leading dims of each head that RoPE rotates (`head_dim * partial_rotary_factor`);
+    /// the rest pass through.
+    pub rotary_dim: usize,
 }
 
 fn cfg_err(path: &Path, msg: impl Into<String>) -> EngineError {
@@ -127,9 +155,9 @@ fn get_f64(m: &Map<String, Value>, key: &str) -> Option<f64> {
 /// their configs' rule: Qwen from `max_window_layers` (default 28) on, SmolLM3 its no-RoPE layers.
 fn sliding_of(m: &Map<String, Value>, path: &Path, arch: Arch, layers: usize, nope: &[bool]) -> Result<(Option<usize>, Vec<bool>)> {
     let on = match arch {
-        Arch::Mistral | Arch::Gemma3 => true,
+        Arch::Mistral | Arch::Gemma3 | Arch::Phi3 => true,
         Arch::Qwen2 | Arch::Qwen3 | Arch::SmolLM3 => m.get("use_sliding_window").and_then(Value::as_bool) == Some(true),
-        Arch::Llama | Arch::Granite => false,
+        Arch::Llama | Arch::Granite | Arch::Granite4 => false,
     };
     let window = match m.get("sliding_window") {
         Some(Value::Null) | None => None,
@@ -137,7 +165,7 @@ fn sliding_of(m: &Map<String, Value>, path: &Path, arch: Arch, layers: usize, no
     };
     let Some(window) = window.filter(|_| on) else { return Ok((None, Vec::new())) };
     let types = match m.get("layer_types") {
-        _ if arch == Arch::Mistral => Vec::new(),
+        _ if matches!(arch, Arch::Mistral | Arch::Phi3) => Vec::new(),
         Some(Value::Array(a)) => {
             if a.len() != layers {
                 return Err(cfg_err(path, format!("`layer_types` has {} entries for {layers} layers", a.len())));
@@ -187,6 +215,70 @@ fn nope_of(m: &Map<String, Value>, path: &Path, layers: usize) -> Result<Vec<boo
         }
         Some(v) => Err(cfg_err(path, format!("`no_rope_layers` is {v}; expected a list of 0/1 per layer"))),
     }
+}
+
+/// Granite 4 (`GraniteMoeHybridForCausalLM`) trains here only as a dense decoder: every layer
+/// attention, no experts.
+fn granite4_check(m: &Map<String, Value>, path: &Path) -> Result<()> {
+    // transformers maps the legacy "attention"/"mamba" to "full_attention"/"linear_attention";
+    // without a list every layer is mamba.
+    let layers = get_usize(m, path, "num_hidden_layers")?;
+    let key = if m.contains_key("layer_types") { "layer_types" } else { "layers_block_type" };
+    let types = match m.get(key) {
+        Some(Value::Array(a)) => a.clone(),
+        _ => vec![Value::String("linear_attention".into()); layers],
+    };
+    if types.len() != layers {
+        return Err(cfg_err(path, format!("`{key}` has {} entries for {layers} layers", types.len())));
+    }
+    if let Some((i, t)) = types.iter().enumerate().find(|(_, t)| !matches!(t.as_str(), Some("attention" | "full_attention"))) {
+        return Err(EngineError::Unsupported(format!(
+            "`{key}[{i}]` is {t} in {}{}: only Granite 4 dense models (every layer \"attention\") are supported, not mamba layers",
+            path.display(),
+            if m.contains_key(key) { "" } else { " (absent: transformers makes every layer mamba)" }
+        )));
+    }
+    if let Some(n) = m.get("num_local_experts").and_then(Value::as_u64).filter(|&n| n > 0) {
+        return Err(EngineError::Unsupported(format!(
+            "`num_local_experts` is {n} in {}: only Granite 4 dense models (num_local_experts 0) are supported",
+            path.display()
+        )));
+    }
+    for key in ["attention_dropout", "embedding_dropout"] {
+        if let Some(v) = get_f64(m, key).filter(|&v| v != 0.0) {
+            return Err(cfg_err(path, format!("`{key}` is {v}; dropout inside the base model is not supported (only 0.0)")));
+        }
+    }
+    Ok(())
+}
+
+/// Phi-3's LongRoPE parameters and its attention factor, as transformers 5.17
+/// (`_compute_longrope_parameters`) derives them: an unset `factor` is
+/// `max_position_embeddings / original_max_position_embeddings`, and an unset attention factor is
+/// `sqrt(1 + ln(factor) / ln(original))` (1 when the factor is at most 1).
+fn longrope_of(m: &Map<String, Value>, o: &Map<String, Value>, path: &Path, rotary_dim: usize, mpe: usize) -> Result<RopeScaling> {
+    let list = |key: &str| -> Result<Vec<f64>> {
+        let a = o.get(key).and_then(Value::as_array).ok_or_else(|| cfg_err(path, format!("longrope scaling needs `{key}` (a list)")))?;
+        let v: Vec<f64> = a.iter().filter_map(Value::as_f64).collect();
+        if v.len() != a.len() || v.len() != rotary_dim / 2 {
+            return Err(cfg_err(path, format!("longrope `{key}` must hold {} numbers (rotary dims / 2), it has {} entries", rotary_dim / 2, a.len())));
+        }
+        Ok(v)
+    };
+    let (short_factor, long_factor) = (list("short_factor")?, list("long_factor")?);
+    let orig = m.get("original_max_position_embeddings").or_else(|| o.get("original_max_position_embeddings")).and_then(Value::as_u64).map(|v| v as usize);
+    let orig = match orig {
+        Some(0) => return Err(cfg_err(path, "`original_max_position_embeddings` must be positive")),
+        Some(orig) => orig,
+        None => mpe,
+    };
+    let factor = get_f64(o, "factor").unwrap_or(mpe as f64 / orig as f64);
+    let attention_factor = match get_f64(o, "attention_factor") {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (orig as f64).ln()).sqrt(),
+    };
+    Ok(RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings: orig, attention_factor })
 }
 
 impl ModelConfig {
@@ -239,11 +331,31 @@ impl ModelConfig {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(cfg_err(path, format!("`head_dim` {head_dim} must be even and positive")));
         }
-        if let Some(p) = get_f64(m, "partial_rotary_factor")
-            && p != 1.0
-        {
-            return Err(cfg_err(path, format!("`partial_rotary_factor` {p} is not supported")));
+        let phi3 = arch == Arch::Phi3;
+        let granite4 = arch == Arch::Granite4;
+        if granite4 {
+            granite4_check(m, path)?;
         }
+        if phi3 {
+            for key in ["resid_pdrop", "attention_dropout"] {
+                if let Some(v) = get_f64(m, key).filter(|&v| v != 0.0) {
+                    return Err(cfg_err(path, format!("`{key}` is {v}; dropout inside the base model is not supported (only 0.0)")));
+                }
+            }
+        }
+        let rope_params_obj = m.get("rope_parameters").and_then(Value::as_object);
+        let rotary_dim = match get_f64(m, "partial_rotary_factor").or_else(|| rope_params_obj.and_then(|p| get_f64(p, "partial_rotary_factor"))) {
+            None => head_dim,
+            Some(p) if p == 1.0 => head_dim,
+            Some(p) if phi3 && p > 0.0 && p < 1.0 => {
+                let rd = (head_dim as f64 * p) as usize;
+                if rd == 0 || rd % 2 != 0 {
+                    return Err(cfg_err(path, format!("`partial_rotary_factor` {p} gives {rd} rotary dims of head_dim {head_dim}; they must be even and positive")));
+                }
+                rd
+            }
+            Some(p) => return Err(cfg_err(path, format!("`partial_rotary_factor` {p} is not supported for {} (Phi3ForCausalLM: in (0, 1])", arch.hf_name()))),
+        };
         let mut rope_params = m.get("rope_parameters").and_then(Value::as_object);
         let mut rope_local_theta = None;
         if gemma {
@@ -289,9 +401,10 @@ impl ModelConfig {
                         original_max_position_embeddings: get_f64(o, "original_max_position_embeddings")
                             .ok_or_else(|| cfg_err(path, "llama3 rope scaling needs `original_max_position_embeddings`"))?,
                     },
+                    "longrope" if phi3 => longrope_of(m, o, path, rotary_dim, max_position_embeddings)?,
                     other => {
                         return Err(EngineError::Unsupported(format!(
-                            "rope scaling `{other}` in {} is not supported; supported: default, linear, dynamic, llama3",
+                            "rope scaling `{other}` in {} is not supported; supported: default, linear, dynamic, llama3 (and longrope for Phi3ForCausalLM)",
                             path.display()
                         )));
                     }
@@ -303,10 +416,24 @@ impl ModelConfig {
             Arch::Qwen2 => (true, false),
             Arch::Qwen3 => (attention_bias, attention_bias),
             Arch::Mistral => (false, false),
-            Arch::Llama | Arch::Granite | Arch::SmolLM3 | Arch::Gemma3 => (attention_bias, attention_bias),
+            Arch::Llama | Arch::Granite | Arch::Granite4 | Arch::SmolLM3 | Arch::Gemma3 => (attention_bias, attention_bias),
+            // Phi3Attention's projections never have a bias.
+            Arch::Phi3 => (false, false),
         };
         let num_hidden_layers = get_usize(m, path, "num_hidden_layers")?;
-        let nope_layers = if arch == Arch::SmolLM3 { nope_of(m, path, num_hidden_layers)? } else { Vec::new() };
+        let nope_layers = if arch == Arch::SmolLM3 {
+            nope_of(m, path, num_hidden_layers)?
+        } else if granite4 {
+            // transformers rotates only with "rope" (its default, null, is no RoPE).
+            match m.get("position_embedding_type") {
+                Some(Value::String(r)) if r == "rope" => Vec::new(),
+                None | Some(Value::Null) => vec![true; num_hidden_layers],
+                Some(Value::String(r)) if r == "nope" => vec![true; num_hidden_layers],
+                Some(other) => return Err(cfg_err(path, format!("`position_embedding_type` is {other}; supported: \"rope\", \"nope\" or null (no RoPE)"))),
+            }
+        } else {
+            Vec::new()
+        };
         let (sliding_window, sliding_layers) = sliding_of(m, path, arch, num_hidden_layers, &nope_layers)?;
         if m.get("use_bidirectional_attention").and_then(Value::as_bool) == Some(true) {
             return Err(cfg_err(path, "`use_bidirectional_attention: true` is not supported (causal attention only)"));
@@ -316,7 +443,7 @@ impl ModelConfig {
                 return Err(cfg_err(path, format!("`{key}` is {v}; logit soft-capping is not supported (only null)")));
             }
         }
-        let granite = arch == Arch::Granite;
+        let granite = arch == Arch::Granite || granite4;
         let gm = |k: &str| if granite { get_f64(m, k).unwrap_or(1.0) as f32 } else { 1.0 };
         let attention_scale = if granite {
             get_f64(m, "attention_multiplier").unwrap_or(1.0) as f32
@@ -329,7 +456,8 @@ impl ModelConfig {
             arch,
             vocab_size: get_usize(m, path, "vocab_size")?,
             hidden_size,
-            intermediate_size: get_usize(m, path, "intermediate_size")?,
+            // Granite 4's dense MLP is its `shared_mlp` (`intermediate_size` sizes experts).
+            intermediate_size: get_usize(m, path, if granite4 { "shared_intermediate_size" } else { "intermediate_size" })?,
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
@@ -354,6 +482,12 @@ impl ModelConfig {
             logits_scaling: gm("logits_scaling"),
             attention_scale,
             torch_dtype: m.get("torch_dtype").or_else(|| m.get("dtype")).and_then(Value::as_str).map(str::to_string),
+            layout: match arch {
+                Arch::Phi3 => Layout::Phi3,
+                Arch::Granite4 => Layout::Granite4,
+                _ => Layout::Split,
+            },
+            rotary_dim,
         };
         if cfg.vocab_size == 0 || cfg.hidden_size == 0 || cfg.intermediate_size == 0 {
             return Err(cfg_err(path, "`vocab_size`, `hidden_size` and `intermediate_size` must be positive"));
@@ -391,6 +525,8 @@ impl ModelConfig {
             logits_scaling: 1.0,
             attention_scale: 0.25,
             torch_dtype: None,
+            layout: Layout::Split,
+            rotary_dim: 16,
         }
     }
 
@@ -407,6 +543,7 @@ impl ModelConfig {
             head_dim,
             tie_word_embeddings: tied,
             attention_scale: 1.0 / (head_dim as f32).sqrt(),
+            rotary_dim: head_dim,
             ..Self::tiny_llama(vocab)
         }
     }
@@ -432,12 +569,29 @@ impl ModelConfig {
         });
         let o = v.as_object_mut().expect("object literal");
         match self.arch {
-            Arch::Llama | Arch::Granite | Arch::Qwen3 | Arch::SmolLM3 => {
+            Arch::Llama | Arch::Granite | Arch::Granite4 | Arch::Qwen3 | Arch::SmolLM3 => {
                 o.insert("attention_bias".into(), json!(self.qkv_bias));
             }
             _ => {}
         }
-        if self.arch == Arch::Granite {
+        if self.rotary_dim != self.head_dim {
+            o.insert("partial_rotary_factor".into(), json!(self.rotary_dim as f64 / self.head_dim as f64));
+        }
+        if self.arch == Arch::Granite4 {
+            let n = self.num_hidden_layers;
+            o.insert("shared_intermediate_size".into(), json!(self.intermediate_size));
+            o.insert("num_local_experts".into(), json!(0));
+            o.insert("layer_types".into(), json!(vec!["attention"; n]));
+            let rope = if self.nope_layers.iter().any(|&x| x) { "nope" } else { "rope" };
+            o.insert("position_embedding_type".into(), json!(rope));
+        }
+        if matches!(self.arch, Arch::Phi3 | Arch::Granite4) {
+            // Their config classes' default special-token ids lie outside a small vocabulary.
+            for key in ["pad_token_id", "bos_token_id", "eos_token_id"] {
+                o.insert(key.into(), Value::Null);
+            }
+        }
+        if matches!(self.arch, Arch::Granite | Arch::Granite4) {
             o.insert("embedding_multiplier".into(), json!(self.embedding_multiplier));
             o.insert("residual_multiplier".into(), json!(self.residual_multiplier));
             o.insert("logits_scaling".into(), json!(self.logits_scaling));
@@ -477,6 +631,10 @@ impl ModelConfig {
                 "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
                 "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings
             }),
+            RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings, attention_factor } => {
+                o.insert("original_max_position_embeddings".into(), json!(original_max_position_embeddings));
+                json!({"rope_type": "longrope", "short_factor": short_factor, "long_factor": long_factor, "attention_factor": attention_factor})
+            }
         };
         o.insert("rope_scaling".into(), scaling);
         v
@@ -505,7 +663,7 @@ impl ModelConfig {
         if self.gelu_mlp {
             v.push("GeGLU (gelu_pytorch_tanh)".into());
         }
-        if self.embedding_multiplier != 1.0 && self.arch != Arch::Granite {
+        if self.embedding_multiplier != 1.0 && !matches!(self.arch, Arch::Granite | Arch::Granite4) {
             v.push(format!("embeddings x {}", self.embedding_multiplier));
         }
         if let Some(b) = self.rope_local_theta {
@@ -519,6 +677,17 @@ impl ModelConfig {
             RopeScaling::Linear { factor } => v.push(format!("linear RoPE scaling x{factor}")),
             RopeScaling::Dynamic { factor } => v.push(format!("dynamic RoPE scaling x{factor}")),
             RopeScaling::Llama3 { factor, .. } => v.push(format!("llama3 RoPE scaling x{factor}")),
+            RopeScaling::LongRope { original_max_position_embeddings, attention_factor, .. } => v.push(format!(
+                "LongRoPE (short factors up to {original_max_position_embeddings} positions, long beyond; attention factor {attention_factor:.4})"
+            )),
+        }
+        match self.layout {
+            Layout::Split => {}
+            Layout::Phi3 => v.push("fused qkv_proj (q | k | v) and gate_up_proj (gate | up)".into()),
+            Layout::Granite4 => v.push("fused shared_mlp.input_linear (gate | up), shared_mlp.output_linear".into()),
+        }
+        if self.rotary_dim != self.head_dim {
+            v.push(format!("partial rotary: {} of {} head dims", self.rotary_dim, self.head_dim));
         }
         if self.nope_layers.iter().any(|&n| n) {
             v.push(format!("no RoPE on {}", layers(&|i| !self.layer_uses_rope(i))));
@@ -526,7 +695,7 @@ impl ModelConfig {
         if let Some(w) = self.sliding_window {
             v.push(format!("sliding window {w} on {}", layers(&|i| self.layer_window(i) > 0)));
         }
-        if self.arch == Arch::Granite {
+        if matches!(self.arch, Arch::Granite | Arch::Granite4) {
             v.push(format!(
                 "Granite multipliers (embedding {}, residual {}, attention {}, logits / {})",
                 self.embedding_multiplier, self.residual_multiplier, self.attention_scale, self.logits_scaling
@@ -551,7 +720,7 @@ impl ModelConfig {
     /// RoPE inverse frequencies `[head_dim/2]` for a batch whose largest position is
     /// `max_pos` (only `dynamic` scaling depends on it), as transformers computes them (f32).
     pub fn rope_inv_freq(&self, max_pos: usize) -> Vec<f32> {
-        let dim = self.head_dim;
+        let dim = self.rotary_dim;
         let base_inv = |base: f64| plain_inv_freq(base, dim);
         match &self.rope_scaling {
             RopeScaling::None => base_inv(self.rope_theta),
@@ -583,6 +752,24 @@ impl ModelConfig {
                     })
                     .collect()
             }
+            RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings, .. } => {
+                // transformers: 1 / (ext * base^(2i/dim)), all in f32.
+                let ext = if max_pos + 1 > *original_max_position_embeddings { long_factor } else { short_factor };
+                (0..dim / 2)
+                    .map(|i| {
+                        let e = (2 * i) as f32 / dim as f32;
+                        1.0 / (ext[i] as f32 * (self.rope_theta as f32).powf(e))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The factor RoPE's cos and sin are scaled by (LongRoPE's attention factor, else 1).
+    pub fn rope_attention_factor(&self) -> f32 {
+        match &self.rope_scaling {
+            RopeScaling::LongRope { attention_factor, .. } => *attention_factor as f32,
+            _ => 1.0,
         }
     }
 }
@@ -600,7 +787,7 @@ fn plain_inv_freq(base: f64, dim: usize) -> Vec<f32> {
 impl ModelConfig {
     /// Gemma 3's sliding layers' inverse frequencies (plain RoPE at `rope_local_theta`).
     pub fn rope_local_inv_freq(&self) -> Option<Vec<f32>> {
-        self.rope_local_theta.map(|b| plain_inv_freq(b, self.head_dim))
+        self.rope_local_theta.map(|b| plain_inv_freq(b, self.rotary_dim))
     }
 }
 
@@ -651,8 +838,8 @@ mod tests {
         let e = parse(json!({"attn_logit_softcapping": 50.0})).unwrap_err().to_string();
         assert!(e.contains("`attn_logit_softcapping`"), "{e}");
         assert!(parse(json!({"final_logit_softcapping": null})).is_ok());
-        let e = parse(json!({"architectures": ["Phi3ForCausalLM"]})).unwrap_err().to_string();
-        assert!(e.contains("Phi3ForCausalLM") && e.contains("SmolLM3ForCausalLM, Gemma3ForCausalLM"), "{e}");
+        let e = parse(json!({"architectures": ["Qwen3MoeForCausalLM"]})).unwrap_err().to_string();
+        assert!(e.contains("Qwen3MoeForCausalLM") && e.contains("Gemma3ForCausalLM, Phi3ForCausalLM, GraniteMoeHybridForCausalLM"), "{e}");
     }
 
     #[test]
@@ -665,5 +852,61 @@ mod tests {
         assert_eq!((c.attention_scale, c.embedding_multiplier, c.tie_word_embeddings), (0.125, 32f32.sqrt(), true));
         let e = parse(json!({"architectures": ["Gemma3ForCausalLM"], "hidden_activation": "gelu"})).unwrap_err().to_string();
         assert!(e.contains("`hidden_activation` is `gelu`"), "{e}");
+    }
+
+    #[test]
+    fn phi3_partial_rotary_longrope_and_refused_keys() {
+        let phi3 = |extra: Value| {
+            let mut v = json!({"architectures": ["Phi3ForCausalLM"], "head_dim": 8, "max_position_embeddings": 64});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            parse(v)
+        };
+        let c = phi3(json!({"partial_rotary_factor": 0.75})).unwrap();
+        assert_eq!((c.rotary_dim, c.layout, c.qkv_bias), (6, Layout::Phi3, false));
+        assert_eq!(c.rope_inv_freq(0).len(), 3);
+        assert!(c.switches().iter().any(|s| s == "partial rotary: 6 of 8 head dims"), "{:?}", c.switches());
+        let lr = json!({"rope_parameters": {"rope_type": "longrope", "rope_theta": 100.0, "short_factor": [1.0, 2.0, 1.0, 1.0], "long_factor": [4.0, 8.0, 1.0, 1.0]},
+            "original_max_position_embeddings": 16});
+        let c = phi3(lr).unwrap();
+        // factor 64 / 16 = 4: attention factor sqrt(1 + ln 4 / ln 16) = sqrt(1.5).
+        assert!((c.rope_attention_factor() - 1.5f32.sqrt()).abs() < 1e-6, "{}", c.rope_attention_factor());
+        let (short, long) = (c.rope_inv_freq(15), c.rope_inv_freq(16));
+        let b = 100f32.powf(0.25);
+        assert_eq!((short[1], long[1]), (1.0 / (2.0 * b), 1.0 / (8.0 * b)), "positions up to 16 use short factors, beyond long");
+        let back = ModelConfig::from_json(&c.to_hf_json("float32"), Path::new("x")).unwrap();
+        assert_eq!((back.rope_scaling, back.rotary_dim), (c.rope_scaling.clone(), c.rotary_dim));
+        let e = phi3(json!({"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}})).unwrap_err().to_string();
+        assert!(e.contains("`short_factor` must hold 4 numbers"), "{e}");
+        let e = phi3(json!({"resid_pdrop": 0.1})).unwrap_err().to_string();
+        assert!(e.contains("`resid_pdrop` is 0.1"), "{e}");
+        let e = parse(json!({"partial_rotary_factor": 0.5})).unwrap_err().to_string();
+        assert!(e.contains("`partial_rotary_factor` 0.5 is not supported for SmolLM3ForCausalLM"), "{e}");
+        let c = phi3(json!({"sliding_window": 5})).unwrap();
+        assert!((0..8).all(|i| c.layer_window(i) == 5), "Phi-3 slides on every layer");
+    }
+
+    #[test]
+    fn granite4_dense_only_with_its_shared_mlp_and_rope_or_nope() {
+        let g4 = |extra: Value| {
+            let mut v = json!({"architectures": ["GraniteMoeHybridForCausalLM"], "shared_intermediate_size": 40, "num_local_experts": 0,
+                "layer_types": vec!["attention"; 8], "position_embedding_type": "rope", "residual_multiplier": 0.5});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            parse(v)
+        };
+        let c = g4(json!({})).unwrap();
+        assert_eq!((c.intermediate_size, c.layout, c.residual_multiplier), (40, Layout::Granite4, 0.5));
+        assert!((0..8).all(|i| c.layer_uses_rope(i)));
+        let c = g4(json!({"position_embedding_type": null, "layer_types": vec!["full_attention"; 8]})).unwrap();
+        assert!((0..8).all(|i| !c.layer_uses_rope(i)), "null position_embedding_type: no RoPE, as transformers");
+        let mut types = vec!["attention"; 8];
+        types[3] = "mamba";
+        let e = g4(json!({"layer_types": types})).unwrap_err().to_string();
+        assert!(e.contains("`layer_types[3]` is \"mamba\"") && e.contains("dense"), "{e}");
+        let e = g4(json!({"num_local_experts": 4})).unwrap_err().to_string();
+        assert!(e.contains("`num_local_experts` is 4"), "{e}");
+        let mut v = json!({"architectures": ["GraniteMoeHybridForCausalLM"], "shared_intermediate_size": 40, "num_local_experts": 0});
+        v.as_object_mut().unwrap().extend(json!({"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}).as_object().unwrap().clone());
+        let e = ModelConfig::from_json(&v, Path::new("c")).unwrap_err().to_string();
+        assert!(e.contains("`layers_block_type[0]`") && e.contains("every layer mamba"), "{e}");
     }
 }

@@ -60,7 +60,8 @@ impl Trainer {
     pub fn save_peft_adapter(&self, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
         let cfg = &self.adapters.cfg;
-        let targets: Vec<&str> = cfg.resolve_targets()?.iter().map(|m| m.name()).collect();
+        let layout = self.model.cfg.layout;
+        let targets: Vec<&str> = cfg.resolve_targets_for(layout)?.iter().map(|m| m.name_in(layout)).collect();
         let config = peft_config(cfg, &targets, base_model_name_or_path);
         let tensors: Vec<OutTensor> = self
             .adapter_tensors()?

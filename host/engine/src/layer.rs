@@ -22,7 +22,7 @@
 
 use crate::adapter::Lora;
 use crate::backend::{Attn, Backend, Buf, DType, Gemm, splitmix64};
-use crate::config::ModelConfig;
+use crate::config::{Layout, ModelConfig};
 use crate::error::Result;
 use crate::model::{Layer, Linear, Model, Module};
 
@@ -65,6 +65,36 @@ impl Ctx<'_> {
             Some(local) if self.cfg.layer_window(li) > 0 => local,
             _ => &self.inv_freq,
         }
+    }
+    /// RoPE on `heads` heads of `x` (forward, or its backward with `inverse`), on the
+    /// config's rotary dims with its cos/sin factor.
+    fn rope(&self, x: &mut Buf, li: usize, heads: usize, inverse: bool) -> Result<()> {
+        let c = self.cfg;
+        self.be.rope_partial(x, &self.pos, self.inv_freq(li), self.t, heads, c.head_dim, c.rotary_dim, c.rope_attention_factor(), inverse)
+    }
+    /// Splits the rows-by-`sum(widths)` output of a fused projection into its parts.
+    fn split(&self, y: &Buf, widths: &[usize]) -> Result<Vec<Buf>> {
+        let n: usize = widths.iter().sum();
+        let mut col = 0;
+        let mut out = Vec::with_capacity(widths.len());
+        for &w in widths {
+            let mut part = self.zeros(self.t * w)?;
+            self.be.copy_cols(y, n, col, &mut part, w, 0, self.t, w)?;
+            col += w;
+            out.push(part);
+        }
+        Ok(out)
+    }
+    /// The inverse of [`Ctx::split`]: joins the parts' gradients into the fused output's.
+    fn join(&self, parts: &[&Buf], widths: &[usize]) -> Result<Buf> {
+        let n: usize = widths.iter().sum();
+        let mut y = self.zeros(self.t * n)?;
+        let mut col = 0;
+        for (p, &w) in parts.iter().zip(widths) {
+            self.be.copy_cols(p, w, 0, &mut y, n, col, self.t, w)?;
+            col += w;
+        }
+        Ok(y)
     }
     fn gated(&self, g: &Buf, u: &Buf, h: &mut Buf) -> Result<()> {
         if self.cfg.gelu_mlp { self.be.geglu_fwd(g, u, h) } else { self.be.swiglu_fwd(g, u, h) }
@@ -238,11 +268,17 @@ pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>]
     let mut xn = ctx.zeros(t * d)?;
     be.rmsnorm_fwd(x, &layer.input_norm, &mut xn, &mut rstd1, t, d, eps)?;
     let proj = |m: Module, input: &Buf, lin: &mut Vec<LinActs>| {
-        linear_fwd(ctx, &layer.linears[m as usize], input, lora[m as usize].as_ref(), ctx.seed(li, m), &mut lin[m as usize])
+        linear_fwd(ctx, layer.lin(m)?, input, lora[m as usize].as_ref(), ctx.seed(li, m), &mut lin[m as usize])
     };
-    let mut q = proj(Module::Q, &xn, &mut lin)?;
-    let mut k = proj(Module::K, &xn, &mut lin)?;
-    let v = proj(Module::V, &xn, &mut lin)?;
+    let (mut q, mut k, v) = if c.layout == Layout::Phi3 {
+        // Phi-3's qkv_proj: rows q | k | v (the adapter too).
+        let qkv = proj(Module::Q, &xn, &mut lin)?;
+        let mut parts = ctx.split(&qkv, &[h * hd, hkv * hd, hkv * hd])?.into_iter();
+        let mut next = || parts.next().ok_or_else(|| missing("qkv part"));
+        (next()?, next()?, next()?)
+    } else {
+        (proj(Module::Q, &xn, &mut lin)?, proj(Module::K, &xn, &mut lin)?, proj(Module::V, &xn, &mut lin)?)
+    };
     let (mut q_pre, mut rstd_q, mut k_pre, mut rstd_k) = (None, None, None, None);
     if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
         let mut rq = be.zeros(t * h, DType::F32)?;
@@ -257,8 +293,8 @@ pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>]
         rstd_k = Some(rk);
     }
     if c.layer_uses_rope(li) {
-        be.rope(&mut q, &ctx.pos, ctx.inv_freq(li), t, h, hd, false)?;
-        be.rope(&mut k, &ctx.pos, ctx.inv_freq(li), t, hkv, hd, false)?;
+        ctx.rope(&mut q, li, h, false)?;
+        ctx.rope(&mut k, li, hkv, false)?;
     }
     let mut ao = ctx.zeros(t * h * hd)?;
     let mut lse = be.zeros(h * t, DType::F32)?;
@@ -283,8 +319,15 @@ pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>]
     let mut rstd2 = be.zeros(t, DType::F32)?;
     let mut xn2 = ctx.zeros(t * d)?;
     be.rmsnorm_fwd(&x2, pre_ff, &mut xn2, &mut rstd2, t, d, eps)?;
-    let g = proj(Module::Gate, &xn2, &mut lin)?;
-    let u = proj(Module::Up, &xn2, &mut lin)?;
+    let (g, u) = if c.layout == Layout::Split {
+        (proj(Module::Gate, &xn2, &mut lin)?, proj(Module::Up, &xn2, &mut lin)?)
+    } else {
+        // Phi-3's gate_up_proj, Granite 4's input_linear: rows gate | up.
+        let gu = proj(Module::Gate, &xn2, &mut lin)?;
+        let mut parts = ctx.split(&gu, &[f, f])?.into_iter();
+        let mut next = || parts.next().ok_or_else(|| missing("gate/up part"));
+        (next()?, next()?)
+    };
     let mut hh = ctx.zeros(t * f)?;
     ctx.gated(&g, &u, &mut hh)?;
     let down = proj(Module::Down, &hh, &mut lin)?;
@@ -316,7 +359,7 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
         Ok(Some(s))
     };
     let lb = |m: Module, input: &Buf, dy: &Buf, dx: &mut Buf, acc: bool, lora: &mut [Option<Lora>]| {
-        linear_bwd(ctx, &layer.linears[m as usize], input, dy, dx, acc, lora[m as usize].as_mut(), ctx.seed(li, m), &a.lin[m as usize])
+        linear_bwd(ctx, layer.lin(m)?, input, dy, dx, acc, lora[m as usize].as_mut(), ctx.seed(li, m), &a.lin[m as usize])
     };
     // MLP
     let (pre_ff, post_ff) = match &layer.ffn_norms {
@@ -335,8 +378,13 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
     }
     drop(dhh);
     let mut dxn2 = ctx.zeros(t * d)?;
-    lb(Module::Gate, &a.xn2, &dg, &mut dxn2, false, lora)?;
-    lb(Module::Up, &a.xn2, &du, &mut dxn2, true, lora)?;
+    if c.layout == Layout::Split {
+        lb(Module::Gate, &a.xn2, &dg, &mut dxn2, false, lora)?;
+        lb(Module::Up, &a.xn2, &du, &mut dxn2, true, lora)?;
+    } else {
+        let dgu = ctx.join(&[&dg, &du], &[f, f])?;
+        lb(Module::Gate, &a.xn2, &dgu, &mut dxn2, false, lora)?;
+    }
     drop((dg, du));
     be.rmsnorm_bwd(&dxn2, &a.x2, pre_ff, &a.rstd2, dres, t, d, true)?;
     // attention
@@ -348,8 +396,8 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
     be.attention_bwd(ctx.layer_attn(li), &a.q, &a.k, &a.v, &ctx.cu, &a.ao, &a.lse, &dao, &mut dq, &mut dk, &mut dv)?;
     drop(dao);
     if c.layer_uses_rope(li) {
-        be.rope(&mut dq, &ctx.pos, ctx.inv_freq(li), t, h, hd, true)?;
-        be.rope(&mut dk, &ctx.pos, ctx.inv_freq(li), t, hkv, hd, true)?;
+        ctx.rope(&mut dq, li, h, true)?;
+        ctx.rope(&mut dk, li, hkv, true)?;
     }
     if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
         let mut dqp = ctx.zeros(t * h * hd)?;
@@ -360,9 +408,14 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
         dk = dkp;
     }
     let mut dxn = ctx.zeros(t * d)?;
-    lb(Module::Q, &a.xn, &dq, &mut dxn, false, lora)?;
-    lb(Module::K, &a.xn, &dk, &mut dxn, true, lora)?;
-    lb(Module::V, &a.xn, &dv, &mut dxn, true, lora)?;
+    if c.layout == Layout::Phi3 {
+        let dqkv = ctx.join(&[&dq, &dk, &dv], &[h * hd, hkv * hd, hkv * hd])?;
+        lb(Module::Q, &a.xn, &dqkv, &mut dxn, false, lora)?;
+    } else {
+        lb(Module::Q, &a.xn, &dq, &mut dxn, false, lora)?;
+        lb(Module::K, &a.xn, &dk, &mut dxn, true, lora)?;
+        lb(Module::V, &a.xn, &dv, &mut dxn, true, lora)?;
+    }
     be.rmsnorm_bwd(&dxn, x, &layer.input_norm, &a.rstd1, dres, t, d, true)?;
     Ok(())
 }

@@ -59,7 +59,7 @@ pub use backend::{
 };
 pub use adapter::AdapterConfig;
 pub use collective::{Collective, Single};
-pub use config::{Arch, ModelConfig, RopeScaling};
+pub use config::{Arch, ModelConfig, RopeScaling, Layout};
 pub use error::{EngineError, Result};
 pub use model::{LoadOptions, Model, Module, backend_for};
 pub use quant::{QuantConfig, QuantInfo, QuantSource, QuantType};

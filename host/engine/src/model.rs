@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::backend::{Backend, Buf, DType, Device, HostData};
-use crate::config::ModelConfig;
+use crate::config::{Layout, ModelConfig};
 use crate::cpu::CpuBackend;
 use crate::error::{EngineError, Result};
 use crate::quant::bnb;
@@ -54,10 +54,53 @@ impl Module {
         Module::ALL.into_iter().find(|m| m.name() == s)
     }
 
-    /// `(out_features, in_features)` for a config.
+    /// The modules a layer of this layout has: Phi-3's fused `qkv_proj` is [`Module::Q`] and
+    /// its `gate_up_proj` [`Module::Gate`]; Granite 4's `input_linear` is [`Module::Gate`] and
+    /// `output_linear` [`Module::Down`].
+    pub fn present(layout: Layout) -> &'static [Module] {
+        match layout {
+            Layout::Split => &Module::ALL,
+            Layout::Phi3 => &[Module::Q, Module::O, Module::Gate, Module::Down],
+            Layout::Granite4 => &[Module::Q, Module::K, Module::V, Module::O, Module::Gate, Module::Down],
+        }
+    }
+
+    /// The name in this layout (PEFT's `target_modules`), e.g. `qkv_proj` for Phi-3's Q.
+    pub fn name_in(self, layout: Layout) -> &'static str {
+        match (layout, self) {
+            (Layout::Phi3, Module::Q) => "qkv_proj",
+            (Layout::Phi3, Module::Gate) => "gate_up_proj",
+            (Layout::Granite4, Module::Gate) => "input_linear",
+            (Layout::Granite4, Module::Down) => "output_linear",
+            _ => self.name(),
+        }
+    }
+
+    /// The checkpoint path in this layout, e.g. `shared_mlp.input_linear`.
+    pub fn path_in(self, layout: Layout) -> &'static str {
+        match (layout, self) {
+            (Layout::Phi3, Module::Q) => "self_attn.qkv_proj",
+            (Layout::Phi3, Module::Gate) => "mlp.gate_up_proj",
+            (Layout::Granite4, Module::Gate) => "shared_mlp.input_linear",
+            (Layout::Granite4, Module::Down) => "shared_mlp.output_linear",
+            _ => self.path(),
+        }
+    }
+
+    /// The module a name means in this layout.
+    pub fn from_name_in(layout: Layout, s: &str) -> Option<Module> {
+        Module::present(layout).iter().copied().find(|m| m.name_in(layout) == s)
+    }
+
+    /// `(out_features, in_features)` for a config (a fused module's rows are all its parts').
     pub fn dims(self, c: &ModelConfig) -> (usize, usize) {
         let (d, f) = (c.hidden_size, c.intermediate_size);
         let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        match (c.layout, self) {
+            (Layout::Phi3, Module::Q) => return (q + 2 * kv, d),
+            (Layout::Phi3 | Layout::Granite4, Module::Gate) => return (2 * f, d),
+            _ => {}
+        }
         match self {
             Module::Q => (q, d),
             Module::K | Module::V => (kv, d),
@@ -96,8 +139,16 @@ pub struct Layer {
     /// Qwen3's per-head q/k RMSNorm weights `[head_dim]`.
     pub q_norm: Option<Buf>,
     pub k_norm: Option<Buf>,
-    /// Indexed by [`Module`].
-    pub linears: Vec<Linear>,
+    /// Indexed by [`Module`]; `None` where the layout has no such module (Phi-3's K, V, Up;
+    /// Granite 4's Up).
+    pub linears: Vec<Option<Linear>>,
+}
+
+impl Layer {
+    /// The linear of module `m` (an internal error where the layout lacks it).
+    pub(crate) fn lin(&self, m: Module) -> Result<&Linear> {
+        self.linears[m as usize].as_ref().ok_or_else(|| EngineError::State { name: m.name().into(), msg: "not a module of this layout (internal error)".into() })
+    }
 }
 
 /// How to load a model.
@@ -235,16 +286,16 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             v.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![d]));
             v.push((format!("{p}.post_feedforward_layernorm.weight"), vec![d]));
         }
-        for m in Module::ALL {
+        for &m in Module::present(c.layout) {
             let (o, inp) = m.dims(c);
-            v.push((format!("{p}.{}.weight", m.path()), vec![o, inp]));
+            v.push((format!("{p}.{}.weight", m.path_in(c.layout)), vec![o, inp]));
             let bias = match m {
                 Module::Q | Module::K | Module::V => c.qkv_bias,
                 Module::O => c.o_bias,
                 _ => false,
             };
             if bias {
-                v.push((format!("{p}.{}.bias", m.path()), vec![o]));
+                v.push((format!("{p}.{}.bias", m.path_in(c.layout)), vec![o]));
             }
         }
         if c.qk_norm {
@@ -397,15 +448,20 @@ impl Model {
             let p = format!("model.layers.{i}");
             let mut linears = Vec::with_capacity(7);
             for m in Module::ALL {
+                if !Module::present(cfg.layout).contains(&m) {
+                    linears.push(None);
+                    continue;
+                }
+                let path = m.path_in(cfg.layout);
                 let (o, inp) = m.dims(&cfg);
-                let w = get_linear(&format!("{p}.{}.weight", m.path()), &[o, inp])?;
+                let w = get_linear(&format!("{p}.{path}.weight"), &[o, inp])?;
                 let has_bias = match m {
                     Module::Q | Module::K | Module::V => cfg.qkv_bias,
                     Module::O => cfg.o_bias,
                     _ => false,
                 };
-                let b = if has_bias { Some(get(&format!("{p}.{}.bias", m.path()), &[o])?) } else { None };
-                linears.push(Linear { w, b, out_f: o, in_f: inp, id: i * 7 + m as usize });
+                let b = if has_bias { Some(get(&format!("{p}.{path}.bias"), &[o])?) } else { None };
+                linears.push(Some(Linear { w, b, out_f: o, in_f: inp, id: i * 7 + m as usize }));
             }
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
@@ -451,7 +507,7 @@ impl Model {
     /// Bytes of the reused buffers quantized weights are dequantized into (one per distinct
     /// projection size, allocated on first use); 0 without quantization.
     pub fn dequant_scratch_bytes(&self) -> u64 {
-        let mut sizes: Vec<usize> = self.layers.iter().flat_map(|l| &l.linears).filter(|l| matches!(l.w, Weight::Quant(_))).map(|l| l.out_f * l.in_f).collect();
+        let mut sizes: Vec<usize> = self.layers.iter().flat_map(|l| l.linears.iter().flatten()).filter(|l| matches!(l.w, Weight::Quant(_))).map(|l| l.out_f * l.in_f).collect();
         sizes.sort_unstable();
         sizes.dedup();
         sizes.iter().sum::<usize>() as u64 * self.dequant.buf_dtype.size() as u64
@@ -467,11 +523,11 @@ impl Model {
     pub fn dequantized_linears(&self) -> Result<Vec<(String, Vec<f32>)>> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            for m in Module::ALL {
-                let lin = &layer.linears[m as usize];
+            for &m in Module::present(self.cfg.layout) {
+                let lin = layer.lin(m)?;
                 if let Weight::Quant(_) = lin.w {
                     let w = self.weight(lin)?;
-                    out.push((format!("model.layers.{i}.{}.weight", m.path()), self.backend.download_f32(&w)?));
+                    out.push((format!("model.layers.{i}.{}.weight", m.path_in(self.cfg.layout)), self.backend.download_f32(&w)?));
                 }
             }
         }

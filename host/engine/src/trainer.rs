@@ -110,7 +110,7 @@ struct Prepared {
 pub fn activation_bytes(c: &ModelConfig, cfg: &AdapterConfig, tokens: usize, recompute: bool, dtype: DType) -> u64 {
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
-    let targets = cfg.resolve_targets().unwrap_or_default();
+    let targets = cfg.resolve_targets_for(c.layout).unwrap_or_default();
     let lora: usize = targets
         .iter()
         .map(|m| cfg.r + if cfg.use_dora { m.dims(c).0 } else { 0 })

@@ -1,7 +1,8 @@
 //! The CPU engine against transformers + PEFT: logits, loss, every adapter gradient, and the
 //! adapter after 5 AdamW steps with clipping, for every case written by
 //! `tests/engine/make_goldens.py` (llama, qwen2, qwen3, mistral, granite × LoRA, rsLoRA, DoRA;
-//! smollm3 with a no-RoPE layer; mistral with a sliding window shorter than the documents; gemma3 with a sliding and a global layer).
+//! smollm3 with a no-RoPE layer; mistral with a sliding window shorter than the documents; gemma3 with a sliding and a global layer;
+//! phi3 with fused projections and partial rotary, one with LongRoPE; granite4 dense with its fused shared MLP).
 
 mod common;
 
@@ -107,6 +108,8 @@ golden_cases!(
     smollm3_lora, smollm3_dora,
     mistral_sw_lora, mistral_sw_rslora,
     gemma3_lora, gemma3_dora,
+    phi3_lora, phi3_dora, phi3_longrope_lora,
+    granite4_lora, granite4_dora,
 );
 
 /// Gemma 3 has no CUDA kernels for GeGLU and keeps its `1 + w` norms f32: on the CUDA backend

@@ -276,8 +276,9 @@ pub fn check_model_files(dir: &std::path::Path, params: &ResolvedParams, weights
     let (scaling, factor) = match cfg.rope_scaling {
         lora_engine::RopeScaling::Linear { factor } => ("linear", factor),
         lora_engine::RopeScaling::Dynamic { factor } => ("dynamic", factor),
-        lora_engine::RopeScaling::Llama3 { .. } => {
-            let why = ", which its llama3 RoPE scaling already covers".to_string();
+        lora_engine::RopeScaling::Llama3 { .. } | lora_engine::RopeScaling::LongRope { .. } => {
+            let kind = if matches!(cfg.rope_scaling, lora_engine::RopeScaling::Llama3 { .. }) { "llama3" } else { "longrope" };
+            let why = format!(", which its {kind} RoPE scaling already covers");
             return Err(ModelInputError::SeqLen { max_seq_len: want, max_pos, allowed: max_pos, config, why });
         }
         lora_engine::RopeScaling::None => {

@@ -377,16 +377,23 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&self, x: &mut Buf, pos: &Buf, inv_freq: &Buf, tokens: usize, heads: usize, head_dim: usize, inverse: bool) -> Result<()> {
+        self.rope_partial(x, pos, inv_freq, tokens, heads, head_dim, head_dim, 1.0, inverse)
+    }
+
+    fn rope_partial(&self, x: &mut Buf, pos: &Buf, inv_freq: &Buf, tokens: usize, heads: usize, head_dim: usize, rotary_dim: usize, scale: f32, inverse: bool) -> Result<()> {
         check_len("rope", "x", x, tokens * heads * head_dim)?;
         check_len("rope", "pos", pos, tokens)?;
-        let half = head_dim / 2;
+        if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
+            return Err(EngineError::Shape { op: "rope", msg: format!("rotary_dim {rotary_dim} must be even, positive and at most head_dim {head_dim}") });
+        }
+        let half = rotary_dim / 2;
         check_len("rope", "inv_freq", inv_freq, half)?;
         let (pos, inv) = (u32s("rope", pos)?, f32s("rope", inv_freq)?);
         let sign = if inverse { -1.0 } else { 1.0 };
         f32s_mut("rope", x)?.par_chunks_mut(heads * head_dim).zip(pos.par_iter()).for_each(|(row, &p)| {
             for i in 0..half {
                 let ang = p as f32 * inv[i];
-                let (c, s) = (ang.cos(), sign * ang.sin());
+                let (c, s) = (ang.cos() * scale, sign * (ang.sin() * scale));
                 for hh in 0..heads {
                     let base = hh * head_dim;
                     let (x1, x2) = (row[base + i], row[base + i + half]);
@@ -394,6 +401,19 @@ impl Backend for CpuBackend {
                     row[base + i + half] = x2 * c + x1 * s;
                 }
             }
+        });
+        Ok(())
+    }
+
+    fn copy_cols(&self, src: &Buf, src_cols: usize, src_col: usize, dst: &mut Buf, dst_cols: usize, dst_col: usize, rows: usize, width: usize) -> Result<()> {
+        check_len("copy_cols", "src", src, rows * src_cols)?;
+        check_len("copy_cols", "dst", dst, rows * dst_cols)?;
+        if src_col + width > src_cols || dst_col + width > dst_cols {
+            return Err(EngineError::Shape { op: "copy_cols", msg: format!("columns {src_col}+{width} of {src_cols} into {dst_col}+{width} of {dst_cols}") });
+        }
+        let from = f32s("copy_cols", src)?;
+        f32s_mut("copy_cols", dst)?.par_chunks_mut(dst_cols).zip(from.par_chunks(src_cols)).for_each(|(d, s)| {
+            d[dst_col..dst_col + width].copy_from_slice(&s[src_col..src_col + width]);
         });
         Ok(())
     }

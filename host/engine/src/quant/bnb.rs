@@ -334,8 +334,8 @@ pub fn write_checkpoint(src: &Path, dst: &Path, cfg: &QuantConfig) -> Result<()>
     };
     let mut quantized: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for i in 0..mc.num_hidden_layers {
-        for m in Module::ALL {
-            quantized.insert(format!("model.layers.{i}.{}.weight", m.path()), m.dims(&mc));
+        for &m in Module::present(mc.layout) {
+            quantized.insert(format!("model.layers.{i}.{}.weight", m.path_in(mc.layout)), m.dims(&mc));
         }
     }
     let mut tensors: Vec<RawOut> = Vec::new();

@@ -401,6 +401,7 @@ fn inv_freqs(hd: usize, max_pos: usize) -> Vec<(&'static str, Vec<f32>)> {
     use crate::config::{ModelConfig, RopeScaling};
     let mut cfg = ModelConfig::tiny_llama(16);
     cfg.head_dim = hd;
+    cfg.rotary_dim = hd;
     cfg.rope_theta = 500_000.0;
     cfg.max_position_embeddings = 1024;
     let kinds = [

@@ -249,6 +249,7 @@ fn model_config(m: &ArgMatches) -> Result<(String, ModelConfig), ToolError> {
             num_attention_heads: shaped.num_attention_heads,
             num_key_value_heads: shaped.num_key_value_heads,
             head_dim: shaped.head_dim,
+            rotary_dim: shaped.rotary_dim,
             vocab_size: shaped.vocab_size,
             attention_scale: shaped.attention_scale,
             ..p
