@@ -456,17 +456,21 @@ impl Backend for CudaBackend {
     }
 
     fn rope(&self, x: &mut Buf, pos: &Buf, inv_freq: &Buf, tokens: usize, heads: usize, head_dim: usize, inverse: bool) -> Result<()> {
+        self.rope_partial(x, pos, inv_freq, tokens, heads, head_dim, head_dim, 1.0, inverse)
+    }
+
+    fn rope_partial(&self, x: &mut Buf, pos: &Buf, inv_freq: &Buf, tokens: usize, heads: usize, head_dim: usize, rotary_dim: usize, scale: f32, inverse: bool) -> Result<()> {
         let op = "rope";
-        if !head_dim.is_multiple_of(2) {
-            return Err(err(op, format!("head_dim {head_dim} is odd")));
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
+            return Err(err(op, format!("rotary_dim {rotary_dim} must be even, positive and at most head_dim {head_dim}")));
         }
         check_len(op, "x", x, tokens * heads * head_dim)?;
         check_len(op, "pos", pos, tokens)?;
-        check_len(op, "inv_freq", inv_freq, head_dim / 2)?;
+        check_len(op, "inv_freq", inv_freq, rotary_dim / 2)?;
         need(op, "x", x, &[DType::F32])?;
         need(op, "pos", pos, &[DType::U32])?;
         need(op, "inv_freq", inv_freq, &[DType::F32])?;
-        let n = tokens * heads * head_dim / 2;
+        let n = tokens * heads * rotary_dim / 2;
         if n == 0 {
             return Ok(());
         }
@@ -477,6 +481,8 @@ impl Backend for CudaBackend {
             Arg::I32(i32_of(op, "tokens", tokens)?),
             Arg::I32(i32_of(op, "heads", heads)?),
             Arg::I32(i32_of(op, "head_dim", head_dim)?),
+            Arg::I32(i32_of(op, "rotary_dim", rotary_dim)?),
+            Arg::F32(scale),
             Arg::I32(inverse as i32),
         ])
     }

@@ -435,6 +435,18 @@ fn rope(c: &mut Ctx) {
                 }, &|| vec![r::rope(&f64s(&x), &pos, &inv, t, heads, hd, inverse)]);
             }
         }
+        // Partial rotary (Phi-4-mini: 3/4 of each head) with a LongRoPE attention factor.
+        let rd = hd * 3 / 4;
+        let inv: Vec<f32> = inv_freqs(rd, t).remove(0).1;
+        for inverse in [false, true] {
+            let shape = format!("t{t} h{heads} hd{hd} rotary {rd} x1.19");
+            let op = if inverse { "rope partial (inverse)" } else { "rope partial" };
+            c.compare(op, &shape, Tol::F32, &["x"], &|be| {
+                let (mut xb, pb, fb) = (up(be, &x)?, up_u(be, &pos)?, up(be, &inv)?);
+                be.rope_partial(&mut xb, &pb, &fb, t, heads, hd, rd, 1.19, inverse)?;
+                Ok(vec![down(be, &xb)?])
+            }, &|| vec![r::rope_partial(&f64s(&x), &pos, &inv, t, heads, hd, rd, 1.19, inverse)]);
+        }
     }
 }
 

@@ -55,7 +55,14 @@ pub fn rmsnorm_bwd(dy: &[f64], x: &[f64], w: &[f64], rows: usize, dim: usize, ep
 /// formed in f32, as Hugging Face forms it (in f64 it differs by up to ulp(angle) at long
 /// positions); sin and cos are then taken in f64.
 pub fn rope(x: &[f64], pos: &[u32], inv_freq: &[f32], t: usize, heads: usize, hd: usize, inverse: bool) -> Vec<f64> {
-    let half = hd / 2;
+    rope_partial(x, pos, inv_freq, t, heads, hd, hd, 1.0, inverse)
+}
+
+/// [`rope`] on the first `rd` dims of each head (pairs `(i, i + rd/2)`; the rest pass
+/// through), cos and sin scaled by `scale`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_partial(x: &[f64], pos: &[u32], inv_freq: &[f32], t: usize, heads: usize, hd: usize, rd: usize, scale: f64, inverse: bool) -> Vec<f64> {
+    let half = rd / 2;
     let mut y = x.to_vec();
     for (tt, &p) in pos.iter().enumerate().take(t) {
         for h in 0..heads {
@@ -63,6 +70,7 @@ pub fn rope(x: &[f64], pos: &[u32], inv_freq: &[f32], t: usize, heads: usize, hd
             for i in 0..half {
                 let ang = f64::from(p as f32 * inv_freq[i]);
                 let (s, c) = ang.sin_cos();
+                let (s, c) = (s * scale, c * scale);
                 let s = if inverse { -s } else { s };
                 let (a, b) = (x[base + i], x[base + i + half]);
                 y[base + i] = a * c - b * s;
