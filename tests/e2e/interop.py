@@ -46,7 +46,7 @@ def compare(name, ours, ref):
 def main(root):
     torch.manual_seed(0)
     ok = True
-    for variant in ["lora", "rslora", "dora", "smollm3", "mistral_sw", "gemma3"]:
+    for variant in ["lora", "rslora", "dora", "smollm3", "mistral_sw", "gemma3", "phi3", "granite4"]:
         work = pathlib.Path(root) / variant
         if not work.exists():
             continue

@@ -186,7 +186,33 @@ fn write_interop_fixture() {
     let mistral_sw = ModelConfig { arch: lora_engine::Arch::Mistral, sliding_window: Some(6), ..llama.clone() };
     // Gemma 3: a sliding layer (window 6, local RoPE base) then a global one, query_pre_attn_scalar 64.
     let gemma3 = ModelConfig { attention_scale: 0.125, ..common::tiny_gemma3(llama.vocab_size) };
+    // Phi-3: fused qkv_proj / gate_up_proj, RoPE on 12 of 16 head dims, LongRoPE (the prompt is
+    // longer than original_max_position_embeddings 8: long factors, attention factor 1.3).
+    let phi3 = ModelConfig {
+        arch: lora_engine::Arch::Phi3,
+        layout: lora_engine::Layout::Phi3,
+        rotary_dim: 12,
+        rope_scaling: lora_engine::RopeScaling::LongRope {
+            short_factor: vec![1.0, 1.1, 1.2, 1.5, 2.0, 3.0],
+            long_factor: vec![1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+            original_max_position_embeddings: 8,
+            attention_factor: 1.3,
+        },
+        ..llama.clone()
+    };
+    // Granite 4.0 dense: fused shared_mlp.input_linear, Granite multipliers.
+    let granite4 = ModelConfig {
+        arch: lora_engine::Arch::Granite4,
+        layout: lora_engine::Layout::Granite4,
+        embedding_multiplier: 2.0,
+        residual_multiplier: 0.5,
+        logits_scaling: 1.5,
+        attention_scale: 0.2,
+        ..llama.clone()
+    };
     for (variant, cfg, extra) in [
+        ("phi3", &phi3, &[][..]),
+        ("granite4", &granite4, &[][..]),
         ("lora", &llama, &[][..]),
         ("rslora", &llama, &["--training-lora-use-rslora", "true"][..]),
         ("dora", &llama, &["--training-lora-use-dora", "true"][..]),
