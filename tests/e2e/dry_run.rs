@@ -162,3 +162,33 @@ fn the_dry_run_shows_gemma3s_switches() {
     ];
     assert_eq!(a["switches"], serde_json::json!(want), "{a}");
 }
+
+/// Phi-3 and Granite 4 dense in `--dry-run`: their fused modules as switches and LoRA targets
+/// under their own names; a split name (`q_proj`) on Phi-3 is refused naming the valid ones.
+#[test]
+fn the_dry_run_shows_phi3_and_granite4_with_their_fused_modules() {
+    let work = temp_dir("dry-phi3");
+    let llama = lora_engine::ModelConfig::tiny_llama(49152);
+    let phi3 = lora_engine::ModelConfig { arch: lora_engine::Arch::Phi3, layout: lora_engine::Layout::Phi3, rotary_dim: 12, ..llama.clone() };
+    let model = tiny_model_of(&work.join("base"), &phi3, DType::F32);
+    let args = ["--training-lora-target-modules", "qkv_proj,gate_up_proj", "--dry-run", "--json"];
+    let plan: Value = serde_json::from_slice(&run_ok(train_cmd(&work, &model, &capitals(), &args)).stdout).unwrap();
+    let a = &plan["architecture"];
+    assert_eq!((&a["family"], &a["architecture"]), (&Value::from("phi3"), &Value::from("Phi3ForCausalLM")), "{a}");
+    assert_eq!(a["switches"], serde_json::json!(["GQA 4/2", "fused qkv_proj (q | k | v) and gate_up_proj (gate | up)", "partial rotary: 12 of 16 head dims"]), "{a}");
+    assert_eq!(a["lora_targets"], serde_json::json!(["qkv_proj", "gate_up_proj"]), "{a}");
+    let out = train_cmd(&work, &model, &capitals(), &["--training-lora-target-modules", "q_proj", "--dry-run"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`q_proj` is not an adaptable module of this model") && err.contains("qkv_proj, o_proj, gate_up_proj, down_proj"), "{err}");
+
+    let work = temp_dir("dry-granite4");
+    let g4 = lora_engine::ModelConfig { arch: lora_engine::Arch::Granite4, layout: lora_engine::Layout::Granite4, residual_multiplier: 0.5, ..llama };
+    let model = tiny_model_of(&work.join("base"), &g4, DType::F32);
+    let plan: Value = serde_json::from_slice(&run_ok(train_cmd(&work, &model, &capitals(), &["--dry-run", "--json"])).stdout).unwrap();
+    let a = &plan["architecture"];
+    assert_eq!((&a["family"], &a["architecture"]), (&Value::from("granitemoehybrid"), &Value::from("GraniteMoeHybridForCausalLM")), "{a}");
+    let sw: Vec<&str> = a["switches"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert!(sw.contains(&"fused shared_mlp.input_linear (gate | up), shared_mlp.output_linear") && sw.iter().any(|s| s.starts_with("Granite multipliers")), "{a}");
+    let targets = a["lora_targets"].as_array().unwrap();
+    assert!(targets.contains(&Value::from("input_linear")) && !targets.contains(&Value::from("up_proj")), "{a}");
+}
