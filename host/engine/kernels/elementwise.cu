@@ -77,6 +77,16 @@ extern "C" __global__ void sum_squares_f32(const float* x, size_t n, double* par
         partial[blockIdx.x] = total;
     }
 }
+// dst[r, dst_col + j] = src[r, src_col + j] for j < width: a column block of a row-major matrix
+// (a fused projection's output split into its parts, and their gradients joined back).
+extern "C" __global__ void copy_cols_f32(const float* src, size_t src_cols, size_t src_col, float* dst, size_t dst_cols,
+                                         size_t dst_col, size_t rows, size_t width) {
+    const size_t n = rows * width;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / width, j = i % width;
+        dst[r * dst_cols + dst_col + j] = src[r * src_cols + src_col + j];
+    }
+}
 // out = a / b
 extern "C" __global__ void div_f32(const float* a, const float* b, float* out, size_t n) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)

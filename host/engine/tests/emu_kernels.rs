@@ -141,14 +141,17 @@ fn rope_matches_the_cpu_backend_both_ways() {
     let (tokens, heads, hd) = (9, 3, 16);
     let x = values(tokens * heads * hd, 9);
     let pos: Vec<u32> = (0..tokens as u32).map(|t| t % 5).collect();
-    let inv: Vec<f32> = (0..hd / 2).map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32)).collect();
-    for inverse in [false, true] {
-        let mut cx = cpu_buf(&cpu, &x);
-        cpu.rope(&mut cx, &cpu_u32(&cpu, &pos), &cpu_buf(&cpu, &inv), tokens, heads, hd, inverse).unwrap();
-        let px = dev.f32s(&x);
-        let n = tokens * heads * hd / 2;
-        dev.run("rope_f32", grid1d(n), (256, 1, 1), 0, &[ptr(px), ptr(dev.u32s(&pos)), ptr(dev.f32s(&inv)), i32a(tokens), i32a(heads), i32a(hd), EmuArg::I32(inverse as i32)]);
-        assert_close("rope_f32", &dev.get_f32(px, tokens * heads * hd), &cpu_get(&cpu, &cx), 1e-6, 1e-5);
+    // Whole heads, and partial rotary (12 of 16 dims) with a LongRoPE cos/sin factor.
+    for (rd, scale) in [(hd, 1.0f32), (12, 1.19)] {
+        let inv: Vec<f32> = (0..rd / 2).map(|i| 10000f32.powf(-2.0 * i as f32 / rd as f32)).collect();
+        for inverse in [false, true] {
+            let mut cx = cpu_buf(&cpu, &x);
+            cpu.rope_partial(&mut cx, &cpu_u32(&cpu, &pos), &cpu_buf(&cpu, &inv), tokens, heads, hd, rd, scale, inverse).unwrap();
+            let px = dev.f32s(&x);
+            let n = tokens * heads * rd / 2;
+            dev.run("rope_f32", grid1d(n), (256, 1, 1), 0, &[ptr(px), ptr(dev.u32s(&pos)), ptr(dev.f32s(&inv)), i32a(tokens), i32a(heads), i32a(hd), i32a(rd), EmuArg::F32(scale), EmuArg::I32(inverse as i32)]);
+            assert_close("rope_f32", &dev.get_f32(px, tokens * heads * hd), &cpu_get(&cpu, &cx), 1e-6, 1e-5);
+        }
     }
 }
 

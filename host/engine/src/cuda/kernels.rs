@@ -31,6 +31,7 @@ pub const FAMILIES: &[Family] = &[
             "col_dot_f32",
             "sum_squares_f32",
             "div_f32",
+            "copy_cols_f32",
         ],
     },
     Family {

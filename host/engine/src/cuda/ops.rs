@@ -320,6 +320,31 @@ impl Backend for CudaBackend {
         ])
     }
 
+    fn copy_cols(&self, src: &Buf, src_cols: usize, src_col: usize, dst: &mut Buf, dst_cols: usize, dst_col: usize, rows: usize, width: usize) -> Result<()> {
+        let op = "copy_cols";
+        check_len(op, "src", src, rows * src_cols)?;
+        check_len(op, "dst", dst, rows * dst_cols)?;
+        if src_col + width > src_cols || dst_col + width > dst_cols {
+            return Err(err(op, format!("columns {src_col}+{width} of {src_cols} into {dst_col}+{width} of {dst_cols}")));
+        }
+        need(op, "src", src, &[DType::F32])?;
+        need(op, "dst", dst, &[DType::F32])?;
+        let n = rows * width;
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(op, "copy_cols_f32", grid1d(n), &[
+            Arg::Ptr(self.ptr(op, "src", src)?),
+            Arg::Size(src_cols),
+            Arg::Size(src_col),
+            Arg::Ptr(self.ptr(op, "dst", dst)?),
+            Arg::Size(dst_cols),
+            Arg::Size(dst_col),
+            Arg::Size(rows),
+            Arg::Size(width),
+        ])
+    }
+
     fn col_dot(&self, a: &Buf, b: &Buf, out: &mut Buf, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
         let op = "col_dot";
         check_len(op, "a", a, rows * cols)?;

@@ -274,6 +274,7 @@ fn gemm(c: &mut Ctx) {
 }
 
 fn elementwise(c: &mut Ctx) {
+    copy_cols(c);
     let n = 1001;
     let (x, y) = (c.vec(n, 2.0), c.vec(n, 2.0));
     c.compare("axpy", &format!("n{n}"), Tol::F32, &["y"], &|be| {
@@ -417,6 +418,28 @@ fn inv_freqs(hd: usize, max_pos: usize) -> Vec<(&'static str, Vec<f32>)> {
             (name, cfg.rope_inv_freq(max_pos))
         })
         .collect()
+}
+
+/// A column block of a row-major matrix into another's (fused projections' split and join):
+/// columns outside the block keep their values.
+fn copy_cols(c: &mut Ctx) {
+    for &(rows, src_cols, src_col, dst_cols, dst_col, width) in &[(7usize, 40usize, 24usize, 8usize, 0usize, 8usize), (300, 12, 0, 36, 12, 12)] {
+        let (src, dst) = (c.vec(rows * src_cols, 1.0), c.vec(rows * dst_cols, 1.0));
+        let shape = format!("rows {rows}: {width} of {src_cols} at {src_col} -> {dst_cols} at {dst_col}");
+        c.compare("copy_cols", &shape, Tol::F32, &["dst"], &|be| {
+            let (sb, mut db) = (up(be, &src)?, up(be, &dst)?);
+            be.copy_cols(&sb, src_cols, src_col, &mut db, dst_cols, dst_col, rows, width)?;
+            Ok(vec![down(be, &db)?])
+        }, &|| {
+            let mut want = f64s(&dst);
+            for r in 0..rows {
+                for j in 0..width {
+                    want[r * dst_cols + dst_col + j] = f64::from(src[r * src_cols + src_col + j]);
+                }
+            }
+            vec![want]
+        });
+    }
 }
 
 fn rope(c: &mut Ctx) {
