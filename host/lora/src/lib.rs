@@ -16,5 +16,6 @@ pub mod fs;
 pub mod redact;
 pub mod parallel;
 pub mod rendezvous;
+pub mod trainjob;
 pub mod run;
 pub mod trackers;
