@@ -388,6 +388,84 @@ pub fn manifest(p: &lora_params::Params, l: &Launch) -> Result<Value> {
     }))
 }
 
+/// Where a TrainJob is, from its `status.conditions` (`metav1.Condition`: `type`, `status`
+/// `"True"`/`"False"`/`"Unknown"`, `reason`, `message`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    /// No finishing condition yet (pods pending or running).
+    Active,
+    /// `Suspended` is True: nothing runs until someone resumes it.
+    Suspended,
+    Complete,
+    Failed { reason: String, message: String },
+}
+
+/// The phase of `job` (a TrainJob as the API server returns it). A Failed condition wins over
+/// Complete (a controller sets only one; a broken object with both must not pass as success).
+pub fn phase(job: &Value) -> Phase {
+    let conditions = job["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    let holds = |t: &str| conditions.iter().find(|c| c["type"] == t && c["status"] == "True");
+    if let Some(c) = holds("Failed") {
+        let text = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+        return Phase::Failed { reason: text("reason"), message: text("message") };
+    }
+    if holds("Complete").is_some() {
+        return Phase::Complete;
+    }
+    if holds("Suspended").is_some() {
+        return Phase::Suspended;
+    }
+    Phase::Active
+}
+
+/// The label selector of the pods of TrainJob `name` (its JobSet has the TrainJob's name).
+pub fn pods_selector(name: &str) -> String {
+    format!("jobset.sigs.k8s.io/jobset-name={name}")
+}
+
+fn label<'a>(pod: &'a Value, k: &str) -> Option<&'a str> {
+    pod["metadata"]["labels"][k].as_str()
+}
+
+/// The pod of node 0 (`PET_NODE_RANK` 0: completion index 0 of the `node` job) among `pods` (a
+/// PodList), whose log the launcher streams. The newest such pod when a restart made several.
+pub fn node0_pod(pods: &Value) -> Option<String> {
+    pods["items"]
+        .as_array()?
+        .iter()
+        .filter(|p| label(p, "jobset.sigs.k8s.io/replicatedjob-name") == Some(NODE) && label(p, "batch.kubernetes.io/job-completion-index") == Some("0"))
+        .max_by_key(|p| p["metadata"]["creationTimestamp"].as_str().unwrap_or_default().to_owned())
+        .and_then(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+}
+
+/// The pods whose trainer container ended in failure (non-zero exit, or the pod Failed), with
+/// their node rank and how the container ended: whose last log lines a Failed TrainJob reports.
+pub fn failed_pods(pods: &Value) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for p in pods["items"].as_array().into_iter().flatten() {
+        let name = p["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let rank = label(p, "batch.kubernetes.io/job-completion-index").unwrap_or("?").to_owned();
+        let node = p["status"]["containerStatuses"].as_array().into_iter().flatten().find(|c| c["name"] == NODE);
+        let ended = node.map(|c| &c["state"]["terminated"]).filter(|t| t.is_object());
+        match ended {
+            Some(t) if t["exitCode"].as_i64() != Some(0) => {
+                let how = match (t["exitCode"].as_i64(), t["reason"].as_str()) {
+                    (Some(code), Some(reason)) => format!("exit code {code} ({reason})"),
+                    (Some(code), None) => format!("exit code {code}"),
+                    (None, _) => "ended without an exit code".to_owned(),
+                };
+                out.push((name, rank, how));
+            }
+            None if p["status"]["phase"] == "Failed" => {
+                let why = p["status"]["reason"].as_str().or(p["status"]["message"].as_str()).unwrap_or("pod Failed");
+                out.push((name, rank, why.to_owned()));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 #[path = "trainjob_test.rs"]
 mod tests;

@@ -348,3 +348,65 @@ fn a_trainjob_is_needed_for_several_pods_only() {
     assert!(!needed(&p(1, 1)) && !needed(&p(1, 0)) && !needed(&p(1, 4)));
     assert!(needed(&p(2, 1)));
 }
+
+fn job(conditions: Value) -> Value {
+    json!({ "apiVersion": API_VERSION, "kind": "TrainJob", "metadata": { "name": "lora-3f9a2c" }, "status": { "conditions": conditions } })
+}
+
+fn cond(t: &str, status: &str, reason: &str, message: &str) -> Value {
+    json!({ "type": t, "status": status, "reason": reason, "message": message, "lastTransitionTime": "2026-12-02T14:00:00Z" })
+}
+
+#[test]
+fn the_phase_comes_from_the_conditions_that_hold() {
+    assert_eq!(phase(&json!({ "metadata": {} })), Phase::Active);
+    assert_eq!(phase(&job(json!([]))), Phase::Active);
+    assert_eq!(phase(&job(json!([cond("Suspended", "False", "Resumed", "")]))), Phase::Active);
+    assert_eq!(phase(&job(json!([cond("Suspended", "True", "Suspended", "")]))), Phase::Suspended);
+    assert_eq!(phase(&job(json!([cond("Complete", "True", "JobsCompleted", "done")]))), Phase::Complete);
+    assert_eq!(phase(&job(json!([cond("Complete", "False", "", "")]))), Phase::Active);
+    let failed = cond("Failed", "True", "JobsFailed", "jobset failed: node-0 exited 1");
+    assert_eq!(
+        phase(&job(json!([cond("Complete", "True", "JobsCompleted", ""), failed]))),
+        Phase::Failed { reason: "JobsFailed".into(), message: "jobset failed: node-0 exited 1".into() }
+    );
+}
+
+fn pod(name: &str, index: &str, created: &str, status: Value) -> Value {
+    json!({
+        "metadata": {
+            "name": name,
+            "creationTimestamp": created,
+            "labels": {
+                "jobset.sigs.k8s.io/jobset-name": "lora-3f9a2c",
+                "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                "batch.kubernetes.io/job-completion-index": index,
+            },
+        },
+        "status": status,
+    })
+}
+
+#[test]
+fn node_0_and_the_failed_pods_are_found_by_their_labels_and_states() {
+    let running = json!({ "phase": "Running", "containerStatuses": [{ "name": "node", "state": { "running": {} } }] });
+    let killed = json!({ "phase": "Failed", "containerStatuses": [{ "name": "node", "state": { "terminated": { "exitCode": 137, "reason": "OOMKilled" } } }] });
+    let ok = json!({ "phase": "Succeeded", "containerStatuses": [{ "name": "node", "state": { "terminated": { "exitCode": 0 } } }] });
+    let evicted = json!({ "phase": "Failed", "reason": "Evicted" });
+    let pods = json!({ "items": [
+        pod("lora-3f9a2c-node-0-0-old", "0", "2026-12-02T14:00:00Z", ok.clone()),
+        pod("lora-3f9a2c-node-0-1-abcde", "1", "2026-12-02T14:00:00Z", killed),
+        pod("lora-3f9a2c-node-0-0-new", "0", "2026-12-02T14:05:00Z", running),
+        pod("lora-3f9a2c-node-0-2-fghij", "2", "2026-12-02T14:00:00Z", evicted),
+    ] });
+    assert_eq!(node0_pod(&pods).as_deref(), Some("lora-3f9a2c-node-0-0-new"));
+    assert_eq!(node0_pod(&json!({ "items": [] })), None);
+    assert_eq!(
+        failed_pods(&pods),
+        vec![
+            ("lora-3f9a2c-node-0-1-abcde".to_owned(), "1".to_owned(), "exit code 137 (OOMKilled)".to_owned()),
+            ("lora-3f9a2c-node-0-2-fghij".to_owned(), "2".to_owned(), "Evicted".to_owned()),
+        ]
+    );
+    assert_eq!(pods_selector("lora-3f9a2c"), "jobset.sigs.k8s.io/jobset-name=lora-3f9a2c");
+}
