@@ -17,5 +17,6 @@ pub mod redact;
 pub mod parallel;
 pub mod rendezvous;
 pub mod trainjob;
+pub mod kube;
 pub mod run;
 pub mod trackers;
