@@ -8,7 +8,8 @@
 # `--features mpi`, which `cargo test --workspace` does not: bindgen changes shared proc-macro
 # features, so the first run rebuilds most of the workspace: measured on 2 cores with the test
 # command's own build already in place, about 5.5 min (1.6 lora-engine + mpi-sys, 3.8 the rest,
-# wasmtime included), then 23 s for the three tests. The Debian packages: about 1 min.
+# wasmtime included), then about 35 s for the four tests (33.5 s measured). The Debian packages:
+# about 1 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
