@@ -3,7 +3,7 @@
 //! and wait for it to end while printing node 0's log. In a pod it uses the service account
 //! (`KUBERNETES_SERVICE_HOST`/`_PORT`, its token, CA and namespace); `LORA_KUBE_API` names
 //! another API server address (an `http://127.0.0.1:…` test server, `kubectl proxy`).
-//! Not yet called by `lora kfp`: `training_resource_num_workers` > 1 stays refused.
+//! `lora kfp` calls it through [`crate::launcher`] when `training_resource_num_workers` > 1.
 
 use std::io::Write;
 use std::path::Path;

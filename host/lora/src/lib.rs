@@ -18,5 +18,6 @@ pub mod parallel;
 pub mod rendezvous;
 pub mod trainjob;
 pub mod kube;
+pub mod launcher;
 pub mod run;
 pub mod trackers;

@@ -288,8 +288,27 @@ fn trainjob_nodes() -> Option<i64> {
 /// reference's micro-batch arithmetic divides by it.
 pub fn resolve_for_world(
     params: Params,
+    sources: BTreeMap<&'static str, Source>,
+    world_size: u64,
+) -> Result<ResolvedParams, ParamErrors> {
+    resolve_in(params, sources, world_size, false)
+}
+
+/// As [`resolve`], in `lora kfp` launching a TrainJob of `training_resource_num_workers` pods
+/// (its workers resolve the parameters again, under their `PET_NNODES`): more than one worker is
+/// what it is for, so that count is not refused here.
+pub fn resolve_for_trainjob_launcher(
+    params: Params,
+    sources: BTreeMap<&'static str, Source>,
+) -> Result<ResolvedParams, ParamErrors> {
+    resolve_in(params, sources, 1, true)
+}
+
+fn resolve_in(
+    params: Params,
     mut sources: BTreeMap<&'static str, Source>,
     world_size: u64,
+    trainjob_launcher: bool,
 ) -> Result<ResolvedParams, ParamErrors> {
     let mut notes = Vec::new();
     let mut c = Checker {
@@ -304,7 +323,7 @@ pub fn resolve_for_world(
         let launched = world_size > 1 && u.param == "training_resource_num_procs_per_worker";
         // A worker of a TrainJob of that many pods (its torch runtime's PET_NNODES).
         let trainjob_worker = u.param == "training_resource_num_workers"
-            && trainjob_nodes() == Some(p.training_resource_num_workers);
+            && (trainjob_launcher || trainjob_nodes() == Some(p.training_resource_num_workers));
         if (u.requested)(p) && !launched && !trainjob_worker {
             c.err(
                 u.param,
