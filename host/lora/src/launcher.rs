@@ -18,6 +18,8 @@ use crate::trainjob::{self, Launch};
 
 /// The workers' image; [`crate::component::IMAGE`] unless this names another.
 pub const IMAGE_ENV: &str = "LORA_IMAGE";
+/// The TrainJob's namespace; the service account's unless this names another.
+pub const NAMESPACE_ENV: &str = "LORA_KUBE_NAMESPACE";
 /// Seconds between two looks at the TrainJob (default 5; fractions allowed).
 pub const POLL_ENV: &str = "LORA_TRAINJOB_POLL_SECONDS";
 /// How long the launcher waits for the TrainJob to end before deleting it (default 7 days).
@@ -53,8 +55,11 @@ fn job_name() -> String {
     format!("lora-{}", d.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>())
 }
 
-/// The namespace: the service account's (in a pod), else `default`.
-fn namespace(sa: &Path) -> String {
+/// The namespace: `LORA_KUBE_NAMESPACE`, else the service account's (in a pod), else `default`.
+fn namespace(env: &[(String, String)], sa: &Path) -> String {
+    if let Some(ns) = var(env, NAMESPACE_ENV).filter(|s| !s.trim().is_empty()) {
+        return ns.trim().to_owned();
+    }
     std::fs::read_to_string(sa.join("namespace")).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into())
 }
 
@@ -91,7 +96,7 @@ fn launch_of(r: &Request, env: &[(String, String)], name: String, ns: String) ->
 /// `lora kfp --dry-run`: the TrainJob it would create, as JSON; no cluster is contacted.
 pub fn dry_run(r: &Request, env: &[(String, String)]) -> Result<Value> {
     let sa = Path::new(kube::SERVICE_ACCOUNT);
-    let l = launch_of(r, env, job_name(), namespace(sa))?;
+    let l = launch_of(r, env, job_name(), namespace(env, sa))?;
     trainjob::manifest(&r.params.params, &l)
 }
 
@@ -117,7 +122,7 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
 /// `lora kfp` writes into `executor_output.json`.
 pub fn run(r: &Request, env: &[(String, String)]) -> Result<RunOutcome> {
     let sa = Path::new(kube::SERVICE_ACCOUNT);
-    let client = Kube::from_env(|k| var(env, k), sa, None)?;
+    let client = Kube::from_env(|k| var(env, k), sa, var(env, NAMESPACE_ENV).filter(|s| !s.trim().is_empty()))?;
     let poll = seconds(env, POLL_ENV, 5.0)?;
     let deadline = seconds(env, DEADLINE_ENV, 7.0 * 86400.0)?;
     let l = launch_of(r, env, job_name(), client.namespace.clone())?;
