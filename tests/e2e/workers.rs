@@ -69,7 +69,7 @@ fn num_workers_is_accepted_only_in_a_worker_of_a_trainjob_of_that_many_pods() {
         let out = c.output().unwrap();
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{log}");
-        assert!(log.contains("training_resource_num_workers") && log.contains("TrainJob launcher, which is not built"), "{nnodes:?}: {log}");
+        assert!(log.contains("training_resource_num_workers") && log.contains("a TrainJob that `lora kfp` launches"), "{nnodes:?}: {log}");
     }
     assert!(!work.join("out/model").exists(), "nothing is written");
     let _ = std::fs::remove_dir_all(&work);
