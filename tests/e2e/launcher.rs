@@ -29,6 +29,11 @@ fn pod(job: &str, index: &str, status: Value) -> Value {
 
 /// The executor input of a 2-worker run whose workspace is `work/pvc`, mounted as such.
 fn executor_input(work: &Path, model: &Path) -> PathBuf {
+    executor_input_with(work, model, |_| {})
+}
+
+/// [`executor_input`] changed by `edit` first.
+fn executor_input_with(work: &Path, model: &Path, edit: impl FnOnce(&mut Value)) -> PathBuf {
     let art = |name: &str, path: &Path, kind: &str| json!({ name: { "artifacts": [{ "name": name, "type": { "schemaTitle": kind }, "uri": path, "metadata": {} }] } });
     let mut outputs = serde_json::Map::new();
     for (name, path, kind) in [
@@ -66,6 +71,8 @@ fn executor_input(work: &Path, model: &Path) -> PathBuf {
             "outputFile": work.join("kfp/executor_output.json"),
         }
     });
+    let mut input = input;
+    edit(&mut input);
     let path = work.join("executor_input.json");
     std::fs::write(&path, input.to_string()).unwrap();
     path
@@ -278,5 +285,47 @@ fn dry_run_prints_the_trainjob_without_contacting_a_cluster() {
     assert_eq!(pos("--dataset"), dir.join("dataset").join(capitals().file_name().unwrap()).to_str().unwrap());
     assert!(seen.lock().unwrap().is_empty(), "no request");
     assert!(!work.join("pvc/.lora-trainjob").exists(), "nothing written");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn a_dataset_on_the_workspace_is_read_where_it_is() {
+    let work = temp_dir("launch-dry-pvc");
+    let model = tiny_model(&work.join("base"), DType::F32);
+    let on_pvc = work.join("pvc/data/train.jsonl");
+    std::fs::create_dir_all(on_pvc.parent().unwrap()).unwrap();
+    std::fs::copy(capitals(), &on_pvc).unwrap();
+    let input = executor_input_with(&work, &model, |i| i["inputs"]["artifacts"]["dataset"]["artifacts"][0]["uri"] = json!(on_pvc));
+    let mut c = kfp_cmd(&work, &input, "http://127.0.0.1:1");
+    c.args(["--dry-run", "--json"]);
+    let m: Value = serde_json::from_slice(&run_ok(c).stdout).unwrap();
+    let args: Vec<&str> = m["spec"]["trainer"]["args"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(args[args.iter().position(|a| *a == "--dataset").unwrap() + 1], on_pvc.to_str().unwrap());
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn bad_launcher_input_exits_2_before_any_request() {
+    let work = temp_dir("launch-bad");
+    let model = tiny_model(&work.join("base"), DType::F32);
+    let (api, seen) = serve(Box::new(|_, _| (500, status(500, "must not be called"))));
+    let cases: [(&str, Box<dyn Fn(&mut Value)>, Option<(&str, &str)>); 4] = [
+        ("is on none of the volume mounts of kubernetes_config.volume_mounts", Box::new(|i| i["inputs"]["parameterValues"]["kubernetes_config"]["volume_mounts"] = json!([])), None),
+        ("training_resource_gpu_per_worker=0", Box::new(|i| i["inputs"]["parameterValues"]["training_resource_gpu_per_worker"] = json!(0.0)), None),
+        ("the dataset artifact path", Box::new(|i| i["inputs"]["artifacts"]["dataset"]["artifacts"][0]["uri"] = json!("/nonexistent/train.jsonl")), None),
+        ("LORA_TRAINJOB_POLL_SECONDS=\"soon\": must be a number of seconds", Box::new(|_| {}), Some(("LORA_TRAINJOB_POLL_SECONDS", "soon"))),
+    ];
+    for (want, edit, var) in cases {
+        let input = executor_input_with(&work, &model, |i| edit(i));
+        let mut c = kfp_cmd(&work, &input, &api);
+        if let Some((k, v)) = var {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{want}: {stderr}");
+        assert!(stderr.contains(want), "{want}: {stderr}");
+    }
+    assert!(seen.lock().unwrap().is_empty(), "no request");
     let _ = std::fs::remove_dir_all(&work);
 }

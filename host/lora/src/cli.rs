@@ -464,7 +464,8 @@ fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
         None => DatasetInput::default(),
     };
     if launcher {
-        return launch(&params, &input, pvc_path, dataset.path, (model, metrics, loss_chart), dry_run_mode(m), &env);
+        let dataset = crate::launcher::dataset_path(&dataset, &pvc_path).map_err(CliError::Input)?;
+        return launch(&params, &input, pvc_path, dataset, (model, metrics, loss_chart), dry_run_mode(m), &env);
     }
     let request = RunRequest {
         kubernetes_config: params
@@ -507,7 +508,8 @@ fn launch(
         println!("{}", pretty(&job));
         return Ok(());
     }
-    let outcome = crate::launcher::run(&r, env).map_err(CliError::Run)?;
+    let prepared = crate::launcher::prepare(&r, env).map_err(CliError::Input)?;
+    let outcome = crate::launcher::run(&r, prepared).map_err(CliError::Run)?;
     crate::kfp::write_executor_output(input, &outcome).map_err(CliError::from)?;
     eprintln!("{}", outcome.output);
     Ok(())

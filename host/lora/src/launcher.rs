@@ -118,16 +118,46 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The run: prepare the PVC, create the TrainJob, wait, write the outputs. The outcome that
-/// `lora kfp` writes into `executor_output.json`.
-pub fn run(r: &Request, env: &[(String, String)]) -> Result<RunOutcome> {
+/// The dataset the workers read, found in the single-pod run's order (`lora_data::resolve_dataset`,
+/// whose errors are the run's): None when an existing non-empty `<pvc_path>/dataset/train` is
+/// there (the workers reuse it themselves), else the artifact's path, else its metadata
+/// `pvc_path`/`pvc_dir`.
+pub fn dataset_path(d: &crate::request::DatasetInput, pvc: &Path) -> Result<Option<PathBuf>> {
+    lora_data::resolve_dataset(&lora_data::DatasetInput { artifact_path: d.path.clone(), metadata: d.metadata.clone(), pvc_path: Some(pvc.to_path_buf()) })?;
+    let reuse = pvc.join("dataset").join("train");
+    if std::fs::read_dir(&reuse).is_ok_and(|mut e| e.next().is_some()) {
+        return Ok(None);
+    }
+    if let Some(p) = d.path.as_ref().filter(|p| p.exists()) {
+        return Ok(Some(p.clone()));
+    }
+    Ok(["pvc_path", "pvc_dir"].iter().find_map(|k| d.metadata.get(*k).and_then(Value::as_str)).map(PathBuf::from))
+}
+
+/// A TrainJob ready to be created: everything checked that can be before the cluster is asked.
+pub struct Prepared {
+    client: Kube,
+    poll: Duration,
+    deadline: Duration,
+    launch: Launch,
+    manifest: Value,
+}
+
+/// The client, the timings and the TrainJob; errors here are bad input (exit 2).
+pub fn prepare(r: &Request, env: &[(String, String)]) -> Result<Prepared> {
     let sa = Path::new(kube::SERVICE_ACCOUNT);
     let client = Kube::from_env(|k| var(env, k), sa, var(env, NAMESPACE_ENV).filter(|s| !s.trim().is_empty()))?;
     let poll = seconds(env, POLL_ENV, 5.0)?;
     let deadline = seconds(env, DEADLINE_ENV, 7.0 * 86400.0)?;
-    let l = launch_of(r, env, job_name(), client.namespace.clone())?;
-    let manifest = trainjob::manifest(&r.params.params, &l)?;
+    let launch = launch_of(r, env, job_name(), client.namespace.clone())?;
+    let manifest = trainjob::manifest(&r.params.params, &launch)?;
+    Ok(Prepared { client, poll, deadline, launch, manifest })
+}
 
+/// The run: prepare the PVC, create the TrainJob, wait, write the outputs. The outcome that
+/// `lora kfp` writes into `executor_output.json`.
+pub fn run(r: &Request, prepared: Prepared) -> Result<RunOutcome> {
+    let Prepared { client, poll, deadline, launch: l, manifest } = prepared;
     let dir = l.job_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating the TrainJob's folder {} on the workspace", dir.display()))?;
     let params = serde_json::to_vec_pretty(&Value::Object(r.params.params.to_json()))?;
