@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Stage: data parallel for real, several CPU processes under Open MPI (tests/e2e/mpi.rs): 2 and 3
 # ranks train the 1-process adapter within float-summation tolerance and repeat it bit for bit;
-# a crashing rank stops the run naming it and the run resumes with the same ranks only; a
-# process count that disagrees with mpirun is refused by name. Installs Open MPI and libclang
-# from Debian when root (`mpi-sys` runs bindgen at build time). Builds `lora` with
+# a crashing rank stops the run naming it and the run resumes with the same ranks only; a rank
+# killed with SIGKILL from outside mid-run stops the run (mpirun names it), leaves no process and
+# a checkpoint the run resumes from; a process count that disagrees with mpirun is refused by
+# name. Installs Open MPI and libclang from Debian when root (`mpi-sys` runs bindgen at build time). Builds `lora` with
 # `--features mpi`, which `cargo test --workspace` does not: bindgen changes shared proc-macro
 # features, so the first run rebuilds most of the workspace: measured on 2 cores with the test
 # command's own build already in place, about 5.5 min (1.6 lora-engine + mpi-sys, 3.8 the rest,
-# wasmtime included), then 23 s for the three tests. The Debian packages: about 1 min.
+# wasmtime included), then about 35 s for the four tests (33.5 s measured). The Debian packages:
+# about 1 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

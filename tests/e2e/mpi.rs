@@ -9,8 +9,10 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use common::*;
 use lora_engine::{DType, NamedTensor};
@@ -177,6 +179,72 @@ fn a_crashing_rank_stops_the_run_naming_it_and_the_run_resumes_with_the_same_ran
     let out = fails(with(train(&work, &model, 0, &[]), FROZEN));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("2 data-parallel ranks"), "{log}");
+    let out = run_ok(with(launched(), FROZEN));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(step 2)"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(adapter_bytes(&work) == adapter_bytes(&whole), "the resumed 2-rank run must end where the uninterrupted one did");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Runs `c` until a rank reports (through `LORA_FAULT_INJECT=…:hang`) that it waits to be killed,
+/// sends that process SIGKILL from outside, and returns how the run ended and its stderr.
+fn kill_the_waiting_rank(mut c: Command) -> (std::process::ExitStatus, String) {
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            if let Some(pid) = line.split("process ").nth(1).and_then(|r| r.strip_suffix(" waits to be killed")) {
+                let _ = tx.send(pid.to_string());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    let Ok(pid) = rx.recv_timeout(Duration::from_secs(300)) else {
+        let _ = child.kill();
+        panic!("no rank reached the fault point:\n{}", reader.join().unwrap());
+    };
+    assert!(Command::new("kill").args(["-KILL", &pid]).status().unwrap().success(), "kill -KILL {pid}");
+    // The others must stop by themselves, soon: no hang.
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the run did not end within 120 s of rank {pid} being killed:\n{}", reader.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (status, reader.join().unwrap())
+}
+
+#[test]
+fn a_rank_killed_from_outside_mid_run_stops_the_run_naming_it_and_the_run_resumes() {
+    let root = temp_dir("mpi-kill");
+    let model = base(&root);
+    let whole = root.join("whole");
+    run_ok(with(train(&whole, &model, 2, &[]), FROZEN));
+
+    // Rank 1 stops in step 3 (after the checkpoint of step 2) and is killed with SIGKILL there.
+    let work = root.join("killed");
+    let launched = || train(&work, &model, 0, &["--training-resource-num-procs-per-worker", "2"]);
+    let (status, log) = kill_the_waiting_rank(with(launched(), &[FROZEN[0], ("LORA_FAULT_INJECT", "rank1-step:3:hang")]));
+    eprintln!("{log}");
+    assert!(!status.success(), "the run must fail:\n{log}");
+    assert!(log.contains("rank1-step:3:hang"), "{log}");
+    // mpirun's own report names the killed rank and the signal.
+    assert!(log.contains("rank 1") && (log.contains("signal 9") || log.contains("Killed")), "the failure must name rank 1 and its SIGKILL:\n{log}");
+    assert!(processes_in(&work).is_empty(), "left behind: {:?}", processes_in(&work));
+    let kept: Vec<u64> = lora::run::list_checkpoints(&work.join("pvc/checkpoints")).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(kept, vec![2], "the checkpoint of step 2 survives the kill in step 3");
+    assert!(!work.join("out/model/adapter").exists(), "no outputs from a killed run");
+
     let out = run_ok(with(launched(), FROZEN));
     assert!(String::from_utf8_lossy(&out.stderr).contains("(step 2)"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(adapter_bytes(&work) == adapter_bytes(&whole), "the resumed 2-rank run must end where the uninterrupted one did");

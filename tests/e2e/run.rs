@@ -10,6 +10,7 @@ mod outputs;
 mod qlora;
 mod oci;
 mod workers;
+mod launcher;
 #[cfg(feature = "plugins")]
 mod plugin_sandbox;
 

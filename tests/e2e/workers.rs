@@ -43,3 +43,34 @@ fn a_trainjob_worker_alone_trains_as_an_ordinary_run() {
     let _ = std::fs::remove_dir_all(&work);
     let _ = std::fs::remove_dir_all(&plain);
 }
+
+#[test]
+fn num_workers_is_accepted_only_in_a_worker_of_a_trainjob_of_that_many_pods() {
+    let work = temp_dir("pet-workers");
+    let model = tiny_model(&work.join("base"), DType::F32);
+    let args = ["--training-effective-batch-size", "8", "--training-resource-num-workers", "2"];
+    // PET_NNODES agrees: past the parameter check, to the worker's own (CPU: no NCCL) refusal.
+    let mut c = train_cmd(&work, &model, &capitals(), &args);
+    pet(&mut c, "2", "1", "1");
+    let out = c.output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(!log.contains("training_resource_num_workers"), "{log}");
+    assert!(log.contains("rank 1 of a TrainJob of 2 processes"), "{log}");
+    // Another count of pods, or no TrainJob at all: refused by name.
+    for nnodes in [Some("3"), None] {
+        let mut c = train_cmd(&work, &model, &capitals(), &args);
+        match nnodes {
+            Some(n) => pet(&mut c, n, "1", "1"),
+            None => {
+                c.env_remove("PET_NNODES");
+            }
+        }
+        let out = c.output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{log}");
+        assert!(log.contains("training_resource_num_workers") && log.contains("a TrainJob that `lora kfp` launches"), "{nnodes:?}: {log}");
+    }
+    assert!(!work.join("out/model").exists(), "nothing is written");
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -244,13 +244,21 @@ pub fn prune(root: &Path, keep: u64) -> Result<Vec<PathBuf>, CheckpointError> {
 /// the process at that point, as a SIGKILL would. Points: `checkpoint-mid` (half-way through
 /// writing checkpoint `<step>`), `checkpoint-prune` (after its rename, before pruning), and the
 /// output points of `crate::run::outputs` (`<step>` = the run's last step), and `rank<r>-step`
-/// (data-parallel rank `r`, after its micro-batches of step `<step>`).
+/// (data-parallel rank `r`, after its micro-batches of step `<step>`). `<point>:<step>:hang`
+/// stops there instead, printing its process id, until something kills it from outside (the
+/// kill-one-rank test sends it SIGKILL).
 pub fn fault_point(name: &str, step: u64) {
-    if let Some(spec) = std::env::var_os("LORA_FAULT_INJECT")
-        && spec.to_str() == Some(&format!("{name}:{step}"))
-    {
-        eprintln!("lora: LORA_FAULT_INJECT={name}:{step}: aborting now");
+    let Some(spec) = std::env::var_os("LORA_FAULT_INJECT") else { return };
+    let here = format!("{name}:{step}");
+    if spec.to_str() == Some(&here) {
+        eprintln!("lora: LORA_FAULT_INJECT={here}: aborting now");
         std::process::abort();
+    }
+    if spec.to_str() == Some(&format!("{here}:hang")) {
+        eprintln!("lora: LORA_FAULT_INJECT={here}:hang: process {} waits to be killed", std::process::id());
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
     }
 }
 

@@ -449,8 +449,10 @@ fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
         input.output_path("output_metrics"),
         input.output_path("output_loss_chart"),
     );
+    // More than one pod, and this is not one of them: launch a TrainJob of that many.
+    let launcher = crate::trainjob::needed(loader.params()) && !env.iter().any(|(k, _)| k == "PET_NNODES");
     // Parameter problems first (all of them), then the executor input's own.
-    let params = loader.finish_for_world(world)?;
+    let params = if launcher { loader.finish_for_trainjob_launcher()? } else { loader.finish_for_world(world)? };
     crate::run::check_schedule(&params)?;
     let pvc_path = pvc_path?;
     let (model, metrics, loss_chart) = (outputs.0?, outputs.1?, outputs.2?);
@@ -461,6 +463,10 @@ fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
         },
         None => DatasetInput::default(),
     };
+    if launcher {
+        let dataset = crate::launcher::dataset_path(&dataset, &pvc_path).map_err(CliError::Input)?;
+        return launch(&params, &input, pvc_path, dataset, (model, metrics, loss_chart), dry_run_mode(m), &env);
+    }
     let request = RunRequest {
         kubernetes_config: params
             .kubernetes_config
@@ -479,6 +485,34 @@ fn kfp(m: &ArgMatches, env: Vec<(String, String)>) -> Result<(), CliError> {
         kfp: Some(input),
     };
     finish(request, "kfp", dry_run_mode(m), &env)
+}
+
+/// `lora kfp` launching a TrainJob ([`crate::launcher`]): `--dry-run` prints it; otherwise it
+/// runs, and on Complete the outputs and `executor_output.json` are written as a single-pod run
+/// writes them.
+fn launch(
+    params: &lora_params::ResolvedParams,
+    input: &ExecutorInput,
+    pvc_path: PathBuf,
+    dataset: Option<PathBuf>,
+    (model, metrics, loss_chart): (PathBuf, PathBuf, PathBuf),
+    dry_run: DryRun,
+    env: &[(String, String)],
+) -> Result<(), CliError> {
+    let r = crate::launcher::Request { params, pvc_path, dataset, model, metrics, loss_chart };
+    if dry_run != DryRun::No {
+        let job = crate::launcher::dry_run(&r, env).map_err(CliError::Input)?;
+        if dry_run == DryRun::Text {
+            println!("lora kfp --dry-run: nothing is created; the TrainJob this run would create:");
+        }
+        println!("{}", pretty(&job));
+        return Ok(());
+    }
+    let prepared = crate::launcher::prepare(&r, env).map_err(CliError::Input)?;
+    let outcome = crate::launcher::run(&r, prepared).map_err(CliError::Run)?;
+    crate::kfp::write_executor_output(input, &outcome).map_err(CliError::from)?;
+    eprintln!("{}", outcome.output);
+    Ok(())
 }
 
 /// How `--dry-run` prints its plan.

@@ -16,5 +16,8 @@ pub mod fs;
 pub mod redact;
 pub mod parallel;
 pub mod rendezvous;
+pub mod trainjob;
+pub mod kube;
+pub mod launcher;
 pub mod run;
 pub mod trackers;

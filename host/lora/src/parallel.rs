@@ -28,9 +28,20 @@ pub fn secondary_rank() -> bool {
 #[cfg(feature = "mpi")]
 pub fn launch(params: &lora_params::Params, args: &[std::ffi::OsString]) -> Result<()> {
     use std::os::unix::process::CommandExt;
+    if lora_params::launched_world_size().is_some() {
+        return Ok(());
+    }
     let procs = params.training_resource_num_procs_per_worker.trim();
-    let Ok(n) = procs.parse::<u64>() else { return Ok(()) };
-    if n <= 1 || lora_params::launched_world_size().is_some() {
+    let n = match procs.parse::<u64>() {
+        Ok(n) => n,
+        // Like torchrun's `--nproc-per-node auto`: one process per visible GPU.
+        // (A TrainJob worker's count is the runtime's PET_NPROC_PER_NODE.)
+        Err(_) if procs == "auto" && std::env::var_os("PET_NNODES").is_none() => {
+            auto_procs(&params.training_device, collective::nccl::visible_gpus)
+        }
+        Err(_) => return Ok(()), // refused by name when the parameters are resolved
+    };
+    if n <= 1 {
         return Ok(());
     }
     let exe = std::env::current_exe().context("training_resource_num_procs_per_worker: finding this lora binary to start its processes")?;
@@ -49,8 +60,27 @@ pub fn launch(params: &lora_params::Params, args: &[std::ffi::OsString]) -> Resu
     )))
 }
 
+/// `training_resource_num_procs_per_worker=auto` in a process no launcher started: one process
+/// per visible GPU when the run trains on CUDA (`training_device` cuda or auto), else 1 (the
+/// CPU trains in one process, its threads use every core). `gpus` counts the visible GPUs.
+pub fn auto_procs(device: &str, gpus: impl Fn() -> usize) -> u64 {
+    match device.trim() {
+        "cuda" | "auto" => gpus().max(1) as u64,
+        _ => 1,
+    }
+}
+
 #[cfg(not(feature = "mpi"))]
-pub fn launch(_: &lora_params::Params, _: &[std::ffi::OsString]) -> Result<()> {
+pub fn launch(params: &lora_params::Params, _: &[std::ffi::OsString]) -> Result<()> {
+    if lora_params::launched_world_size().is_none()
+        && std::env::var_os("PET_NNODES").is_none()
+        && params.training_resource_num_procs_per_worker.trim() == "auto"
+        && let n @ 2.. = auto_procs(&params.training_device, collective::nccl::visible_gpus)
+    {
+        eprintln!(
+            "lora: training_resource_num_procs_per_worker=auto: {n} GPUs are visible, but this lora is built without the `mpi` cargo feature that starts one process per GPU: training in one process, on one GPU"
+        );
+    }
     Ok(())
 }
 
@@ -197,5 +227,20 @@ fn world(_: Device) -> Result<Box<dyn Collective>> {
             "this process was started by mpirun as one of {n} data-parallel processes, but this lora binary was built without the `mpi` cargo feature (cargo build -p lora --features mpi): every process would train alone"
         ),
         _ => Ok(Box::new(Single)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::auto_procs;
+
+    #[test]
+    fn auto_is_one_process_per_visible_gpu_when_training_on_cuda_else_one() {
+        assert_eq!(auto_procs("cuda", || 4), 4);
+        assert_eq!(auto_procs("auto", || 8), 8);
+        // No GPU: auto trains on the CPU, in one process (cuda then fails by itself, clearly).
+        assert_eq!(auto_procs("auto", || 0), 1);
+        assert_eq!(auto_procs("cuda", || 0), 1);
+        assert_eq!(auto_procs("cpu", || 8), 1);
     }
 }

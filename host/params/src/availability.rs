@@ -20,7 +20,7 @@ pub static UNAVAILABLE: &[Unavailable] = &[
     Unavailable {
         param: "training_resource_num_workers",
         requested: |p| p.training_resource_num_workers > 1,
-        reason: "more than one worker needs the multi-node TrainJob launcher, which is not built; use 1",
+        reason: "more than one worker is a TrainJob that `lora kfp` launches; `lora train` runs in one pod, so use 1 (a worker of a TrainJob of that many pods, PET_NNODES, is accepted)",
     },
     Unavailable {
         param: "training_resource_num_procs_per_worker",

@@ -146,9 +146,9 @@ define_params! {
     training_resource_memory_per_worker: String = "32Gi".into(), Reference,
         "Memory per worker (k8s quantity, e.g. 32Gi). Validated and recorded in the run manifest.";
     training_resource_num_procs_per_worker: String = "auto".into(), Reference,
-        "Processes per worker (auto or int), data parallel. More than 1 needs a lora built with the `mpi` cargo feature: `lora train` starts them under `mpirun -np N`, or N processes started by mpirun join; other builds refuse it. auto: the number mpirun started, else 1.";
+        "Processes per worker (auto or int), data parallel. More than 1 needs a lora built with the `mpi` cargo feature: `lora train` starts them under `mpirun -np N`, or N processes started by mpirun join; other builds refuse it. auto: the number mpirun started; else, training on CUDA, one per visible GPU (started under mpirun by an `mpi` build; other builds train on one GPU and say so); else 1.";
     training_resource_num_workers: i64 = 1, Reference,
-        "Number of training pods. Only 1 is built: the multi-node TrainJob launcher is not.";
+        "Number of training pods. More than 1: `lora kfp` launches a Kubeflow Trainer TrainJob of that many `lora train` workers (torch-distributed runtime, one GPU process each); `lora train` accepts it only as a worker of a TrainJob of that many pods (PET_NNODES).";
     training_metadata_labels: String = String::new(), Reference,
         "Pod labels as key=value,key=value (k8s label syntax). Validated and recorded in the run manifest.";
     training_metadata_annotations: String = String::new(), Reference,

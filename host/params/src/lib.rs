@@ -23,7 +23,7 @@ pub use defs::{Origin, PARAMS, ParamDef, Params, param_def};
 pub use error::{ParamError, ParamErrors, Source};
 pub use resolve::{
     BAD_RECORDS, BNB_4BIT_COMPUTE_DTYPES, BNB_4BIT_QUANT_TYPES, DATASET_TYPES, DEFAULT_SEED, DEVICES, GRADIENT_CHECKPOINTING, LONG_SAMPLE_POLICIES, RESUME, RUNTIMES,
-    ResolvedParams, SCHEDULERS, launched_world_size, resolve, resolve_for_world,
+    ResolvedParams, SCHEDULERS, launched_world_size, resolve, resolve_for_trainjob_launcher, resolve_for_world,
 };
 pub use schema::{json_schema, markdown_table};
 pub use sources::{Loader, edit_distance, suggest};

@@ -277,13 +277,38 @@ pub fn launched_world_size() -> Option<usize> {
     ["OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE"].iter().find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
 }
 
+/// `PET_NNODES` of a Kubeflow Trainer torch runtime: the pods of the TrainJob this process is a
+/// worker of. None outside a TrainJob (or when it is not a number: the worker refuses it then).
+fn trainjob_nodes() -> Option<i64> {
+    std::env::var("PET_NNODES").ok()?.trim().parse().ok()
+}
+
 /// As [`resolve`], for a run whose `world_size` data-parallel processes are already running (under
 /// `mpirun`): `training_resource_num_procs_per_worker` must be `auto` or that count, and the
 /// reference's micro-batch arithmetic divides by it.
 pub fn resolve_for_world(
     params: Params,
+    sources: BTreeMap<&'static str, Source>,
+    world_size: u64,
+) -> Result<ResolvedParams, ParamErrors> {
+    resolve_in(params, sources, world_size, false)
+}
+
+/// As [`resolve`], in `lora kfp` launching a TrainJob of `training_resource_num_workers` pods
+/// (its workers resolve the parameters again, under their `PET_NNODES`): more than one worker is
+/// what it is for, so that count is not refused here.
+pub fn resolve_for_trainjob_launcher(
+    params: Params,
+    sources: BTreeMap<&'static str, Source>,
+) -> Result<ResolvedParams, ParamErrors> {
+    resolve_in(params, sources, 1, true)
+}
+
+fn resolve_in(
+    params: Params,
     mut sources: BTreeMap<&'static str, Source>,
     world_size: u64,
+    trainjob_launcher: bool,
 ) -> Result<ResolvedParams, ParamErrors> {
     let mut notes = Vec::new();
     let mut c = Checker {
@@ -296,7 +321,10 @@ pub fn resolve_for_world(
     for u in UNAVAILABLE {
         // The processes exist: whether their count is the one asked for is checked below.
         let launched = world_size > 1 && u.param == "training_resource_num_procs_per_worker";
-        if (u.requested)(p) && !launched {
+        // A worker of a TrainJob of that many pods (its torch runtime's PET_NNODES).
+        let trainjob_worker = u.param == "training_resource_num_workers"
+            && (trainjob_launcher || trainjob_nodes() == Some(p.training_resource_num_workers));
+        if (u.requested)(p) && !launched && !trainjob_worker {
             c.err(
                 u.param,
                 format!("not available in this build: {}", u.reason),

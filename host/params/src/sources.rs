@@ -210,12 +210,25 @@ impl Loader {
     /// [`Loader::finish`] for a run of `world_size` data-parallel processes (see
     /// [`crate::resolve_for_world`]).
     pub fn finish_for_world(self, world_size: u64) -> Result<ResolvedParams, ParamErrors> {
+        self.finish_with(|params, sources| crate::resolve::resolve_for_world(params, sources, world_size))
+    }
+
+    /// [`Loader::finish`] in `lora kfp` launching a TrainJob (see
+    /// [`crate::resolve_for_trainjob_launcher`]).
+    pub fn finish_for_trainjob_launcher(self) -> Result<ResolvedParams, ParamErrors> {
+        self.finish_with(crate::resolve::resolve_for_trainjob_launcher)
+    }
+
+    fn finish_with(
+        self,
+        resolve: impl FnOnce(Params, BTreeMap<&'static str, Source>) -> Result<ResolvedParams, ParamErrors>,
+    ) -> Result<ResolvedParams, ParamErrors> {
         let Loader {
             params,
             sources,
             mut errors,
         } = self;
-        match crate::resolve::resolve_for_world(params, sources, world_size) {
+        match resolve(params, sources) {
             Ok(r) if errors.is_empty() => Ok(r),
             Ok(_) => Err(ParamErrors(errors)),
             Err(ParamErrors(more)) => {

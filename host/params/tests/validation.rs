@@ -425,7 +425,7 @@ fn bad_parameter_sets_are_refused_naming_the_parameter() {
         (
             vec![("training_resource_num_workers", json!(2))],
             "training_resource_num_workers",
-            "not built",
+            "a TrainJob that `lora kfp` launches",
         ),
         (
             vec![("training_resource_num_procs_per_worker", json!("4"))],

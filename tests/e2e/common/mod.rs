@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fake_hub;
+pub mod kube_api;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
