@@ -345,11 +345,10 @@ impl ModelConfig {
         }
         let rope_params_obj = m.get("rope_parameters").and_then(Value::as_object);
         let rotary_dim = match get_f64(m, "partial_rotary_factor").or_else(|| rope_params_obj.and_then(|p| get_f64(p, "partial_rotary_factor"))) {
-            None => head_dim,
-            Some(p) if p == 1.0 => head_dim,
+            None | Some(1.0) => head_dim,
             Some(p) if phi3 && p > 0.0 && p < 1.0 => {
                 let rd = (head_dim as f64 * p) as usize;
-                if rd == 0 || rd % 2 != 0 {
+                if rd == 0 || !rd.is_multiple_of(2) {
                     return Err(cfg_err(path, format!("`partial_rotary_factor` {p} gives {rd} rotary dims of head_dim {head_dim}; they must be even and positive")));
                 }
                 rd

@@ -383,7 +383,7 @@ impl Backend for CpuBackend {
     fn rope_partial(&self, x: &mut Buf, pos: &Buf, inv_freq: &Buf, tokens: usize, heads: usize, head_dim: usize, rotary_dim: usize, scale: f32, inverse: bool) -> Result<()> {
         check_len("rope", "x", x, tokens * heads * head_dim)?;
         check_len("rope", "pos", pos, tokens)?;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
             return Err(EngineError::Shape { op: "rope", msg: format!("rotary_dim {rotary_dim} must be even, positive and at most head_dim {head_dim}") });
         }
         let half = rotary_dim / 2;
