@@ -30,6 +30,9 @@
 //!   around the text. `max_text_input_kib` (default 1024): the input of one text-tools call.
 //!   `max_dir_mib` (default 1024): disk space the plugin's writes may add to its `grants.dir` over
 //!   the run.
+//! - `grants.models` (preprocessors only, feature `wasi-nn`): name → a directory holding
+//!   `model.onnx`, which the guest opens with `wasi:nn` `load-by-name(name)`; `max_tensor_mib`
+//!   (default 64): bytes of all inputs, and of all outputs, of one wasi-nn compute.
 //! - A `grants.dir` may not be, or contain, a folder lora itself writes into (the run checks this
 //!   with [`PluginSet::check_dir_grants`]).
 //!

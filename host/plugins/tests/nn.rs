@@ -205,3 +205,27 @@ fn models_are_for_preprocessors_only() {
     let err = lora_plugins::load_reporter(&reporter, &o).err().expect("must refuse").to_string();
     assert!(err.contains("only preprocessors may be granted models"), "{err}");
 }
+
+#[test]
+fn training_plugin_config_grants_models_and_sets_the_tensor_limit() {
+    let s = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let pre = dir.path().join("filter.wasm");
+    let rep = dir.path().join("rep.wasm");
+    std::fs::write(&pre, b"x").unwrap();
+    std::fs::write(&rep, b"x").unwrap();
+    let plugins = format!("preprocessor={},reporter={}", pre.display(), rep.display());
+    let tiny = s.models.join("tiny");
+    let config = serde_json::json!({"filter": {"grants": {"models": {"tiny": tiny}}, "max_tensor_mib": 3}});
+    let set = lora_plugins::PluginSet::from_params(&plugins, &config.to_string(), 1).unwrap();
+    let o = &set.preprocessor.as_ref().unwrap().options;
+    assert_eq!(o.grants.models.get("tiny"), Some(&tiny));
+    assert_eq!(o.limits.max_tensor_bytes, 3 << 20);
+
+    let config = serde_json::json!({"rep": {"grants": {"models": {"tiny": tiny}}}});
+    let err = lora_plugins::PluginSet::from_params(&plugins, &config.to_string(), 1).unwrap_err().to_string();
+    assert!(err.contains("`grants.models` is for preprocessors only"), "{err}");
+    let config = serde_json::json!({"filter": {"max_tensor_mib": 0}});
+    let err = lora_plugins::PluginSet::from_params(&plugins, &config.to_string(), 1).unwrap_err().to_string();
+    assert!(err.contains("max_tensor_mib"), "{err}");
+}
