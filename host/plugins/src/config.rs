@@ -30,6 +30,9 @@
 //!   around the text. `max_text_input_kib` (default 1024): the input of one text-tools call.
 //!   `max_dir_mib` (default 1024): disk space the plugin's writes may add to its `grants.dir` over
 //!   the run.
+//! - `grants.models` (preprocessors only, feature `wasi-nn`): name → a directory holding
+//!   `model.onnx`, which the guest opens with `wasi:nn` `load-by-name(name)`; `max_tensor_mib`
+//!   (default 64): bytes of all inputs, and of all outputs, of one wasi-nn compute.
 //! - A `grants.dir` may not be, or contain, a folder lora itself writes into (the run checks this
 //!   with [`PluginSet::check_dir_grants`]).
 //!
@@ -80,6 +83,7 @@ struct Entry {
     max_output_mib: Option<u64>,
     max_text_input_kib: Option<u64>,
     max_dir_mib: Option<u64>,
+    max_tensor_mib: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -89,6 +93,7 @@ struct GrantsEntry {
     env: Option<Vec<String>>,
     clocks: Option<bool>,
     http: Option<Vec<String>>,
+    models: Option<BTreeMap<String, PathBuf>>,
 }
 
 fn cfg_err(message: String) -> PluginError {
@@ -220,6 +225,12 @@ impl PluginSet {
             if !spec.options.grants.http.is_empty() && spec.kind != PluginKind::Reporter {
                 return Err(cfg_err(format!(
                     "{}: `grants.http` is for reporters only",
+                    spec.path.display()
+                )));
+            }
+            if !spec.options.grants.models.is_empty() && spec.kind != PluginKind::Preprocessor {
+                return Err(cfg_err(format!(
+                    "{}: `grants.models` is for preprocessors only",
                     spec.path.display()
                 )));
             }
@@ -380,6 +391,16 @@ fn apply(key: &str, e: &Entry, o: &mut PluginOptions) -> Result<(), PluginError>
                 .map_err(|m| cfg_err(format!("`{key}.grants.http`: {m}")))?;
             o.grants.http = http.clone();
         }
+        if let Some(models) = &g.models {
+            for name in models.keys() {
+                if name.is_empty() || name.chars().any(|c| c.is_control()) {
+                    return Err(cfg_err(format!(
+                        "`{key}.grants.models`: model name {name:?} is empty or has control characters"
+                    )));
+                }
+            }
+            o.grants.models = models.clone();
+        }
     }
     let positive = |field: &str, v: Option<u64>| -> Result<Option<u64>, PluginError> {
         match v {
@@ -392,6 +413,7 @@ fn apply(key: &str, e: &Entry, o: &mut PluginOptions) -> Result<(), PluginError>
         ("max_output_mib", e.max_output_mib, 20),
         ("max_text_input_kib", e.max_text_input_kib, 10),
         ("max_dir_mib", e.max_dir_mib, 20),
+        ("max_tensor_mib", e.max_tensor_mib, 20),
     ] {
         if v.is_some_and(|v| v.checked_shl(bits).is_none_or(|b| b >> bits != v)) {
             return Err(cfg_err(format!("`{key}.{field}` is too large")));
@@ -411,6 +433,9 @@ fn apply(key: &str, e: &Entry, o: &mut PluginOptions) -> Result<(), PluginError>
     }
     if let Some(m) = positive("max_dir_mib", e.max_dir_mib)? {
         o.limits.max_dir_bytes = m << 20;
+    }
+    if let Some(m) = positive("max_tensor_mib", e.max_tensor_mib)? {
+        o.limits.max_tensor_bytes = m << 20;
     }
     Ok(())
 }

@@ -25,6 +25,8 @@ mod host;
 pub mod http;
 mod inspect;
 mod limits;
+#[cfg(feature = "wasi-nn")]
+pub mod nn;
 mod preprocessor;
 mod reporter;
 mod sandbox;

@@ -57,6 +57,14 @@ impl WasmPreprocessor {
     }
 }
 
+impl WasmPreprocessor {
+    /// The models granted to this plugin, as loaded: name, file and sha256 (for the manifest).
+    #[cfg(feature = "wasi-nn")]
+    pub fn models(&self) -> &[crate::nn::ModelInfo] {
+        self.sandbox.models()
+    }
+}
+
 impl lora_api::Preprocessor for WasmPreprocessor {
     fn name(&self) -> &str {
         &self.sandbox.name
@@ -89,8 +97,16 @@ impl lora_api::Preprocessor for WasmPreprocessor {
                 .await
         })?;
         let name = sandbox.name.clone();
-        let outcomes = result
-            .map_err(|m| ExtError::failed(&name, CALL, escape_controls(&m)).with_batch(batch))?;
+        let nn_error = sandbox.nn_last_error();
+        let outcomes = result.map_err(|m| {
+            // wasmtime-wasi-nn shows the guest only the top line of some backend errors: the
+            // host's own message goes with what the guest said.
+            let m = match nn_error {
+                Some(nn) if !m.contains(&nn) => format!("{m} (host: {nn})"),
+                _ => m,
+            };
+            ExtError::failed(&name, CALL, escape_controls(&m)).with_batch(batch)
+        })?;
         let contract =
             |m: String| ExtError::new(&name, CALL, ErrorKind::Contract, m).with_batch(batch);
 

@@ -37,6 +37,9 @@ pub struct Grants {
     /// Hosts a reporter may send `wasi:http` requests to: `[http://|https://]host[:port]`, a
     /// leading `*.` for subdomains (see [`crate::http`]). Empty: no requests at all.
     pub http: Vec<String>,
+    /// Models a preprocessor may run through `wasi:nn` `load-by-name`: name → a directory
+    /// holding `model.onnx` (feature `wasi-nn`).
+    pub models: BTreeMap<String, PathBuf>,
 }
 
 /// Per-plugin limits.
@@ -56,6 +59,8 @@ pub struct Limits {
     pub max_text_input_bytes: u64,
     /// Disk space the plugin's writes may add to its granted directory over the run.
     pub max_dir_bytes: u64,
+    /// Bytes of all input tensors of one `wasi:nn` compute, and of all its outputs.
+    pub max_tensor_bytes: u64,
 }
 
 impl Default for Limits {
@@ -66,6 +71,7 @@ impl Default for Limits {
             max_output_bytes: 64 << 20,
             max_text_input_bytes: 1 << 20,
             max_dir_bytes: 1 << 30,
+            max_tensor_bytes: 64 << 20,
         }
     }
 }
@@ -177,6 +183,13 @@ pub(crate) struct State {
     hit: Option<String>,
     /// The granted directory's quota, when a directory is granted.
     pub(crate) quota: Option<Arc<DirQuota>>,
+    #[cfg(feature = "wasi-nn")]
+    pub(crate) nn: wasmtime_wasi_nn::wit::WasiNnCtx,
+    #[cfg(feature = "wasi-nn")]
+    pub(crate) nn_watch: Arc<crate::nn::CallWatch>,
+    /// The granted models, loaded (name, file, sha256).
+    #[cfg(feature = "wasi-nn")]
+    pub(crate) models: Vec<crate::nn::ModelInfo>,
 }
 
 impl WasiView for State {
@@ -374,6 +387,19 @@ pub(crate) fn check_imports(
                 ),
                 _ => Some("only reporters may use wasi:http"),
             },
+            #[cfg(feature = "wasi-nn")]
+            i if crate::nn::WASI_NN_INTERFACES.contains(&i) && version == crate::nn::WASI_NN_VERSION => match kind {
+                PluginKind::Preprocessor => None,
+                _ => Some("only preprocessors may use wasi:nn"),
+            },
+            #[cfg(feature = "wasi-nn")]
+            i if i.starts_with("wasi:nn/") => Some(
+                "lora offers wasi:nn@0.2.0-rc-2024-10-28 (wasmtime-wasi-nn 48); rebuild the plugin against that WIT",
+            ),
+            #[cfg(not(feature = "wasi-nn"))]
+            i if i.starts_with("wasi:nn/") => Some(
+                "this lora was built without wasi:nn (cargo feature `wasi-nn`)",
+            ),
             i if WASI_INTERFACES.contains(&i) && wasi_02 => None,
             i if WASI_INTERFACES.contains(&i) || WASI_HTTP_INTERFACES.contains(&i) => Some(
                 "lora offers WASI 0.2 (wasmtime-wasi 48, `@0.2.x`); rebuild the plugin for wasm32-wasip2",
@@ -466,6 +492,28 @@ impl Sandbox {
             ));
         }
         let allowed = parse_allow_list(&g.http).map_err(|m| grant_err("http", m))?;
+        if !g.models.is_empty() && kind != PluginKind::Preprocessor {
+            return Err(grant_err(
+                "models",
+                format!("only preprocessors may be granted models, not a {kind}"),
+            ));
+        }
+        #[cfg(not(feature = "wasi-nn"))]
+        if !g.models.is_empty() {
+            return Err(grant_err(
+                "models",
+                "this lora was built without wasi:nn (cargo feature `wasi-nn`)".into(),
+            ));
+        }
+        #[cfg(feature = "wasi-nn")]
+        let nn_watch = crate::nn::CallWatch::new(options.limits.deadline, options.log.clone());
+        #[cfg(feature = "wasi-nn")]
+        let (nn, models) = crate::nn::granted_context(
+            name,
+            &g.models,
+            options.limits.max_tensor_bytes,
+            &nn_watch,
+        )?;
         let mut b = WasiCtxBuilder::new();
         let stderr = StderrTail::default();
         b.stderr(stderr.clone());
@@ -538,6 +586,12 @@ impl Sandbox {
             call_started: Instant::now(),
             hit: None,
             quota,
+            #[cfg(feature = "wasi-nn")]
+            nn,
+            #[cfg(feature = "wasi-nn")]
+            nn_watch,
+            #[cfg(feature = "wasi-nn")]
+            models,
         };
         let mut store = Store::new(cache::engine()?, state);
         store.limiter(|s| &mut s.limiter);
@@ -584,6 +638,8 @@ impl Sandbox {
         state.call_started = Instant::now();
         state.log_budget.begin_call();
         state.stderr.clear();
+        #[cfg(feature = "wasi-nn")]
+        state.nn_watch.begin_call();
         if let Some(q) = &state.quota {
             q.take_hit();
         }
@@ -606,8 +662,15 @@ impl Sandbox {
             );
         }
         let (kind, message) = match outcome {
+            // A model that ran past the deadline fails the call whatever the guest made of it.
+            Ok(Ok(_)) if self.nn_hit().is_some() => {
+                (ErrorKind::Limit, self.nn_hit().unwrap_or_default())
+            }
             Ok(Ok(r)) => return Ok(r),
             Ok(Err(err)) => self.classify(&err),
+            Err(_elapsed) if self.nn_hit().is_some() => {
+                (ErrorKind::Limit, self.nn_hit().unwrap_or_default())
+            }
             Err(_elapsed) => (
                 ErrorKind::Limit,
                 deadline_message(
@@ -618,6 +681,32 @@ impl Sandbox {
         };
         self.poisoned = Some(message.clone());
         Err(with_batch(ExtError::new(&self.name, call, kind, message)))
+    }
+
+    /// Why a model ended the current call, if one did.
+    fn nn_hit(&self) -> Option<String> {
+        #[cfg(feature = "wasi-nn")]
+        {
+            self.store.data().nn_watch.hit.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        }
+        #[cfg(not(feature = "wasi-nn"))]
+        None
+    }
+
+    /// The last wasi-nn error of the current call (naming plugin and graph), if any.
+    pub(crate) fn nn_last_error(&self) -> Option<String> {
+        #[cfg(feature = "wasi-nn")]
+        {
+            self.store.data().nn_watch.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        }
+        #[cfg(not(feature = "wasi-nn"))]
+        None
+    }
+
+    /// The models granted to this plugin, loaded: name, file and sha256.
+    #[cfg(feature = "wasi-nn")]
+    pub(crate) fn models(&self) -> &[crate::nn::ModelInfo] {
+        &self.store.data().models
     }
 
     /// Fails a call whose result is larger than the output limit.
@@ -648,6 +737,9 @@ impl Sandbox {
 
     /// The kind and message of a failed call: a limit the host recorded, or the trap.
     fn classify(&self, err: &wasmtime::Error) -> (ErrorKind, String) {
+        if let Some(hit) = self.nn_hit() {
+            return (ErrorKind::Limit, hit);
+        }
         let data = self.store.data();
         let quota_hit = data.quota.as_ref().and_then(|q| q.take_hit());
         if let Some(hit) = data.limiter.hit.clone().or(data.hit.clone()).or(quota_hit) {
@@ -797,6 +889,14 @@ pub(crate) fn base_linker(kind: PluginKind) -> Result<wasmtime::component::Linke
     crate::fsguard::add_to_linker(&mut linker).map_err(engine_err)?;
     if kind == PluginKind::Reporter {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(engine_err)?;
+    }
+    #[cfg(feature = "wasi-nn")]
+    if kind == PluginKind::Preprocessor {
+        wasmtime_wasi_nn::wit::add_to_linker(&mut linker, |s: &mut State| {
+            wasmtime_wasi_nn::wit::WasiNnView::new(&mut s.table, &mut s.nn)
+        })
+        .map_err(engine_err)?;
+        crate::nn::refuse_load(&mut linker, |s: &State| s.name.as_str()).map_err(engine_err)?;
     }
     Ok(linker)
 }
