@@ -81,7 +81,7 @@ if [ $dry = 1 ]; then
 else
     device=cuda
     ops_args=()
-    san_families="gemm elementwise embedding rmsnorm rope attention swiglu cross_entropy adapters adamw dequant"
+    san_families="gemm elementwise embedding rmsnorm rope attention swiglu geglu cross_entropy adapters adamw dequant"
     train_args=()
     perop_shape="--shape qwen2.5-1.5b --layers 1"
     perop_heads=12

@@ -424,16 +424,9 @@ impl Model {
         get_linear: &mut dyn FnMut(&str, &[usize]) -> Result<Weight>,
     ) -> Result<Self> {
         let d = cfg.hidden_size;
-        if cfg.gemma_norms && backend.device() != Device::Cpu {
-            return Err(EngineError::Unsupported(format!(
-                "{} runs on --device cpu only for now: its (1+w) f32 RMSNorm weights and GeGLU have no CUDA kernels yet (device {})",
-                cfg.arch.hf_name(),
-                backend.device()
-            )));
-        }
         let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
-        // Gemma 3 scales by `1 + w`: held that way, so the one RMSNorm op serves. Only on the
-        // CPU, whose base weights are f32 (a bf16 `1 + w` would round what transformers keeps f32).
+        // Gemma 3 scales by `1 + w`: held that way, in f32 on every backend (transformers
+        // computes `1 + w` in f32; a bf16 `1 + w` would round it), so the one RMSNorm op serves.
         let offset = cfg.gemma_norms;
         let be = backend.clone();
         let fix = |b: Buf| -> Result<Buf> {
@@ -441,7 +434,7 @@ impl Model {
                 return Ok(b);
             }
             let w: Vec<f32> = be.download_f32(&b)?.into_iter().map(|w| 1.0 + w).collect();
-            be.upload(HostData::F32(&w), b.dtype())
+            be.upload(HostData::F32(&w), DType::F32)
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {

@@ -262,6 +262,26 @@ fn swiglu_matches_the_cpu_backend() {
 }
 
 #[test]
+fn geglu_matches_the_cpu_backend() {
+    let cpu = CpuBackend::new();
+    let dev = Dev::new(Schedule::Reverse);
+    let n = 700;
+    let (g, u, dh) = (values(n, 17), values(n, 18), values(n, 19));
+    let mut ch = cpu.zeros(n, DType::F32).unwrap();
+    let (cg, cu, cdh) = (cpu_buf(&cpu, &g), cpu_buf(&cpu, &u), cpu_buf(&cpu, &dh));
+    cpu.geglu_fwd(&cg, &cu, &mut ch).unwrap();
+    let (mut cdg, mut cdu) = (cpu.zeros(n, DType::F32).unwrap(), cpu.zeros(n, DType::F32).unwrap());
+    cpu.geglu_bwd(&cg, &cu, &cdh, &mut cdg, &mut cdu).unwrap();
+    let (pg, pu, pdh) = (dev.f32s(&g), dev.f32s(&u), dev.f32s(&dh));
+    let (ph, pdg, pdu) = (dev.out(n * 4), dev.out(n * 4), dev.out(n * 4));
+    dev.run("geglu_fwd_f32", grid1d(n), (256, 1, 1), 0, &[ptr(pg), ptr(pu), ptr(ph), size(n)]);
+    dev.run("geglu_bwd_f32", grid1d(n), (256, 1, 1), 0, &[ptr(pg), ptr(pu), ptr(pdh), ptr(pdg), ptr(pdu), size(n)]);
+    assert_close("geglu h", &dev.get_f32(ph, n), &cpu_get(&cpu, &ch), 1e-6, 1e-5);
+    assert_close("geglu dgate", &dev.get_f32(pdg, n), &cpu_get(&cpu, &cdg), 1e-6, 1e-5);
+    assert_close("geglu dup", &dev.get_f32(pdu, n), &cpu_get(&cpu, &cdu), 1e-6, 1e-5);
+}
+
+#[test]
 fn embedding_gathers_scatters_and_names_the_first_bad_id() {
     let cpu = CpuBackend::new();
     let dev = Dev::new(Schedule::Reverse);

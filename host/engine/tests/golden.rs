@@ -112,22 +112,14 @@ golden_cases!(
     granite4_lora, granite4_dora,
 );
 
-/// Gemma 3 has no CUDA kernels for GeGLU and keeps its `1 + w` norms f32: on the CUDA backend
-/// (here its emulator) loading refuses by name rather than computing something else.
-#[test]
-fn gemma3_is_refused_on_the_cuda_backend_by_name() {
-    let opts = lora_engine::LoadOptions::for_device(lora_engine::Device::Emu).unwrap();
-    let e = lora_engine::Model::load(&golden_dir().join("models/gemma3"), &opts).err().expect("gemma3 must not load on the emulator").to_string();
-    assert!(e.contains("Gemma3ForCausalLM") && e.contains("--device cpu"), "{e}");
-}
-
 /// Phi-3 (fused qkv_proj / gate_up_proj with adapters, partial rotary, LongRoPE's attention
 /// factor) and Granite 4 dense on the CUDA backend, here its emulator: the logits and the loss of
 /// the golden batch agree with transformers' to bf16 precision (the backend computes in bf16; llama_lora
-/// measured the same way: logits 4.2e-2, loss 1.0e-3).
+/// measured the same way: logits 4.2e-2, loss 1.0e-3). Gemma 3 likewise (GeGLU kernels, f32
+/// `1 + w` norms, q/k norms, embedding scale, query_pre_attn_scalar, a sliding and a global layer).
 #[test]
-fn phi3_and_granite4_run_on_the_cuda_emulator() {
-    for case in ["phi3_lora", "phi3_longrope_lora", "granite4_lora"] {
+fn phi3_granite4_and_gemma3_run_on_the_cuda_emulator() {
+    for case in ["phi3_lora", "phi3_longrope_lora", "granite4_lora", "gemma3_lora", "gemma3_dora"] {
         let dir = golden_dir();
         let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("cases/{case}.json"))).unwrap()).unwrap();
         let t = read_safetensors(&dir.join(format!("cases/{case}.safetensors")));
@@ -137,7 +129,7 @@ fn phi3_and_granite4_run_on_the_cuda_emulator() {
             serde_json::Value::String(s) => vec![s.clone()],
             v => v.as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect(),
         };
-        let acfg = AdapterConfig { r: meta["r"].as_u64().unwrap() as usize, lora_alpha: meta["lora_alpha"].as_f64().unwrap(), target_modules, ..AdapterConfig::default() };
+        let acfg = AdapterConfig { r: meta["r"].as_u64().unwrap() as usize, lora_alpha: meta["lora_alpha"].as_f64().unwrap(), target_modules, use_rslora: meta["use_rslora"].as_bool().unwrap(), use_dora: meta["use_dora"].as_bool().unwrap(), ..AdapterConfig::default() };
         let mut tr = Trainer::new(model, acfg, OptimConfig::default(), 0).unwrap();
         let names: Vec<String> = meta["param_names"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
         let init: Vec<NamedTensor> = names

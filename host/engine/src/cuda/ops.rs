@@ -593,37 +593,19 @@ impl Backend for CudaBackend {
     }
 
     fn swiglu_fwd(&self, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
-        let op = "swiglu_fwd";
-        let n = gate.len();
-        check_len(op, "up", up, n)?;
-        check_len(op, "h", h, n)?;
-        for (name, b) in [("gate", gate), ("up", up), ("h", &*h)] {
-            need(op, name, b, &[DType::F32])?;
-        }
-        self.launch(op, "swiglu_fwd_f32", grid1d(n), &[
-            Arg::Ptr(self.ptr(op, "gate", gate)?),
-            Arg::Ptr(self.ptr(op, "up", up)?),
-            Arg::Ptr(self.ptr(op, "h", h)?),
-            Arg::Size(n),
-        ])
+        self.glu_fwd("swiglu_fwd", "swiglu_fwd_f32", gate, up, h)
     }
 
     fn swiglu_bwd(&self, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
-        let op = "swiglu_bwd";
-        let n = gate.len();
-        for (name, b) in [("up", up), ("dh", dh), ("dgate", &*dgate), ("dup", &*dup)] {
-            check_len(op, name, b, n)?;
-            need(op, name, b, &[DType::F32])?;
-        }
-        need(op, "gate", gate, &[DType::F32])?;
-        self.launch(op, "swiglu_bwd_f32", grid1d(n), &[
-            Arg::Ptr(self.ptr(op, "gate", gate)?),
-            Arg::Ptr(self.ptr(op, "up", up)?),
-            Arg::Ptr(self.ptr(op, "dh", dh)?),
-            Arg::Ptr(self.ptr(op, "dgate", dgate)?),
-            Arg::Ptr(self.ptr(op, "dup", dup)?),
-            Arg::Size(n),
-        ])
+        self.glu_bwd("swiglu_bwd", "swiglu_bwd_f32", gate, up, dh, dgate, dup)
+    }
+
+    fn geglu_fwd(&self, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
+        self.glu_fwd("geglu_fwd", "geglu_fwd_f32", gate, up, h)
+    }
+
+    fn geglu_bwd(&self, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
+        self.glu_bwd("geglu_bwd", "geglu_bwd_f32", gate, up, dh, dgate, dup)
     }
 
     fn linear_cross_entropy(&self, c: CrossEntropy, hidden: &Buf, w: &Buf, targets: &Buf, dhidden: Option<&mut Buf>) -> Result<f64> {
@@ -794,6 +776,41 @@ fn copy_arg(a: &Arg) -> Arg {
 }
 
 impl CudaBackend {
+    /// A gated MLP's `h = act(gate) * up` (SwiGLU, GeGLU), all f32 `[len]`.
+    fn glu_fwd(&self, op: &'static str, kernel: &'static str, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
+        let n = gate.len();
+        check_len(op, "up", up, n)?;
+        check_len(op, "h", h, n)?;
+        for (name, b) in [("gate", gate), ("up", up), ("h", &*h)] {
+            need(op, name, b, &[DType::F32])?;
+        }
+        self.launch(op, kernel, grid1d(n), &[
+            Arg::Ptr(self.ptr(op, "gate", gate)?),
+            Arg::Ptr(self.ptr(op, "up", up)?),
+            Arg::Ptr(self.ptr(op, "h", h)?),
+            Arg::Size(n),
+        ])
+    }
+
+    /// A gated MLP's backward: `dgate = dh * up * act'(gate)`, `dup = dh * act(gate)` (written).
+    #[allow(clippy::too_many_arguments)]
+    fn glu_bwd(&self, op: &'static str, kernel: &'static str, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
+        let n = gate.len();
+        for (name, b) in [("up", up), ("dh", dh), ("dgate", &*dgate), ("dup", &*dup)] {
+            check_len(op, name, b, n)?;
+            need(op, name, b, &[DType::F32])?;
+        }
+        need(op, "gate", gate, &[DType::F32])?;
+        self.launch(op, kernel, grid1d(n), &[
+            Arg::Ptr(self.ptr(op, "gate", gate)?),
+            Arg::Ptr(self.ptr(op, "up", up)?),
+            Arg::Ptr(self.ptr(op, "dh", dh)?),
+            Arg::Ptr(self.ptr(op, "dgate", dgate)?),
+            Arg::Ptr(self.ptr(op, "dup", dup)?),
+            Arg::Size(n),
+        ])
+    }
+
     fn check_attn(&self, op: &'static str, a: Attn, q: &Buf, k: &Buf, v: &Buf, cu: &Buf) -> Result<()> {
         if a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
             return Err(err(op, format!("{} query heads are not a multiple of {} kv heads", a.n_heads, a.n_kv_heads)));

@@ -33,6 +33,7 @@ pub const FAMILIES: &[(&str, fn(&mut Ctx))] = &[
     ("rope", rope),
     ("attention", attention),
     ("swiglu", swiglu),
+    ("geglu", geglu),
     ("cross_entropy", cross_entropy),
     ("adapters", adapters),
     ("adamw", adamw),
@@ -568,6 +569,36 @@ fn swiglu(c: &mut Ctx) {
         let nu = r::finite_diff(&ud, &cs, |x| loss(&gd, x));
         c.fd("swiglu_bwd.dgate", &format!("n{n}"), &cs.iter().map(|&i| dg[i]).collect::<Vec<_>>(), &ng);
         c.fd("swiglu_bwd.dup", &format!("n{n}"), &cs.iter().map(|&i| du[i]).collect::<Vec<_>>(), &nu);
+    }
+}
+
+/// Gemma 3's GeGLU (`gelu_pytorch_tanh(gate) * up`), the same shape of check as [`swiglu`].
+fn geglu(c: &mut Ctx) {
+    let n = 1001;
+    let (g, u, dh) = (c.vec(n, 6.0), c.vec(n, 2.0), c.vec(n, 1.0));
+    c.compare("geglu_fwd", &format!("n{n}"), Tol::F32, &["h"], &|be| {
+        let (gb, ub, mut hb) = (up(be, &g)?, up(be, &u)?, zeros(be, n)?);
+        be.geglu_fwd(&gb, &ub, &mut hb)?;
+        Ok(vec![down(be, &hb)?])
+    }, &|| vec![r::geglu_fwd(&f64s(&g), &f64s(&u))]);
+    c.compare("geglu_bwd", &format!("n{n}"), Tol::F32, &["dgate", "dup"], &|be| {
+        let (gb, ub, db) = (up(be, &g)?, up(be, &u)?, up(be, &dh)?);
+        let (mut dg, mut du) = (zeros(be, n)?, zeros(be, n)?);
+        be.geglu_bwd(&gb, &ub, &db, &mut dg, &mut du)?;
+        Ok(vec![down(be, &dg)?, down(be, &du)?])
+    }, &|| {
+        let (a, b) = r::geglu_bwd(&f64s(&g), &f64s(&u), &f64s(&dh));
+        vec![a, b]
+    });
+    if c.cpu.is_none() {
+        let (gd, ud, dd) = (f64s(&g), f64s(&u), f64s(&dh));
+        let (dg, du) = r::geglu_bwd(&gd, &ud, &dd);
+        let cs: Vec<usize> = (0..6).map(|_| c.below(n as u64) as usize).collect();
+        let loss = |gg: &[f64], uu: &[f64]| r::geglu_fwd(gg, uu).iter().zip(&dd).map(|(a, b)| a * b).sum::<f64>();
+        let ng = r::finite_diff(&gd, &cs, |x| loss(x, &ud));
+        let nu = r::finite_diff(&ud, &cs, |x| loss(&gd, x));
+        c.fd("geglu_bwd.dgate", &format!("n{n}"), &cs.iter().map(|&i| dg[i]).collect::<Vec<_>>(), &ng);
+        c.fd("geglu_bwd.dup", &format!("n{n}"), &cs.iter().map(|&i| du[i]).collect::<Vec<_>>(), &nu);
     }
 }
 

@@ -170,6 +170,29 @@ pub fn swiglu_bwd(gate: &[f64], up: &[f64], dh: &[f64]) -> (Vec<f64>, Vec<f64>) 
     (dg, du)
 }
 
+/// `gelu_pytorch_tanh(g)` and its derivative, in f64.
+fn gelu_tanh(g: f64) -> (f64, f64) {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let t = (c * (g + 0.044715 * g * g * g)).tanh();
+    (0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * g * g))
+}
+
+pub fn geglu_fwd(gate: &[f64], up: &[f64]) -> Vec<f64> {
+    gate.iter().zip(up).map(|(&g, &u)| gelu_tanh(g).0 * u).collect()
+}
+
+/// (dgate, dup).
+pub fn geglu_bwd(gate: &[f64], up: &[f64], dh: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let mut dg = vec![0.0; gate.len()];
+    let mut du = vec![0.0; gate.len()];
+    for i in 0..gate.len() {
+        let (a, da) = gelu_tanh(gate[i]);
+        dg[i] = dh[i] * up[i] * da;
+        du[i] = dh[i] * a;
+    }
+    (dg, du)
+}
+
 /// (loss summed over target rows, dhidden of `grad_scale * loss`).
 pub fn linear_cross_entropy(c: &CrossEntropy, hidden: &[f64], w: &[f64], targets: &[u32]) -> (f64, Vec<f64>) {
     let (t, d, v) = (c.tokens, c.dim, c.vocab);

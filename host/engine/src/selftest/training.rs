@@ -31,13 +31,13 @@ use crate::model::{LoadOptions, Model};
 use crate::trainer::{Batch, NamedTensor, OptimConfig, Trainer};
 
 /// The training variants, as `training:<name>` families.
-pub const VARIANTS: &[&str] = &["lora+dropout", "rslora", "dora", "smollm3+window"];
+pub const VARIANTS: &[&str] = &["lora+dropout", "rslora", "dora", "smollm3+window", "gemma3+window"];
 
 fn adapter(variant: &str) -> AdapterConfig {
     match variant {
         "lora+dropout" => AdapterConfig { r: 8, lora_alpha: 16.0, lora_dropout: 0.1, ..AdapterConfig::default() },
         "rslora" => AdapterConfig { r: 4, lora_alpha: 8.0, use_rslora: true, ..AdapterConfig::default() },
-        "smollm3+window" => AdapterConfig { r: 4, lora_alpha: 8.0, ..AdapterConfig::default() },
+        "smollm3+window" | "gemma3+window" => AdapterConfig { r: 4, lora_alpha: 8.0, ..AdapterConfig::default() },
         _ => AdapterConfig { r: 4, lora_alpha: 8.0, use_dora: true, ..AdapterConfig::default() },
     }
 }
@@ -55,6 +55,24 @@ fn model_dir(seed: u64, variant: &str) -> Result<(PathBuf, ModelConfig)> {
             sliding_window: Some(20),
             sliding_layers: vec![true, false],
             nope_layers: vec![false, true],
+            ..cfg
+        };
+    }
+    if variant == "gemma3+window" {
+        // Gemma 3 text: (1+w) f32 norms (four per block), q/k norms, GeGLU, embeddings x sqrt(64),
+        // query_pre_attn_scalar 32 (not head_dim), layer 0 sliding (window 20) at its own RoPE base.
+        cfg = ModelConfig {
+            arch: crate::config::Arch::Gemma3,
+            qkv_bias: false,
+            qk_norm: true,
+            gemma_norms: true,
+            gelu_mlp: true,
+            embedding_multiplier: (cfg.hidden_size as f32).sqrt(),
+            attention_scale: 32f32.powf(-0.5),
+            rope_theta: 1_000_000.0,
+            rope_local_theta: Some(10000.0),
+            sliding_window: Some(20),
+            sliding_layers: vec![true, false],
             ..cfg
         };
     }
