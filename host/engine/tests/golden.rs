@@ -49,13 +49,7 @@ fn run_case(case: &str) -> Vec<String> {
     let mut sorted_ours = ours.clone();
     sorted_ours.sort();
     assert_eq!(sorted_ours, sorted_names, "{case}: adapter tensor names differ from PEFT's");
-    let init: Vec<NamedTensor> = names
-        .iter()
-        .map(|n| {
-            let g = &t[&format!("init.{n}")];
-            NamedTensor { name: n.clone(), shape: g.shape.clone(), data: g.data.iter().map(|&x| x as f32).collect() }
-        })
-        .collect();
+    let init = initial_adapter(&t, &names);
     tr.set_adapter_tensors(&init).unwrap();
     let batch = batch_of(&t);
     let mut errs = Vec::new();
@@ -132,13 +126,7 @@ fn phi3_granite4_and_gemma3_run_on_the_cuda_emulator() {
         let acfg = AdapterConfig { r: meta["r"].as_u64().unwrap() as usize, lora_alpha: meta["lora_alpha"].as_f64().unwrap(), target_modules, use_rslora: meta["use_rslora"].as_bool().unwrap(), use_dora: meta["use_dora"].as_bool().unwrap(), ..AdapterConfig::default() };
         let mut tr = Trainer::new(model, acfg, OptimConfig::default(), 0).unwrap();
         let names: Vec<String> = meta["param_names"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
-        let init: Vec<NamedTensor> = names
-            .iter()
-            .map(|n| {
-                let g = &t[&format!("init.{n}")];
-                NamedTensor { name: n.clone(), shape: g.shape.clone(), data: g.data.iter().map(|&x| x as f32).collect() }
-            })
-            .collect();
+        let init = initial_adapter(&t, &names);
         tr.set_adapter_tensors(&init).unwrap();
         let batch = batch_of(&t);
         let logits = tr.logits(&batch).unwrap();
@@ -148,4 +136,15 @@ fn phi3_granite4_and_gemma3_run_on_the_cuda_emulator() {
         let le = compare(&format!("{case} loss on emu"), &[(st.loss_sum / n as f64) as f32], &[meta["loss"].as_f64().unwrap()], 3e-3, 0.0).unwrap();
         println!("{case} on emu: logits max error {e:.2e}, loss error {le:.2e}");
     }
+}
+
+/// The adapter tensors PEFT started from (`init.<name>` in the golden file), in `names`' order.
+fn initial_adapter(t: &std::collections::HashMap<String, GTensor>, names: &[String]) -> Vec<NamedTensor> {
+    names
+        .iter()
+        .map(|n| {
+            let g = &t[&format!("init.{n}")];
+            NamedTensor { name: n.clone(), shape: g.shape.clone(), data: g.data.iter().map(|&x| x as f32).collect() }
+        })
+        .collect()
 }
