@@ -544,61 +544,64 @@ fn attention(c: &mut Ctx) {
 }
 
 fn swiglu(c: &mut Ctx) {
-    let n = 1001;
-    let (g, u, dh) = (c.vec(n, 6.0), c.vec(n, 2.0), c.vec(n, 1.0));
-    c.compare("swiglu_fwd", &format!("n{n}"), Tol::F32, &["h"], &|be| {
-        let (gb, ub, mut hb) = (up(be, &g)?, up(be, &u)?, zeros(be, n)?);
-        be.swiglu_fwd(&gb, &ub, &mut hb)?;
-        Ok(vec![down(be, &hb)?])
-    }, &|| vec![r::swiglu_fwd(&f64s(&g), &f64s(&u))]);
-    c.compare("swiglu_bwd", &format!("n{n}"), Tol::F32, &["dgate", "dup"], &|be| {
-        let (gb, ub, db) = (up(be, &g)?, up(be, &u)?, up(be, &dh)?);
-        let (mut dg, mut du) = (zeros(be, n)?, zeros(be, n)?);
-        be.swiglu_bwd(&gb, &ub, &db, &mut dg, &mut du)?;
-        Ok(vec![down(be, &dg)?, down(be, &du)?])
-    }, &|| {
-        let (a, b) = r::swiglu_bwd(&f64s(&g), &f64s(&u), &f64s(&dh));
-        vec![a, b]
+    gated(c, &Glu {
+        name: "swiglu",
+        fwd: |be, g, u, h| be.swiglu_fwd(g, u, h),
+        bwd: |be, g, u, dh, dg, du| be.swiglu_bwd(g, u, dh, dg, du),
+        reference_fwd: r::swiglu_fwd,
+        reference_bwd: r::swiglu_bwd,
     });
-    if c.cpu.is_none() {
-        let (gd, ud, dd) = (f64s(&g), f64s(&u), f64s(&dh));
-        let (dg, du) = r::swiglu_bwd(&gd, &ud, &dd);
-        let cs: Vec<usize> = (0..6).map(|_| c.below(n as u64) as usize).collect();
-        let loss = |gg: &[f64], uu: &[f64]| r::swiglu_fwd(gg, uu).iter().zip(&dd).map(|(a, b)| a * b).sum::<f64>();
-        let ng = r::finite_diff(&gd, &cs, |x| loss(x, &ud));
-        let nu = r::finite_diff(&ud, &cs, |x| loss(&gd, x));
-        c.fd("swiglu_bwd.dgate", &format!("n{n}"), &cs.iter().map(|&i| dg[i]).collect::<Vec<_>>(), &ng);
-        c.fd("swiglu_bwd.dup", &format!("n{n}"), &cs.iter().map(|&i| du[i]).collect::<Vec<_>>(), &nu);
-    }
 }
 
-/// Gemma 3's GeGLU (`gelu_pytorch_tanh(gate) * up`), the same shape of check as [`swiglu`].
+/// Gemma 3's GeGLU (`gelu_pytorch_tanh(gate) * up`), the same check as [`swiglu`].
 fn geglu(c: &mut Ctx) {
+    gated(c, &Glu {
+        name: "geglu",
+        fwd: |be, g, u, h| be.geglu_fwd(g, u, h),
+        bwd: |be, g, u, dh, dg, du| be.geglu_bwd(g, u, dh, dg, du),
+        reference_fwd: r::geglu_fwd,
+        reference_bwd: r::geglu_bwd,
+    });
+}
+
+/// One gated MLP activation: its backend ops and their float64 formulas.
+struct Glu {
+    name: &'static str,
+    fwd: fn(&dyn Backend, &Buf, &Buf, &mut Buf) -> Result<()>,
+    bwd: fn(&dyn Backend, &Buf, &Buf, &Buf, &mut Buf, &mut Buf) -> Result<()>,
+    reference_fwd: fn(&[f64], &[f64]) -> Vec<f64>,
+    reference_bwd: fn(&[f64], &[f64], &[f64]) -> (Vec<f64>, Vec<f64>),
+}
+
+/// Forward and backward against the formulas, and on the CPU the backward formula against
+/// finite differences of the forward one.
+fn gated(c: &mut Ctx, glu: &Glu) {
     let n = 1001;
+    let name = glu.name;
     let (g, u, dh) = (c.vec(n, 6.0), c.vec(n, 2.0), c.vec(n, 1.0));
-    c.compare("geglu_fwd", &format!("n{n}"), Tol::F32, &["h"], &|be| {
+    c.compare(&format!("{name}_fwd"), &format!("n{n}"), Tol::F32, &["h"], &|be| {
         let (gb, ub, mut hb) = (up(be, &g)?, up(be, &u)?, zeros(be, n)?);
-        be.geglu_fwd(&gb, &ub, &mut hb)?;
+        (glu.fwd)(be, &gb, &ub, &mut hb)?;
         Ok(vec![down(be, &hb)?])
-    }, &|| vec![r::geglu_fwd(&f64s(&g), &f64s(&u))]);
-    c.compare("geglu_bwd", &format!("n{n}"), Tol::F32, &["dgate", "dup"], &|be| {
+    }, &|| vec![(glu.reference_fwd)(&f64s(&g), &f64s(&u))]);
+    c.compare(&format!("{name}_bwd"), &format!("n{n}"), Tol::F32, &["dgate", "dup"], &|be| {
         let (gb, ub, db) = (up(be, &g)?, up(be, &u)?, up(be, &dh)?);
         let (mut dg, mut du) = (zeros(be, n)?, zeros(be, n)?);
-        be.geglu_bwd(&gb, &ub, &db, &mut dg, &mut du)?;
+        (glu.bwd)(be, &gb, &ub, &db, &mut dg, &mut du)?;
         Ok(vec![down(be, &dg)?, down(be, &du)?])
     }, &|| {
-        let (a, b) = r::geglu_bwd(&f64s(&g), &f64s(&u), &f64s(&dh));
+        let (a, b) = (glu.reference_bwd)(&f64s(&g), &f64s(&u), &f64s(&dh));
         vec![a, b]
     });
     if c.cpu.is_none() {
         let (gd, ud, dd) = (f64s(&g), f64s(&u), f64s(&dh));
-        let (dg, du) = r::geglu_bwd(&gd, &ud, &dd);
+        let (dg, du) = (glu.reference_bwd)(&gd, &ud, &dd);
         let cs: Vec<usize> = (0..6).map(|_| c.below(n as u64) as usize).collect();
-        let loss = |gg: &[f64], uu: &[f64]| r::geglu_fwd(gg, uu).iter().zip(&dd).map(|(a, b)| a * b).sum::<f64>();
+        let loss = |gg: &[f64], uu: &[f64]| (glu.reference_fwd)(gg, uu).iter().zip(&dd).map(|(a, b)| a * b).sum::<f64>();
         let ng = r::finite_diff(&gd, &cs, |x| loss(x, &ud));
         let nu = r::finite_diff(&ud, &cs, |x| loss(&gd, x));
-        c.fd("geglu_bwd.dgate", &format!("n{n}"), &cs.iter().map(|&i| dg[i]).collect::<Vec<_>>(), &ng);
-        c.fd("geglu_bwd.dup", &format!("n{n}"), &cs.iter().map(|&i| du[i]).collect::<Vec<_>>(), &nu);
+        c.fd(&format!("{name}_bwd.dgate"), &format!("n{n}"), &cs.iter().map(|&i| dg[i]).collect::<Vec<_>>(), &ng);
+        c.fd(&format!("{name}_bwd.dup"), &format!("n{n}"), &cs.iter().map(|&i| du[i]).collect::<Vec<_>>(), &nu);
     }
 }
 
