@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 import peft
 import transformers
 from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteMoeHybridConfig, LlamaConfig,
-                          MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
+                          MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, Qwen3MoeConfig, SmolLM3Config)
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 PINNED = {"torch": (torch.__version__, "2.11."), "transformers": (transformers.__version__, "5.17."),
           "peft": (peft.__version__, "0.21.2")}
@@ -77,7 +78,14 @@ MODELS = {
                                               position_embedding_type="rope", rope_theta=10000.0, mamba_n_heads=4,
                                               embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5,
                                               logits_scaling=2.5), False, torch.bfloat16),
+    # Qwen3-MoE in 3 layers: layer 0 dense (mlp_only_layers), layers 1 and 2 with 4 experts of
+    # MLP 16, top-2 renormalised; output_router_logits adds the load-balancing loss (x0.1),
+    # pooled over both sparse layers.
+    "qwen3_moe": (Qwen3MoeConfig, dict(num_hidden_layers=3, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                                       mlp_only_layers=[0], norm_topk_prob=True, output_router_logits=True,
+                                       router_aux_loss_coef=0.1, rope_theta=1000.0), False, torch.float32),
 }
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = {
@@ -108,6 +116,9 @@ CASES = {
     "phi3_longrope_lora": ("phi3_longrope", dict(target_modules="all-linear")),
     "granite4_lora": ("granite4", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "input_linear", "output_linear"])),
     "granite4_dora": ("granite4", dict(target_modules=["v_proj", "input_linear", "output_linear"], use_dora=True)),
+    # PEFT's target_parameters on the 3-D experts (both: nested wrappers; one: a plain one).
+    "qwen3_moe_lora": ("qwen3_moe", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=EXPERTS)),
+    "qwen3_moe_gate_up": ("qwen3_moe", dict(target_modules=["v_proj"], target_parameters=EXPERTS[:1])),
 }
 R, ALPHA = 4, 8.0
 # eps 1e-4 (not torch's 1e-8): with eps ~0 Adam's first update is lr * sign(grad), so an element
@@ -165,14 +176,23 @@ def peft_key(param_name):
 
 
 def loss_and_logits(model, ids, mask):
-    """Sum of target cross-entropies over documents, logits of all tokens, number of targets."""
+    """Sum of target cross-entropies over documents, logits of all tokens, number of targets, and
+    the objective: their mean plus, for Qwen3-MoE with output_router_logits, the router
+    load-balancing loss times router_aux_loss_coef. That loss is transformers' own
+    load_balancing_loss_func over the router logits of every token of the batch (each document's
+    rows concatenated per layer), as one forward of the packed batch would compute it."""
     total, logits_all, n = 0.0, [], 0
+    router = []
     start = 0
+    cfg = model.config
     for L in SEQ_LENS:
         doc = ids[start:start + L]
         m = mask[start:start + L].clone()
         m[0] = False
-        logits = model(input_ids=doc[None]).logits[0]
+        out = model(input_ids=doc[None])
+        logits = out.logits[0]
+        if getattr(cfg, "output_router_logits", False):
+            router.append(out.router_logits)
         logits_all.append(logits)
         tgt_mask = m[1:]
         if tgt_mask.any():
@@ -181,7 +201,12 @@ def loss_and_logits(model, ids, mask):
             total = total + nll[tgt_mask].sum()
             n += int(tgt_mask.sum())
         start += L
-    return total, torch.cat(logits_all), n
+    aux = torch.zeros(())
+    if router:
+        layers = tuple(torch.cat([r[i] for r in router]) for i in range(len(router[0])))
+        aux = load_balancing_loss_func(layers, cfg.num_experts, cfg.num_experts_per_tok)
+    objective = total / n + (cfg.router_aux_loss_coef * aux if router else 0.0)
+    return total, torch.cat(logits_all), n, aux, objective
 
 
 def run_case(case, model_name, adapter, base):
@@ -200,8 +225,8 @@ def run_case(case, model_name, adapter, base):
     tensors["seq_lens"] = torch.tensor(SEQ_LENS, dtype=torch.int64)
 
     model.train()
-    loss_sum, logits, n = loss_and_logits(model, ids, mask)
-    (loss_sum / n).backward()
+    loss_sum, logits, n, aux, objective = loss_and_logits(model, ids, mask)
+    objective.backward()
     tensors["logits"] = logits.detach()
     for k, p in params:
         tensors[f"grad.{k}"] = p.grad.detach().clone()
@@ -211,15 +236,18 @@ def run_case(case, model_name, adapter, base):
     losses, norms = [], []
     for _ in range(STEPS):
         opt.zero_grad()
-        ls, _, n = loss_and_logits(model, ids, mask)
-        (ls / n).backward()
+        ls, _, n, _, obj = loss_and_logits(model, ids, mask)
+        obj.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_([p for _, p in params], MAX_NORM)))
         losses.append(float(ls / n))
         opt.step()
     for k, p in params:
         tensors[f"final.{k}"] = p.detach().clone()
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "cases", f"{case}.safetensors"))
-    meta = dict(model=model_name, r=R, lora_alpha=ALPHA, target_modules=adapter["target_modules"],
+    targets = adapter["target_modules"]
+    if adapter.get("target_parameters"):
+        targets = list(targets) + list(adapter["target_parameters"])
+    meta = dict(model=model_name, r=R, lora_alpha=ALPHA, target_modules=targets, aux_loss=float(aux),
                 use_rslora=adapter.get("use_rslora", False), use_dora=adapter.get("use_dora", False),
                 loss=float(loss_sum / n), trained_tokens=n, lr=LR, eps=EPS, weight_decay=WD, max_grad_norm=MAX_NORM,
                 step_losses=losses, step_grad_norms=norms,

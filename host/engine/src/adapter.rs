@@ -4,7 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Buf, DType, HostData};
 use crate::error::{EngineError, Result};
-use crate::config::Layout;
+use crate::config::{Layout, ModelConfig};
+use crate::moe::EXPERT_PARAMS;
 use crate::model::{Model, Module};
 use crate::rng::{Rng, hash_str};
 
@@ -51,7 +52,7 @@ impl AdapterConfig {
         }
         let layouts = [Layout::Split, Layout::Phi3, Layout::Granite4];
         let mut out = Vec::new();
-        for t in &self.target_modules {
+        for t in self.module_names() {
             let m = layouts.iter().find_map(|&l| Module::from_name_in(l, t)).ok_or_else(|| self.unknown(t, Layout::Split))?;
             if !out.contains(&m) {
                 out.push(m);
@@ -68,7 +69,7 @@ impl AdapterConfig {
             return Ok(Module::present(layout).to_vec());
         }
         let mut out = Vec::new();
-        for t in &self.target_modules {
+        for t in self.module_names() {
             let m = Module::from_name_in(layout, t).ok_or_else(|| self.unknown(t, layout))?;
             if !out.contains(&m) {
                 out.push(m);
@@ -78,7 +79,44 @@ impl AdapterConfig {
         Ok(out)
     }
 
+    /// `target_modules` less the 3-D expert parameters ([`EXPERT_PARAMS`]).
+    fn module_names(&self) -> impl Iterator<Item = &String> {
+        self.target_modules.iter().filter(|t| !EXPERT_PARAMS.contains(&t.as_str()))
+    }
+
+    /// The expert parameters named in `target_modules` (indices into [`EXPERT_PARAMS`]): PEFT's
+    /// `target_parameters`.
+    pub fn expert_targets(&self) -> Vec<usize> {
+        (0..EXPERT_PARAMS.len()).filter(|&i| self.target_modules.iter().any(|t| t == EXPERT_PARAMS[i])).collect()
+    }
+
+    /// The adapted names of a model of config `c`, as PEFT's `target_modules` and
+    /// `target_parameters` say them. On Qwen3-MoE the MLP is named by its 3-D expert parameters
+    /// (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`): `gate_proj`/`up_proj`/`down_proj` and
+    /// `all-linear` are refused there, since PEFT rewrites them (fused ranks, the router adapted)
+    /// into an adapter other than the one named.
+    pub fn target_names(&self, c: &ModelConfig) -> Result<(Vec<String>, Vec<String>)> {
+        let modules = self.resolve_targets_for(c.layout)?;
+        let experts = self.expert_targets();
+        if c.moe.is_some() {
+            let moe_hint = "on Qwen3MoeForCausalLM name attention modules (q_proj, k_proj, v_proj, o_proj) and the experts' 3-D parameters mlp.experts.gate_up_proj, mlp.experts.down_proj";
+            if self.all_linear()? {
+                return Err(EngineError::Adapter(format!("`target_modules`: all-linear is not supported here (PEFT's all-linear also adapts the router `mlp.gate` and doubles the rank of the fused gate_up_proj); {moe_hint}")));
+            }
+            if let Some(m) = modules.iter().find(|m| matches!(m, Module::Gate | Module::Up | Module::Down)) {
+                return Err(EngineError::Adapter(format!("`target_modules`: `{}` is not supported (PEFT maps it onto the fused 3-D experts); {moe_hint}", m.name())));
+            }
+        } else if let Some(&e) = experts.first() {
+            return Err(EngineError::Adapter(format!("`target_modules`: `{}` names 3-D expert weights, which only Qwen3MoeForCausalLM has", EXPERT_PARAMS[e])));
+        }
+        let modules = modules.iter().map(|m| m.name_in(c.layout).to_string()).collect();
+        Ok((modules, experts.iter().map(|&e| EXPERT_PARAMS[e].to_string()).collect()))
+    }
+
     fn all_linear(&self) -> Result<bool> {
+        if self.module_names().next().is_none() && !self.expert_targets().is_empty() {
+            return Ok(false);
+        }
         if self.target_modules.is_empty() || self.target_modules.iter().any(|t| t == "all-linear") {
             if self.target_modules.len() > 1 {
                 return Err(EngineError::Adapter("`target_modules`: `all-linear` cannot be combined with other names".into()));
@@ -115,6 +153,15 @@ impl AdapterConfig {
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(EngineError::Adapter(format!("`lora_dropout` {} must be in [0, 1)", self.lora_dropout)));
         }
+        if self.use_dora && !self.expert_targets().is_empty() {
+            return Err(EngineError::Adapter("`use_dora` is not supported with expert parameters in `target_modules` (PEFT's target_parameters are plain LoRA)".into()));
+        }
+        if self.lora_dropout > 0.0 && !self.expert_targets().is_empty() {
+            return Err(EngineError::Adapter(format!(
+                "`lora_dropout` {} is not supported with expert parameters in `target_modules` (PEFT's target_parameters refuses dropout too); use 0",
+                self.lora_dropout
+            )));
+        }
         if !self.lora_alpha.is_finite() || self.lora_alpha <= 0.0 {
             return Err(EngineError::Adapter(format!("`lora_alpha` {} must be positive", self.lora_alpha)));
         }
@@ -131,6 +178,35 @@ pub struct Param {
     pub grad: Buf,
     pub m: Buf,
     pub v: Buf,
+    /// Where this tensor lies in a larger PEFT tensor (one expert's part of a 3-D parameter's
+    /// adapter); `name` then is the part's own (`<PEFT key>#<expert>`).
+    pub pack: Option<Pack>,
+}
+
+/// One expert's share of a PEFT `ParamWrapper` adapter tensor ([`crate::moe`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pack {
+    /// The PEFT key and shape of the whole tensor.
+    pub key: String,
+    pub shape: Vec<usize>,
+    pub expert: usize,
+    pub experts: usize,
+    /// `lora_A [E*r, in]`: the part is rows `expert*r..`; else `lora_B [out, r*E]`: the part's
+    /// `[o, j]` is column `j*E + expert`.
+    pub rows: bool,
+}
+
+impl Pack {
+    /// The index in the whole tensor of the part's element `i` (the part is `[a, b]`).
+    pub fn index(&self, i: usize, part_shape: &[usize]) -> usize {
+        let (a, b) = (part_shape[0], part_shape[1]);
+        if self.rows {
+            self.expert * a * b + i
+        } else {
+            let (o, j) = (i / b, i % b);
+            o * b * self.experts + j * self.experts + self.expert
+        }
+    }
 }
 
 impl Param {
@@ -143,6 +219,7 @@ impl Param {
             grad: be.zeros(n, DType::F32)?,
             m: be.zeros(n, DType::F32)?,
             v: be.zeros(n, DType::F32)?,
+            pack: None,
         })
     }
 }
@@ -183,7 +260,9 @@ impl Adapters {
     pub fn init(model: &Model, cfg: &AdapterConfig) -> Result<Self> {
         cfg.validate()?;
         let layout = model.cfg.layout;
+        cfg.target_names(&model.cfg)?;
         let targets = cfg.resolve_targets_for(layout)?;
+        let expert_targets = cfg.expert_targets();
         let be = model.backend.as_ref();
         let scale = cfg.scaling();
         let r = cfg.r;
@@ -191,7 +270,8 @@ impl Adapters {
         for (li, layer) in model.layers.iter().enumerate() {
             let mut row = Vec::with_capacity(7);
             for m in Module::ALL {
-                if !targets.contains(&m) {
+                // A Qwen3-MoE sparse layer has no dense MLP modules.
+                if !targets.contains(&m) || layer.linears[m as usize].is_none() {
                     row.push(None);
                     continue;
                 }
@@ -213,6 +293,33 @@ impl Adapters {
                     None
                 };
                 row.push(Some(Lora { a, b, mag, out_f, in_f }));
+            }
+            if let Some(ex) = &layer.experts {
+                let n = ex.gate_up.len();
+                let both = expert_targets.len() == 2;
+                for e in 0..n {
+                    for which in 0..2 {
+                        let lin = if which == crate::moe::GATE_UP { &ex.gate_up[e] } else { &ex.down[e] };
+                        if !expert_targets.contains(&which) {
+                            row.push(None);
+                            continue;
+                        }
+                        // PEFT nests the two wrappers: gate_up_proj's is the inner (`base_layer`).
+                        let inner = if both && which == crate::moe::GATE_UP { "base_layer." } else { "" };
+                        let prefix = format!("base_model.model.model.layers.{li}.mlp.experts.{inner}");
+                        let (out_f, in_f) = (lin.out_f, lin.in_f);
+                        let a_key = format!("{prefix}lora_A.weight");
+                        let mut rng = Rng::new(cfg.init_seed ^ hash_str(&a_key) ^ (e as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                        let bound = 1.0 / (in_f as f32).sqrt();
+                        let a_init: Vec<f32> = (0..r * in_f).map(|_| bound * (2.0 * rng.uniform() - 1.0)).collect();
+                        let mut a = Param::new(be, format!("{a_key}#{e}"), vec![r, in_f], &a_init)?;
+                        a.pack = Some(Pack { key: a_key, shape: vec![n * r, in_f], expert: e, experts: n, rows: true });
+                        let b_key = format!("{prefix}lora_B.weight");
+                        let mut b = Param::new(be, format!("{b_key}#{e}"), vec![out_f, r], &vec![0.0; out_f * r])?;
+                        b.pack = Some(Pack { key: b_key, shape: vec![out_f, r * n], expert: e, experts: n, rows: false });
+                        row.push(Some(Lora { a, b, mag: None, out_f, in_f }));
+                    }
+                }
             }
             slots.push(row);
         }

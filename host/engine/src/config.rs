@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 use crate::error::{EngineError, Result};
 
 /// Supported `architectures` entries.
-pub const SUPPORTED_ARCHITECTURES: [&str; 9] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 10] = [
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
@@ -18,6 +18,7 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 9] = [
     "Gemma3ForCausalLM",
     "Phi3ForCausalLM",
     "GraniteMoeHybridForCausalLM",
+    "Qwen3MoeForCausalLM",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,8 @@ pub enum Arch {
     Phi3,
     /// Granite 4.0 dense (GraniteMoeHybrid with attention layers only and no experts).
     Granite4,
+    /// Qwen3-MoE: Qwen3 attention, sparse expert MLPs ([`MoeConfig`]).
+    Qwen3Moe,
 }
 
 impl Arch {
@@ -40,10 +43,10 @@ impl Arch {
         SUPPORTED_ARCHITECTURES[self as usize]
     }
     pub fn model_type(self) -> &'static str {
-        ["llama", "qwen2", "qwen3", "mistral", "granite", "smollm3", "gemma3_text", "phi3", "granitemoehybrid"][self as usize]
+        ["llama", "qwen2", "qwen3", "mistral", "granite", "smollm3", "gemma3_text", "phi3", "granitemoehybrid", "qwen3_moe"][self as usize]
     }
     fn from_name(s: &str) -> Option<Self> {
-        let all = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Mistral, Arch::Granite, Arch::SmolLM3, Arch::Gemma3, Arch::Phi3, Arch::Granite4];
+        let all = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Mistral, Arch::Granite, Arch::SmolLM3, Arch::Gemma3, Arch::Phi3, Arch::Granite4, Arch::Qwen3Moe];
         all.into_iter().find(|a| a.hf_name() == s || a.model_type() == s)
     }
 }
@@ -76,6 +79,77 @@ pub enum Layout {
     /// Granite 4: split attention, `shared_mlp.input_linear` (rows gate | up),
     /// `shared_mlp.output_linear`.
     Granite4,
+}
+
+/// Qwen3-MoE's sparse MLP blocks (`Qwen3MoeSparseMoeBlock`): a frozen router `mlp.gate`
+/// `[num_experts, hidden]`, softmax over the experts, the `top_k` largest kept (renormalised to
+/// sum 1 with `norm_topk_prob`), each token through its experts' SwiGLU MLPs of
+/// `moe_intermediate_size`, outputs summed with those weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    /// `num_experts_per_tok`.
+    pub top_k: usize,
+    pub moe_intermediate_size: usize,
+    pub norm_topk_prob: bool,
+    /// Per layer: true for a sparse (expert) MLP, false for a dense one (`mlp_only_layers`, or
+    /// not a multiple of `decoder_sparse_step`).
+    pub sparse_layers: Vec<bool>,
+    /// `router_aux_loss_coef` when `output_router_logits` is true (transformers adds the
+    /// load-balancing loss only then), else 0.
+    pub aux_loss_coef: f64,
+    /// The config's own `output_router_logits` and `router_aux_loss_coef` (written back).
+    pub output_router_logits: bool,
+    pub router_aux_loss_coef: f64,
+    pub decoder_sparse_step: usize,
+    pub mlp_only_layers: Vec<usize>,
+}
+
+/// Qwen3-MoE's expert settings, as `Qwen3MoeConfig` reads them (its defaults where a key is
+/// absent; `num_experts` is also written `num_local_experts`).
+fn moe_of(m: &Map<String, Value>, path: &Path, layers: usize) -> Result<MoeConfig> {
+    let num = |key: &str, default: u64| -> Result<usize> {
+        match m.get(key) {
+            None | Some(Value::Null) => Ok(default as usize),
+            Some(v) => v.as_u64().map(|v| v as usize).ok_or_else(|| cfg_err(path, format!("`{key}` is {v}; expected a non-negative integer"))),
+        }
+    };
+    let num_experts = if m.contains_key("num_local_experts") { num("num_local_experts", 128)? } else { num("num_experts", 128)? };
+    let top_k = num("num_experts_per_tok", 8)?;
+    let moe_intermediate_size = num("moe_intermediate_size", 768)?;
+    let decoder_sparse_step = num("decoder_sparse_step", 1)?;
+    if num_experts == 0 || top_k == 0 || top_k > num_experts {
+        return Err(cfg_err(path, format!("`num_experts_per_tok` ({top_k}) must be in 1..=`num_experts` ({num_experts})")));
+    }
+    if moe_intermediate_size == 0 || decoder_sparse_step == 0 {
+        return Err(cfg_err(path, "`moe_intermediate_size` and `decoder_sparse_step` must be positive"));
+    }
+    let mlp_only_layers: Vec<usize> = match m.get("mlp_only_layers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_u64().map(|v| v as usize).filter(|&v| v < layers).ok_or_else(|| cfg_err(path, format!("`mlp_only_layers` entry {v} is not a layer index below {layers}"))))
+            .collect::<Result<_>>()?,
+        Some(v) => return Err(cfg_err(path, format!("`mlp_only_layers` is {v}; expected a list of layer indices"))),
+    };
+    let sparse_layers = (0..layers).map(|i| !mlp_only_layers.contains(&i) && (i + 1) % decoder_sparse_step == 0).collect();
+    let output_router_logits = m.get("output_router_logits").and_then(Value::as_bool).unwrap_or(false);
+    let router_aux_loss_coef = get_f64(m, "router_aux_loss_coef").unwrap_or(0.001);
+    if !router_aux_loss_coef.is_finite() || router_aux_loss_coef < 0.0 {
+        return Err(cfg_err(path, format!("`router_aux_loss_coef` {router_aux_loss_coef} must be finite and non-negative")));
+    }
+    Ok(MoeConfig {
+        num_experts,
+        top_k,
+        moe_intermediate_size,
+        norm_topk_prob: m.get("norm_topk_prob").and_then(Value::as_bool).unwrap_or(false),
+        sparse_layers,
+        aux_loss_coef: if output_router_logits { router_aux_loss_coef } else { 0.0 },
+        output_router_logits,
+        router_aux_loss_coef,
+        decoder_sparse_step,
+        mlp_only_layers,
+    })
 }
 
 /// A decoder's configuration. Field names follow config.json.
@@ -132,6 +206,8 @@ pub struct ModelConfig {
     /// The leading dims of each head that RoPE rotates (`head_dim * partial_rotary_factor`);
     /// the rest pass through.
     pub rotary_dim: usize,
+    /// Qwen3-MoE's experts (None: every layer has a dense MLP).
+    pub moe: Option<MoeConfig>,
 }
 
 fn cfg_err(path: &Path, msg: impl Into<String>) -> EngineError {
@@ -156,7 +232,7 @@ fn get_f64(m: &Map<String, Value>, key: &str) -> Option<f64> {
 fn sliding_of(m: &Map<String, Value>, path: &Path, arch: Arch, layers: usize, nope: &[bool]) -> Result<(Option<usize>, Vec<bool>)> {
     let on = match arch {
         Arch::Mistral | Arch::Gemma3 | Arch::Phi3 => true,
-        Arch::Qwen2 | Arch::Qwen3 | Arch::SmolLM3 => m.get("use_sliding_window").and_then(Value::as_bool) == Some(true),
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe | Arch::SmolLM3 => m.get("use_sliding_window").and_then(Value::as_bool) == Some(true),
         Arch::Llama | Arch::Granite | Arch::Granite4 => false,
     };
     let window = match m.get("sliding_window") {
@@ -413,7 +489,7 @@ impl ModelConfig {
         let attention_bias = m.get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
             Arch::Qwen2 => (true, false),
-            Arch::Qwen3 => (attention_bias, attention_bias),
+            Arch::Qwen3 | Arch::Qwen3Moe => (attention_bias, attention_bias),
             Arch::Mistral => (false, false),
             Arch::Llama | Arch::Granite | Arch::Granite4 | Arch::SmolLM3 | Arch::Gemma3 => (attention_bias, attention_bias),
             // Phi3Attention's projections never have a bias.
@@ -468,7 +544,7 @@ impl ModelConfig {
             tie_word_embeddings: m.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(gemma),
             qkv_bias,
             o_bias,
-            qk_norm: arch == Arch::Qwen3 || gemma,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe) || gemma,
             gemma_norms: gemma,
             gelu_mlp: gemma,
             rope_local_theta,
@@ -487,6 +563,7 @@ impl ModelConfig {
                 _ => Layout::Split,
             },
             rotary_dim,
+            moe: if arch == Arch::Qwen3Moe { Some(moe_of(m, path, num_hidden_layers)?) } else { None },
         };
         if cfg.vocab_size == 0 || cfg.hidden_size == 0 || cfg.intermediate_size == 0 {
             return Err(cfg_err(path, "`vocab_size`, `hidden_size` and `intermediate_size` must be positive"));
@@ -526,6 +603,7 @@ impl ModelConfig {
             torch_dtype: None,
             layout: Layout::Split,
             rotary_dim: 16,
+            moe: None,
         }
     }
 
@@ -568,7 +646,7 @@ impl ModelConfig {
         });
         let o = v.as_object_mut().expect("object literal");
         match self.arch {
-            Arch::Llama | Arch::Granite | Arch::Granite4 | Arch::Qwen3 | Arch::SmolLM3 => {
+            Arch::Llama | Arch::Granite | Arch::Granite4 | Arch::Qwen3 | Arch::Qwen3Moe | Arch::SmolLM3 => {
                 o.insert("attention_bias".into(), json!(self.qkv_bias));
             }
             _ => {}
@@ -612,6 +690,16 @@ impl ModelConfig {
             o.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
             o.insert("query_pre_attn_scalar".into(), json!(self.attention_scale.powi(-2).round() as u64));
             o.insert("rope_local_base_freq".into(), json!(self.rope_local_theta));
+        }
+        if let Some(e) = &self.moe {
+            o.insert("num_experts".into(), json!(e.num_experts));
+            o.insert("num_experts_per_tok".into(), json!(e.top_k));
+            o.insert("moe_intermediate_size".into(), json!(e.moe_intermediate_size));
+            o.insert("norm_topk_prob".into(), json!(e.norm_topk_prob));
+            o.insert("decoder_sparse_step".into(), json!(e.decoder_sparse_step));
+            o.insert("mlp_only_layers".into(), json!(e.mlp_only_layers));
+            o.insert("output_router_logits".into(), json!(e.output_router_logits));
+            o.insert("router_aux_loss_coef".into(), json!(e.router_aux_loss_coef));
         }
         if self.arch == Arch::SmolLM3 {
             let flags: Vec<u8> = (0..self.num_hidden_layers).map(|i| u8::from(self.layer_uses_rope(i))).collect();
@@ -685,6 +773,20 @@ impl ModelConfig {
             Layout::Phi3 => v.push("fused qkv_proj (q | k | v) and gate_up_proj (gate | up)".into()),
             Layout::Granite4 => v.push("fused shared_mlp.input_linear (gate | up), shared_mlp.output_linear".into()),
         }
+        if let Some(e) = &self.moe {
+            let dense: Vec<String> = (0..self.num_hidden_layers).filter(|&i| !self.layer_is_sparse(i)).map(|i| i.to_string()).collect();
+            v.push(format!(
+                "MoE: {} experts of MLP {}, top-{}{} (router frozen), dense MLP {}",
+                e.num_experts,
+                e.moe_intermediate_size,
+                e.top_k,
+                if e.norm_topk_prob { " renormalised" } else { "" },
+                if dense.is_empty() { "on no layer".to_string() } else { format!("on layers {}", dense.join(", ")) }
+            ));
+            if e.aux_loss_coef > 0.0 {
+                v.push(format!("router load-balancing loss x{}", e.aux_loss_coef));
+            }
+        }
         if self.rotary_dim != self.head_dim {
             v.push(format!("partial rotary: {} of {} head dims", self.rotary_dim, self.head_dim));
         }
@@ -701,6 +803,11 @@ impl ModelConfig {
             ));
         }
         v
+    }
+
+    /// Does layer `li` have a sparse (expert) MLP?
+    pub fn layer_is_sparse(&self, li: usize) -> bool {
+        self.moe.as_ref().is_some_and(|e| e.sparse_layers.get(li) == Some(&true))
     }
 
     /// Does layer `li` rotate q and k (false on SmolLM3's no-RoPE layers)?
@@ -837,8 +944,8 @@ mod tests {
         let e = parse(json!({"attn_logit_softcapping": 50.0})).unwrap_err().to_string();
         assert!(e.contains("`attn_logit_softcapping`"), "{e}");
         assert!(parse(json!({"final_logit_softcapping": null})).is_ok());
-        let e = parse(json!({"architectures": ["Qwen3MoeForCausalLM"]})).unwrap_err().to_string();
-        assert!(e.contains("Qwen3MoeForCausalLM") && e.contains("Gemma3ForCausalLM, Phi3ForCausalLM, GraniteMoeHybridForCausalLM"), "{e}");
+        let e = parse(json!({"architectures": ["DeepseekV3ForCausalLM"]})).unwrap_err().to_string();
+        assert!(e.contains("DeepseekV3ForCausalLM") && e.contains("Gemma3ForCausalLM, Phi3ForCausalLM, GraniteMoeHybridForCausalLM, Qwen3MoeForCausalLM"), "{e}");
     }
 
     #[test]
@@ -907,5 +1014,36 @@ mod tests {
         v.as_object_mut().unwrap().extend(json!({"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}).as_object().unwrap().clone());
         let e = ModelConfig::from_json(&v, Path::new("c")).unwrap_err().to_string();
         assert!(e.contains("`layers_block_type[0]`") && e.contains("every layer mamba"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod moe_tests {
+    use super::*;
+
+    fn moe(extra: Value) -> Result<ModelConfig> {
+        let mut v = json!({"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        ModelConfig::from_json(&v, Path::new("config.json"))
+    }
+
+    #[test]
+    fn qwen3_moe_sparse_layers_follow_mlp_only_layers_and_decoder_sparse_step() {
+        let c = moe(json!({"mlp_only_layers": [0], "decoder_sparse_step": 2, "norm_topk_prob": true})).unwrap();
+        assert_eq!((0..4).map(|i| c.layer_is_sparse(i)).collect::<Vec<_>>(), [false, true, false, true]);
+        assert!(c.qk_norm);
+        let e = c.moe.as_ref().unwrap();
+        assert_eq!((e.num_experts, e.top_k, e.aux_loss_coef), (4, 2, 0.0), "no output_router_logits: no aux loss");
+        assert!(c.switches().iter().any(|s| s == "MoE: 4 experts of MLP 16, top-2 renormalised (router frozen), dense MLP on layers 0, 2"), "{:?}", c.switches());
+        let c = moe(json!({"output_router_logits": true, "router_aux_loss_coef": 0.1, "num_local_experts": 8})).unwrap();
+        assert_eq!((c.moe.as_ref().unwrap().num_experts, c.moe.as_ref().unwrap().aux_loss_coef), (8, 0.1));
+        let back = ModelConfig::from_json(&c.to_hf_json("float32"), Path::new("x")).unwrap();
+        assert_eq!(back.moe, c.moe);
+        let e = moe(json!({"num_experts_per_tok": 5})).unwrap_err().to_string();
+        assert!(e.contains("`num_experts_per_tok` (5)"), "{e}");
+        let e = moe(json!({"mlp_only_layers": [7]})).unwrap_err().to_string();
+        assert!(e.contains("`mlp_only_layers` entry 7"), "{e}");
     }
 }

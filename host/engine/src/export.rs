@@ -24,8 +24,9 @@ pub fn peft_config<S: AsRef<str>>(cfg: &AdapterConfig, targets: &[S], base_model
     } else {
         json!(cfg.lora_alpha)
     };
-    let targets: Vec<&str> = targets.iter().map(|t| t.as_ref()).collect();
-    json!({
+    // The 3-D expert parameters are PEFT's `target_parameters`.
+    let (params, targets): (Vec<&str>, Vec<&str>) = targets.iter().map(|t| t.as_ref()).partition(|t| crate::moe::EXPERT_PARAMS.contains(t));
+    let mut v = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
@@ -45,7 +46,11 @@ pub fn peft_config<S: AsRef<str>>(cfg: &AdapterConfig, targets: &[S], base_model
         "rank_pattern": {},
         "alpha_pattern": {},
         "revision": null,
-    })
+    });
+    if !params.is_empty() {
+        v["target_parameters"] = json!(params);
+    }
+    v
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
@@ -60,8 +65,8 @@ impl Trainer {
     pub fn save_peft_adapter(&self, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
         let cfg = &self.adapters.cfg;
-        let layout = self.model.cfg.layout;
-        let targets: Vec<&str> = cfg.resolve_targets_for(layout)?.iter().map(|m| m.name_in(layout)).collect();
+        let (mut targets, params) = cfg.target_names(&self.model.cfg)?;
+        targets.extend(params);
         let config = peft_config(cfg, &targets, base_model_name_or_path);
         let tensors: Vec<OutTensor> = self
             .adapter_tensors()?

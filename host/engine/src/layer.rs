@@ -11,6 +11,7 @@
 //! Gemma 3 (`gemma_norms`): `x2 = x + rmsnorm(lin_o(ao))`, `xn2 = rmsnorm_preff(x2)`,
 //! `out = x2 + rmsnorm_postff(lin_down(hh))`, GeGLU for SwiGLU, and its sliding layers rotate
 //! with their own RoPE base.
+//! Qwen3-MoE's sparse layers replace the MLP by [`crate::moe`]'s experts.
 //! An adapted linear (PEFT semantics, `xd = dropout(x)`, `s` = scaling):
 //! LoRA `y = x W^T + b + s (xd A^T) B^T`;
 //! DoRA `y = x W^T + b + (mn - 1) (xd W^T) + mn s (xd A^T) B^T`, `mn = mag / ||W + s B A||_row`
@@ -49,10 +50,12 @@ pub(crate) struct Ctx<'a> {
     pub seed_base: u64,
     pub scale: f32,
     pub act: DType,
+    /// Qwen3-MoE's router statistics of this pass ([`crate::moe`]).
+    pub moe: crate::moe::RouterStats,
 }
 
 impl Ctx<'_> {
-    fn zeros(&self, n: usize) -> Result<Buf> {
+    pub(crate) fn zeros(&self, n: usize) -> Result<Buf> {
         self.be.zeros(n, self.act)
     }
     /// The batch's attention sizes with layer `li`'s window.
@@ -138,6 +141,8 @@ pub(crate) struct LayerActs {
     o: Option<(Buf, Buf)>,
     down: Option<(Buf, Buf)>,
     lin: Vec<LinActs>,
+    /// A sparse (expert) MLP's activations (`g`, `u`, `hh` then are empty).
+    moe: Option<crate::moe::MoeActs>,
 }
 
 fn dropped(ctx: &Ctx, x: &Buf, seed: u64) -> Result<Option<Buf>> {
@@ -151,7 +156,12 @@ fn dropped(ctx: &Ctx, x: &Buf, seed: u64) -> Result<Option<Buf>> {
 }
 
 fn linear_fwd(ctx: &Ctx, lin: &Linear, x: &Buf, lora: Option<&Lora>, seed: u64, acts: &mut LinActs) -> Result<Buf> {
-    let (be, t, s) = (ctx.be, ctx.t, ctx.scale);
+    linear_fwd_rows(ctx, ctx.t, lin, x, lora, seed, acts)
+}
+
+/// [`linear_fwd`] on `t` rows (an expert's tokens) instead of the batch's.
+pub(crate) fn linear_fwd_rows(ctx: &Ctx, t: usize, lin: &Linear, x: &Buf, lora: Option<&Lora>, seed: u64, acts: &mut LinActs) -> Result<Buf> {
+    let (be, s) = (ctx.be, ctx.scale);
     let (out_f, in_f) = (lin.out_f, lin.in_f);
     let w = ctx.model.weight(lin)?;
     let mut y = ctx.zeros(t * out_f)?;
@@ -199,7 +209,13 @@ fn linear_fwd(ctx: &Ctx, lin: &Linear, x: &Buf, lora: Option<&Lora>, seed: u64, 
 /// `dx (+)= d(loss)/dx` of an (adapted) linear; adapter gradients are accumulated.
 #[allow(clippy::too_many_arguments)]
 fn linear_bwd(ctx: &Ctx, lin: &Linear, x: &Buf, dy: &Buf, dx: &mut Buf, accumulate: bool, lora: Option<&mut Lora>, seed: u64, acts: &LinActs) -> Result<()> {
-    let (be, t, s) = (ctx.be, ctx.t, ctx.scale);
+    linear_bwd_rows(ctx, ctx.t, lin, x, dy, dx, accumulate, lora, seed, acts)
+}
+
+/// [`linear_bwd`] on `t` rows (an expert's tokens) instead of the batch's.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_bwd_rows(ctx: &Ctx, t: usize, lin: &Linear, x: &Buf, dy: &Buf, dx: &mut Buf, accumulate: bool, lora: Option<&mut Lora>, seed: u64, acts: &LinActs) -> Result<()> {
+    let (be, s) = (ctx.be, ctx.scale);
     let (out_f, in_f) = (lin.out_f, lin.in_f);
     // dx (+)= dy @ W
     let w = ctx.model.weight(lin)?;
@@ -319,6 +335,15 @@ pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>]
     let mut rstd2 = be.zeros(t, DType::F32)?;
     let mut xn2 = ctx.zeros(t * d)?;
     be.rmsnorm_fwd(&x2, pre_ff, &mut xn2, &mut rstd2, t, d, eps)?;
+    if let Some(ex) = &layer.experts {
+        let (down, acts) = crate::moe::forward(ctx, li, ex, lora, &xn2)?;
+        let mut out = ctx.zeros(t * d)?;
+        be.copy(&x2, &mut out)?;
+        be.axpy(c.residual_multiplier, &down, &mut out)?;
+        let (g, u, hh) = (ctx.zeros(0)?, ctx.zeros(0)?, ctx.zeros(0)?);
+        let moe = Some(acts);
+        return Ok((out, LayerActs { rstd1, xn, q_pre, rstd_q, k_pre, rstd_k, q, k, v, ao, lse, x2, rstd2, xn2, g, u, hh, o: o_acts, down: None, lin, moe }));
+    }
     let (g, u) = if c.layout == Layout::Split {
         (proj(Module::Gate, &xn2, &mut lin)?, proj(Module::Up, &xn2, &mut lin)?)
     } else {
@@ -335,7 +360,7 @@ pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>]
     let mut out = ctx.zeros(t * d)?;
     be.copy(&x2, &mut out)?;
     be.axpy(c.residual_multiplier, &down, &mut out)?;
-    Ok((out, LayerActs { rstd1, xn, q_pre, rstd_q, k_pre, rstd_k, q, k, v, ao, lse, x2, rstd2, xn2, g, u, hh, o: o_acts, down: down_acts, lin }))
+    Ok((out, LayerActs { rstd1, xn, q_pre, rstd_q, k_pre, rstd_k, q, k, v, ao, lse, x2, rstd2, xn2, g, u, hh, o: o_acts, down: down_acts, lin, moe: None }))
 }
 
 /// One layer's backward. On entry `dres` is d(loss)/d(layer output); on exit d(loss)/d(input).
@@ -367,25 +392,29 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
         None => (&layer.post_norm, None),
     };
     let dd_own = scaled(dres, a.down.as_ref().zip(post_ff))?;
-    let mut dhh = ctx.zeros(t * f)?;
-    lb(Module::Down, &a.hh, dd_own.as_ref().unwrap_or(dres), &mut dhh, false, lora)?;
-    drop(dd_own);
-    let (mut dg, mut du) = (ctx.zeros(t * f)?, ctx.zeros(t * f)?);
-    if c.gelu_mlp {
-        be.geglu_bwd(&a.g, &a.u, &dhh, &mut dg, &mut du)?;
-    } else {
-        be.swiglu_bwd(&a.g, &a.u, &dhh, &mut dg, &mut du)?;
-    }
-    drop(dhh);
     let mut dxn2 = ctx.zeros(t * d)?;
-    if c.layout == Layout::Split {
-        lb(Module::Gate, &a.xn2, &dg, &mut dxn2, false, lora)?;
-        lb(Module::Up, &a.xn2, &du, &mut dxn2, true, lora)?;
+    if let (Some(ex), Some(ma)) = (&layer.experts, &a.moe) {
+        crate::moe::backward(ctx, ex, lora, ma, dd_own.as_ref().unwrap_or(dres), &mut dxn2)?;
     } else {
-        let dgu = ctx.join(&[&dg, &du], &[f, f])?;
-        lb(Module::Gate, &a.xn2, &dgu, &mut dxn2, false, lora)?;
+        let mut dhh = ctx.zeros(t * f)?;
+        lb(Module::Down, &a.hh, dd_own.as_ref().unwrap_or(dres), &mut dhh, false, lora)?;
+        drop(dd_own);
+        let (mut dg, mut du) = (ctx.zeros(t * f)?, ctx.zeros(t * f)?);
+        if c.gelu_mlp {
+            be.geglu_bwd(&a.g, &a.u, &dhh, &mut dg, &mut du)?;
+        } else {
+            be.swiglu_bwd(&a.g, &a.u, &dhh, &mut dg, &mut du)?;
+        }
+        drop(dhh);
+        if c.layout == Layout::Split {
+            lb(Module::Gate, &a.xn2, &dg, &mut dxn2, false, lora)?;
+            lb(Module::Up, &a.xn2, &du, &mut dxn2, true, lora)?;
+        } else {
+            let dgu = ctx.join(&[&dg, &du], &[f, f])?;
+            lb(Module::Gate, &a.xn2, &dgu, &mut dxn2, false, lora)?;
+        }
+        drop((dg, du));
     }
-    drop((dg, du));
     be.rmsnorm_bwd(&dxn2, &a.x2, pre_ff, &a.rstd2, dres, t, d, true)?;
     // attention
     let do_own = scaled(dres, a.o.as_ref().map(|o| (o, &layer.post_norm)))?;

@@ -46,6 +46,7 @@ pub mod export;
 pub mod merge;
 pub mod selftest;
 mod layer;
+pub mod moe;
 pub mod model;
 pub mod quant;
 pub mod rng;

@@ -280,6 +280,9 @@ pub fn write_merged_weights_as(
             e.out = Some("F32".into());
         }
     }
+    // The experts' packed adapters, as per-expert adapters of the base files' per-expert weights.
+    let unpacked = crate::moe::unpack_expert_adapters(adapter, cfg)?;
+    let adapter = unpacked.as_slice();
     let by_name: HashMap<&str, &NamedTensor> = adapter.iter().map(|t| (t.name.as_str(), t)).collect();
     let scale = cfg.scaling();
     // Group the adapter tensors by the base weight they modify.

@@ -140,8 +140,10 @@ pub struct Layer {
     pub q_norm: Option<Buf>,
     pub k_norm: Option<Buf>,
     /// Indexed by [`Module`]; `None` where the layout has no such module (Phi-3's K, V, Up;
-    /// Granite 4's Up).
+    /// Granite 4's Up; a Qwen3-MoE sparse layer's Gate, Up, Down).
     pub linears: Vec<Option<Linear>>,
+    /// A Qwen3-MoE sparse layer's router and experts (its MLP).
+    pub experts: Option<crate::moe::Experts>,
 }
 
 impl Layer {
@@ -286,7 +288,19 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             v.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![d]));
             v.push((format!("{p}.post_feedforward_layernorm.weight"), vec![d]));
         }
+        if let Some(e) = c.moe.as_ref().filter(|_| c.layer_is_sparse(i)) {
+            v.push((format!("{p}.mlp.gate.weight"), vec![e.num_experts, d]));
+            let im = e.moe_intermediate_size;
+            for x in 0..e.num_experts {
+                for (name, shape) in [("gate_proj", [im, d]), ("up_proj", [im, d]), ("down_proj", [d, im])] {
+                    v.push((format!("{p}.mlp.experts.{x}.{name}.weight"), shape.to_vec()));
+                }
+            }
+        }
         for &m in Module::present(c.layout) {
+            if c.layer_is_sparse(i) && matches!(m, Module::Gate | Module::Up | Module::Down) {
+                continue;
+            }
             let (o, inp) = m.dims(c);
             v.push((format!("{p}.{}.weight", m.path_in(c.layout)), vec![o, inp]));
             let bias = match m {
@@ -423,6 +437,14 @@ impl Model {
         get: &mut dyn FnMut(&str, &[usize]) -> Result<Buf>,
         get_linear: &mut dyn FnMut(&str, &[usize]) -> Result<Weight>,
     ) -> Result<Self> {
+        // The experts' rows are gathered and scattered through the host for now (the default
+        // Backend::gather_rows / scatter_add_rows): right on the emulator, far too slow on a GPU.
+        if cfg.moe.is_some() && matches!(backend.device(), Device::Cuda(_)) {
+            return Err(EngineError::Unsupported(format!(
+                "{} (qwen3_moe) trains on the CPU backend only for now (--device cpu): the CUDA backend has no expert gather/scatter kernels yet",
+                cfg.arch.hf_name()
+            )));
+        }
         let d = cfg.hidden_size;
         let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         // Gemma 3 scales by `1 + w`: held that way, in f32 on every backend (transformers
@@ -440,8 +462,9 @@ impl Model {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mut linears = Vec::with_capacity(7);
+            let sparse = cfg.layer_is_sparse(i);
             for m in Module::ALL {
-                if !Module::present(cfg.layout).contains(&m) {
+                if !Module::present(cfg.layout).contains(&m) || (sparse && matches!(m, Module::Gate | Module::Up | Module::Down)) {
                     linears.push(None);
                     continue;
                 }
@@ -475,6 +498,7 @@ impl Model {
                 q_norm,
                 k_norm,
                 linears,
+                experts: if sparse { Some(experts_of(&cfg, be.as_ref(), i, get_linear)?) } else { None },
             });
         }
         let norm = fix(get("model.norm.weight", &[d])?)?;
@@ -526,6 +550,35 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// Layer `li`'s router and experts, read as transformers 5.17 writes them (and the hub holds
+/// them): `mlp.gate.weight` and per expert `mlp.experts.{e}.{gate,up,down}_proj.weight`; each
+/// expert's gate and up are joined into one `gate_up_proj [2I, d]` (rows gate | up), as
+/// transformers holds them in `mlp.experts.gate_up_proj [E, 2I, d]`.
+fn experts_of(cfg: &ModelConfig, be: &dyn Backend, li: usize, get: &mut dyn FnMut(&str, &[usize]) -> Result<Weight>) -> Result<crate::moe::Experts> {
+    let mc = cfg.moe.as_ref().ok_or_else(|| EngineError::State { name: "moe".into(), msg: "a sparse layer without an expert config (internal error)".into() })?;
+    let (d, im, p) = (cfg.hidden_size, mc.moe_intermediate_size, format!("model.layers.{li}.mlp"));
+    let dense = |w: Weight, name: &str| match w {
+        Weight::Dense(b) => Ok(b),
+        Weight::Quant(_) => Err(EngineError::Unsupported(format!("`{name}`: quantized expert weights are not supported (Qwen3MoeForCausalLM trains from 16/32-bit weights)"))),
+    };
+    let router = dense(get(&format!("{p}.gate.weight"), &[mc.num_experts, d])?, "mlp.gate")?;
+    let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+    // Dequantizer ids past every linear module's (`layer * 7 + module`); the experts are dense.
+    let id = cfg.num_hidden_layers * Module::ALL.len();
+    for e in 0..mc.num_experts {
+        let g = dense(get(&format!("{p}.experts.{e}.gate_proj.weight"), &[im, d])?, "gate_proj")?;
+        let u = dense(get(&format!("{p}.experts.{e}.up_proj.weight"), &[im, d])?, "up_proj")?;
+        // Joined once, on the host, at load.
+        let mut joined = be.download_f32(&g)?;
+        joined.extend(be.download_f32(&u)?);
+        let gu = be.upload(HostData::F32(&joined), g.dtype())?;
+        gate_up.push(Linear { w: Weight::Dense(gu), b: None, out_f: 2 * im, in_f: d, id });
+        let w = dense(get(&format!("{p}.experts.{e}.down_proj.weight"), &[d, im])?, "down_proj")?;
+        down.push(Linear { w: Weight::Dense(w), b: None, out_f: d, in_f: im, id });
+    }
+    Ok(crate::moe::Experts { router, gate_up, down })
 }
 
 /// Quantizes one projection as the plan says (4-bit at the plan's block size, or 8-bit).

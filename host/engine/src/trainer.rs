@@ -29,6 +29,11 @@ pub struct StepStats {
     pub loss_sum: f64,
     pub trained_tokens: usize,
     pub tokens: usize,
+    /// Qwen3-MoE with `output_router_logits`: the router load-balancing loss of this batch
+    /// (transformers' `aux_loss`). It enters the objective as `router_aux_loss_coef * aux *
+    /// trained_tokens / loss_denominator` (for one micro-batch per step: `coef * aux`, as
+    /// transformers adds it); 0 otherwise.
+    pub aux_loss: f64,
 }
 
 /// AdamW and clipping settings (torch / transformers defaults in `Default`).
@@ -236,7 +241,7 @@ impl Trainer {
             at += n;
         }
         self.micro = self.micro_base + stats[3] as u64;
-        Ok(StepStats { loss_sum: stats[0], trained_tokens: stats[1] as usize, tokens: stats[2] as usize })
+        Ok(StepStats { loss_sum: stats[0], trained_tokens: stats[1] as usize, tokens: stats[2] as usize, aux_loss: local.aux_loss })
     }
 
     fn prepare(&self, b: &Batch) -> Result<Prepared> {
@@ -311,6 +316,7 @@ impl Trainer {
             seed_base: splitmix64(self.dropout_seed ^ (self.micro * self.world + self.rank)),
             scale: self.adapters.scale,
             act: self.model.backend.activation_dtype(),
+            moe: Default::default(),
         };
         (ctx, p.ids, p.targets, p.trained)
     }
@@ -367,6 +373,9 @@ impl Trainer {
             saved.push(if self.recompute { None } else { Some(acts) });
             inputs.push(std::mem::replace(&mut x, out));
         }
+        let coef = c.moe.as_ref().map_or(0.0, |m| m.aux_loss_coef);
+        let aux_loss = if coef > 0.0 { ctx.moe.aux_loss() } else { 0.0 };
+        ctx.moe.set_grad_weight(coef * trained as f64 / denom as f64);
         let (xf, rstd_f) = self.final_norm(&ctx, &x)?;
         let mut dxf = be.zeros(t * c.hidden_size, ctx.act)?;
         let loss_sum = be.linear_cross_entropy(self.ce(t, 1.0 / denom), &xf, self.model.head(), &targets, Some(&mut dxf))?;
@@ -384,7 +393,7 @@ impl Trainer {
                 layer::backward(&ctx, layer, li, &mut slots[li], &inputs[li], &acts, &mut dres)?;
             }
         }
-        Ok(StepStats { loss_sum, trained_tokens: trained, tokens: t })
+        Ok(StepStats { loss_sum, trained_tokens: trained, tokens: t, aux_loss })
     }
 
     /// Loss summed over the batch's targets and the number of targets; no dropout, no gradients.
@@ -468,24 +477,62 @@ impl Trainer {
             .collect()
     }
 
+    /// [`Trainer::download`] with the experts' parts packed into PEFT's tensors (in the order
+    /// each tensor's first part comes).
+    fn download_packed(&self, f: impl Fn(&Param) -> &Buf) -> Result<Vec<NamedTensor>> {
+        let mut out: Vec<NamedTensor> = Vec::new();
+        for p in self.adapters.params() {
+            let data = self.be().download_f32(f(p))?;
+            let Some(pk) = &p.pack else {
+                out.push(NamedTensor { name: p.name.clone(), shape: p.shape.clone(), data });
+                continue;
+            };
+            let at = match out.iter().position(|t| t.name == pk.key) {
+                Some(i) => i,
+                None => {
+                    out.push(NamedTensor { name: pk.key.clone(), shape: pk.shape.clone(), data: vec![0.0; pk.shape.iter().product()] });
+                    out.len() - 1
+                }
+            };
+            for (i, v) in data.into_iter().enumerate() {
+                out[at].data[pk.index(i, &p.shape)] = v;
+            }
+        }
+        Ok(out)
+    }
+
     /// Adapter tensors under their PEFT keys.
     pub fn adapter_tensors(&self) -> Result<Vec<NamedTensor>> {
-        self.download(|p| &p.value, "")
+        self.download_packed(|p| &p.value)
     }
 
     /// Accumulated adapter gradients under their PEFT keys.
     pub fn adapter_grads(&self) -> Result<Vec<NamedTensor>> {
-        self.download(|p| &p.grad, "")
+        self.download_packed(|p| &p.grad)
     }
 
     /// Replaces adapter values by PEFT key (every given name must exist with the same size).
     pub fn set_adapter_tensors(&mut self, tensors: &[NamedTensor]) -> Result<()> {
         let be = self.model.backend.clone();
         for t in tensors {
+            // A packed PEFT tensor (the experts' adapters) sets each expert's part.
+            let parts: Vec<&mut Param> = self.adapters.params_mut().filter(|p| p.pack.as_ref().is_some_and(|pk| pk.key == t.name)).collect();
+            if !parts.is_empty() {
+                for p in parts {
+                    let pk = p.pack.as_ref().ok_or_else(|| EngineError::State { name: t.name.clone(), msg: "pack lost (internal error)".into() })?;
+                    if pk.shape != t.shape || t.data.len() != pk.shape.iter().product::<usize>() {
+                        return Err(EngineError::State { name: t.name.clone(), msg: format!("shape {:?}, expected {:?}", t.shape, pk.shape) });
+                    }
+                    let n: usize = p.shape.iter().product();
+                    let part: Vec<f32> = (0..n).map(|i| t.data[pk.index(i, &p.shape)]).collect();
+                    p.value = be.upload(HostData::F32(&part), DType::F32)?;
+                }
+                continue;
+            }
             let p = self
                 .adapters
                 .params_mut()
-                .find(|p| p.name == t.name)
+                .find(|p| p.name == t.name && p.pack.is_none())
                 .ok_or_else(|| EngineError::State { name: t.name.clone(), msg: "no such adapter tensor".into() })?;
             if p.shape != t.shape {
                 return Err(EngineError::State { name: t.name.clone(), msg: format!("shape {:?}, expected {:?}", t.shape, p.shape) });

@@ -2,7 +2,9 @@
 //! adapter after 5 AdamW steps with clipping, for every case written by
 //! `tests/engine/make_goldens.py` (llama, qwen2, qwen3, mistral, granite × LoRA, rsLoRA, DoRA;
 //! smollm3 with a no-RoPE layer; mistral with a sliding window shorter than the documents; gemma3 with a sliding and a global layer;
-//! phi3 with fused projections and partial rotary, one with LongRoPE; granite4 dense with its fused shared MLP).
+//! phi3 with fused projections and partial rotary, one with LongRoPE; granite4 dense with its fused shared MLP;
+//! qwen3_moe with a dense and two sparse layers, LoRA on the 3-D experts (PEFT target_parameters) and
+//! the router load-balancing loss in the objective).
 
 mod common;
 
@@ -65,6 +67,9 @@ fn run_case(case: &str) -> Vec<String> {
     let st = tr.forward_backward(&batch, n).unwrap();
     assert_eq!(st.trained_tokens as f32, n, "{case}: trained-token count");
     check("loss".into(), &[(st.loss_sum / n as f64) as f32], &[meta["loss"].as_f64().unwrap()], 1e-5, 1e-5);
+    if let Some(aux) = meta.get("aux_loss").and_then(|v| v.as_f64()) {
+        check("router aux loss".into(), &[st.aux_loss as f32], &[aux], 1e-5, 1e-5);
+    }
     for g in tr.adapter_grads().unwrap() {
         check(format!("grad {}", g.name), &g.data, &t[&format!("grad.{}", g.name)].data, 5e-5, 1e-3);
     }
@@ -104,16 +109,18 @@ golden_cases!(
     gemma3_lora, gemma3_dora,
     phi3_lora, phi3_dora, phi3_longrope_lora,
     granite4_lora, granite4_dora,
+    qwen3_moe_lora, qwen3_moe_gate_up,
 );
 
 /// Phi-3 (fused qkv_proj / gate_up_proj with adapters, partial rotary, LongRoPE's attention
 /// factor) and Granite 4 dense on the CUDA backend, here its emulator: the logits and the loss of
 /// the golden batch agree with transformers' to bf16 precision (the backend computes in bf16; llama_lora
 /// measured the same way: logits 4.2e-2, loss 1.0e-3). Gemma 3 likewise (GeGLU kernels, f32
-/// `1 + w` norms, q/k norms, embedding scale, query_pre_attn_scalar, a sliding and a global layer).
+/// `1 + w` norms, q/k norms, embedding scale, query_pre_attn_scalar, a sliding and a global layer),
+/// and Qwen3-MoE (router, expert rows gathered and scattered through the host, expert adapters).
 #[test]
 fn phi3_granite4_and_gemma3_run_on_the_cuda_emulator() {
-    for case in ["phi3_lora", "phi3_longrope_lora", "granite4_lora", "gemma3_lora", "gemma3_dora"] {
+    for case in ["phi3_lora", "phi3_longrope_lora", "granite4_lora", "gemma3_lora", "gemma3_dora", "qwen3_moe_lora"] {
         let dir = golden_dir();
         let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("cases/{case}.json"))).unwrap()).unwrap();
         let t = read_safetensors(&dir.join(format!("cases/{case}.safetensors")));
