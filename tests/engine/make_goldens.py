@@ -78,6 +78,14 @@ MODELS = {
                                               position_embedding_type="rope", rope_theta=10000.0, mamba_n_heads=4,
                                               embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5,
                                               logits_scaling=2.5), False, torch.bfloat16),
+    # Phi-3 with a sliding window of 6 (it slides on every layer): every document is longer.
+    "phi3_sw": (Phi3Config, dict(sliding_window=6, partial_rotary_factor=0.75, rope_theta=1000.0, pad_token_id=0, bos_token_id=1,
+                                 eos_token_id=2), False, torch.float32),
+    # Granite 4.0 dense without RoPE on any layer (position_embedding_type "nope").
+    "granite4_nope": (GraniteMoeHybridConfig, dict(shared_intermediate_size=40, num_local_experts=0, layer_types=["attention", "attention"],
+                                                   position_embedding_type="nope", mamba_n_heads=4, embedding_multiplier=3.0,
+                                                   attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=2.5),
+                      False, torch.float32),
     # Qwen3-MoE in 3 layers: layer 0 dense (mlp_only_layers), layers 1 and 2 with 4 experts of
     # MLP 16, top-2 renormalised; output_router_logits adds the load-balancing loss (x0.1),
     # pooled over both sparse layers.
@@ -116,6 +124,8 @@ CASES = {
     "phi3_longrope_lora": ("phi3_longrope", dict(target_modules="all-linear")),
     "granite4_lora": ("granite4", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "input_linear", "output_linear"])),
     "granite4_dora": ("granite4", dict(target_modules=["v_proj", "input_linear", "output_linear"], use_dora=True)),
+    "phi3_sw_lora": ("phi3_sw", dict(target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
+    "granite4_nope_lora": ("granite4_nope", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "input_linear", "output_linear"])),
     # PEFT's target_parameters on the 3-D experts (both: nested wrappers; one: a plain one).
     "qwen3_moe_lora": ("qwen3_moe", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=EXPERTS)),
     "qwen3_moe_gate_up": ("qwen3_moe", dict(target_modules=["v_proj"], target_parameters=EXPERTS[:1])),

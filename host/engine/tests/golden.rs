@@ -2,7 +2,8 @@
 //! adapter after 5 AdamW steps with clipping, for every case written by
 //! `tests/engine/make_goldens.py` (llama, qwen2, qwen3, mistral, granite × LoRA, rsLoRA, DoRA;
 //! smollm3 with a no-RoPE layer; mistral with a sliding window shorter than the documents; gemma3 with a sliding and a global layer;
-//! phi3 with fused projections and partial rotary, one with LongRoPE; granite4 dense with its fused shared MLP;
+//! phi3 with fused projections and partial rotary, one with LongRoPE, one with a sliding window; granite4 dense
+//! with its fused shared MLP, one without RoPE (nope);
 //! qwen3_moe with a dense and two sparse layers, LoRA on the 3-D experts (PEFT target_parameters) and
 //! the router load-balancing loss in the objective).
 
@@ -109,6 +110,7 @@ golden_cases!(
     gemma3_lora, gemma3_dora,
     phi3_lora, phi3_dora, phi3_longrope_lora,
     granite4_lora, granite4_dora,
+    phi3_sw_lora, granite4_nope_lora,
     qwen3_moe_lora, qwen3_moe_gate_up,
 );
 
