@@ -192,3 +192,41 @@ fn the_dry_run_shows_phi3_and_granite4_with_their_fused_modules() {
     let targets = a["lora_targets"].as_array().unwrap();
     assert!(targets.contains(&Value::from("input_linear")) && !targets.contains(&Value::from("up_proj")), "{a}");
 }
+
+/// Qwen3-MoE in `--dry-run`: the experts (count, top-k, dense layers) as a switch and the 3-D
+/// expert parameters among the LoRA targets; `all-linear` and `gate_proj` are refused there,
+/// naming what to write instead.
+#[test]
+fn the_dry_run_shows_qwen3_moe_experts_and_expert_targets() {
+    let work = temp_dir("dry-moe");
+    let llama = lora_engine::ModelConfig::tiny_llama(49152);
+    let moe = lora_engine::config::MoeConfig {
+        num_experts: 4,
+        top_k: 2,
+        moe_intermediate_size: 32,
+        norm_topk_prob: false,
+        sparse_layers: vec![false, true],
+        aux_loss_coef: 0.01,
+        output_router_logits: true,
+        router_aux_loss_coef: 0.01,
+        decoder_sparse_step: 1,
+        mlp_only_layers: vec![0],
+    };
+    let cfg = lora_engine::ModelConfig { arch: lora_engine::Arch::Qwen3Moe, qk_norm: true, moe: Some(moe), ..llama };
+    let model = tiny_model_of(&work.join("base"), &cfg, DType::F32);
+    let args = ["--training-lora-target-modules", "q_proj,o_proj,mlp.experts.down_proj", "--dry-run", "--json"];
+    let plan: Value = serde_json::from_slice(&run_ok(train_cmd(&work, &model, &capitals(), &args)).stdout).unwrap();
+    let a = &plan["architecture"];
+    assert_eq!((&a["family"], &a["architecture"]), (&Value::from("qwen3_moe"), &Value::from("Qwen3MoeForCausalLM")), "{a}");
+    assert_eq!(
+        a["switches"],
+        serde_json::json!(["GQA 4/2", "q/k RMSNorm", "MoE: 4 experts of MLP 32, top-2 (router frozen), dense MLP on layers 0", "router load-balancing loss x0.01"]),
+        "{a}"
+    );
+    assert_eq!(a["lora_targets"], serde_json::json!(["q_proj", "o_proj", "mlp.experts.down_proj"]), "{a}");
+    for (targets, want) in [("all-linear", "all-linear is not supported here"), ("q_proj,gate_proj", "`gate_proj` is not supported")] {
+        let out = train_cmd(&work, &model, &capitals(), &["--training-lora-target-modules", targets, "--dry-run"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want) && err.contains("mlp.experts.gate_up_proj, mlp.experts.down_proj"), "{targets}: {err}");
+    }
+}

@@ -4,7 +4,7 @@ fixture written by `cargo test -p lora --test e2e write_interop_fixture -- --ign
 
 For each variant (LoRA, rsLoRA, DoRA on a Llama; LoRA on a SmolLM3 with a no-RoPE layer and on a
 Mistral whose sliding window is shorter than the prompt; LoRA on a Gemma 3 with a sliding and
-a global layer) it checks:
+a global layer; LoRA on a Qwen3-MoE's attention and 3-D experts, PEFT target_parameters) it checks:
 1. `output_model/adapter/` loads with `PeftModel.from_pretrained(base, ...)` and its logits
    match our engine's logits for the same tokens (f32 model: |ours - peft| <= 2e-4 + 1e-4 |peft|);
 2. `output_model/` (our merged model) loads with `AutoModelForCausalLM.from_pretrained` and its
@@ -46,7 +46,7 @@ def compare(name, ours, ref):
 def main(root):
     torch.manual_seed(0)
     ok = True
-    for variant in ["lora", "rslora", "dora", "smollm3", "mistral_sw", "gemma3", "phi3", "granite4"]:
+    for variant in ["lora", "rslora", "dora", "smollm3", "mistral_sw", "gemma3", "phi3", "granite4", "qwen3_moe"]:
         work = pathlib.Path(root) / variant
         if not work.exists():
             continue

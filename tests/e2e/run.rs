@@ -211,7 +211,29 @@ fn write_interop_fixture() {
         attention_scale: 0.2,
         ..llama.clone()
     };
+    // Qwen3-MoE: layer 0 dense, layer 1 with 4 experts (top-2 renormalised); LoRA on attention and
+    // on the 3-D experts (PEFT target_parameters); the merged model folds each expert's delta into
+    // the per-expert weights the base files hold.
+    let qwen3_moe = ModelConfig {
+        arch: lora_engine::Arch::Qwen3Moe,
+        qk_norm: true,
+        moe: Some(lora_engine::config::MoeConfig {
+            num_experts: 4,
+            top_k: 2,
+            moe_intermediate_size: 32,
+            norm_topk_prob: true,
+            sparse_layers: vec![false, true],
+            aux_loss_coef: 0.0,
+            output_router_logits: false,
+            router_aux_loss_coef: 0.001,
+            decoder_sparse_step: 1,
+            mlp_only_layers: vec![0],
+        }),
+        ..llama.clone()
+    };
+    let moe_targets = ["--training-lora-target-modules", "q_proj,k_proj,v_proj,o_proj,mlp.experts.gate_up_proj,mlp.experts.down_proj"];
     for (variant, cfg, extra) in [
+        ("qwen3_moe", &qwen3_moe, &moe_targets[..]),
         ("phi3", &phi3, &[][..]),
         ("granite4", &granite4, &[][..]),
         ("lora", &llama, &[][..]),
@@ -234,6 +256,8 @@ fn write_interop_fixture() {
             lora_alpha: cfg["lora_alpha"].as_f64().unwrap(),
             use_rslora: cfg["use_rslora"].as_bool().unwrap(),
             use_dora: cfg["use_dora"].as_bool().unwrap(),
+            // Qwen3-MoE's targets are named (its all-linear is refused); the others train all-linear.
+            target_modules: if variant == "qwen3_moe" { moe_targets[1].split(',').map(String::from).collect() } else { Vec::new() },
             ..AdapterConfig::default()
         };
         let mut trainer = Trainer::new(Model::load(&model, &LoadOptions::cpu()).unwrap(), acfg, OptimConfig::default(), 1).unwrap();

@@ -260,7 +260,8 @@ pub fn data_plan(req: &RunRequest) -> anyhow::Result<(Map<String, Value>, Vec<St
     // The memory plan, from the config (the run makes it again once the weights are loaded).
     let cfg = ModelConfig::from_model_dir(&model.dir)?;
     let adapter = crate::run::adapter_config(p);
-    let targets: Vec<&str> = adapter.resolve_targets_for(cfg.layout)?.iter().map(|m| m.name_in(cfg.layout)).collect();
+    let (mut targets, expert_params) = adapter.target_names(&cfg)?;
+    targets.extend(expert_params);
     let switches = cfg.switches();
     lines.push(format!(
         "architecture: {} ({}), {} layers; switches: {}; LoRA on {}",

@@ -103,8 +103,11 @@ fn execute_in(req: &RunRequest, device: Device, coll: &dyn Collective) -> Result
         eprintln!("lora: base model projections held {}", q.describe());
     }
     let adapter_cfg = adapter_config(p);
-    let layout = loaded.cfg.layout;
-    let targets: Vec<String> = adapter_cfg.resolve_targets_for(layout)?.iter().map(|m| m.name_in(layout).to_string()).collect();
+    let targets: Vec<String> = {
+        let (mut t, params) = adapter_cfg.target_names(&loaded.cfg)?;
+        t.extend(params);
+        t
+    };
     let optim = OptimConfig { weight_decay: p.weight_decay, max_grad_norm: p.max_grad_norm, ..OptimConfig::default() };
     let mut trainer = Trainer::new(loaded, adapter_cfg.clone(), optim, p.seed)?;
     trainer.set_data_parallel(coll.rank(), coll.world())?;
