@@ -87,6 +87,35 @@ extern "C" __global__ void copy_cols_f32(const float* src, size_t src_cols, size
         dst[r * dst_cols + dst_col + j] = src[r * src_cols + src_col + j];
     }
 }
+// Qwen3-MoE's expert dispatch: dst[r, :] = src[idx[r], :] * (has_scale ? scale[r] : 1).
+extern "C" __global__ void gather_rows_f32(const float* src, const unsigned int* idx, const float* scale, int has_scale,
+                                           float* dst, size_t rows, size_t dim) {
+    const size_t n = rows * dim;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / dim, j = i % dim;
+        const float k = has_scale ? scale[r] : 1.0f;
+        dst[i] = src[(size_t)idx[r] * dim + j] * k;
+    }
+}
+// dst[idx[r], :] += src[r, :] * (has_scale ? scale[r] : 1). The rows idx names are distinct
+// (an expert's tokens), so no two threads add to one element: deterministic without atomics.
+extern "C" __global__ void scatter_add_rows_f32(const float* src, const unsigned int* idx, const float* scale, int has_scale,
+                                                float* dst, size_t rows, size_t dim) {
+    const size_t n = rows * dim;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / dim, j = i % dim;
+        const float k = has_scale ? scale[r] : 1.0f;
+        dst[(size_t)idx[r] * dim + j] += src[i] * k;
+    }
+}
+// out[r] = sum_j a[r, j] b[r, j], one thread per row, in order (f32 accumulation).
+extern "C" __global__ void row_dot_f32(const float* a, const float* b, float* out, size_t rows, size_t dim) {
+    for (size_t r = (size_t)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += (size_t)gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (size_t j = 0; j < dim; ++j) acc += a[r * dim + j] * b[r * dim + j];
+        out[r] = acc;
+    }
+}
 // out = a / b
 extern "C" __global__ void div_f32(const float* a, const float* b, float* out, size_t n) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)

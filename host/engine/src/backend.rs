@@ -410,55 +410,14 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
     /// `dst[i] = src[idx[i]] * scale[i]` (scale 1 without one) for `rows` rows of `dim`
-    /// (the expert dispatch of [`crate::moe`]). Through the host here; a backend may do better.
-    fn gather_rows(&self, src: &Buf, idx: &Buf, scale: Option<&Buf>, dst: &mut Buf, rows: usize, dim: usize) -> Result<()> {
-        check_len("gather_rows", "dst", dst, rows * dim)?;
-        let (from, ids, s) = rows_args(self, "gather_rows", src, idx, scale, rows, dim)?;
-        let mut to = vec![0f32; rows * dim];
-        for (r, &id) in ids.iter().enumerate() {
-            let k = s.as_ref().map_or(1.0, |s| s[r]);
-            for (o, x) in to[r * dim..(r + 1) * dim].iter_mut().zip(&from[id * dim..(id + 1) * dim]) {
-                *o = x * k;
-            }
-        }
-        *dst = self.upload(HostData::F32(&to), dst.dtype())?;
-        Ok(())
-    }
-    /// `dst[idx[i]] += src[i] * scale[i]`, in the order of `i` (deterministic), for `rows` rows
-    /// of `dim`. Through the host here; a backend may do better.
-    fn scatter_add_rows(&self, src: &Buf, idx: &Buf, scale: Option<&Buf>, dst: &mut Buf, rows: usize, dim: usize) -> Result<()> {
-        check_len("scatter_add_rows", "src", src, rows * dim)?;
-        let mut to = self.download_f32(dst)?;
-        if dim == 0 || !to.len().is_multiple_of(dim) {
-            return Err(EngineError::Backend { backend: self.name(), op: "scatter_add_rows", msg: format!("dst of {} elements is not [n, {dim}]", to.len()) });
-        }
-        let ids = self.download_f32(idx)?;
-        let from = self.download_f32(src)?;
-        let s = scale.map(|s| self.download_f32(s)).transpose()?;
-        check_len("scatter_add_rows", "idx", idx, rows)?;
-        for (r, &id) in ids.iter().enumerate() {
-            let id = id as usize;
-            if (id + 1) * dim > to.len() {
-                return Err(EngineError::Backend { backend: self.name(), op: "scatter_add_rows", msg: format!("row index {id} outside dst's {} rows", to.len() / dim) });
-            }
-            let k = s.as_ref().map_or(1.0, |s| s[r]);
-            for (o, x) in to[id * dim..(id + 1) * dim].iter_mut().zip(&from[r * dim..(r + 1) * dim]) {
-                *o += x * k;
-            }
-        }
-        *dst = self.upload(HostData::F32(&to), dst.dtype())?;
-        Ok(())
-    }
-    /// `out[i] = sum_j a[i, j] b[i, j]` (f32 `out [rows]`). Through the host here.
-    fn row_dot(&self, a: &Buf, b: &Buf, out: &mut Buf, rows: usize, dim: usize) -> Result<()> {
-        check_len("row_dot", "a", a, rows * dim)?;
-        check_len("row_dot", "b", b, rows * dim)?;
-        check_len("row_dot", "out", out, rows)?;
-        let (a, b) = (self.download_f32(a)?, self.download_f32(b)?);
-        let v: Vec<f32> = (0..rows).map(|r| a[r * dim..(r + 1) * dim].iter().zip(&b[r * dim..(r + 1) * dim]).map(|(x, y)| (x * y) as f64).sum::<f64>() as f32).collect();
-        *out = self.upload(HostData::F32(&v), out.dtype())?;
-        Ok(())
-    }
+    /// (the expert dispatch of [`crate::moe`]); an index outside `src`'s rows is an error.
+    fn gather_rows(&self, src: &Buf, idx: &Buf, scale: Option<&Buf>, dst: &mut Buf, rows: usize, dim: usize) -> Result<()>;
+    /// `dst[idx[i]] += src[i] * scale[i]` for `rows` rows of `dim`; the rows `idx` names must
+    /// be distinct (an expert's tokens: a repeated row is an error), so the result does not
+    /// depend on an order.
+    fn scatter_add_rows(&self, src: &Buf, idx: &Buf, scale: Option<&Buf>, dst: &mut Buf, rows: usize, dim: usize) -> Result<()>;
+    /// `out[i] = sum_j a[i, j] b[i, j]` (f32 `out [rows]`).
+    fn row_dot(&self, a: &Buf, b: &Buf, out: &mut Buf, rows: usize, dim: usize) -> Result<()>;
     /// Causal GQA attention over packed documents; see [`Attn`] for shapes. Writes `out` and
     /// the per-row log-sum-exp `lse [h, t]` (f32) for the backward.
     #[allow(clippy::too_many_arguments)]
@@ -545,22 +504,3 @@ pub fn check_len(op: &'static str, arg: &str, buf: &Buf, len: usize) -> Result<(
     Ok(())
 }
 
-/// The host copies [`Backend::gather_rows`] reads: `src` as rows of `dim`, the row indices
-/// (checked against `src`'s rows), and the per-row scale.
-#[allow(clippy::type_complexity)]
-fn rows_args<B: Backend + ?Sized>(be: &B, op: &'static str, src: &Buf, idx: &Buf, scale: Option<&Buf>, rows: usize, dim: usize) -> Result<(Vec<f32>, Vec<usize>, Option<Vec<f32>>)> {
-    check_len(op, "idx", idx, rows)?;
-    if let Some(s) = scale {
-        check_len(op, "scale", s, rows)?;
-    }
-    let from = be.download_f32(src)?;
-    if dim == 0 || !from.len().is_multiple_of(dim) {
-        return Err(EngineError::Backend { backend: be.name(), op, msg: format!("src of {} elements is not [n, {dim}]", from.len()) });
-    }
-    let n = from.len() / dim;
-    let ids: Vec<usize> = be.download_f32(idx)?.into_iter().map(|x| x as usize).collect();
-    if let Some(&bad) = ids.iter().find(|&&i| i >= n) {
-        return Err(EngineError::Backend { backend: be.name(), op, msg: format!("row index {bad} outside src's {n} rows") });
-    }
-    Ok((from, ids, scale.map(|s| be.download_f32(s)).transpose()?))
-}

@@ -437,14 +437,6 @@ impl Model {
         get: &mut dyn FnMut(&str, &[usize]) -> Result<Buf>,
         get_linear: &mut dyn FnMut(&str, &[usize]) -> Result<Weight>,
     ) -> Result<Self> {
-        // The experts' rows are gathered and scattered through the host for now (the default
-        // Backend::gather_rows / scatter_add_rows): right on the emulator, far too slow on a GPU.
-        if cfg.moe.is_some() && matches!(backend.device(), Device::Cuda(_)) {
-            return Err(EngineError::Unsupported(format!(
-                "{} (qwen3_moe) trains on the CPU backend only for now (--device cpu): the CUDA backend has no expert gather/scatter kernels yet",
-                cfg.arch.hf_name()
-            )));
-        }
         let d = cfg.hidden_size;
         let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         // Gemma 3 scales by `1 + w`: held that way, in f32 on every backend (transformers

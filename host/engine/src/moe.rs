@@ -13,9 +13,10 @@
 //! `w` (softmax, top-k renormalisation), as in transformers; the router weight gets none.
 //!
 //! Routing decisions are computed on the host after one download of the router logits per
-//! layer (top-k of a `[t, E]` matrix); so are their backward (the same small matrix). The rows
-//! of each expert are gathered and scattered back by [`Backend::gather_rows`] and
-//! [`Backend::scatter_add_rows`].
+//! layer (top-k of a `[t, E]` matrix), for now; so is their backward (the same small matrix,
+//! and each expert's `[n]` routing-weight gradients). The rows of each expert are gathered and
+//! scattered back on the device by [`crate::backend::Backend::gather_rows`] and
+//! [`crate::backend::Backend::scatter_add_rows`], one expert after another (no grouped GEMM yet).
 //!
 //! Load-balancing loss (`load_balancing_loss_func`, added when `output_router_logits`):
 //! `aux = E * sum_e (n_e / N) (P_e / N)` over all sparse layers' rows together, `n_e` the top-k

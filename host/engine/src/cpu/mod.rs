@@ -291,6 +291,47 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn gather_rows(&self, src: &Buf, idx: &Buf, scale: Option<&Buf>, dst: &mut Buf, rows: usize, dim: usize) -> Result<()> {
+        let op = "gather_rows";
+        let (_, ids, k) = rows_checked(op, src, idx, scale, rows, dim, false)?;
+        check_len(op, "dst", dst, rows * dim)?;
+        let src = f32s(op, src)?;
+        f32s_mut(op, dst)?.par_chunks_mut(dim.max(1)).enumerate().for_each(|(r, o)| {
+            let s = k.map_or(1.0, |k| k[r]);
+            for (o, x) in o.iter_mut().zip(&src[ids[r] as usize * dim..(ids[r] as usize + 1) * dim]) {
+                *o = x * s;
+            }
+        });
+        Ok(())
+    }
+
+    fn scatter_add_rows(&self, src: &Buf, idx: &Buf, scale: Option<&Buf>, dst: &mut Buf, rows: usize, dim: usize) -> Result<()> {
+        let op = "scatter_add_rows";
+        check_len(op, "src", src, rows * dim)?;
+        let (_, ids, k) = rows_checked(op, dst, idx, scale, rows, dim, true)?;
+        let (ids, k) = (ids.to_vec(), k.map(<[f32]>::to_vec));
+        let src = f32s(op, src)?.to_vec();
+        let dst = f32s_mut(op, dst)?;
+        for (r, &id) in ids.iter().enumerate() {
+            let s = k.as_ref().map_or(1.0, |k| k[r]);
+            for (o, x) in dst[id as usize * dim..(id as usize + 1) * dim].iter_mut().zip(&src[r * dim..(r + 1) * dim]) {
+                *o += x * s;
+            }
+        }
+        Ok(())
+    }
+
+    fn row_dot(&self, a: &Buf, b: &Buf, out: &mut Buf, rows: usize, dim: usize) -> Result<()> {
+        check_len("row_dot", "a", a, rows * dim)?;
+        check_len("row_dot", "b", b, rows * dim)?;
+        check_len("row_dot", "out", out, rows)?;
+        let (a, b) = (f32s("row_dot", a)?, f32s("row_dot", b)?);
+        f32s_mut("row_dot", out)?.par_iter_mut().enumerate().for_each(|(r, o)| {
+            *o = a[r * dim..(r + 1) * dim].iter().zip(&b[r * dim..(r + 1) * dim]).map(|(x, y)| (x * y) as f64).sum::<f64>() as f32;
+        });
+        Ok(())
+    }
+
     fn col_dot(&self, a: &Buf, b: &Buf, out: &mut Buf, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
         check_len("col_dot", "a", a, rows * cols)?;
         check_len("col_dot", "b", b, rows * cols)?;
@@ -799,4 +840,34 @@ fn glu_bwd(op: &'static str, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, du
             }
         });
     Ok(())
+}
+
+type RowsArgs<'a> = (usize, &'a [u32], Option<&'a [f32]>);
+
+/// The indexed side's row count, the row indices (checked against it; with `distinct`, no row
+/// twice) and the per-row scale of [`Backend::gather_rows`] / [`Backend::scatter_add_rows`].
+fn rows_checked<'a>(op: &'static str, indexed: &Buf, idx: &'a Buf, scale: Option<&'a Buf>, rows: usize, dim: usize, distinct: bool) -> Result<RowsArgs<'a>> {
+    check_len(op, "idx", idx, rows)?;
+    if dim == 0 || !indexed.len().is_multiple_of(dim) {
+        return Err(shape_err(op, format!("a buffer of {} elements is not [n, {dim}]", indexed.len())));
+    }
+    let n = indexed.len() / dim;
+    let ids = u32s(op, idx)?;
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= n) {
+        return Err(shape_err(op, format!("row index {bad} outside {n} rows")));
+    }
+    if distinct {
+        let mut seen = vec![false; n];
+        if let Some(dup) = ids.iter().find(|&&i| std::mem::replace(&mut seen[i as usize], true)) {
+            return Err(shape_err(op, format!("row {dup} appears twice (the rows must be distinct)")));
+        }
+    }
+    let k = match scale {
+        Some(s) => {
+            check_len(op, "scale", s, rows)?;
+            Some(f32s(op, s)?)
+        }
+        None => None,
+    };
+    Ok((n, ids, k))
 }

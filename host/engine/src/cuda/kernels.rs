@@ -32,6 +32,9 @@ pub const FAMILIES: &[Family] = &[
             "sum_squares_f32",
             "div_f32",
             "copy_cols_f32",
+            "gather_rows_f32",
+            "scatter_add_rows_f32",
+            "row_dot_f32",
         ],
     },
     Family {

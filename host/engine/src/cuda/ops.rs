@@ -88,6 +88,54 @@ fn bf16_bytes(xs: &[f32]) -> Vec<u8> {
 }
 
 impl CudaBackend {
+    /// [`Backend::gather_rows`] (`gather`: `src` is indexed) or [`Backend::scatter_add_rows`]
+    /// (`dst` is): the row indices are checked on the host against the indexed side's rows.
+    #[allow(clippy::too_many_arguments)]
+    fn rows_op(&self, op: &'static str, kernel: &'static str, src: &Buf, idx: &Buf, scale: Option<&Buf>, dst: &mut Buf, rows: usize, dim: usize, gather: bool) -> Result<()> {
+        check_len(op, "idx", idx, rows)?;
+        let (small, big) = if gather { (&*dst, src) } else { (src, &*dst) };
+        check_len(op, if gather { "dst" } else { "src" }, small, rows * dim)?;
+        if dim == 0 || !big.len().is_multiple_of(dim) {
+            return Err(err(op, format!("a buffer of {} elements is not [n, {dim}]", big.len())));
+        }
+        need(op, "src", src, &[DType::F32])?;
+        need(op, "dst", dst, &[DType::F32])?;
+        need(op, "idx", idx, &[DType::U32])?;
+        if let Some(s) = scale {
+            check_len(op, "scale", s, rows)?;
+            need(op, "scale", s, &[DType::F32])?;
+        }
+        let n = big.len() / dim;
+        let ids = self.download_f32(idx)?;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= n) {
+            return Err(err(op, format!("row index {bad} outside {n} rows")));
+        }
+        if !gather {
+            let mut seen = vec![false; n];
+            if let Some(dup) = ids.iter().find(|&&i| std::mem::replace(&mut seen[i as usize], true)) {
+                return Err(err(op, format!("row {dup} appears twice (the rows must be distinct)")));
+            }
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let scale_ptr = match scale {
+            Some(s) => self.ptr(op, "scale", s)?,
+            None => self.ptr(op, "src", src)?,
+        };
+        self.launch(op, kernel, grid1d(rows * dim), &[
+            Arg::Ptr(self.ptr(op, "src", src)?),
+            Arg::Ptr(self.ptr(op, "idx", idx)?),
+            Arg::Ptr(scale_ptr),
+            Arg::I32(scale.is_some() as i32),
+            Arg::Ptr(self.ptr(op, "dst", dst)?),
+            Arg::Size(rows),
+            Arg::Size(dim),
+        ])
+    }
+}
+
+impl CudaBackend {
     /// A bf16 copy of an f32 buffer (for a matrix product with a bf16 operand).
     pub(crate) fn to_bf16(&self, op: &'static str, src: &Buf) -> Result<Buf> {
         let dst = self.alloc(op, src.len(), DType::BF16, false)?;
@@ -342,6 +390,34 @@ impl Backend for CudaBackend {
             Arg::Size(dst_col),
             Arg::Size(rows),
             Arg::Size(width),
+        ])
+    }
+
+    fn gather_rows(&self, src: &Buf, idx: &Buf, scale: Option<&Buf>, dst: &mut Buf, rows: usize, dim: usize) -> Result<()> {
+        self.rows_op("gather_rows", "gather_rows_f32", src, idx, scale, dst, rows, dim, true)
+    }
+
+    fn scatter_add_rows(&self, src: &Buf, idx: &Buf, scale: Option<&Buf>, dst: &mut Buf, rows: usize, dim: usize) -> Result<()> {
+        self.rows_op("scatter_add_rows", "scatter_add_rows_f32", src, idx, scale, dst, rows, dim, false)
+    }
+
+    fn row_dot(&self, a: &Buf, b: &Buf, out: &mut Buf, rows: usize, dim: usize) -> Result<()> {
+        let op = "row_dot";
+        check_len(op, "a", a, rows * dim)?;
+        check_len(op, "b", b, rows * dim)?;
+        check_len(op, "out", out, rows)?;
+        for (name, x) in [("a", a), ("b", b), ("out", &*out)] {
+            need(op, name, x, &[DType::F32])?;
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        self.launch(op, "row_dot_f32", grid1d(rows), &[
+            Arg::Ptr(self.ptr(op, "a", a)?),
+            Arg::Ptr(self.ptr(op, "b", b)?),
+            Arg::Ptr(self.ptr(op, "out", out)?),
+            Arg::Size(rows),
+            Arg::Size(dim),
         ])
     }
 

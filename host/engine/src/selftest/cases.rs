@@ -276,6 +276,7 @@ fn gemm(c: &mut Ctx) {
 
 fn elementwise(c: &mut Ctx) {
     copy_cols(c);
+    expert_rows(c);
     let n = 1001;
     let (x, y) = (c.vec(n, 2.0), c.vec(n, 2.0));
     c.compare("axpy", &format!("n{n}"), Tol::F32, &["y"], &|be| {
@@ -440,6 +441,60 @@ fn copy_cols(c: &mut Ctx) {
             }
             vec![want]
         });
+    }
+}
+
+/// Qwen3-MoE's expert dispatch: rows gathered (scaled or not), scattered back with weights into
+/// an existing buffer (rows outside the index keep their values), and per-row dot products.
+fn expert_rows(c: &mut Ctx) {
+    for &(n, rows, dim) in &[(9usize, 4usize, 8usize), (600, 211, 96)] {
+        // Distinct rows in a shuffled order (an expert's tokens are distinct, ascending here they need not be).
+        let ids: Vec<u32> = (0..rows).map(|i| ((i * 7919 + 3) % n) as u32).collect();
+        let mut seen = ids.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        debug_assert_eq!(seen.len(), rows, "selftest: the expert_rows indices must be distinct");
+        let (src, w, big) = (c.vec(n * dim, 1.0), c.vec(rows, 1.0), c.vec(n * dim, 1.0));
+        let small = c.vec(rows * dim, 1.0);
+        let shape = format!("{rows} of {n} rows of {dim}");
+        for scaled in [false, true] {
+            let name = if scaled { "gather_rows (scaled)" } else { "gather_rows" };
+            c.compare(name, &shape, Tol::F32, &["dst"], &|be| {
+                let (s, i, k) = (up(be, &src)?, up_u(be, &ids)?, up(be, &w)?);
+                let mut d = be.zeros(rows * dim, DType::F32)?;
+                be.gather_rows(&s, &i, scaled.then_some(&k), &mut d, rows, dim)?;
+                Ok(vec![down(be, &d)?])
+            }, &|| {
+                let mut want = vec![0f64; rows * dim];
+                for (r, &id) in ids.iter().enumerate() {
+                    for j in 0..dim {
+                        want[r * dim + j] = f64::from(src[id as usize * dim + j]) * if scaled { f64::from(w[r]) } else { 1.0 };
+                    }
+                }
+                vec![want]
+            });
+        }
+        c.compare("scatter_add_rows", &shape, Tol::F32, &["dst"], &|be| {
+            let (s, i, k) = (up(be, &small)?, up_u(be, &ids)?, up(be, &w)?);
+            let mut d = up(be, &big)?;
+            be.scatter_add_rows(&s, &i, Some(&k), &mut d, rows, dim)?;
+            Ok(vec![down(be, &d)?])
+        }, &|| {
+            let mut want = f64s(&big);
+            for (r, &id) in ids.iter().enumerate() {
+                for j in 0..dim {
+                    want[id as usize * dim + j] += f64::from(small[r * dim + j]) * f64::from(w[r]);
+                }
+            }
+            vec![want]
+        });
+        let other = c.vec(rows * dim, 1.0);
+        c.compare("row_dot", &shape, Tol::F32, &["out"], &|be| {
+            let (a, b) = (up(be, &small)?, up(be, &other)?);
+            let mut o = be.zeros(rows, DType::F32)?;
+            be.row_dot(&a, &b, &mut o, rows, dim)?;
+            Ok(vec![down(be, &o)?])
+        }, &|| vec![(0..rows).map(|r| (0..dim).map(|j| f64::from(small[r * dim + j]) * f64::from(other[r * dim + j])).sum()).collect()]);
     }
 }
 
