@@ -135,3 +135,55 @@ fn write_interop_fixture() {
         std::fs::write(dir.join("ours.json"), out.to_string()).unwrap();
     }
 }
+
+/// Qwen3-MoE (the golden model: a dense layer, two sparse ones): the PEFT folder names the
+/// experts in `target_parameters` with PEFT's packed shapes; the merged model (each expert's delta
+/// folded into its per-expert weights) computes what base + adapter computes; and what PEFT would
+/// read differently, or cannot train, is refused by name.
+#[test]
+fn qwen3_moe_adapter_export_merge_and_refusals() {
+    let base = common::golden_dir().join("models/qwen3_moe");
+    let targets = ["q_proj", "o_proj", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"];
+    let adapter = AdapterConfig { r: 4, target_modules: targets.iter().map(|s| s.to_string()).collect(), ..AdapterConfig::default() };
+    let (tr, b) = trained(&base, adapter.clone());
+    let tmp = tempfile::tempdir().unwrap();
+    tr.save_peft_adapter(&tmp.path().join("adapter"), "org/base").unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "o_proj"]));
+    assert_eq!(cfg["target_parameters"], serde_json::json!(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]));
+    let t = common::read_safetensors(&tmp.path().join("adapter/adapter_model.safetensors"));
+    // 4 experts x r 4; gate_up_proj [2 x 16, 32] is the inner wrapper (base_layer), down_proj [32, 16] the outer.
+    assert_eq!(t["base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight"].shape, vec![16, 32]);
+    assert_eq!(t["base_model.model.model.layers.1.mlp.experts.base_layer.lora_B.weight"].shape, vec![32, 16]);
+    assert_eq!(t["base_model.model.model.layers.2.mlp.experts.lora_A.weight"].shape, vec![16, 16]);
+    assert!(!t.keys().any(|k| k.contains("layers.0.mlp")), "the dense layer has no adapted MLP");
+
+    let want = tr.logits(&b).unwrap();
+    let merged = tmp.path().join("merged");
+    tr.merge_into(&merged).unwrap();
+    let attention_only = AdapterConfig { target_modules: vec!["q_proj".into()], ..adapter.clone() };
+    let plain = Trainer::new(Model::load(&merged, &LoadOptions::cpu()).unwrap(), attention_only.clone(), OptimConfig::default(), 0).unwrap();
+    let untrained = Trainer::new(Model::load(&base, &LoadOptions::cpu()).unwrap(), attention_only, OptimConfig::default(), 0).unwrap();
+    let moved: f32 = want.iter().zip(&untrained.logits(&b).unwrap()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(moved > 1e-3, "training did not change the logits ({moved})");
+    let wanted: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+    common::compare("merged qwen3_moe logits", &plain.logits(&b).unwrap(), &wanted, 1e-4, 1e-4).unwrap();
+    assert_eq!(WeightFiles::open(&merged).unwrap().names(), WeightFiles::open(&base).unwrap().names());
+
+    let model = || Model::load(&base, &LoadOptions::cpu()).unwrap();
+    let refused = |a: AdapterConfig| Trainer::new(model(), a, OptimConfig::default(), 0).err().expect("refused").to_string();
+    let e = refused(AdapterConfig::default());
+    assert!(e.contains("all-linear is not supported here") && e.contains("mlp.experts.gate_up_proj"), "{e}");
+    let e = refused(AdapterConfig { target_modules: vec!["q_proj".into(), "down_proj".into()], ..AdapterConfig::default() });
+    assert!(e.contains("`down_proj` is not supported"), "{e}");
+    let e = refused(AdapterConfig { lora_dropout: 0.1, ..adapter.clone() });
+    assert!(e.contains("`lora_dropout` 0.1 is not supported with expert parameters"), "{e}");
+    let e = refused(AdapterConfig { use_dora: true, ..adapter.clone() });
+    assert!(e.contains("`use_dora` is not supported with expert parameters"), "{e}");
+    let e = Model::load(&base, &LoadOptions::cpu().with_quant(Some(lora_engine::QuantConfig::four_bit()))).err().expect("refused").to_string();
+    assert!(e.contains("quantized expert weights are not supported"), "{e}");
+    let llama = tmp.path().join("llama");
+    write_random_model(&llama, &ModelConfig::tiny_llama(64), DType::F32, 9).unwrap();
+    let e = Trainer::new(Model::load(&llama, &LoadOptions::cpu()).unwrap(), adapter, OptimConfig::default(), 0).err().expect("refused").to_string();
+    assert!(e.contains("`mlp.experts.gate_up_proj` names 3-D expert weights, which only Qwen3MoeForCausalLM has"), "{e}");
+}
