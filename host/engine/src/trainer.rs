@@ -126,12 +126,19 @@ pub fn activation_bytes(c: &ModelConfig, cfg: &AdapterConfig, tokens: usize, rec
     let sandwich = if c.gemma_norms { 2 * h + 2 } else { 0 };
     let layer = 3 * h + 2 * q + 2 * kv + c.num_attention_heads + 2 + 3 * i + lora + qk_norm + sandwich;
     let layers = c.num_hidden_layers;
+    // A Qwen3-MoE sparse layer keeps, for each of its top-k experts per token, the gathered
+    // input and output, gate/up/hidden and the two adapters' x·Aᵀ, plus the router's row,
+    // instead of the dense MLP's gate/up/hidden.
+    let sparse = (0..layers).filter(|&l| c.layer_is_sparse(l)).count();
+    let sparse_layer = c.moe.as_ref().map_or(layer, |m| layer - 3 * i + m.num_experts + m.top_k * (2 * h + 3 * m.moe_intermediate_size + 2 * cfg.r));
+    let biggest = layer.max(if sparse > 0 { sparse_layer } else { 0 });
+    let kept = (layers - sparse) * layer + sparse * sparse_layer;
     // Kept between forward and backward, plus backward workspace (a layer's gradients and
     // the loss chunk, counted as two layers' activations) and the residual-stream gradients.
     let per_token = if recompute {
-        layers * h + 3 * layer + 3 * h
+        layers * h + 3 * biggest + 3 * h
     } else {
-        layers * (layer + h) + 2 * layer + 3 * h
+        kept + layers * h + 2 * biggest + 3 * h
     };
     (per_token * tokens) as u64 * dtype.size() as u64
 }
@@ -610,5 +617,34 @@ impl Trainer {
         self.micro_base = micro;
         self.dropout_seed = seed;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod moe_plan_tests {
+    use super::*;
+
+    #[test]
+    fn the_activation_estimate_counts_each_sparse_layers_experts_instead_of_its_dense_mlp() {
+        let dense = ModelConfig { num_hidden_layers: 3, ..ModelConfig::tiny_llama(64) };
+        let moe = crate::config::MoeConfig {
+            num_experts: 8,
+            top_k: 2,
+            moe_intermediate_size: 32,
+            norm_topk_prob: true,
+            sparse_layers: vec![false, true, true],
+            aux_loss_coef: 0.0,
+            output_router_logits: false,
+            router_aux_loss_coef: 0.001,
+            decoder_sparse_step: 1,
+            mlp_only_layers: vec![0],
+        };
+        let sparse = ModelConfig { moe: Some(moe), ..dense.clone() };
+        let a = AdapterConfig { r: 4, target_modules: vec!["q_proj".into()], ..AdapterConfig::default() };
+        let (h, i) = (dense.hidden_size, dense.intermediate_size);
+        // Per token and sparse layer: 8 router logits + 2 experts x (2h + 3 x 32 + 2r), not 3i.
+        let extra = 8 + 2 * (2 * h + 96 + 8);
+        let (d, s) = (activation_bytes(&dense, &a, 10, false, DType::F32), activation_bytes(&sparse, &a, 10, false, DType::F32));
+        assert_eq!(s - d, ((2 * (extra - 3 * i) + 2 * (extra - 3 * i)) * 10 * 4) as u64, "two sparse layers kept, and the larger layer as workspace twice");
     }
 }
