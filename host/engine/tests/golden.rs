@@ -157,3 +157,34 @@ fn initial_adapter(t: &std::collections::HashMap<String, GTensor>, names: &[Stri
         })
         .collect()
 }
+
+/// Qwen3-MoE's backward on the CUDA backend's emulator (expert rows gathered, scaled and
+/// scattered by the device kernels, the routing-weight gradients by row_dot): every adapter
+/// gradient of the golden batch, attention and expert ones, within bf16 precision of
+/// transformers' (relative L2 error per tensor; measured 3.9e-2 at worst, the dense qwen3_lora
+/// the same way 2.9e-2).
+#[test]
+fn qwen3_moe_gradients_on_the_cuda_emulator() {
+    let case = "qwen3_moe_lora";
+    let dir = golden_dir();
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("cases/{case}.json"))).unwrap()).unwrap();
+    let t = read_safetensors(&dir.join(format!("cases/{case}.safetensors")));
+    let model = Model::load(&dir.join("models/qwen3_moe"), &LoadOptions::for_device(lora_engine::Device::Emu).unwrap()).unwrap();
+    let target_modules = meta["target_modules"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+    let acfg = AdapterConfig { r: 4, lora_alpha: 8.0, target_modules, ..AdapterConfig::default() };
+    let mut tr = Trainer::new(model, acfg, OptimConfig::default(), 0).unwrap();
+    let names: Vec<String> = meta["param_names"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
+    tr.set_adapter_tensors(&initial_adapter(&t, &names)).unwrap();
+    let n = meta["trained_tokens"].as_u64().unwrap() as f32;
+    let st = tr.forward_backward(&batch_of(&t), n).unwrap();
+    assert!((st.aux_loss - meta["aux_loss"].as_f64().unwrap()).abs() < 2e-2, "aux loss on emu {} vs {}", st.aux_loss, meta["aux_loss"]);
+    let mut worst = 0f64;
+    for g in tr.adapter_grads().unwrap() {
+        let want = &t[&format!("grad.{}", g.name)].data;
+        let (num, den) = g.data.iter().zip(want).fold((0f64, 0f64), |(a, b), (&x, &y)| (a + (x as f64 - y).powi(2), b + y * y));
+        let rel = (num / den.max(1e-30)).sqrt();
+        assert!(rel < 5e-2, "{}: relative L2 error {rel:.2e} on emu", g.name);
+        worst = worst.max(rel);
+    }
+    println!("{case} gradients on emu: worst relative L2 error {worst:.2e}");
+}
