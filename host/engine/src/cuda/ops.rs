@@ -6,7 +6,7 @@ use cudarc::driver::LaunchConfig;
 use super::flash::flash_supported;
 use super::plan::{DataType, MatmulPlan};
 use super::{Arg, CudaBackend, err};
-use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, Gemm, HostData, check_len};
+use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, DeviceCounts, Gemm, HostData, check_len};
 use crate::error::Result;
 use crate::quant::{DeviceQuant, NESTED_BLOCKSIZE, QuantFormat, QuantType};
 
@@ -136,6 +136,11 @@ impl Backend for CudaBackend {
         self.alloc("zeros", len, dtype, true)
     }
 
+    fn alloc(&self, len: usize, dtype: DType) -> Result<Buf> {
+        // The inherent `alloc` (op name, zero flag), not this trait method.
+        CudaBackend::alloc(self, "alloc", len, dtype, false)
+    }
+
     fn upload(&self, data: HostData<'_>, dtype: DType) -> Result<Buf> {
         let op = "upload";
         let bytes: Vec<u8> = match (dtype, data) {
@@ -211,6 +216,10 @@ impl Backend for CudaBackend {
 
     fn take_launched(&self) -> Vec<String> {
         self.take_launched_names()
+    }
+
+    fn device_counts(&self) -> Option<DeviceCounts> {
+        Some(self.counts())
     }
 
     fn device_details(&self) -> Vec<(String, String)> {
