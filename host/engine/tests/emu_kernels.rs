@@ -475,3 +475,46 @@ fn alloc_skips_the_memset_and_a_read_before_write_is_nan() {
     emu.rmsnorm_bwd(&edy, &ex, &ew, &erstd, &mut planted, rows, dim, true).unwrap();
     assert!(emu.download_f32(&planted).unwrap().iter().all(|x| x.is_nan()), "accumulating into fresh memory did not show");
 }
+
+/// SwiGLU and GeGLU on bf16 activations through the backend (ops.rs routes bf16 buffers to the
+/// `_bf16` kernels: 16-byte packs of eight, then the n % 8 tail) against the bf16-faithful CPU
+/// oracle, which rounds each output once where the kernels store it: every element within one
+/// bf16 ulp (t = |ref| 2^-8; the f32 math differs only in expf's last bits) and at least 97% bit
+/// identical (a second rounding point, as in rounding act(gate) before the product, breaks that).
+/// Lengths: packs and a tail, packs only, tail only. Mixed dtypes are refused by name.
+#[test]
+fn gated_activations_on_bf16_buffers_match_the_bf16_oracle() {
+    let emu = lora_engine::cuda::open_emulated().unwrap();
+    let cpu = CpuBackend::cuda_numerics();
+    for n in [301usize, 64, 5] {
+        let (g, u, dh) = (values(n, 31), values(n, 32), values(n, 33));
+        let run = |be: &dyn Backend, geglu: bool| -> Vec<Vec<f32>> {
+            let up16 = |v: &[f32]| be.upload(lora_engine::HostData::F32(v), DType::BF16).unwrap();
+            let (bg, bu, bdh) = (up16(&g), up16(&u), up16(&dh));
+            let mut h = be.alloc(n, DType::BF16).unwrap();
+            let (mut dg, mut du) = (be.alloc(n, DType::BF16).unwrap(), be.alloc(n, DType::BF16).unwrap());
+            if geglu {
+                be.geglu_fwd(&bg, &bu, &mut h).unwrap();
+                be.geglu_bwd(&bg, &bu, &bdh, &mut dg, &mut du).unwrap();
+            } else {
+                be.swiglu_fwd(&bg, &bu, &mut h).unwrap();
+                be.swiglu_bwd(&bg, &bu, &bdh, &mut dg, &mut du).unwrap();
+            }
+            [h, dg, du].iter().map(|b| be.download_f32(b).unwrap()).collect()
+        };
+        for geglu in [false, true] {
+            let (got, want) = (run(emu.as_ref(), geglu), run(&cpu, geglu));
+            for ((what, got), want) in ["h", "dgate", "dup"].iter().zip(&got).zip(&want) {
+                let what = format!("{} {what} n={n}", if geglu { "geglu" } else { "swiglu" });
+                assert_close(&what, got, want, 0.0, 1.0 / 256.0);
+                let same = got.iter().zip(want).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+                assert!(same * 100 >= n * 97, "{what}: only {same} of {n} elements bit-identical to the oracle");
+            }
+        }
+    }
+    let f = emu.alloc(8, DType::F32).unwrap();
+    let b = emu.alloc(8, DType::BF16).unwrap();
+    let mut h = emu.alloc(8, DType::BF16).unwrap();
+    let e = emu.swiglu_fwd(&f, &b, &mut h).unwrap_err().to_string();
+    assert!(e.contains("`up` is BF16 but `gate` is F32"), "{e}");
+}
