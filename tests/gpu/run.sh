@@ -10,7 +10,9 @@
 #   selftest-ops.txt       every op vs the bf16-faithful CPU oracle, one row per line as it
 #                          finishes, one child process per op family, LORA_CUDA_SYNC=1
 #   sanitizer.txt          compute-sanitizer memcheck and racecheck on small shapes
-#   selftest-training.txt  first-step gradients, loss per step, same-seed rerun bytes
+#   selftest-training.txt  first-step gradients, loss per step, same-seed rerun bytes; with
+#                          LORA_CUDA_POISON=1 (uninitialised buffers hold NaN bytes, so a read
+#                          before a write fails the comparison, as on the emulator)
 #   per-op.txt             one layer's forward + backward timed per op at t = 8192 and 32768, then
 #                          the flash attention kernels' TFLOP/s at each t (causal FLOPs: forward
 #                          2 t^2 hd h, backward 5 t^2 hd h; targets at t = 8192: >= 350 / >= 250)
@@ -167,7 +169,7 @@ export -f sanitize
 phase "compute-sanitizer" 120 sanitizer.txt sanitize
 
 # --- training parity --------------------------------------------------------------------------
-phase "training" 75 selftest-training.txt env LORA_CUDA_SYNC=1 "$bin" selftest --device "$device" --stage training --seed 2026 --family-timeout 70 "${train_args[@]}"
+phase "training" 75 selftest-training.txt env LORA_CUDA_SYNC=1 LORA_CUDA_POISON=1 "$bin" selftest --device "$device" --stage training --seed 2026 --family-timeout 70 "${train_args[@]}"
 
 # --- per-op time of one layer ---------------------------------------------------------------------
 perop() {

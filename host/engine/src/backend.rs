@@ -83,6 +83,27 @@ impl std::fmt::Display for Device {
     }
 }
 
+/// Running totals of the device work a backend enqueued ([`Backend::device_counts`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceCounts {
+    pub kernels: u64,
+    pub matmuls: u64,
+    pub memsets: u64,
+    pub memset_bytes: u64,
+}
+
+impl DeviceCounts {
+    /// The work done between `earlier` and `self`.
+    pub fn since(self, earlier: DeviceCounts) -> DeviceCounts {
+        DeviceCounts {
+            kernels: self.kernels - earlier.kernels,
+            matmuls: self.matmuls - earlier.matmuls,
+            memsets: self.memsets - earlier.memsets,
+            memset_bytes: self.memset_bytes - earlier.memset_bytes,
+        }
+    }
+}
+
 /// An opaque device buffer: `len` elements of `dtype`. The backend that made it owns the
 /// representation (`store`), and downcasts it in its ops; a buffer handed to another backend
 /// is a typed error, never a panic.
@@ -291,6 +312,13 @@ pub trait Backend: Send + Sync {
     // ---- memory ----
     /// A zero-filled buffer.
     fn zeros(&self, len: usize, dtype: DType) -> Result<Buf>;
+    /// A buffer whose contents are unspecified, for an output the next op writes in full (no
+    /// memset). Reading an element before writing it is a bug: the CUDA emulator's fresh memory
+    /// is 0xFF bytes (NaN in f32 and bf16), as is a GPU's with `LORA_CUDA_POISON=1`, so such a
+    /// read fails the parity tests. Backends without a cheaper path return zeros.
+    fn alloc(&self, len: usize, dtype: DType) -> Result<Buf> {
+        self.zeros(len, dtype)
+    }
     /// Uploads host data, converting it to `dtype` (U32 data must go to U32).
     fn upload(&self, data: HostData<'_>, dtype: DType) -> Result<Buf>;
     /// Downloads any float buffer as f32 (U32 as its numeric value).
@@ -329,6 +357,11 @@ pub trait Backend: Send + Sync {
     /// (so a failed selftest row can name the kernels behind it); none on the CPU.
     fn take_launched(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// Device work enqueued since the backend was made (kernel launches, matrix products and
+    /// memsets, the last with their bytes); None on the CPU.
+    fn device_counts(&self) -> Option<DeviceCounts> {
+        None
     }
     /// Bytes that can still be allocated for this backend's buffers, if known: the device's free
     /// memory on a GPU; on CPU the smaller of the kernel's `MemAvailable` and what the process's

@@ -96,6 +96,9 @@ pub struct BenchResult {
     pub peak_device_bytes: Option<u64>,
     /// [`Trainer::activation_bytes`] for this batch: what a run's memory plan would assume.
     pub estimated_activation_bytes: u64,
+    /// The device work of the last timed step (kernels, products, memsets), if the backend counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_counts_per_step: Option<crate::backend::DeviceCounts>,
     pub base_params: usize,
     pub trainable_params: usize,
     pub final_loss: f64,
@@ -168,12 +171,14 @@ pub fn run_with(opts: &BenchOptions, backend: Arc<dyn Backend>, on_step: &mut dy
     let batch = bench_batch(c.vocab_size, opts.rows, opts.row_len, opts.docs_per_row);
     let estimated_activation_bytes = tr.activation_bytes(batch.input_ids.len(), opts.recompute);
     let mut times = Vec::new();
+    let mut device_counts_per_step = None;
     let mut loss = 0.0;
     let tokens = batch.input_ids.len();
     for i in 0..opts.warmup + opts.steps {
         if opts.per_op && i == opts.warmup && !backend.set_profiling(true) {
             return Err(crate::EngineError::Backend { backend: backend.name(), op: "bench", msg: "per-op timing needs a device backend (--device cuda or emu)".into() });
         }
+        let before = backend.device_counts();
         let t0 = Instant::now();
         let st = tr.forward_backward(&batch, batch.input_ids.len() as f32)?;
         tr.optimizer_step(1e-4)?;
@@ -182,6 +187,7 @@ pub fn run_with(opts: &BenchOptions, backend: Arc<dyn Backend>, on_step: &mut dy
         let seconds = t0.elapsed().as_secs_f64();
         if i >= opts.warmup {
             times.push(seconds);
+            device_counts_per_step = backend.device_counts().zip(before).map(|(a, b)| a.since(b));
         }
         on_step(&StepReport { step: i, warmup: i < opts.warmup, seconds, loss, tokens, step_tokens_per_sec: tokens as f64 / seconds.max(1e-12) });
     }
@@ -202,6 +208,7 @@ pub fn run_with(opts: &BenchOptions, backend: Arc<dyn Backend>, on_step: &mut dy
         rss_after_load_bytes,
         peak_device_bytes: backend.peak_memory_bytes(),
         estimated_activation_bytes,
+        device_counts_per_step,
         base_params,
         trainable_params,
         final_loss: loss,

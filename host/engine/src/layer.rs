@@ -55,8 +55,14 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// A zeroed activation buffer, for outputs that are accumulated into.
     pub(crate) fn zeros(&self, n: usize) -> Result<Buf> {
         self.be.zeros(n, self.act)
+    }
+    /// An activation buffer without a memset: every use below is an output its op writes in
+    /// full (no accumulation into it), see [`Backend::alloc`].
+    pub(crate) fn alloc(&self, n: usize) -> Result<Buf> {
+        self.be.alloc(n, self.act)
     }
     /// The batch's attention sizes with layer `li`'s window.
     fn layer_attn(&self, li: usize) -> Attn {
@@ -81,7 +87,7 @@ impl Ctx<'_> {
         let mut col = 0;
         let mut out = Vec::with_capacity(widths.len());
         for &w in widths {
-            let mut part = self.zeros(self.t * w)?;
+            let mut part = self.alloc(self.t * w)?;
             self.be.copy_cols(y, n, col, &mut part, w, 0, self.t, w)?;
             col += w;
             out.push(part);
@@ -91,7 +97,7 @@ impl Ctx<'_> {
     /// The inverse of [`Ctx::split`]: joins the parts' gradients into the fused output's.
     fn join(&self, parts: &[&Buf], widths: &[usize]) -> Result<Buf> {
         let n: usize = widths.iter().sum();
-        let mut y = self.zeros(self.t * n)?;
+        let mut y = self.alloc(self.t * n)?;
         let mut col = 0;
         for (p, &w) in parts.iter().zip(widths) {
             self.be.copy_cols(p, w, 0, &mut y, n, col, self.t, w)?;
@@ -147,7 +153,7 @@ pub(crate) struct LayerActs {
 
 fn dropped(ctx: &Ctx, x: &Buf, seed: u64) -> Result<Option<Buf>> {
     if ctx.dropout > 0.0 {
-        let mut xd = ctx.zeros(x.len())?;
+        let mut xd = ctx.alloc(x.len())?;
         ctx.be.dropout(x, &mut xd, ctx.dropout, seed)?;
         Ok(Some(xd))
     } else {
@@ -164,30 +170,30 @@ pub(crate) fn linear_fwd_rows(ctx: &Ctx, t: usize, lin: &Linear, x: &Buf, lora: 
     let (be, s) = (ctx.be, ctx.scale);
     let (out_f, in_f) = (lin.out_f, lin.in_f);
     let w = ctx.model.weight(lin)?;
-    let mut y = ctx.zeros(t * out_f)?;
+    let mut y = ctx.alloc(t * out_f)?;
     be.gemm(Gemm::linear(t, out_f, in_f), x, &w, &mut y)?;
     if let Some(l) = lora {
         let r = l.a.shape[0];
         let xd_own = dropped(ctx, x, seed)?;
         let xd = xd_own.as_ref().unwrap_or(x);
-        let mut xa = be.zeros(t * r, DType::F32)?;
+        let mut xa = be.alloc(t * r, DType::F32)?;
         be.gemm(Gemm::linear(t, r, in_f), xd, &l.a.value, &mut xa)?;
         match &l.mag {
             None => {
                 be.gemm(Gemm { alpha: s, accumulate: true, ..Gemm::linear(t, out_f, r) }, &xa, &l.b.value, &mut y)?;
             }
             Some(mag) => {
-                let mut wn = be.zeros(out_f, DType::F32)?;
+                let mut wn = be.alloc(out_f, DType::F32)?;
                 be.dora_weight_norm(&w, &l.a.value, &l.b.value, s, &mut wn, out_f, in_f, r)?;
-                let mut mn = be.zeros(out_f, DType::F32)?;
+                let mut mn = be.alloc(out_f, DType::F32)?;
                 be.div(&mag.value, &wn, &mut mn)?;
                 // comb = xd W^T + s * xa B^T
-                let mut comb = ctx.zeros(t * out_f)?;
+                let mut comb = ctx.alloc(t * out_f)?;
                 match &xd_own {
                     Some(xd) => be.gemm(Gemm::linear(t, out_f, in_f), xd, &w, &mut comb)?,
                     None => be.copy(&y, &mut comb)?,
                 }
-                let mut bd = ctx.zeros(t * out_f)?;
+                let mut bd = ctx.alloc(t * out_f)?;
                 be.copy(&comb, &mut bd)?;
                 be.gemm(Gemm { alpha: s, accumulate: true, ..Gemm::linear(t, out_f, r) }, &xa, &l.b.value, &mut comb)?;
                 // y += mn * comb - bd
@@ -229,12 +235,12 @@ pub(crate) fn linear_bwd_rows(ctx: &Ctx, t: usize, lin: &Linear, x: &Buf, dy: &B
     let dys_own = match (&mut l.mag, &acts.mn) {
         (Some(mag), Some(mn)) => {
             let (comb, wn) = (acts.comb.as_ref().ok_or_else(|| missing("dora comb"))?, acts.wn.as_ref().ok_or_else(|| missing("dora wn"))?);
-            let mut cd = be.zeros(out_f, DType::F32)?;
+            let mut cd = be.alloc(out_f, DType::F32)?;
             be.col_dot(dy, comb, &mut cd, t, out_f, false)?;
-            let mut q = be.zeros(out_f, DType::F32)?;
+            let mut q = be.alloc(out_f, DType::F32)?;
             be.div(&cd, wn, &mut q)?;
             be.axpy(1.0, &q, &mut mag.grad)?;
-            let mut dys = ctx.zeros(t * out_f)?;
+            let mut dys = ctx.alloc(t * out_f)?;
             be.scale_cols(dy, mn, &mut dys, t, out_f, false)?;
             Some(dys)
         }
@@ -243,7 +249,7 @@ pub(crate) fn linear_bwd_rows(ctx: &Ctx, t: usize, lin: &Linear, x: &Buf, dy: &B
     let dys = dys_own.as_ref().unwrap_or(dy);
     // dB += s * dys^T @ xa ; dxa = s * dys @ B
     be.gemm(Gemm { m: out_f, n: r, k: t, ta: true, tb: false, alpha: s, accumulate: true }, dys, xa, &mut l.b.grad)?;
-    let mut dxa = be.zeros(t * r, DType::F32)?;
+    let mut dxa = be.alloc(t * r, DType::F32)?;
     be.gemm(Gemm { m: t, n: r, k: out_f, ta: false, tb: false, alpha: s, accumulate: false }, dys, &l.b.value, &mut dxa)?;
     // dA += dxa^T @ xd
     let xd_own = dropped(ctx, x, seed)?;
@@ -256,10 +262,10 @@ pub(crate) fn linear_bwd_rows(ctx: &Ctx, t: usize, lin: &Linear, x: &Buf, dy: &B
         dxa_gemm(&dxa, dx, true)?;
     } else {
         dx_gemm(dy, dx, accumulate)?;
-        let mut dxd = ctx.zeros(t * in_f)?;
+        let mut dxd = ctx.alloc(t * in_f)?;
         if dys_own.is_some() {
             // DoRA's (mn - 1) (xd W^T) term: d(xd) += (dys - dy) @ W
-            let mut diff = ctx.zeros(t * out_f)?;
+            let mut diff = ctx.alloc(t * out_f)?;
             be.copy(dys, &mut diff)?;
             be.axpy(-1.0, dy, &mut diff)?;
             dx_gemm(&diff, &mut dxd, false)?;
@@ -267,7 +273,7 @@ pub(crate) fn linear_bwd_rows(ctx: &Ctx, t: usize, lin: &Linear, x: &Buf, dy: &B
         } else {
             dxa_gemm(&dxa, &mut dxd, false)?;
         }
-        let mut back = ctx.zeros(t * in_f)?;
+        let mut back = ctx.alloc(t * in_f)?;
         be.dropout(&dxd, &mut back, ctx.dropout, seed)?;
         be.axpy(1.0, &back, dx)?;
     }
@@ -280,8 +286,8 @@ pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>]
     let (d, f, h, hkv, hd) = (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     let eps = c.rms_norm_eps as f32;
     let mut lin: Vec<LinActs> = (0..7).map(|_| LinActs::default()).collect();
-    let mut rstd1 = be.zeros(t, DType::F32)?;
-    let mut xn = ctx.zeros(t * d)?;
+    let mut rstd1 = be.alloc(t, DType::F32)?;
+    let mut xn = ctx.alloc(t * d)?;
     be.rmsnorm_fwd(x, &layer.input_norm, &mut xn, &mut rstd1, t, d, eps)?;
     let proj = |m: Module, input: &Buf, lin: &mut Vec<LinActs>| {
         linear_fwd(ctx, layer.lin(m)?, input, lora[m as usize].as_ref(), ctx.seed(li, m), &mut lin[m as usize])
@@ -297,11 +303,11 @@ pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>]
     };
     let (mut q_pre, mut rstd_q, mut k_pre, mut rstd_k) = (None, None, None, None);
     if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-        let mut rq = be.zeros(t * h, DType::F32)?;
-        let mut qo = ctx.zeros(t * h * hd)?;
+        let mut rq = be.alloc(t * h, DType::F32)?;
+        let mut qo = ctx.alloc(t * h * hd)?;
         be.rmsnorm_fwd(&q, qn, &mut qo, &mut rq, t * h, hd, eps)?;
-        let mut rk = be.zeros(t * hkv, DType::F32)?;
-        let mut ko = ctx.zeros(t * hkv * hd)?;
+        let mut rk = be.alloc(t * hkv, DType::F32)?;
+        let mut ko = ctx.alloc(t * hkv * hd)?;
         be.rmsnorm_fwd(&k, kn, &mut ko, &mut rk, t * hkv, hd, eps)?;
         q_pre = Some(std::mem::replace(&mut q, qo));
         k_pre = Some(std::mem::replace(&mut k, ko));
@@ -312,13 +318,13 @@ pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>]
         ctx.rope(&mut q, li, h, false)?;
         ctx.rope(&mut k, li, hkv, false)?;
     }
-    let mut ao = ctx.zeros(t * h * hd)?;
-    let mut lse = be.zeros(h * t, DType::F32)?;
+    let mut ao = ctx.alloc(t * h * hd)?;
+    let mut lse = be.alloc(h * t, DType::F32)?;
     be.attention_fwd(ctx.layer_attn(li), &q, &k, &v, &ctx.cu, &mut ao, &mut lse)?;
     // Gemma 3 norms a branch's output before its residual add (keeping the pre-norm output).
     let branch_norm = |y: Buf, w: Option<&Buf>| -> Result<(Buf, Option<(Buf, Buf)>)> {
         let Some(w) = w else { return Ok((y, None)) };
-        let (mut yn, mut rstd) = (ctx.zeros(t * d)?, be.zeros(t, DType::F32)?);
+        let (mut yn, mut rstd) = (ctx.alloc(t * d)?, be.alloc(t, DType::F32)?);
         be.rmsnorm_fwd(&y, w, &mut yn, &mut rstd, t, d, eps)?;
         Ok((yn, Some((y, rstd))))
     };
@@ -328,16 +334,16 @@ pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>]
     };
     let o = proj(Module::O, &ao, &mut lin)?;
     let (o, o_acts) = branch_norm(o, post_ff.map(|_| &layer.post_norm))?;
-    let mut x2 = ctx.zeros(t * d)?;
+    let mut x2 = ctx.alloc(t * d)?;
     be.copy(x, &mut x2)?;
     be.axpy(c.residual_multiplier, &o, &mut x2)?;
     drop(o);
-    let mut rstd2 = be.zeros(t, DType::F32)?;
-    let mut xn2 = ctx.zeros(t * d)?;
+    let mut rstd2 = be.alloc(t, DType::F32)?;
+    let mut xn2 = ctx.alloc(t * d)?;
     be.rmsnorm_fwd(&x2, pre_ff, &mut xn2, &mut rstd2, t, d, eps)?;
     if let Some(ex) = &layer.experts {
         let (down, acts) = crate::moe::forward(ctx, li, ex, lora, &xn2)?;
-        let mut out = ctx.zeros(t * d)?;
+        let mut out = ctx.alloc(t * d)?;
         be.copy(&x2, &mut out)?;
         be.axpy(c.residual_multiplier, &down, &mut out)?;
         let (g, u, hh) = (ctx.zeros(0)?, ctx.zeros(0)?, ctx.zeros(0)?);
@@ -353,11 +359,11 @@ pub(crate) fn forward(ctx: &Ctx, layer: &Layer, li: usize, lora: &[Option<Lora>]
         let mut next = || parts.next().ok_or_else(|| missing("gate/up part"));
         (next()?, next()?)
     };
-    let mut hh = ctx.zeros(t * f)?;
+    let mut hh = ctx.alloc(t * f)?;
     ctx.gated(&g, &u, &mut hh)?;
     let down = proj(Module::Down, &hh, &mut lin)?;
     let (down, down_acts) = branch_norm(down, post_ff)?;
-    let mut out = ctx.zeros(t * d)?;
+    let mut out = ctx.alloc(t * d)?;
     be.copy(&x2, &mut out)?;
     be.axpy(c.residual_multiplier, &down, &mut out)?;
     Ok((out, LayerActs { rstd1, xn, q_pre, rstd_q, k_pre, rstd_k, q, k, v, ao, lse, x2, rstd2, xn2, g, u, hh, o: o_acts, down: down_acts, lin, moe: None }))
@@ -371,14 +377,14 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
     // The gradient into a branch's output: through Gemma 3's post-branch norm, else scaled by rm.
     let scaled = |g: &Buf, normed: Option<(&(Buf, Buf), &Buf)>| -> Result<Option<Buf>> {
         if let Some(((y, rstd), w)) = normed {
-            let mut dy = ctx.zeros(t * d)?;
+            let mut dy = ctx.alloc(t * d)?;
             be.rmsnorm_bwd(g, y, w, rstd, &mut dy, t, d, false)?;
             return Ok(Some(dy));
         }
         if rm == 1.0 {
             return Ok(None);
         }
-        let mut s = ctx.zeros(g.len())?;
+        let mut s = ctx.alloc(g.len())?;
         be.copy(g, &mut s)?;
         be.scale(rm, &mut s)?;
         Ok(Some(s))
@@ -392,14 +398,16 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
         None => (&layer.post_norm, None),
     };
     let dd_own = scaled(dres, a.down.as_ref().zip(post_ff))?;
-    let mut dxn2 = ctx.zeros(t * d)?;
-    if let (Some(ex), Some(ma)) = (&layer.experts, &a.moe) {
+    let moe = layer.experts.as_ref().zip(a.moe.as_ref());
+    // The expert path scatter-adds into dxn2; the dense path's first product writes it in full.
+    let mut dxn2 = if moe.is_some() { ctx.zeros(t * d)? } else { ctx.alloc(t * d)? };
+    if let Some((ex, ma)) = moe {
         crate::moe::backward(ctx, ex, lora, ma, dd_own.as_ref().unwrap_or(dres), &mut dxn2)?;
     } else {
-        let mut dhh = ctx.zeros(t * f)?;
+        let mut dhh = ctx.alloc(t * f)?;
         lb(Module::Down, &a.hh, dd_own.as_ref().unwrap_or(dres), &mut dhh, false, lora)?;
         drop(dd_own);
-        let (mut dg, mut du) = (ctx.zeros(t * f)?, ctx.zeros(t * f)?);
+        let (mut dg, mut du) = (ctx.alloc(t * f)?, ctx.alloc(t * f)?);
         if c.gelu_mlp {
             be.geglu_bwd(&a.g, &a.u, &dhh, &mut dg, &mut du)?;
         } else {
@@ -418,10 +426,10 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
     be.rmsnorm_bwd(&dxn2, &a.x2, pre_ff, &a.rstd2, dres, t, d, true)?;
     // attention
     let do_own = scaled(dres, a.o.as_ref().map(|o| (o, &layer.post_norm)))?;
-    let mut dao = ctx.zeros(t * h * hd)?;
+    let mut dao = ctx.alloc(t * h * hd)?;
     lb(Module::O, &a.ao, do_own.as_ref().unwrap_or(dres), &mut dao, false, lora)?;
     drop(do_own);
-    let (mut dq, mut dk, mut dv) = (ctx.zeros(t * h * hd)?, ctx.zeros(t * hkv * hd)?, ctx.zeros(t * hkv * hd)?);
+    let (mut dq, mut dk, mut dv) = (ctx.alloc(t * h * hd)?, ctx.alloc(t * hkv * hd)?, ctx.alloc(t * hkv * hd)?);
     be.attention_bwd(ctx.layer_attn(li), &a.q, &a.k, &a.v, &ctx.cu, &a.ao, &a.lse, &dao, &mut dq, &mut dk, &mut dv)?;
     drop(dao);
     if c.layer_uses_rope(li) {
@@ -429,14 +437,14 @@ pub(crate) fn backward(ctx: &Ctx, layer: &Layer, li: usize, lora: &mut [Option<L
         ctx.rope(&mut dk, li, hkv, true)?;
     }
     if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-        let mut dqp = ctx.zeros(t * h * hd)?;
+        let mut dqp = ctx.alloc(t * h * hd)?;
         be.rmsnorm_bwd(&dq, a.q_pre.as_ref().ok_or_else(|| missing("q_pre"))?, qn, a.rstd_q.as_ref().ok_or_else(|| missing("rstd_q"))?, &mut dqp, t * h, hd, false)?;
-        let mut dkp = ctx.zeros(t * hkv * hd)?;
+        let mut dkp = ctx.alloc(t * hkv * hd)?;
         be.rmsnorm_bwd(&dk, a.k_pre.as_ref().ok_or_else(|| missing("k_pre"))?, kn, a.rstd_k.as_ref().ok_or_else(|| missing("rstd_k"))?, &mut dkp, t * hkv, hd, false)?;
         dq = dqp;
         dk = dkp;
     }
-    let mut dxn = ctx.zeros(t * d)?;
+    let mut dxn = ctx.alloc(t * d)?;
     if c.layout == Layout::Phi3 {
         let dqkv = ctx.join(&[&dq, &dk, &dv], &[h * hd, hkv * hd, hkv * hd])?;
         lb(Module::Q, &a.xn, &dqkv, &mut dxn, false, lora)?;

@@ -55,7 +55,7 @@ pub mod trainer;
 pub mod weights;
 
 pub use backend::{
-    AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, Gemm, HostData, IGNORE_TARGET,
+    AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, DeviceCounts, Gemm, HostData, IGNORE_TARGET,
     dropout_keep, splitmix64,
 };
 pub use adapter::AdapterConfig;

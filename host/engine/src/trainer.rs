@@ -330,7 +330,7 @@ impl Trainer {
 
     fn embed(&self, ctx: &Ctx, ids: &Buf) -> Result<Buf> {
         let c = &self.model.cfg;
-        let mut x = ctx.be.zeros(ctx.t * c.hidden_size, ctx.act)?;
+        let mut x = ctx.be.alloc(ctx.t * c.hidden_size, ctx.act)?;
         ctx.be.embedding(ids, &self.model.embed, &mut x, ctx.t, c.hidden_size, c.embedding_multiplier)?;
         Ok(x)
     }
@@ -338,8 +338,8 @@ impl Trainer {
     /// Final hidden states `[t, d]` after the last norm, and what their backward needs.
     fn final_norm(&self, ctx: &Ctx, x: &Buf) -> Result<(Buf, Buf)> {
         let c = &self.model.cfg;
-        let mut y = ctx.be.zeros(ctx.t * c.hidden_size, ctx.act)?;
-        let mut rstd = ctx.be.zeros(ctx.t, DType::F32)?;
+        let mut y = ctx.be.alloc(ctx.t * c.hidden_size, ctx.act)?;
+        let mut rstd = ctx.be.alloc(ctx.t, DType::F32)?;
         ctx.be.rmsnorm_fwd(x, &self.model.norm, &mut y, &mut rstd, ctx.t, c.hidden_size, c.rms_norm_eps as f32)?;
         Ok((y, rstd))
     }
@@ -384,11 +384,11 @@ impl Trainer {
         let aux_loss = if coef > 0.0 { ctx.moe.aux_loss() } else { 0.0 };
         ctx.moe.set_grad_weight(coef * trained as f64 / denom as f64);
         let (xf, rstd_f) = self.final_norm(&ctx, &x)?;
-        let mut dxf = be.zeros(t * c.hidden_size, ctx.act)?;
+        let mut dxf = be.alloc(t * c.hidden_size, ctx.act)?;
         let loss_sum = be.linear_cross_entropy(self.ce(t, 1.0 / denom), &xf, self.model.head(), &targets, Some(&mut dxf))?;
         drop(xf);
         if trained > 0 {
-            let mut dres = be.zeros(t * c.hidden_size, ctx.act)?;
+            let mut dres = be.alloc(t * c.hidden_size, ctx.act)?;
             be.rmsnorm_bwd(&dxf, &x, &self.model.norm, &rstd_f, &mut dres, t, c.hidden_size, false)?;
             drop(dxf);
             for li in (0..self.model.layers.len()).rev() {
@@ -426,7 +426,7 @@ impl Trainer {
         let (ctx, ids, _, _) = self.ctx(p, false);
         let xf = self.last_hidden(&ctx, &ids)?;
         let c = &self.model.cfg;
-        let mut lg = ctx.be.zeros(ctx.t * c.vocab_size, DType::F32)?;
+        let mut lg = ctx.be.alloc(ctx.t * c.vocab_size, DType::F32)?;
         let g = Gemm { alpha: 1.0 / c.logits_scaling, ..Gemm::linear(ctx.t, c.vocab_size, c.hidden_size) };
         ctx.be.gemm(g, &xf, self.model.head(), &mut lg)?;
         ctx.be.download_f32(&lg)

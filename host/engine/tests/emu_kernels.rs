@@ -434,3 +434,87 @@ fn real_kernels_give_identical_bytes_under_every_order() {
         }
     }
 }
+
+/// `Backend::alloc` on the emulated CUDA backend: no memset (`zeros` costs one, `alloc` none),
+/// and every element is NaN (f32 and bf16) until written. So an op that reads its output before
+/// writing it shows: rmsnorm_bwd told to accumulate into an `alloc`ed dx (what a wrong
+/// `accumulate` flag in layer.rs would do) gives NaN in every element, while the same op
+/// overwriting it matches the CPU backend.
+#[test]
+fn alloc_skips_the_memset_and_a_read_before_write_is_nan() {
+    let emu = lora_engine::cuda::open_emulated().unwrap();
+    let c0 = emu.device_counts().unwrap();
+    let a = emu.alloc(300, DType::F32).unwrap();
+    let b = emu.alloc(301, DType::BF16).unwrap();
+    assert_eq!(emu.device_counts().unwrap().since(c0).memsets, 0, "alloc memset its buffers");
+    assert!(emu.download_f32(&a).unwrap().iter().all(|x| x.is_nan()), "fresh f32 memory is not NaN");
+    assert!(emu.download_f32(&b).unwrap().iter().all(|x| x.is_nan()), "fresh bf16 memory is not NaN");
+    let c1 = emu.device_counts().unwrap();
+    let z = emu.zeros(300, DType::F32).unwrap();
+    let d = emu.device_counts().unwrap().since(c1);
+    assert_eq!((d.memsets, d.memset_bytes), (1, 1200));
+    assert!(emu.download_f32(&z).unwrap().iter().all(|&x| x == 0.0));
+
+    let cpu = CpuBackend::new();
+    let (rows, dim, eps) = (3, 100, 1e-5);
+    let (x, w, dy) = (values(rows * dim, 21), values(dim, 22), values(rows * dim, 23));
+    let up = |v: &[f32]| emu.upload(lora_engine::HostData::F32(v), DType::F32).unwrap();
+    let (ex, ew, edy) = (up(&x), up(&w), up(&dy));
+    let (mut ey, mut erstd) = (emu.alloc(rows * dim, DType::F32).unwrap(), emu.alloc(rows, DType::F32).unwrap());
+    emu.rmsnorm_fwd(&ex, &ew, &mut ey, &mut erstd, rows, dim, eps).unwrap();
+    let (cx, cw, cdy) = (cpu_buf(&cpu, &x), cpu_buf(&cpu, &w), cpu_buf(&cpu, &dy));
+    let (mut cy, mut crstd) = (cpu.alloc(rows * dim, DType::F32).unwrap(), cpu.alloc(rows, DType::F32).unwrap());
+    cpu.rmsnorm_fwd(&cx, &cw, &mut cy, &mut crstd, rows, dim, eps).unwrap();
+    assert_close("rmsnorm_fwd into alloc", &emu.download_f32(&ey).unwrap(), &cpu_get(&cpu, &cy), 1e-6, 1e-5);
+    let mut cdx = cpu.alloc(rows * dim, DType::F32).unwrap();
+    cpu.rmsnorm_bwd(&cdy, &cx, &cw, &crstd, &mut cdx, rows, dim, false).unwrap();
+    let mut edx = emu.alloc(rows * dim, DType::F32).unwrap();
+    emu.rmsnorm_bwd(&edy, &ex, &ew, &erstd, &mut edx, rows, dim, false).unwrap();
+    assert_close("rmsnorm_bwd overwriting alloc", &emu.download_f32(&edx).unwrap(), &cpu_get(&cpu, &cdx), 1e-5, 1e-4);
+    let mut planted = emu.alloc(rows * dim, DType::F32).unwrap();
+    emu.rmsnorm_bwd(&edy, &ex, &ew, &erstd, &mut planted, rows, dim, true).unwrap();
+    assert!(emu.download_f32(&planted).unwrap().iter().all(|x| x.is_nan()), "accumulating into fresh memory did not show");
+}
+
+/// SwiGLU and GeGLU on bf16 activations through the backend (ops.rs routes bf16 buffers to the
+/// `_bf16` kernels: 16-byte packs of eight, then the n % 8 tail) against the bf16-faithful CPU
+/// oracle, which rounds each output once where the kernels store it: every element within one
+/// bf16 ulp (t = |ref| 2^-8; the f32 math differs only in expf's last bits) and at least 97% bit
+/// identical (a second rounding point, as in rounding act(gate) before the product, breaks that).
+/// Lengths: packs and a tail, packs only, tail only. Mixed dtypes are refused by name.
+#[test]
+fn gated_activations_on_bf16_buffers_match_the_bf16_oracle() {
+    let emu = lora_engine::cuda::open_emulated().unwrap();
+    let cpu = CpuBackend::cuda_numerics();
+    for n in [301usize, 64, 5] {
+        let (g, u, dh) = (values(n, 31), values(n, 32), values(n, 33));
+        let run = |be: &dyn Backend, geglu: bool| -> Vec<Vec<f32>> {
+            let up16 = |v: &[f32]| be.upload(lora_engine::HostData::F32(v), DType::BF16).unwrap();
+            let (bg, bu, bdh) = (up16(&g), up16(&u), up16(&dh));
+            let mut h = be.alloc(n, DType::BF16).unwrap();
+            let (mut dg, mut du) = (be.alloc(n, DType::BF16).unwrap(), be.alloc(n, DType::BF16).unwrap());
+            if geglu {
+                be.geglu_fwd(&bg, &bu, &mut h).unwrap();
+                be.geglu_bwd(&bg, &bu, &bdh, &mut dg, &mut du).unwrap();
+            } else {
+                be.swiglu_fwd(&bg, &bu, &mut h).unwrap();
+                be.swiglu_bwd(&bg, &bu, &bdh, &mut dg, &mut du).unwrap();
+            }
+            [h, dg, du].iter().map(|b| be.download_f32(b).unwrap()).collect()
+        };
+        for geglu in [false, true] {
+            let (got, want) = (run(emu.as_ref(), geglu), run(&cpu, geglu));
+            for ((what, got), want) in ["h", "dgate", "dup"].iter().zip(&got).zip(&want) {
+                let what = format!("{} {what} n={n}", if geglu { "geglu" } else { "swiglu" });
+                assert_close(&what, got, want, 0.0, 1.0 / 256.0);
+                let same = got.iter().zip(want).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+                assert!(same * 100 >= n * 97, "{what}: only {same} of {n} elements bit-identical to the oracle");
+            }
+        }
+    }
+    let f = emu.alloc(8, DType::F32).unwrap();
+    let b = emu.alloc(8, DType::BF16).unwrap();
+    let mut h = emu.alloc(8, DType::BF16).unwrap();
+    let e = emu.swiglu_fwd(&f, &b, &mut h).unwrap_err().to_string();
+    assert!(e.contains("`up` is BF16 but `gate` is F32"), "{e}");
+}

@@ -52,6 +52,12 @@ fn rb(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
+/// How a value is stored into a buffer of `dtype`: rounded for bf16 (only the CUDA-numerics
+/// oracle has bf16 activation buffers), unchanged otherwise.
+fn rounding(dtype: DType) -> fn(f32) -> f32 {
+    if dtype == DType::BF16 { rb } else { |x| x }
+}
+
 fn f32s<'a>(op: &'static str, b: &'a Buf) -> Result<&'a [f32]> {
     match b.store::<Store>() {
         Some(Store::F32(v)) => Ok(v),
@@ -808,10 +814,12 @@ fn glu_fwd(op: &'static str, gate: &Buf, up: &Buf, h: &mut Buf, act: impl Fn(f32
     check_len(op, "up", up, gate.len())?;
     check_len(op, "h", h, gate.len())?;
     let (g, u) = (f32s(op, gate)?, f32s(op, up)?);
+    // A bf16 output (the CUDA-numerics oracle) is rounded once, as the bf16 kernels store it.
+    let out = rounding(h.dtype());
     f32s_mut(op, h)?.par_chunks_mut(RED_CHUNK).enumerate().for_each(|(c, h)| {
         let o = c * RED_CHUNK;
         for (i, h) in h.iter_mut().enumerate() {
-            *h = act(g[o + i]) * u[o + i];
+            *h = out(act(g[o + i]) * u[o + i]);
         }
     });
     Ok(())
@@ -826,6 +834,7 @@ fn glu_bwd(op: &'static str, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, du
     check_len(op, "dgate", dgate, n)?;
     check_len(op, "dup", dup, n)?;
     let (g, u, dh) = (f32s(op, gate)?, f32s(op, up)?, f32s(op, dh)?);
+    let (rg, ru) = (rounding(dgate.dtype()), rounding(dup.dtype()));
     let dup = f32s_mut(op, dup)?;
     f32s_mut(op, dgate)?
         .par_chunks_mut(RED_CHUNK)
@@ -835,8 +844,8 @@ fn glu_bwd(op: &'static str, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, du
             let o = c * RED_CHUNK;
             for i in 0..dg.len() {
                 let (a, da) = act_grad(g[o + i]);
-                du[i] = dh[o + i] * a;
-                dg[i] = dh[o + i] * u[o + i] * da;
+                du[i] = ru(dh[o + i] * a);
+                dg[i] = rg(dh[o + i] * u[o + i] * da);
             }
         });
     Ok(())

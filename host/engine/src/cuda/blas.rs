@@ -4,7 +4,8 @@
 //! (`CUBLAS_COMPUTE_32F`, no TF32), f32 scale type, D = C in place.
 
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
@@ -12,7 +13,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use crate::error::{EngineError, Result};
 
-use super::plan::{DataType, Epilogue, Layout as PlanLayout, MatmulPlan};
+use super::plan::{DataType, Epilogue, Layout as PlanLayout, MatmulPlan, PlanKey};
 
 fn err(msg: String) -> EngineError {
     EngineError::Backend { backend: "cuda", op: "gemm", msg }
@@ -25,12 +26,31 @@ fn cuda_type(t: DataType) -> sys::cudaDataType_t {
     }
 }
 
-/// A cuBLASLt handle, its workspace, and the stream it runs on.
+/// A cuBLASLt handle, its workspace, the stream it runs on, and the setups built so far.
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     stream: Arc<CudaStream>,
+    /// One setup per distinct product (a few dozen per model shape), kept for the handle's life
+    /// instead of rebuilding descriptors and rerunning the heuristic on every call (CUDA-REVIEW S9).
+    cache: Mutex<HashMap<PlanKey, Arc<Setup>>>,
 }
+
+/// A product's descriptor, its A, B and C (= D) layouts and the heuristic's algorithm.
+struct Setup {
+    desc: Desc,
+    la: Layout,
+    lb: Layout,
+    lc: Layout,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+// SAFETY: the descriptors are only read after they are built (cublasLtMatmul takes them as
+// inputs and does not modify them), so sharing them between threads is sound; they are destroyed
+// once, when the last Arc drops.
+unsafe impl Send for Setup {}
+// SAFETY: as above.
+unsafe impl Sync for Setup {}
 
 // SAFETY: a cuBLASLt handle is thread safe (NVIDIA documents cublasLtHandle_t as usable from
 // several host threads); the workspace is only used by work enqueued on our one stream, which
@@ -77,7 +97,7 @@ impl Lt {
         let workspace = stream
             .alloc_zeros::<u8>(32 << 20)
             .map_err(|e| err(format!("allocating the cuBLASLt workspace: {e}")))?;
-        Ok(Lt { handle, workspace, stream })
+        Ok(Lt { handle, workspace, stream, cache: Mutex::new(HashMap::new()) })
     }
 
     pub fn workspace_bytes(&self) -> usize {
@@ -90,17 +110,22 @@ impl Lt {
         unsafe { sys::cublasLtGetVersion() }
     }
 
-    /// Enqueues the product `plan` describes; errors name `plan.op` and every value.
-    ///
-    /// # Safety
-    /// `a`, `b`, `c` hold the spans of the plan's A, B and C layouts, alive until the stream has
-    /// run the product.
-    pub unsafe fn matmul(&self, plan: &MatmulPlan, a: u64, b: u64, c: u64) -> Result<()> {
+    /// The cached setup for `plan` on operands at `a`, `b`, `c`, built (descriptor, layouts,
+    /// heuristic) on the first product with its [`PlanKey`].
+    fn setup(&self, plan: &MatmulPlan, a: u64, b: u64, c: u64) -> Result<Arc<Setup>> {
+        let key = plan.key(a, b, c);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = cache.get(&key) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(self.build(plan, &key)?);
+        cache.insert(key, s.clone());
+        Ok(s)
+    }
+
+    fn build(&self, plan: &MatmulPlan, key: &PlanKey) -> Result<Setup> {
         let shape = plan.describe();
         let e = |what: &str, x: lt::CublasError| EngineError::Backend { backend: "cuda", op: plan.op, msg: format!("{what} ({shape}): {x}") };
-        plan.validate().map_err(|m| EngineError::Backend { backend: "cuda", op: plan.op, msg: format!("{m} ({shape})") })?;
-        // cuBLASLt runs in the calling thread's current context: make it ours.
-        self.stream.context().bind_to_thread().map_err(|x| err(format!("binding the context ({shape}): {x}")))?;
         let desc = Desc(
             lt::create_matmul_desc(
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -109,8 +134,8 @@ impl Lt {
             .map_err(|x| e("matmul desc", x))?,
         );
         for (attr, t) in [
-            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, plan.transa),
-            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, plan.transb),
+            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, key.transa),
+            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, key.transb),
         ] {
             let op: i32 = if t { 1 } else { 0 };
             // SAFETY: the descriptor is live; the buffer is an i32 (cublasOperation_t) of that size.
@@ -119,7 +144,7 @@ impl Lt {
             }
             .map_err(|x| e("transpose attribute", x))?;
         }
-        match plan.epilogue {
+        match key.epilogue {
             // CUBLASLT_EPILOGUE_DEFAULT is the descriptor's initial value: nothing to set.
             Epilogue::Default => {}
         }
@@ -138,9 +163,9 @@ impl Lt {
             }
             Ok(h)
         };
-        let la = layout(&plan.a, "layout of A")?;
-        let lb = layout(&plan.b, "layout of B")?;
-        let lc = layout(&plan.c, "layout of C")?;
+        let la = layout(&key.a, "layout of A")?;
+        let lb = layout(&key.b, "layout of B")?;
+        let lc = layout(&key.c, "layout of C")?;
         let pref = Pref(lt::create_matmul_pref().map_err(|x| e("preference", x))?);
         let ws = self.workspace.len();
         // SAFETY: live preference; the buffer is a usize (u64 on our targets) of that size.
@@ -168,15 +193,14 @@ impl Lt {
         }
         .map_err(|x| e("reduction scheme preference", x))?;
         // The heuristic assumes 256-byte aligned operands unless told otherwise; offsets into
-        // buffers (chunked products) can be less aligned.
+        // buffers (chunked products) can be less aligned. The key holds the alignment classes.
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
-        for (attr, addr) in [
-            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, a),
-            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, b),
-            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c),
-            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c),
+        for (attr, align) in [
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align[0]),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align[1]),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align[2]),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align[2]),
         ] {
-            let align: u32 = 1 << addr.trailing_zeros().min(8);
             // SAFETY: live preference; the attribute is a u32 of that size.
             unsafe { lt::set_matmul_pref_attribute(pref.0, attr, (&align) as *const u32 as *const c_void, 4) }
                 .map_err(|x| e("alignment preference", x))?;
@@ -184,37 +208,55 @@ impl Lt {
         // SAFETY: all descriptors are live and describe the operands above.
         let heuristic = unsafe { lt::get_matmul_algo_heuristic(self.handle, desc.0, la.0, lb.0, lc.0, lc.0, pref.0) }
             .map_err(|x| e("no cuBLASLt algorithm for this product", x))?;
+        Ok(Setup { desc, la, lb, lc, algo: heuristic.algo })
+    }
+
+    /// Enqueues the product `plan` describes; errors name `plan.op` and every value. The
+    /// descriptor, layouts and algorithm come from the cache ([`PlanKey`]), built on first use.
+    ///
+    /// # Safety
+    /// `a`, `b`, `c` hold the spans of the plan's A, B and C layouts, alive until the stream has
+    /// run the product.
+    pub unsafe fn matmul(&self, plan: &MatmulPlan, a: u64, b: u64, c: u64) -> Result<()> {
+        plan.validate().map_err(|m| EngineError::Backend { backend: "cuda", op: plan.op, msg: format!("{m} ({})", plan.describe()) })?;
+        // cuBLASLt runs in the calling thread's current context: make it ours.
+        self.stream.context().bind_to_thread().map_err(|x| err(format!("binding the context ({}): {x}", plan.describe())))?;
+        let s = self.setup(plan, a, b, c)?;
         let (w, _guard) = self.workspace.device_ptr(&self.stream);
-        // SAFETY: the caller guarantees the operand spans and lifetimes; alpha/beta are f32 host
-        // scalars (the default pointer mode), the workspace is ours and `ws` bytes long.
+        let ws = self.workspace.len();
+        // SAFETY: the caller guarantees the operand spans and lifetimes; the setup describes
+        // exactly these layouts (its key holds them); alpha/beta are f32 host scalars (the
+        // default pointer mode), the workspace is ours and `ws` bytes long.
         unsafe {
             lt::matmul(
                 self.handle,
-                desc.0,
+                s.desc.0,
                 (&plan.alpha) as *const f32 as *const c_void,
                 (&plan.beta) as *const f32 as *const c_void,
                 a as *const c_void,
-                la.0,
+                s.la.0,
                 b as *const c_void,
-                lb.0,
+                s.lb.0,
                 c as *const c_void,
-                lc.0,
+                s.lc.0,
                 c as *mut c_void,
-                lc.0,
-                &heuristic.algo,
+                s.lc.0,
+                &s.algo,
                 w as *mut c_void,
                 ws,
                 self.stream.cu_stream() as sys::cudaStream_t,
             )
         }
-        .map_err(|x| e("cublasLtMatmul", x))
+        .map_err(|x| EngineError::Backend { backend: "cuda", op: plan.op, msg: format!("cublasLtMatmul ({}): {x}", plan.describe()) })
     }
 }
 
 impl Drop for Lt {
     fn drop(&mut self) {
         // SAFETY: the handle was created in `new` and is destroyed once; work on the stream that
-        // uses it is finished or will be by the time the driver frees it.
+        // uses it is finished or will be by the time the driver frees it. The cached
+        // descriptors go first.
+        self.cache.get_mut().unwrap_or_else(|e| e.into_inner()).clear();
         let _ = unsafe { lt::destroy_handle(self.handle) };
     }
 }

@@ -76,7 +76,7 @@ pub const FAMILIES: &[Family] = &[
     Family {
         file: "swiglu.cu",
         source: include_str!("../../kernels/swiglu.cu"),
-        kernels: &["swiglu_fwd_f32", "swiglu_bwd_f32", "geglu_fwd_f32", "geglu_bwd_f32"],
+        kernels: &["swiglu_fwd_f32", "swiglu_bwd_f32", "geglu_fwd_f32", "geglu_bwd_f32", "swiglu_fwd_bf16", "swiglu_bwd_bf16", "geglu_fwd_bf16", "geglu_bwd_bf16"],
     },
     Family {
         file: "embedding.cu",

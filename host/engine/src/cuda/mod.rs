@@ -152,7 +152,7 @@ mod imp {
     use super::emu::EmuOptions;
     use super::emulated::EmulatedDevice;
     use super::plan::MatmulPlan;
-    use crate::backend::{Buf, DType, Device};
+    use crate::backend::{Buf, DType, Device, DeviceCounts};
     use crate::error::{EngineError, Result};
 
     pub(crate) fn err(op: &'static str, msg: impl Into<String>) -> EngineError {
@@ -218,10 +218,23 @@ mod imp {
         profile: Mutex<Option<HashMap<String, (u64, f64)>>>,
         /// Kernels (and "cublasLt") launched since the last `take_launched`, each once.
         launched: Mutex<Vec<&'static str>>,
+        /// `LORA_CUDA_POISON=1`: fill every uninitialised allocation with 0xFF bytes (NaN in f32
+        /// and bf16), as the emulator's fresh memory is, so a read before a write shows.
+        poison: bool,
+        /// Running totals for [`crate::Backend::device_counts`].
+        counts: Counts,
     }
 
-    fn sync_from_env() -> bool {
-        std::env::var("LORA_CUDA_SYNC").is_ok_and(|v| !v.is_empty() && v != "0")
+    #[derive(Default)]
+    struct Counts {
+        kernels: AtomicU64,
+        matmuls: AtomicU64,
+        memsets: AtomicU64,
+        memset_bytes: AtomicU64,
+    }
+
+    fn flag_from_env(name: &str) -> bool {
+        std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
     }
 
     impl CudaBackend {
@@ -254,9 +267,11 @@ mod imp {
                 compute_capability: info.compute_capability,
                 dev,
                 tracker: Arc::new(Tracker::default()),
-                sync_each: sync_from_env(),
+                sync_each: flag_from_env("LORA_CUDA_SYNC"),
                 profile: Mutex::new(None),
                 launched: Mutex::new(Vec::new()),
+                poison: flag_from_env("LORA_CUDA_POISON"),
+                counts: Counts::default(),
             }
         }
 
@@ -265,6 +280,16 @@ mod imp {
                 && !l.contains(&kernel)
             {
                 l.push(kernel);
+            }
+        }
+
+        pub(crate) fn counts(&self) -> DeviceCounts {
+            let c = &self.counts;
+            DeviceCounts {
+                kernels: c.kernels.load(Ordering::Relaxed),
+                matmuls: c.matmuls.load(Ordering::Relaxed),
+                memsets: c.memsets.load(Ordering::Relaxed),
+                memset_bytes: c.memset_bytes.load(Ordering::Relaxed),
             }
         }
 
@@ -343,6 +368,13 @@ mod imp {
                 .map_err(|e| err(op, format!("allocating {len} x {dtype:?} ({bytes} bytes): {e}")))?;
             self.tracker.add(bytes as u64);
             let mem = Mem { ptr, bytes, dev: self.dev.clone(), tracker: self.tracker.clone() };
+            if zero {
+                self.counts.memsets.fetch_add(1, Ordering::Relaxed);
+                self.counts.memset_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            } else if self.poison {
+                // SAFETY: the whole range is the allocation just made, owned by `mem`.
+                unsafe { self.dev.memset(ptr, 0xFF, bytes) }.map_err(|e| err(op, format!("poisoning {bytes} bytes: {e}")))?;
+            }
             Ok(Buf::from_store(len, dtype, mem))
         }
 
@@ -425,6 +457,7 @@ mod imp {
             // kernel's C signature in kernels/*.cu; the op checked every buffer's length against
             // the sizes passed, so the kernel stays inside the allocations.
             self.note_launch(kernel);
+            self.counts.kernels.fetch_add(1, Ordering::Relaxed);
             self.timed(|| format!("{op} ({kernel})"), || unsafe { self.dev.launch(kernel, cfg, args) }.map_err(|e| err(op, format!("launching {}: {e}", what()))))?;
             self.after(op, what)
         }
@@ -436,6 +469,7 @@ mod imp {
         pub(crate) unsafe fn matmul(&self, plan: &MatmulPlan, a: u64, b: u64, c: u64) -> Result<()> {
             // SAFETY: the caller's contract.
             self.note_launch("cublasLt matmul");
+            self.counts.matmuls.fetch_add(1, Ordering::Relaxed);
             let key = || {
                 let (m, n, k) = plan.mnk();
                 format!("{} (cublasLt {:?} m{m} n{n} k{k})", plan.op, plan.a.dtype)

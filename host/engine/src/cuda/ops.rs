@@ -6,7 +6,7 @@ use cudarc::driver::LaunchConfig;
 use super::flash::flash_supported;
 use super::plan::{DataType, MatmulPlan};
 use super::{Arg, CudaBackend, err};
-use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, Gemm, HostData, check_len};
+use crate::backend::{AdamW, Attn, Backend, Buf, CrossEntropy, DType, Device, DeviceCounts, Gemm, HostData, check_len};
 use crate::error::Result;
 use crate::quant::{DeviceQuant, NESTED_BLOCKSIZE, QuantFormat, QuantType};
 
@@ -65,6 +65,24 @@ fn suffix(op: &'static str, arg: &str, buf: &Buf) -> Result<&'static str> {
         DType::BF16 => Ok("bf16"),
         d => Err(err(op, format!("`{arg}` is {d:?}; this op takes f32 or bf16"))),
     }
+}
+
+/// The `[f32, bf16]` kernel of an elementwise op whose activation buffers must share one dtype:
+/// f32 or bf16 (bf16 activations, f32 math inside the kernel); mixed or other dtypes are refused
+/// naming the first buffer that differs.
+fn by_dtype(op: &'static str, kernels: [&'static str; 2], bufs: &[(&str, &Buf)]) -> Result<&'static str> {
+    let Some(&(first, b0)) = bufs.first() else { return Ok(kernels[0]) };
+    let kernel = match b0.dtype() {
+        DType::F32 => kernels[0],
+        DType::BF16 => kernels[1],
+        d => return Err(err(op, format!("`{first}` is {d:?}; this op takes f32 or bf16 activations"))),
+    };
+    for &(name, b) in &bufs[1..] {
+        if b.dtype() != b0.dtype() {
+            return Err(err(op, format!("`{name}` is {:?} but `{first}` is {:?}: the buffers must share one dtype", b.dtype(), b0.dtype())));
+        }
+    }
+    Ok(kernel)
 }
 
 fn kname(base: &'static str, sfx: &str) -> &'static str {
@@ -184,6 +202,11 @@ impl Backend for CudaBackend {
         self.alloc("zeros", len, dtype, true)
     }
 
+    fn alloc(&self, len: usize, dtype: DType) -> Result<Buf> {
+        // The inherent `alloc` (op name, zero flag), not this trait method.
+        CudaBackend::alloc(self, "alloc", len, dtype, false)
+    }
+
     fn upload(&self, data: HostData<'_>, dtype: DType) -> Result<Buf> {
         let op = "upload";
         let bytes: Vec<u8> = match (dtype, data) {
@@ -259,6 +282,10 @@ impl Backend for CudaBackend {
 
     fn take_launched(&self) -> Vec<String> {
         self.take_launched_names()
+    }
+
+    fn device_counts(&self) -> Option<DeviceCounts> {
+        Some(self.counts())
     }
 
     fn device_details(&self) -> Vec<(String, String)> {
@@ -669,19 +696,19 @@ impl Backend for CudaBackend {
     }
 
     fn swiglu_fwd(&self, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
-        self.glu_fwd("swiglu_fwd", "swiglu_fwd_f32", gate, up, h)
+        self.glu_fwd("swiglu_fwd", ["swiglu_fwd_f32", "swiglu_fwd_bf16"], gate, up, h)
     }
 
     fn swiglu_bwd(&self, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
-        self.glu_bwd("swiglu_bwd", "swiglu_bwd_f32", gate, up, dh, dgate, dup)
+        self.glu_bwd("swiglu_bwd", ["swiglu_bwd_f32", "swiglu_bwd_bf16"], gate, up, dh, dgate, dup)
     }
 
     fn geglu_fwd(&self, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
-        self.glu_fwd("geglu_fwd", "geglu_fwd_f32", gate, up, h)
+        self.glu_fwd("geglu_fwd", ["geglu_fwd_f32", "geglu_fwd_bf16"], gate, up, h)
     }
 
     fn geglu_bwd(&self, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
-        self.glu_bwd("geglu_bwd", "geglu_bwd_f32", gate, up, dh, dgate, dup)
+        self.glu_bwd("geglu_bwd", ["geglu_bwd_f32", "geglu_bwd_bf16"], gate, up, dh, dgate, dup)
     }
 
     fn linear_cross_entropy(&self, c: CrossEntropy, hidden: &Buf, w: &Buf, targets: &Buf, dhidden: Option<&mut Buf>) -> Result<f64> {
@@ -852,14 +879,12 @@ fn copy_arg(a: &Arg) -> Arg {
 }
 
 impl CudaBackend {
-    /// A gated MLP's `h = act(gate) * up` (SwiGLU, GeGLU), all f32 `[len]`.
-    fn glu_fwd(&self, op: &'static str, kernel: &'static str, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
+    /// A gated MLP's `h = act(gate) * up` (SwiGLU, GeGLU), `[len]`, all f32 or all bf16.
+    fn glu_fwd(&self, op: &'static str, kernels: [&'static str; 2], gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
         let n = gate.len();
         check_len(op, "up", up, n)?;
         check_len(op, "h", h, n)?;
-        for (name, b) in [("gate", gate), ("up", up), ("h", &*h)] {
-            need(op, name, b, &[DType::F32])?;
-        }
+        let kernel = by_dtype(op, kernels, &[("gate", gate), ("up", up), ("h", &*h)])?;
         self.launch(op, kernel, grid1d(n), &[
             Arg::Ptr(self.ptr(op, "gate", gate)?),
             Arg::Ptr(self.ptr(op, "up", up)?),
@@ -870,13 +895,12 @@ impl CudaBackend {
 
     /// A gated MLP's backward: `dgate = dh * up * act'(gate)`, `dup = dh * act(gate)` (written).
     #[allow(clippy::too_many_arguments)]
-    fn glu_bwd(&self, op: &'static str, kernel: &'static str, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
+    fn glu_bwd(&self, op: &'static str, kernels: [&'static str; 2], gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
         let n = gate.len();
         for (name, b) in [("up", up), ("dh", dh), ("dgate", &*dgate), ("dup", &*dup)] {
             check_len(op, name, b, n)?;
-            need(op, name, b, &[DType::F32])?;
         }
-        need(op, "gate", gate, &[DType::F32])?;
+        let kernel = by_dtype(op, kernels, &[("gate", gate), ("up", up), ("dh", dh), ("dgate", &*dgate), ("dup", &*dup)])?;
         self.launch(op, kernel, grid1d(n), &[
             Arg::Ptr(self.ptr(op, "gate", gate)?),
             Arg::Ptr(self.ptr(op, "up", up)?),

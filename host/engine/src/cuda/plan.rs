@@ -17,7 +17,7 @@
 use crate::backend::Gemm;
 
 /// Element type of a matrix (`cudaDataType_t`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DataType {
     /// `CUDA_R_16BF`
     Bf16,
@@ -37,7 +37,7 @@ impl DataType {
 /// `CUBLASLT_MATMUL_DESC_EPILOGUE`. The backend uses only the default (no bias, no activation);
 /// a new epilogue gets its variant here, its descriptor attribute in `driver.rs` and its meaning
 /// in [`reference`] together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Epilogue {
     /// `CUBLASLT_EPILOGUE_DEFAULT`
     Default,
@@ -45,7 +45,7 @@ pub enum Epilogue {
 
 /// One `cublasLtMatrixLayout_t`: type, rows, cols, leading dimension, and the batch attributes
 /// (`CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT`, `..._STRIDED_BATCH_OFFSET`, in elements).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Layout {
     pub dtype: DataType,
     pub rows: u64,
@@ -73,6 +73,28 @@ impl Layout {
     pub fn span_bytes(&self) -> usize {
         self.span_elems() as usize * self.dtype.size()
     }
+}
+
+/// The operand alignment cuBLASLt's heuristic is told for address `addr`
+/// (`CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES`): its largest power-of-two divisor, capped at
+/// 256 (what the heuristic assumes unless told less).
+pub fn alignment(addr: u64) -> u32 {
+    1 << addr.trailing_zeros().min(8)
+}
+
+/// What a cuBLASLt setup (descriptor, three layouts, the heuristic's algorithm) depends on, so
+/// one built for a key serves every later product with the same key: the transposes, the layouts,
+/// the epilogue and the operands' alignments. Not alpha, beta (passed per call) or the op name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PlanKey {
+    pub transa: bool,
+    pub transb: bool,
+    pub a: Layout,
+    pub b: Layout,
+    pub c: Layout,
+    pub epilogue: Epilogue,
+    /// [`alignment`] of A, B and C (= D) as passed.
+    pub align: [u32; 3],
 }
 
 /// Everything one `cublasLtMatmul` call is told (`CUBLAS_COMPUTE_32F`, an f32 scale type, alpha
@@ -118,6 +140,11 @@ impl MatmulPlan {
     pub fn mnk(&self) -> (u64, u64, u64) {
         let k = if self.transa { self.a.rows } else { self.a.cols };
         (self.c.rows, self.c.cols, k)
+    }
+
+    /// The cache key of this product on operands at addresses `a`, `b`, `c`.
+    pub fn key(&self, a: u64, b: u64, c: u64) -> PlanKey {
+        PlanKey { transa: self.transa, transb: self.transb, a: self.a, b: self.b, c: self.c, epilogue: self.epilogue, align: [alignment(a), alignment(b), alignment(c)] }
     }
 
     /// Short text for error messages: the op and every value cuBLASLt was told.
@@ -349,6 +376,43 @@ mod tests {
         let mut mixed = good;
         mixed.b.dtype = DataType::Bf16;
         assert!(reference(&mixed, &a, &b, &mut vec![0u8; 96]).is_err());
+    }
+
+    /// One cached cuBLASLt setup serves exactly the products cuBLASLt cannot tell apart: alpha,
+    /// beta and the op name do not matter, every layout value, transpose and alignment class does.
+    #[test]
+    fn plan_keys_separate_what_the_setup_depends_on() {
+        let p = Gemm::linear(64, 96, 32);
+        let plan = MatmulPlan::row_major("a", p, DataType::Bf16);
+        let (a, b, c) = (0x7000_0000u64, 0x7100_0000u64, 0x7200_0000u64);
+        let key = plan.key(a, b, c);
+        let same = MatmulPlan::row_major("b", Gemm { alpha: 0.5, accumulate: true, ..p }, DataType::Bf16);
+        assert_eq!(same.key(a, b, c), key, "alpha, beta or the op name changed the key");
+        // Alignment classes: 512- and 256-byte aligned are the same (capped), 16-byte is not.
+        assert_eq!(plan.key(a + 512, b + 256, c + 1024), key);
+        assert_ne!(plan.key(a + 16, b, c), key);
+        assert_ne!(plan.key(a, b, c + 8), key);
+        assert_eq!(alignment(0x7000_0010), 16);
+        assert_eq!(alignment(0x7000_0002), 2);
+        assert_eq!(alignment(0), 256);
+        let mut others = vec![
+            MatmulPlan::row_major("a", Gemm::linear(64, 96, 33), DataType::Bf16),
+            MatmulPlan::row_major("a", Gemm::linear(65, 96, 32), DataType::Bf16),
+            MatmulPlan::row_major("a", p, DataType::F32),
+            MatmulPlan::row_major("a", Gemm { ta: true, ..p }, DataType::Bf16),
+            MatmulPlan::row_major("a", Gemm { tb: false, ..p }, DataType::Bf16),
+            plan.batched(2, 64 * 96, 32 * 64, 96 * 64),
+        ];
+        let mut ld = plan;
+        ld.c.ld += 8;
+        others.push(ld);
+        let mut keys = std::collections::HashSet::new();
+        keys.insert(key);
+        for o in &others {
+            assert!(keys.insert(o.key(a, b, c)), "{} collides with an earlier key", o.describe());
+        }
+        // Batch strides alone separate keys too.
+        assert_ne!(plan.batched(2, 64 * 96, 32 * 64, 96 * 64).key(a, b, c), plan.batched(2, 64 * 96, 32 * 64, 96 * 64 + 8).key(a, b, c));
     }
 
     #[test]

@@ -150,12 +150,16 @@ fn rel_l2(got: &[NamedTensor], want: &[NamedTensor]) -> std::result::Result<(f64
         let (mut e2, mut r2) = (0.0f64, 0.0f64);
         for (&x, &y) in d.data.iter().zip(&c.data) {
             let e = f64::from(x) - f64::from(y);
-            max_abs = max_abs.max(e.abs());
+            // A NaN stays (f64::max would drop it).
+            if !max_abs.is_nan() && !(e.abs() <= max_abs) {
+                max_abs = e.abs();
+            }
             e2 += e * e;
             r2 += f64::from(y) * f64::from(y);
         }
         let rel = if r2 == 0.0 { if e2 == 0.0 { 0.0 } else { f64::INFINITY } } else { e2.sqrt() / r2.sqrt() };
-        if !(rel <= worst) {
+        // A NaN tensor stays the worst: a later finite one must not hide it.
+        if !worst.is_nan() && !(rel <= worst) {
             worst = rel;
             name = d.name.clone();
         }
@@ -276,4 +280,26 @@ pub fn compare_variant(device: Device, variant: &str, steps: usize, seed: u64, s
     };
     emit(sink, row, t);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str, data: &[f32]) -> NamedTensor {
+        NamedTensor { name: name.into(), shape: vec![data.len()], data: data.to_vec() }
+    }
+
+    /// A NaN gradient (an activation read before it was written, on the emulator) fails the
+    /// comparison wherever its tensor sits, also before tensors that agree.
+    #[test]
+    fn a_nan_tensor_stays_the_worst() {
+        let want = [t("a", &[1.0, 2.0]), t("b", &[1.0, 1.0]), t("c", &[3.0, 4.0])];
+        let got = [t("a", &[1.0, 2.0]), t("b", &[f32::NAN, 1.0]), t("c", &[3.0, 4.1])];
+        let (worst, max_abs, name) = rel_l2(&got, &want).unwrap();
+        assert!(worst.is_nan() && max_abs.is_nan(), "worst {worst}, max abs {max_abs}");
+        assert_eq!(name, "b");
+        let (worst, max_abs, name) = rel_l2(&got[2..], &want[2..]).unwrap();
+        assert!((worst - 0.02).abs() < 1e-6 && (max_abs - 0.1).abs() < 1e-6 && name == "c", "{worst} {max_abs} {name}");
+    }
 }

@@ -589,6 +589,15 @@ fn text_report(
             }
             s += "\n";
             s += &format!("activations: estimated {} (the run's memory plan)\n", gib(r.estimated_activation_bytes));
+            if let Some(c) = r.device_counts_per_step {
+                s += &format!(
+                    "device work per step: {} kernels, {} matrix products, {} memsets ({})\n",
+                    c.kernels,
+                    c.matmuls,
+                    c.memsets,
+                    gib(c.memset_bytes)
+                );
+            }
         }
         (None, Some(h)) => {
             s += &format!("peak memory (host RSS): {}", gib(h));
