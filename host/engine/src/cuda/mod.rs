@@ -270,7 +270,8 @@ mod imp {
                 sync_each: flag_from_env("LORA_CUDA_SYNC"),
                 profile: Mutex::new(None),
                 launched: Mutex::new(Vec::new()),
-                poison: flag_from_env("LORA_CUDA_POISON"),
+                // The emulator's fresh memory is 0xFF already.
+                poison: flag_from_env("LORA_CUDA_POISON") && device != Device::Emu,
                 counts: Counts::default(),
             }
         }

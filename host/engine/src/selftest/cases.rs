@@ -19,6 +19,10 @@ pub enum Tol {
     /// neighbouring bf16 numbers, each product it enters moves by up to one bf16 ulp (2^-8) of
     /// its size, and with few keys per query (small windows) nothing averages that out.
     Rounded,
+    /// Outputs stored in bf16 (the `_bf16` elementwise kernels): each is rounded once, so it is
+    /// within half a bf16 ulp (2^-9 of its size) of the exact value, and a device and the oracle
+    /// whose f32 math differs in the last bits can round to neighbours, one ulp (2^-8) apart.
+    Bf16,
 }
 
 /// What a case's run returns: named outputs, each downloaded as f64.
@@ -114,6 +118,7 @@ impl<'a, 's> Ctx<'a, 's> {
             // is f32 accumulation order and the odd bf16 rounding flip of a computed value.
             (Tol::Mixed, true) => (1e-3, 1e-3),
             (Tol::Rounded, true) => (1e-3, 4e-3),
+            (Tol::Bf16, _) => (1.0 / 256.0, 1e-6),
         }
     }
 
@@ -658,6 +663,26 @@ fn gated(c: &mut Ctx, glu: &Glu) {
         c.fd(&format!("{name}_bwd.dgate"), &format!("n{n}"), &cs.iter().map(|&i| dg[i]).collect::<Vec<_>>(), &ng);
         c.fd(&format!("{name}_bwd.dup"), &format!("n{n}"), &cs.iter().map(|&i| du[i]).collect::<Vec<_>>(), &nu);
     }
+    // bf16 activations (the `_bf16` kernels on CUDA, 16-byte packs and a tail: n = 1001 = 125 * 8
+    // + 1; the plain CPU computes them in f32) on inputs that are bf16 values already.
+    let rb = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
+    let (g, u, dh) = (rb(&g), rb(&u), rb(&dh));
+    let up16 = |be: &dyn Backend, x: &[f32]| be.upload(HostData::F32(x), DType::BF16);
+    let shape = format!("n{n} bf16");
+    c.compare(&format!("{name}_fwd"), &shape, Tol::Bf16, &["h"], &|be| {
+        let (gb, ub, mut hb) = (up16(be, &g)?, up16(be, &u)?, be.alloc(n, DType::BF16)?);
+        (glu.fwd)(be, &gb, &ub, &mut hb)?;
+        Ok(vec![down(be, &hb)?])
+    }, &|| vec![(glu.reference_fwd)(&f64s(&g), &f64s(&u))]);
+    c.compare(&format!("{name}_bwd"), &shape, Tol::Bf16, &["dgate", "dup"], &|be| {
+        let (gb, ub, db) = (up16(be, &g)?, up16(be, &u)?, up16(be, &dh)?);
+        let (mut dg, mut du) = (be.alloc(n, DType::BF16)?, be.alloc(n, DType::BF16)?);
+        (glu.bwd)(be, &gb, &ub, &db, &mut dg, &mut du)?;
+        Ok(vec![down(be, &dg)?, down(be, &du)?])
+    }, &|| {
+        let (a, b) = (glu.reference_bwd)(&f64s(&g), &f64s(&u), &f64s(&dh));
+        vec![a, b]
+    });
 }
 
 fn cross_entropy(c: &mut Ctx) {

@@ -151,7 +151,7 @@ fn rel_l2(got: &[NamedTensor], want: &[NamedTensor]) -> std::result::Result<(f64
         for (&x, &y) in d.data.iter().zip(&c.data) {
             let e = f64::from(x) - f64::from(y);
             // A NaN stays (f64::max would drop it).
-            if !max_abs.is_nan() && !(e.abs() <= max_abs) {
+            if !max_abs.is_nan() && (e.is_nan() || e.abs() > max_abs) {
                 max_abs = e.abs();
             }
             e2 += e * e;
@@ -159,7 +159,7 @@ fn rel_l2(got: &[NamedTensor], want: &[NamedTensor]) -> std::result::Result<(f64
         }
         let rel = if r2 == 0.0 { if e2 == 0.0 { 0.0 } else { f64::INFINITY } } else { e2.sqrt() / r2.sqrt() };
         // A NaN tensor stays the worst: a later finite one must not hide it.
-        if !worst.is_nan() && !(rel <= worst) {
+        if !worst.is_nan() && (rel.is_nan() || rel > worst) {
             worst = rel;
             name = d.name.clone();
         }
