@@ -87,7 +87,10 @@ fn kfp_cmd(work: &Path, input: &Path, api: &str) -> std::process::Command {
         .env("LORA_TRAINJOB_POLL_SECONDS", "0.05")
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_HOME", work.join("hf"))
-        .env_remove("PET_NNODES");
+        .env_remove("PET_NNODES")
+        .env_remove("KFP_POD_NAME")
+        .env_remove("KFP_POD_UID")
+        .env_remove("LORA_KUBE_POD_NAMESPACE");
     c
 }
 
@@ -237,16 +240,24 @@ fn sigterm_deletes_the_running_trainjob_and_fails_the_step() {
         _ => (404, status(404, "NotFound")),
     }));
     let input = executor_input(&work, &model);
-    let child = kfp_cmd(&work, &input, &api).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // A 30 s poll: the launcher is asleep between two looks when the signal comes.
+    let mut c = kfp_cmd(&work, &input, &api);
+    c.env("LORA_TRAINJOB_POLL_SECONDS", "30");
+    let child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let t0 = std::time::Instant::now();
     while !seen.lock().unwrap().iter().any(|r| r.method == "GET") {
         assert!(t0.elapsed().as_secs() < 60, "the launcher never looked at its TrainJob");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let t1 = std::time::Instant::now();
+    // SAFETY: a signal to the child this test started and has not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
+    let took = t1.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(took < std::time::Duration::from_secs(3), "the 30 s poll slept through SIGTERM: {took:?}");
     assert!(stderr.contains("cancelled: deleted TrainJob lora-") && stderr.contains("in namespace team-nlp"), "{stderr}");
     let seen = seen.lock().unwrap();
     let created: Value = serde_json::from_str(&seen.iter().find(|r| r.method == "POST").unwrap().body).unwrap();
@@ -327,5 +338,105 @@ fn bad_launcher_input_exits_2_before_any_request() {
         assert!(stderr.contains(want), "{want}: {stderr}");
     }
     assert!(seen.lock().unwrap().is_empty(), "no request");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A minimal run manifest, as rank 0 writes it into its model.
+fn run_manifest() -> String {
+    let inputs = json!({ "name": "tiny", "commit": null, "files": {} });
+    json!({ "format": "lora-run/1", "binary": "lora 0", "device": "cpu", "model": inputs, "dataset": inputs, "plugins": {}, "params": {} }).to_string()
+}
+
+#[test]
+fn sigterm_during_the_output_copy_leaves_the_previous_outputs_as_they_were() {
+    let work = temp_dir("launch-copy-term");
+    let model = tiny_model(&work.join("base"), DType::F32);
+    let pvc = work.join("pvc");
+    let fifo = Arc::new(Mutex::new(None::<PathBuf>));
+    let f = fifo.clone();
+    let (api, seen) = serve(Box::new(move |r: &Seen, _| match (r.method.as_str(), r.path.as_str()) {
+        ("POST", JOBS) => {
+            // What the workers would leave: a model whose one file is a FIFO, so that the
+            // launcher's copy blocks in it until the test opens its other end.
+            let m: Value = serde_json::from_str(&r.body).unwrap();
+            let dir = pvc.join(".lora-trainjob").join(m["metadata"]["name"].as_str().unwrap());
+            std::fs::create_dir_all(dir.join("output_model")).unwrap();
+            std::fs::write(dir.join("output_model/run_manifest.json"), run_manifest()).unwrap();
+            std::fs::write(dir.join("output_metrics.json"), "{}").unwrap();
+            std::fs::write(dir.join("output_loss_chart.html"), "<html></html>").unwrap();
+            let p = dir.join("output_model/slow.safetensors");
+            let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            *f.lock().unwrap() = Some(p);
+            (201, r.body.clone())
+        }
+        ("GET", p) if p.starts_with(&format!("{JOBS}/")) => {
+            (200, job(&p[JOBS.len() + 1..], json!([{ "type": "Complete", "status": "True", "reason": "JobsCompleted", "message": "" }])))
+        }
+        ("GET", p) if p.starts_with("/api/v1/namespaces/team-nlp/pods?") => (200, json!({ "items": [] }).to_string()),
+        _ => (404, status(404, "NotFound")),
+    }));
+    // A previous attempt's output model, which a cancelled copy must not damage.
+    std::fs::create_dir_all(work.join("kfp/model")).unwrap();
+    std::fs::write(work.join("kfp/model/previous.txt"), "previous").unwrap();
+    let input = executor_input(&work, &model);
+    let child = kfp_cmd(&work, &input, &api).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let partial = || std::fs::read_dir(work.join("kfp")).unwrap().filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().contains("lora-partial")).count();
+    let t0 = std::time::Instant::now();
+    while partial() == 0 {
+        assert!(t0.elapsed().as_secs() < 60, "the launcher never started copying its outputs");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: a signal to the child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The other end of the FIFO (non-blocking: an error, not a hang, if the launcher is not in it).
+    use std::os::unix::fs::OpenOptionsExt;
+    let end = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(fifo.lock().unwrap().as_ref().unwrap());
+    drop(end.expect("the launcher's copy is reading the FIFO"));
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cancelled while copying"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(work.join("kfp/model/previous.txt")).unwrap(), "previous", "the previous output is intact");
+    assert_eq!(std::fs::read_dir(work.join("kfp/model")).unwrap().count(), 1, "nothing half-copied in it");
+    assert_eq!(partial(), 0, "the staged copy is removed");
+    assert!(!work.join("kfp/executor_output.json").exists());
+    assert!(!seen.lock().unwrap().iter().any(|r| r.method == "DELETE"), "a completed TrainJob is left for inspection");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn in_a_kfp_pod_the_trainjob_is_named_after_and_owned_by_the_pod() {
+    let work = temp_dir("launch-dry-kfp");
+    let model = tiny_model(&work.join("base"), DType::F32);
+    let input = executor_input(&work, &model);
+    let dry = |uid: &str, pod_ns: &str| -> Value {
+        let mut c = kfp_cmd(&work, &input, "http://127.0.0.1:1");
+        c.args(["--dry-run", "--json"]).env("KFP_POD_NAME", "tune-7xk2p-system-container-impl-1234").env("KFP_POD_UID", uid).env("LORA_KUBE_POD_NAMESPACE", pod_ns);
+        serde_json::from_slice(&run_ok(c).stdout).unwrap()
+    };
+    let a = dry("0c6e2f7e-1111-4d3a-9c51-5b8a2f0d9e01", "team-nlp");
+    let name = a["metadata"]["name"].as_str().unwrap();
+    assert!(name.starts_with("lora-") && name.len() == 17, "{name}");
+    assert_eq!(dry("0c6e2f7e-1111-4d3a-9c51-5b8a2f0d9e01", "team-nlp")["metadata"]["name"], name, "the same pod: the same TrainJob");
+    assert_ne!(dry("9f3b1c2d-2222-4d3a-9c51-5b8a2f0d9e02", "team-nlp")["metadata"]["name"], name, "another pod: another TrainJob");
+    assert_eq!(a["metadata"]["annotations"]["lora.kubeflow.org/kfp-pod"], "tune-7xk2p-system-container-impl-1234");
+    assert_eq!(
+        a["metadata"]["ownerReferences"],
+        json!([{ "apiVersion": "v1", "kind": "Pod", "name": "tune-7xk2p-system-container-impl-1234", "uid": "0c6e2f7e-1111-4d3a-9c51-5b8a2f0d9e01" }])
+    );
+    // The TrainJob in another namespace than the pod's: no owner (they cannot cross namespaces).
+    let b = dry("0c6e2f7e-1111-4d3a-9c51-5b8a2f0d9e01", "kubeflow");
+    assert!(b["metadata"].get("ownerReferences").is_none(), "{b}");
+    assert_eq!(b["metadata"]["annotations"]["lora.kubeflow.org/kfp-pod"], "tune-7xk2p-system-container-impl-1234");
+    // Outside KFP: a fresh name each time, no tie.
+    let mut c = kfp_cmd(&work, &input, "http://127.0.0.1:1");
+    c.args(["--dry-run", "--json"]);
+    let m: Value = serde_json::from_slice(&run_ok(c).stdout).unwrap();
+    assert_ne!(m["metadata"]["name"], name);
+    assert!(m["metadata"].get("ownerReferences").is_none() && m["metadata"]["annotations"].get("lora.kubeflow.org/kfp-pod").is_none(), "{m}");
     let _ = std::fs::remove_dir_all(&work);
 }

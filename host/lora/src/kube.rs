@@ -125,15 +125,24 @@ impl Kube {
         }
     }
 
-    /// Creates the TrainJob; the object as stored.
-    pub fn create(&self, manifest: &Value) -> Result<Value> {
+    /// Creates the TrainJob (true), or finds it already there for the same KFP pod (false): a
+    /// launcher container restarted in its pod waits for the TrainJob it created before. One
+    /// that exists for anything else is refused (409) as by [`Kube::create`].
+    pub fn create_or_adopt(&self, manifest: &Value) -> Result<bool> {
         let name = manifest["metadata"]["name"].as_str().unwrap_or_default();
         let what = format!("creating TrainJob {name} in namespace {}", self.namespace);
         let (status, body) = self.call("POST", &self.trainjobs(), Some(manifest))?;
-        if !(200..300).contains(&status) {
-            return Err(self.refused(&what, status, &body));
+        if (200..300).contains(&status) {
+            return Ok(true);
         }
-        serde_json::from_str(&body).with_context(|| format!("{what}: the answer is not JSON"))
+        let ours = &manifest["metadata"]["annotations"][crate::launcher::KFP_POD_ANNOTATION];
+        if status == 409 && ours.is_string() {
+            let there = self.get(name).with_context(|| format!("{what}: it already exists"))?;
+            if &there["metadata"]["annotations"][crate::launcher::KFP_POD_ANNOTATION] == ours {
+                return Ok(false);
+            }
+        }
+        Err(self.refused(&what, status, &body))
     }
 
     pub fn get(&self, name: &str) -> Result<Value> {
@@ -226,7 +235,11 @@ impl Kube {
                 self.delete(name).with_context(|| format!("{why}: TrainJob {name} is left running"))?;
                 bail!("{why}: deleted TrainJob {name} in namespace {}", self.namespace);
             }
-            std::thread::sleep(poll);
+            // In slices, so that a SIGTERM is acted on within 50 ms whatever the poll interval.
+            let next = Instant::now() + poll;
+            while !cancel.load(Ordering::SeqCst) && Instant::now() < next {
+                std::thread::sleep(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(50)));
+            }
         }
     }
 }

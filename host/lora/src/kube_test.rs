@@ -70,8 +70,7 @@ fn created_running_complete_with_node_0_log_streamed_once() {
     }));
     let k = kube(&base);
     let manifest = json!({ "apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": { "name": "lora-1", "namespace": "team-nlp" }, "spec": {} });
-    let created = k.create(&manifest).unwrap();
-    assert_eq!(created, manifest);
+    assert!(k.create_or_adopt(&manifest).unwrap(), "created");
     let mut out = Vec::new();
     k.wait("lora-1", Duration::from_millis(10), Duration::from_secs(30), &AtomicBool::new(false), &mut out).unwrap();
     assert_eq!(String::from_utf8(out).unwrap(), "step 1\nstep 2\ndone\n", "each line once, in order");
@@ -114,13 +113,13 @@ fn conflicts_refusals_and_a_missing_crd_say_what_happened() {
     }));
     let k = kube(&base);
     let m = json!({ "metadata": { "name": "lora-1" } });
-    let e = format!("{:#}", k.create(&m).unwrap_err());
+    let e = format!("{:#}", k.create_or_adopt(&m).unwrap_err());
     assert!(e.contains("creating TrainJob lora-1 in namespace team-nlp: it already exists (409)") && e.contains("already exists"), "{e}");
-    let e = format!("{:#}", k.create(&m).unwrap_err());
+    let e = format!("{:#}", k.create_or_adopt(&m).unwrap_err());
     assert!(e.contains("may not do this in namespace team-nlp (403") && e.contains("pipeline-runner"), "{e}");
-    let e = format!("{:#}", k.create(&m).unwrap_err());
+    let e = format!("{:#}", k.create_or_adopt(&m).unwrap_err());
     assert!(e.contains("is Kubeflow Trainer installed"), "{e}");
-    let e = format!("{:#}", k.create(&m).unwrap_err());
+    let e = format!("{:#}", k.create_or_adopt(&m).unwrap_err());
     assert!(e.contains("invalid (422): spec.trainer.numNodes"), "{e}");
 }
 
@@ -156,4 +155,47 @@ fn without_a_cluster_the_client_says_what_it_needs() {
     let k = Kube::from_env(|k| (k == API_ENV).then(|| "http://127.0.0.1:1".to_owned()), &sa, Some("ns".into())).unwrap();
     let e = format!("{:#}", k.get("lora-1").unwrap_err());
     assert!(e.contains("GET http://127.0.0.1:1/apis/trainer.kubeflow.org/v1alpha1/namespaces/ns/trainjobs/lora-1: the Kubernetes API server could not be reached"), "{e}");
+}
+
+#[test]
+fn a_trainjob_already_there_for_the_same_kfp_pod_is_adopted_and_any_other_refused() {
+    let (base, seen) = serve(Box::new(|r, _| match (r.method.as_str(), r.path.as_str()) {
+        ("POST", JOBS) => (409, status(409, "AlreadyExists", "trainjobs.trainer.kubeflow.org \"lora-1\" already exists")),
+        ("GET", p) if p == format!("{JOBS}/lora-1") => {
+            (200, json!({ "metadata": { "name": "lora-1", "annotations": { crate::launcher::KFP_POD_ANNOTATION: "run-a-lora-123" } } }).to_string())
+        }
+        _ => (404, status(404, "NotFound", "no route")),
+    }));
+    let k = kube(&base);
+    let ours = |pod: &str| json!({ "metadata": { "name": "lora-1", "annotations": { crate::launcher::KFP_POD_ANNOTATION: pod } } });
+    assert!(!k.create_or_adopt(&ours("run-a-lora-123")).unwrap(), "adopted");
+    let e = format!("{:#}", k.create_or_adopt(&ours("run-b-lora-456")).unwrap_err());
+    assert!(e.contains("it already exists (409)"), "{e}");
+    let e = format!("{:#}", k.create_or_adopt(&json!({ "metadata": { "name": "lora-1" } })).unwrap_err());
+    assert!(e.contains("it already exists (409)"), "not from KFP: never adopted: {e}");
+    let gets = seen.lock().unwrap().iter().filter(|r| r.method == "GET").count();
+    assert_eq!(gets, 2, "only a KFP TrainJob is looked up");
+}
+
+#[test]
+fn a_cancel_is_acted_on_without_waiting_out_the_poll_interval() {
+    let (base, seen) = serve(Box::new(|r, _| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", p) if p == format!("{JOBS}/lora-1") => (200, job(json!([]))),
+        ("GET", PODS) => (200, pods(running())),
+        ("DELETE", p) if p.starts_with(&format!("{JOBS}/lora-1?")) => (200, json!({ "kind": "Status", "status": "Success" }).to_string()),
+        _ => (404, status(404, "NotFound", "no route")),
+    }));
+    let k = kube(&base);
+    let cancel = std::sync::Arc::new(AtomicBool::new(false));
+    let c = cancel.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        c.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let t0 = std::time::Instant::now();
+    let e = k.wait("lora-1", Duration::from_secs(60), Duration::from_secs(600), &cancel, &mut Vec::new()).unwrap_err().to_string();
+    let took = t0.elapsed();
+    assert!(e.starts_with("cancelled: deleted TrainJob lora-1"), "{e}");
+    assert!(took < Duration::from_secs(3), "a 60 s poll slept through the cancel: {took:?}");
+    assert_eq!(seen.lock().unwrap().iter().filter(|r| r.method == "DELETE").count(), 1);
 }

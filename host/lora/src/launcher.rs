@@ -24,6 +24,8 @@ pub const NAMESPACE_ENV: &str = "LORA_KUBE_NAMESPACE";
 pub const POLL_ENV: &str = "LORA_TRAINJOB_POLL_SECONDS";
 /// How long the launcher waits for the TrainJob to end before deleting it (default 7 days).
 pub const DEADLINE_ENV: &str = "LORA_TRAINJOB_DEADLINE_SECONDS";
+/// The namespace of the launcher's own pod, where the service account file is not there.
+pub const POD_NAMESPACE_ENV: &str = "LORA_KUBE_POD_NAMESPACE";
 
 static CANCELLED: AtomicBool = AtomicBool::new(false);
 
@@ -48,11 +50,45 @@ fn seconds(env: &[(String, String)], k: &str, default: f64) -> Result<Duration> 
     }
 }
 
-/// A name for the TrainJob: `lora-` and 12 hex digits from the time and the process id.
-fn job_name() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
-    let d = <sha2::Sha256 as sha2::Digest>::digest(format!("{nanos}-{}", std::process::id()).as_bytes());
+/// The KFP executor pod's name and uid, as KFP's driver sets them (downward API) on every
+/// component pod.
+pub const KFP_POD_NAME_ENV: &str = "KFP_POD_NAME";
+pub const KFP_POD_UID_ENV: &str = "KFP_POD_UID";
+/// The annotation that names the KFP pod a TrainJob was created for.
+pub const KFP_POD_ANNOTATION: &str = "lora.kubeflow.org/kfp-pod";
+
+/// The KFP executor pod this launcher runs in (name, uid), when KFP says so.
+fn kfp_pod(env: &[(String, String)]) -> Option<(String, String)> {
+    let get = |k| var(env, k).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    Some((get(KFP_POD_NAME_ENV)?, get(KFP_POD_UID_ENV)?))
+}
+
+/// A name for the TrainJob: `lora-` and 12 hex digits. In a KFP pod they come from the pod's
+/// uid, so a restarted launcher container finds the TrainJob it created instead of starting a
+/// second one; elsewhere from the time and the process id.
+fn job_name(env: &[(String, String)]) -> String {
+    let seed = match kfp_pod(env) {
+        Some((_, uid)) => format!("kfp-pod-{uid}"),
+        None => {
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+            format!("{nanos}-{}", std::process::id())
+        }
+    };
+    let d = <sha2::Sha256 as sha2::Digest>::digest(seed.as_bytes());
     format!("lora-{}", d.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// Ties the TrainJob to the KFP run: an annotation naming the KFP pod, and, when the TrainJob is
+/// in the pod's own namespace (owners cannot cross namespaces), an owner reference to the pod,
+/// so that deleting the run's pods (a deleted or terminated KFP run) garbage-collects the
+/// TrainJob, its JobSet and its workers even if the launcher was killed before it could.
+fn tie_to_kfp(manifest: &mut Value, env: &[(String, String)], pod_namespace: Option<&str>) {
+    let Some((pod, uid)) = kfp_pod(env) else { return };
+    let meta = &mut manifest["metadata"];
+    meta["annotations"][KFP_POD_ANNOTATION] = json!(pod);
+    if pod_namespace.is_some_and(|ns| Some(ns) == meta["namespace"].as_str()) {
+        meta["ownerReferences"] = json!([{ "apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid }]);
+    }
 }
 
 /// The namespace: `LORA_KUBE_NAMESPACE`, else the service account's (in a pod), else `default`.
@@ -96,26 +132,70 @@ fn launch_of(r: &Request, env: &[(String, String)], name: String, ns: String) ->
 /// `lora kfp --dry-run`: the TrainJob it would create, as JSON; no cluster is contacted.
 pub fn dry_run(r: &Request, env: &[(String, String)]) -> Result<Value> {
     let sa = Path::new(kube::SERVICE_ACCOUNT);
-    let l = launch_of(r, env, job_name(), namespace(env, sa))?;
-    trainjob::manifest(&r.params.params, &l)
+    let l = launch_of(r, env, job_name(env), namespace(env, sa))?;
+    let mut m = trainjob::manifest(&r.params.params, &l)?;
+    tie_to_kfp(&mut m, env, pod_namespace(env, sa).as_deref());
+    Ok(m)
 }
 
-/// Copies file or folder `from` to `to` (a folder's contents, recursively).
-fn copy(from: &Path, to: &Path) -> Result<()> {
-    let meta = std::fs::metadata(from).with_context(|| format!("reading {}", from.display()))?;
-    if let Some(parent) = to.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+/// The namespace of the launcher's own pod (where an owner reference to it may point):
+/// `LORA_KUBE_POD_NAMESPACE`, else the service account's namespace file; not
+/// `LORA_KUBE_NAMESPACE`, which names where the TrainJob goes.
+fn pod_namespace(env: &[(String, String)], sa: &Path) -> Option<String> {
+    var(env, POD_NAMESPACE_ENV)
+        .or_else(|| std::fs::read_to_string(sa.join("namespace")).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// Copies file or folder `from` to `to` (a folder's contents, recursively), looking at
+/// `CANCELLED` before and after every file: a SIGTERM stops it (an error met once cancelled is
+/// reported as the cancellation, with the error as its cause).
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let cancelled = || anyhow::anyhow!("cancelled while copying {}", from.display());
+    if CANCELLED.load(Ordering::SeqCst) {
+        return Err(cancelled());
     }
-    if meta.is_dir() {
-        std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-        for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-            let e = e?;
-            copy(&e.path(), &to.join(e.file_name()))?;
+    let copied = (|| -> Result<()> {
+        let meta = std::fs::metadata(from).with_context(|| format!("reading {}", from.display()))?;
+        if meta.is_dir() {
+            std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+            for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+                let e = e?;
+                copy_tree(&e.path(), &to.join(e.file_name()))?;
+            }
+        } else {
+            std::fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
         }
-    } else {
-        std::fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        Ok(())
+    })();
+    match copied {
+        Err(e) if CANCELLED.load(Ordering::SeqCst) && !format!("{e}").starts_with("cancelled") => Err(e.context(cancelled())),
+        Ok(()) if CANCELLED.load(Ordering::SeqCst) => Err(cancelled()),
+        r => r,
     }
-    Ok(())
+}
+
+/// Copies `from` to `to` staged: into a temporary name next to `to`, renamed over `to` (a folder
+/// there is removed first) only once complete. Cancelled (SIGTERM) or failed: the temporary copy
+/// is removed and `to` is as it was.
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    let parent = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.lora-partial-{}", std::process::id()));
+    let remove = |p: &Path| {
+        let _ = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
+    };
+    remove(&tmp);
+    if let Err(e) = copy_tree(from, &tmp) {
+        remove(&tmp);
+        return Err(e);
+    }
+    if to.is_dir() {
+        std::fs::remove_dir_all(to).with_context(|| format!("replacing {}", to.display()))?;
+    }
+    std::fs::rename(&tmp, to).with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))
 }
 
 /// The dataset the workers read, found in the single-pod run's order (`lora_data::resolve_dataset`,
@@ -149,8 +229,9 @@ pub fn prepare(r: &Request, env: &[(String, String)]) -> Result<Prepared> {
     let client = Kube::from_env(|k| var(env, k), sa, var(env, NAMESPACE_ENV).filter(|s| !s.trim().is_empty()))?;
     let poll = seconds(env, POLL_ENV, 5.0)?;
     let deadline = seconds(env, DEADLINE_ENV, 7.0 * 86400.0)?;
-    let launch = launch_of(r, env, job_name(), client.namespace.clone())?;
-    let manifest = trainjob::manifest(&r.params.params, &launch)?;
+    let launch = launch_of(r, env, job_name(env), client.namespace.clone())?;
+    let mut manifest = trainjob::manifest(&r.params.params, &launch)?;
+    tie_to_kfp(&mut manifest, env, pod_namespace(env, sa).as_deref());
     Ok(Prepared { client, poll, deadline, launch, manifest })
 }
 
@@ -158,6 +239,11 @@ pub fn prepare(r: &Request, env: &[(String, String)]) -> Result<Prepared> {
 /// `lora kfp` writes into `executor_output.json`.
 pub fn run(r: &Request, prepared: Prepared) -> Result<RunOutcome> {
     let Prepared { client, poll, deadline, launch: l, manifest } = prepared;
+    // SAFETY: plain handlers that only store to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
     let dir = l.job_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating the TrainJob's folder {} on the workspace", dir.display()))?;
     let params = serde_json::to_vec_pretty(&Value::Object(r.params.params.to_json()))?;
@@ -169,16 +255,14 @@ pub fn run(r: &Request, prepared: Prepared) -> Result<RunOutcome> {
         copy(from, to).context("the TrainJob's workers read the dataset from the workspace")?;
     }
 
-    // SAFETY: plain handlers that only store to an atomic (async-signal-safe).
-    unsafe {
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    if client.create_or_adopt(&manifest)? {
+        eprintln!(
+            "lora: created TrainJob {} in namespace {} ({} workers, runtime {}); node 0's log follows",
+            l.name, l.namespace, r.params.params.training_resource_num_workers, l.runtime
+        );
+    } else {
+        eprintln!("lora: TrainJob {} in namespace {} already exists for this KFP pod (the launcher was restarted); waiting for it; node 0's log follows", l.name, l.namespace);
     }
-    client.create(&manifest)?;
-    eprintln!(
-        "lora: created TrainJob {} in namespace {} ({} workers, runtime {}); node 0's log follows",
-        l.name, l.namespace, r.params.params.training_resource_num_workers, l.runtime
-    );
     client.wait(&l.name, poll, deadline, &CANCELLED, &mut std::io::stdout())?;
     eprintln!("lora: TrainJob {} completed; writing the outputs from {}", l.name, dir.display());
     outputs(r, &l)
@@ -197,10 +281,7 @@ fn outputs(r: &Request, l: &Launch) -> Result<RunOutcome> {
     if !l.output_loss_chart().is_file() {
         bail!("the TrainJob completed, but its loss chart {} is missing", l.output_loss_chart().display());
     }
-    if r.model.exists() {
-        std::fs::remove_dir_all(&r.model).with_context(|| format!("replacing {}", r.model.display()))?;
-    }
-    copy(&model, &r.model)?;
+    copy(&model, &r.model).context("writing the KFP output model")?;
     crate::kfp::write_atomic(&r.metrics, metrics_text.as_bytes())?;
     let chart = std::fs::read(l.output_loss_chart()).with_context(|| format!("reading {}", l.output_loss_chart().display()))?;
     crate::kfp::write_atomic(&r.loss_chart, &chart)?;
