@@ -34,6 +34,8 @@ use crate::sandbox::{LogLevel, LogSink};
 
 /// The `wasi:nn` WIT package version this host links (wasmtime-wasi-nn 48's).
 pub const WASI_NN_VERSION: &str = "0.2.0-rc-2024-10-28";
+/// Where a plugin sees its granted models' directories, read-only (`/models/<name>`).
+pub const GUEST_MODELS_DIR: &str = "/models";
 /// The `wasi:nn` interfaces a preprocessor may import.
 pub(crate) const WASI_NN_INTERFACES: &[&str] =
     &["wasi:nn/tensor", "wasi:nn/graph", "wasi:nn/inference", "wasi:nn/errors"];
@@ -464,6 +466,10 @@ pub(crate) fn granted_context(
     if !models.is_empty() {
         let env = environment().map_err(grant_err)?;
         for (name, dir) in models {
+            // The name is also a directory name in the guest (`/models/<name>`).
+            if name.is_empty() || name.starts_with('.') || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(grant_err(format!("`{name}` is not a model name: use letters, digits, `-`, `_` and `.`, not first")));
+            }
             let path = dir.join("model.onnx");
             let bytes = std::fs::read(&path)
                 .map_err(|e| grant_err(format!("`{name}`: cannot read {}: {e}", path.display())))?;
@@ -490,6 +496,15 @@ pub(crate) fn granted_context(
         }
     }
     Ok((WasiNnCtx::new([], Registry::from(Granted(graphs))), infos))
+}
+
+/// An ONNX Runtime session of the model file at `path`, in the same environment and with the
+/// same settings (one thread, deterministic kernels) as a plugin's granted graphs: for native
+/// comparisons and benchmarks.
+pub fn native_session(path: &std::path::Path) -> Result<Session, String> {
+    let env = environment()?;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    build_session(&env, &bytes)
 }
 
 fn build_session(env: &ort::environment::Environment, bytes: &[u8]) -> Result<Session, String> {

@@ -542,6 +542,13 @@ impl Sandbox {
             })?;
             b.env(var, value);
         }
+        // A granted model's directory is also readable by the plugin, read-only, at
+        // `/models/<name>`: what the model needs beside its graph (a vocabulary, labels).
+        #[cfg(feature = "wasi-nn")]
+        for (model, dir) in &g.models {
+            b.preopened_dir(dir, format!("{}/{model}", crate::nn::GUEST_MODELS_DIR), FsPerms::ReadOnly)
+                .map_err(|e| grant_err("models", format!("`{model}`: cannot open {}: {e:#}", dir.display())))?;
+        }
         let mut quota = None;
         if let Some(dir) = &g.dir {
             if kind != PluginKind::Reporter {

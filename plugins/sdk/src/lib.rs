@@ -50,6 +50,8 @@ pub mod reporter;
 pub mod scheduler;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "nn")]
+pub mod nn;
 
 #[cfg(all(feature = "http", not(feature = "reporter")))]
 compile_error!(

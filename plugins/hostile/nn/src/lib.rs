@@ -10,10 +10,7 @@
 use lora_plugin::Settings;
 use lora_plugin::preprocessor::{Preprocessor, RawRecord, RecordOutcome, Sample};
 
-mod nn {
-    wit_bindgen::generate!({ path: "wit", world: "nn-user", generate_all });
-}
-use nn::wasi::nn::{errors, graph, tensor};
+use lora_plugin::nn::raw::wasi::nn::{errors, graph, tensor};
 
 struct HostileNn {
     attack: String,
