@@ -468,7 +468,7 @@ pub(crate) fn granted_context(
         for (name, dir) in models {
             // The name is also a directory name in the guest (`/models/<name>`).
             if name.is_empty() || name.starts_with('.') || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                return Err(grant_err(format!("`{name}` is not a model name: use letters, digits, `-`, `_` and `.`, not first")));
+                return Err(grant_err(format!("`{name}` is not a model name: use letters, digits, `-`, `_` and `.` (not first): it is the guest's directory `/models/<name>`")));
             }
             let path = dir.join("model.onnx");
             let bytes = std::fs::read(&path)

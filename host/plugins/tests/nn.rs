@@ -229,3 +229,47 @@ fn training_plugin_config_grants_models_and_sets_the_tensor_limit() {
     let err = lora_plugins::PluginSet::from_params(&plugins, &config.to_string(), 1).unwrap_err().to_string();
     assert!(err.contains("max_tensor_mib"), "{err}");
 }
+
+/// A granted model's directory is visible read-only at `/models/<name>`, and only it: writing
+/// into it, overwriting the model, `..` out of it and a link planted in it that points outside
+/// all fail in the guest, and nothing on the host changes.
+#[test]
+fn the_granted_model_dir_is_read_only_and_confined() {
+    let s = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    std::fs::create_dir(&model).unwrap();
+    let bytes = std::fs::read(s.models.join("tiny/model.onnx")).unwrap();
+    std::fs::write(model.join("model.onnx"), &bytes).unwrap();
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, "host secret").unwrap();
+    std::os::unix::fs::symlink(&secret, model.join("outside")).unwrap();
+    let attack = |a: &str| {
+        let mut o = options(a, "tiny", &[]);
+        o.grants.models.insert("tiny".into(), model.clone());
+        run(&o).unwrap_or_else(|e| panic!("{a}: {e:?}"))
+    };
+    assert_eq!(attack("read-model"), format!("fs-ok: {}", bytes.len()));
+    for a in ["write-model-dir", "overwrite-model", "dotdot", "symlink-out"] {
+        let got = attack(a);
+        assert!(got.starts_with("fs-refused:"), "{a}: {got}");
+        assert!(!got.contains("host secret"), "{a}: {got}");
+    }
+    // Nothing but the granted directory is there: not even `/` can be listed.
+    let got = attack("other-dir");
+    assert!(got.starts_with("fs-refused:"), "other-dir: {got}");
+    assert!(!model.join("planted").exists());
+    assert_eq!(std::fs::read(model.join("model.onnx")).unwrap(), bytes);
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host secret");
+}
+
+#[test]
+fn a_model_name_that_is_not_a_plain_directory_name_is_refused() {
+    let s = setup();
+    for name in ["../up", ".hidden", "a/b", ""] {
+        let mut o = options("ok", "tiny", &[]);
+        o.grants.models.insert(name.into(), s.models.join("tiny"));
+        let err = load(&o).err().unwrap_or_else(|| panic!("`{name}` was accepted")).to_string();
+        assert!(err.contains("is not a model name"), "{name}: {err}");
+    }
+}

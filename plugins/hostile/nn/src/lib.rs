@@ -5,7 +5,9 @@
 //!
 //! Attacks: `ok` (f32[1,4] ones), `i64-into-f32`, `wrong-rank`, `huge` (declares 2 GiB with no
 //! data), `load-bytes` (`graph.load` of raw bytes), `slow` (a 512×512 f32 input, for the slow
-//! model), `ids` (i64 ids for the ids model).
+//! model), `ids` (i64 ids for the ids model); on the granted directory (`/models/<graph>`):
+//! `read-model`, `write-model-dir`, `overwrite-model`, `dotdot` (a `..` path out of it),
+//! `symlink-out` (a link the host side planted in it, pointing outside), `other-dir` (lists `/`, which is not there).
 
 use lora_plugin::Settings;
 use lora_plugin::preprocessor::{Preprocessor, RawRecord, RecordOutcome, Sample};
@@ -27,6 +29,21 @@ fn describe(e: errors::Error) -> String {
 
 fn run(attack: &str, name: &str) -> Result<String, String> {
     use tensor::TensorType as T;
+    // The granted model's directory is readable at /models/<graph>, and nothing else is:
+    // each of these reports what the filesystem let it do.
+    let fs = |r: std::io::Result<String>| match r {
+        Ok(v) => Ok(format!("fs-ok: {v}")),
+        Err(e) => Ok(format!("fs-refused: {e}")),
+    };
+    match attack {
+        "read-model" => return fs(std::fs::read(format!("/models/{name}/model.onnx")).map(|b| b.len().to_string())),
+        "write-model-dir" => return fs(std::fs::write(format!("/models/{name}/planted"), b"x").map(|_| "written".into())),
+        "overwrite-model" => return fs(std::fs::write(format!("/models/{name}/model.onnx"), b"x").map(|_| "written".into())),
+        "dotdot" => return fs(std::fs::read_to_string(format!("/models/{name}/../../../../etc/hostname"))),
+        "symlink-out" => return fs(std::fs::read_to_string(format!("/models/{name}/outside"))),
+        "other-dir" => return fs(std::fs::read_dir("/").map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect::<Vec<_>>().join(","))),
+        _ => {}
+    }
     if attack == "load-bytes" {
         let g = graph::load(&[vec![8, 1, 18, 0]], graph::GraphEncoding::Onnx, graph::ExecutionTarget::Cpu);
         return match g {
