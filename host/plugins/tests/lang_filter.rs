@@ -10,7 +10,7 @@ mod common;
 mod featurize;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use lora_api::{Preprocessor, RawRecord, Sample};
@@ -56,13 +56,17 @@ fn setup() -> &'static Setup {
     })
 }
 
-fn options(settings: &[(&str, &str)]) -> PluginOptions {
-    let (mut o, _logs) = common::options();
+fn options_logged(settings: &[(&str, &str)]) -> (PluginOptions, Arc<Mutex<Vec<String>>>) {
+    let (mut o, logs) = common::options();
     for (k, v) in settings {
         o.settings.insert(k.to_string(), v.to_string());
     }
     o.grants.models.insert("langid".into(), setup().model.clone());
-    o
+    (o, logs)
+}
+
+fn options(settings: &[(&str, &str)]) -> PluginOptions {
+    options_logged(settings).0
 }
 
 fn load(o: &PluginOptions) -> Result<WasmPreprocessor, lora_plugins::PluginError> {
@@ -123,11 +127,7 @@ fn keeps_exactly_the_configured_languages_above_the_threshold() {
     let s = setup();
     let pick: Vec<&Golden> = s.goldens.iter().step_by(7).take(400).collect();
     let texts: Vec<&str> = pick.iter().map(|g| g.text.as_str()).collect();
-    let (mut o, logs) = common::options();
-    for (k, v) in [("languages", "en,de"), ("threshold", "0.8")] {
-        o.settings.insert(k.into(), v.into());
-    }
-    o.grants.models.insert("langid".into(), s.model.clone());
+    let (o, logs) = options_logged(&[("languages", "en,de"), ("threshold", "0.8")]);
     let mut p = load(&o).unwrap();
     let out = p.process_batch(0, &records(&texts)).unwrap();
     let mut kept = 0;
