@@ -443,11 +443,12 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
     /// `dst[i] = src[idx[i]] * scale[i]` (scale 1 without one) for `rows` rows of `dim`
-    /// (the expert dispatch of [`crate::moe`]); an index outside `src`'s rows is an error.
+    /// (the expert dispatch of [`crate::moe`]); an index outside `src`'s rows is an error (on
+    /// CUDA, checked on the emulator and with `LORA_CUDA_SYNC=1`; the caller guarantees it).
     fn gather_rows(&self, src: &Buf, idx: &Buf, scale: Option<&Buf>, dst: &mut Buf, rows: usize, dim: usize) -> Result<()>;
     /// `dst[idx[i]] += src[i] * scale[i]` for `rows` rows of `dim`; the rows `idx` names must
-    /// be distinct (an expert's tokens: a repeated row is an error), so the result does not
-    /// depend on an order.
+    /// be distinct (an expert's tokens: a repeated row is an error, checked as for
+    /// `gather_rows`), so the result does not depend on an order.
     fn scatter_add_rows(&self, src: &Buf, idx: &Buf, scale: Option<&Buf>, dst: &mut Buf, rows: usize, dim: usize) -> Result<()>;
     /// `out[i] = sum_j a[i, j] b[i, j]` (f32 `out [rows]`).
     fn row_dot(&self, a: &Buf, b: &Buf, out: &mut Buf, rows: usize, dim: usize) -> Result<()>;
